@@ -1,0 +1,92 @@
+//! Errors of the core. None of them carries key material, plaintext or ciphertext:
+//! only lengths, version numbers and which rule was broken.
+
+use std::fmt;
+
+/// Why a value is not a well-formed `v<N>:` envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvelopeError {
+    /// No `v<digits>:` at the start.
+    NoPrefix,
+    /// Digits present but not a version in 1..=MAX_VERSION (or with a leading zero).
+    BadVersion,
+    /// The body is not standard padded base64 (RFC 4648), canonical form.
+    BadBase64,
+    /// Decoded body shorter than nonce + tag.
+    TooShort { decoded: usize },
+}
+
+/// Why a key setting cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyError {
+    /// Not 64 characters long (the length is reported, never the value).
+    WrongLength { chars: usize },
+    /// 64 characters, but not all hexadecimal digits.
+    NotHex,
+}
+
+/// Every failure of encrypt/decrypt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoreError {
+    Envelope(EnvelopeError),
+    /// The version exists in the format but no key is configured for it.
+    KeyNotConfigured(u32),
+    /// The key setting for this version was rejected as malformed.
+    KeyMalformed(u32, KeyError),
+    /// Authentication failed: wrong key or modified ciphertext (deliberately one case).
+    Authentication,
+    /// The result would exceed what a PostgreSQL value can hold.
+    TooLarge { bytes: usize },
+}
+
+impl fmt::Display for EnvelopeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnvelopeError::NoPrefix => write!(f, "the value does not start with a version prefix such as \"v1:\""),
+            EnvelopeError::BadVersion => write!(
+                f,
+                "the version prefix is not v1 to v{} written without leading zeros",
+                crate::key::MAX_VERSION
+            ),
+            EnvelopeError::BadBase64 => write!(f, "the text after the version prefix is not canonical padded base64"),
+            EnvelopeError::TooShort { decoded } => write!(
+                f,
+                "the decoded ciphertext is {decoded} bytes, shorter than the {} bytes of nonce and tag",
+                crate::sodium::OVERHEAD
+            ),
+        }
+    }
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::WrongLength { chars } => {
+                write!(f, "a key must be 64 hexadecimal characters (32 bytes), but this one has {chars}")
+            }
+            KeyError::NotHex => write!(f, "a key must consist of hexadecimal digits only"),
+        }
+    }
+}
+
+impl fmt::Display for CoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CoreError::Envelope(e) => write!(f, "malformed ciphertext envelope: {e}"),
+            CoreError::KeyNotConfigured(v) => write!(f, "no key is configured for version v{v}"),
+            CoreError::KeyMalformed(v, e) => write!(f, "key setting psap.key_v{v} is malformed: {e}"),
+            CoreError::Authentication => write!(f, "wrong key or corrupt data"),
+            CoreError::TooLarge { bytes } => write!(f, "result of {bytes} bytes is too large"),
+        }
+    }
+}
+
+impl std::error::Error for EnvelopeError {}
+impl std::error::Error for KeyError {}
+impl std::error::Error for CoreError {}
+
+impl From<EnvelopeError> for CoreError {
+    fn from(e: EnvelopeError) -> Self {
+        CoreError::Envelope(e)
+    }
+}
