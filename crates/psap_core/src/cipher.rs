@@ -30,7 +30,12 @@ pub fn encrypt(
 
 /// Decrypts an envelope, appending the plaintext to `out`; returns the envelope's version.
 /// `scratch` holds the decoded ciphertext (pass the same vector again to reuse its memory).
-pub fn decrypt(ring: &KeyRing, input: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<Version, CoreError> {
+pub fn decrypt(
+    ring: &KeyRing,
+    input: &[u8],
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<Version, CoreError> {
     let env = envelope::parse(input)?;
     // Look the key up before decoding: a missing key is reported even for a damaged body.
     let key = ring.key(env.version)?;

@@ -12,7 +12,10 @@ use base64::Engine;
 use crate::error::EnvelopeError;
 use crate::key::{Version, MAX_VERSION};
 
-const _: () = assert!(MAX_VERSION < 100, "parse_prefix and encode handle at most two digits");
+const _: () = assert!(
+    MAX_VERSION < 100,
+    "parse_prefix and encode handle at most two digits"
+);
 use crate::sodium::OVERHEAD;
 
 /// An envelope split into its version and its (still encoded) base64 body.
@@ -25,7 +28,10 @@ pub struct Envelope<'a> {
 /// Reads the `v<N>:` prefix of `input`. Versions are 1..=MAX_VERSION without leading zeros.
 pub fn parse(input: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
     let (version, prefix_len) = parse_prefix(input)?;
-    Ok(Envelope { version, body: &input[prefix_len..] })
+    Ok(Envelope {
+        version,
+        body: &input[prefix_len..],
+    })
 }
 
 /// Version and prefix length (`v12:` is 4) of a value, or why it has none.
@@ -41,7 +47,9 @@ pub fn parse_prefix(input: &[u8]) -> Result<(Version, usize), EnvelopeError> {
     if input[1] == b'0' || digits > 2 {
         return Err(EnvelopeError::BadVersion);
     }
-    let n = input[1..1 + digits].iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+    let n = input[1..1 + digits]
+        .iter()
+        .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
     let version = Version::new(n).ok_or(EnvelopeError::BadVersion)?;
     Ok((version, digits + 2))
 }
@@ -55,7 +63,9 @@ pub fn decode_body(body: &[u8], out: &mut Vec<u8>) -> Result<(), EnvelopeError> 
         return Err(EnvelopeError::BadBase64);
     }
     out.reserve(body.len() / 4 * 3);
-    STANDARD.decode_vec(body, out).map_err(|_| EnvelopeError::BadBase64)?;
+    STANDARD
+        .decode_vec(body, out)
+        .map_err(|_| EnvelopeError::BadBase64)?;
     if out.len() < OVERHEAD {
         return Err(EnvelopeError::TooShort { decoded: out.len() });
     }
@@ -90,6 +100,8 @@ pub fn encode(version: Version, sealed: &[u8], out: &mut Vec<u8>) {
     out[at] = b'0' + (n % 10) as u8;
     out[at + 1] = b':';
     at += 2;
-    let written = STANDARD.encode_slice(sealed, &mut out[at..]).expect("buffer sized by encoded_len");
+    let written = STANDARD
+        .encode_slice(sealed, &mut out[at..])
+        .expect("buffer sized by encoded_len");
     debug_assert_eq!(at + written, out.len());
 }

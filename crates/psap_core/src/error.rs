@@ -36,7 +36,9 @@ pub enum CoreError {
     /// Authentication failed: wrong key or modified ciphertext (deliberately one case).
     Authentication,
     /// The result would exceed what a PostgreSQL value can hold.
-    TooLarge { bytes: usize },
+    TooLarge {
+        bytes: usize,
+    },
 }
 
 impl fmt::Display for EnvelopeError {
@@ -62,7 +64,10 @@ impl fmt::Display for KeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeyError::WrongLength { chars } => {
-                write!(f, "a key must be 64 hexadecimal characters (32 bytes), but this one has {chars}")
+                write!(
+                    f,
+                    "a key must be 64 hexadecimal characters (32 bytes), but this one has {chars}"
+                )
             }
             KeyError::NotHex => write!(f, "a key must consist of hexadecimal digits only"),
         }
@@ -74,7 +79,9 @@ impl fmt::Display for CoreError {
         match self {
             CoreError::Envelope(e) => write!(f, "malformed ciphertext envelope: {e}"),
             CoreError::KeyNotConfigured(v) => write!(f, "no key is configured for version v{v}"),
-            CoreError::KeyMalformed(v, e) => write!(f, "key setting psap.key_v{v} is malformed: {e}"),
+            CoreError::KeyMalformed(v, e) => {
+                write!(f, "key setting psap.key_v{v} is malformed: {e}")
+            }
             CoreError::Authentication => write!(f, "wrong key or corrupt data"),
             CoreError::TooLarge { bytes } => write!(f, "result of {bytes} bytes is too large"),
         }

@@ -30,7 +30,11 @@ impl Version {
     /// Parses the `v<N>` spelling used by `psap.key_version` and the SQL API (`"v2"`).
     pub fn parse(s: &str) -> Option<Version> {
         let digits = s.strip_prefix('v')?;
-        if digits.is_empty() || digits.len() > 2 || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        if digits.is_empty()
+            || digits.len() > 2
+            || digits.starts_with('0')
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
             return None;
         }
         Version::new(digits.parse().ok()?)
@@ -56,7 +60,9 @@ impl Key {
     pub fn from_hex(text: &str) -> Result<Key, KeyError> {
         let text = text.trim();
         if text.len() != 2 * KEY_BYTES {
-            return Err(KeyError::WrongLength { chars: text.chars().count() });
+            return Err(KeyError::WrongLength {
+                chars: text.chars().count(),
+            });
         }
         let mut key = Key([0u8; KEY_BYTES]);
         hex::decode_to_slice(text, &mut key.0).map_err(|_| KeyError::NotHex)?;
@@ -126,7 +132,9 @@ pub struct KeyRing {
 
 impl Default for KeyRing {
     fn default() -> Self {
-        KeyRing { slots: (0..=MAX_VERSION).map(|_| Slot::Unset).collect() }
+        KeyRing {
+            slots: (0..=MAX_VERSION).map(|_| Slot::Unset).collect(),
+        }
     }
 }
 
@@ -151,6 +159,8 @@ impl KeyRing {
 
     /// Configured versions in ascending order, with their slots (unset ones left out).
     pub fn configured(&self) -> impl Iterator<Item = (Version, &Slot)> {
-        Version::all().map(|v| (v, self.slot(v))).filter(|(_, s)| !matches!(s, Slot::Unset))
+        Version::all()
+            .map(|v| (v, self.slot(v)))
+            .filter(|(_, s)| !matches!(s, Slot::Unset))
     }
 }

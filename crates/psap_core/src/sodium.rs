@@ -94,13 +94,17 @@ pub fn blake2b_256(parts: &[&[u8]]) -> [u8; 32] {
     // SAFETY: the state is initialized by crypto_generichash_init before any other use; each
     // update reads exactly part.len() bytes; final writes exactly digest.len() bytes.
     unsafe {
-        let rc = ffi::crypto_generichash_init(state.as_mut_ptr(), std::ptr::null(), 0, digest.len());
+        let rc =
+            ffi::crypto_generichash_init(state.as_mut_ptr(), std::ptr::null(), 0, digest.len());
         assert_eq!(rc, 0);
         for part in parts {
             ffi::crypto_generichash_update(state.as_mut_ptr(), part.as_ptr(), part.len() as u64);
         }
         ffi::crypto_generichash_final(state.as_mut_ptr(), digest.as_mut_ptr(), digest.len());
-        ffi::sodium_memzero(state.as_mut_ptr().cast(), std::mem::size_of::<ffi::crypto_generichash_state>());
+        ffi::sodium_memzero(
+            state.as_mut_ptr().cast(),
+            std::mem::size_of::<ffi::crypto_generichash_state>(),
+        );
     }
     digest
 }
@@ -126,7 +130,11 @@ pub struct NonceSource {
 
 impl Default for NonceSource {
     fn default() -> Self {
-        NonceSource { buf: [0; NONCE_BYTES * 128], used: NONCE_BYTES * 128, owner: None }
+        NonceSource {
+            buf: [0; NONCE_BYTES * 128],
+            used: NONCE_BYTES * 128,
+            owner: None,
+        }
     }
 }
 

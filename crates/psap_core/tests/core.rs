@@ -4,7 +4,9 @@
 use psap_core::envelope::{self, Envelope};
 use psap_core::key::{Slot, MAX_VERSION};
 use psap_core::sodium::{self, NonceSource, NONCE_BYTES};
-use psap_core::{decrypt, encrypt, reencrypt, CoreError, EnvelopeError, Key, KeyError, KeyRing, Version};
+use psap_core::{
+    decrypt, encrypt, reencrypt, CoreError, EnvelopeError, Key, KeyError, KeyRing, Version,
+};
 
 const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const OTHER_HEX: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
@@ -59,12 +61,17 @@ fn encrypts_byte_for_byte_like_pynacl() {
 fn round_trips_multi_megabyte_values_and_two_digit_versions() {
     let mut ring = ring();
     ring.set(v(42), Slot::from_setting(Some(OTHER_HEX)));
-    let big: Vec<u8> = (0..5_000_000u32).map(|i| b"<cad>xml</cad>"[i as usize % 14]).collect();
+    let big: Vec<u8> = (0..5_000_000u32)
+        .map(|i| b"<cad>xml</cad>"[i as usize % 14])
+        .collect();
     let mut out = Vec::new();
     encrypt(&ring, v(42), &fixed_nonce(), &big, &mut out).unwrap();
     assert!(out.starts_with(b"v42:"));
     let mut plain = Vec::new();
-    assert_eq!(decrypt(&ring, &out, &mut Vec::new(), &mut plain).unwrap(), v(42));
+    assert_eq!(
+        decrypt(&ring, &out, &mut Vec::new(), &mut plain).unwrap(),
+        v(42)
+    );
     assert_eq!(plain, big);
 }
 
@@ -72,7 +79,15 @@ fn round_trips_multi_megabyte_values_and_two_digit_versions() {
 fn reencrypt_moves_between_versions_and_keeps_plaintext() {
     let ring = ring();
     let mut out = Vec::new();
-    let from = reencrypt(&ring, v(2), &[7; NONCE_BYTES], FIXTURES[0].1.as_bytes(), &mut Vec::new(), &mut out).unwrap();
+    let from = reencrypt(
+        &ring,
+        v(2),
+        &[7; NONCE_BYTES],
+        FIXTURES[0].1.as_bytes(),
+        &mut Vec::new(),
+        &mut out,
+    )
+    .unwrap();
     assert_eq!(from, v(1));
     let text = String::from_utf8(out).unwrap();
     assert!(text.starts_with("v2:"));
@@ -81,19 +96,32 @@ fn reencrypt_moves_between_versions_and_keeps_plaintext() {
 
 #[test]
 fn envelope_prefix_rules() {
-    let ok = |s: &str, n: u32, len: usize| assert_eq!(envelope::parse_prefix(s.as_bytes()).unwrap(), (v(n), len), "{s}");
+    let ok = |s: &str, n: u32, len: usize| {
+        assert_eq!(
+            envelope::parse_prefix(s.as_bytes()).unwrap(),
+            (v(n), len),
+            "{s}"
+        )
+    };
     ok("v1:", 1, 3);
     ok("v9:x", 9, 3);
     ok("v10:", 10, 4);
     ok("v99:abc", 99, 4);
-    let err = |s: &str, e: EnvelopeError| assert_eq!(envelope::parse_prefix(s.as_bytes()), Err(e), "{s}");
+    let err =
+        |s: &str, e: EnvelopeError| assert_eq!(envelope::parse_prefix(s.as_bytes()), Err(e), "{s}");
     for s in ["", "v", "v:", "1:", "V1:", "v1", "v1x:", " v1:", "x1:"] {
         err(s, EnvelopeError::NoPrefix);
     }
     for s in ["v0:", "v01:", "v100:", "v999999999999999999999:"] {
         err(s, EnvelopeError::BadVersion);
     }
-    assert_eq!(envelope::parse(b"v3:QUJD").unwrap(), Envelope { version: v(3), body: b"QUJD" });
+    assert_eq!(
+        envelope::parse(b"v3:QUJD").unwrap(),
+        Envelope {
+            version: v(3),
+            body: b"QUJD"
+        }
+    );
 }
 
 #[test]
@@ -108,15 +136,36 @@ fn malformed_envelopes_are_rejected_with_the_reason() {
     let good = FIXTURES[0].1;
     let body = &good[3..];
     let cases: Vec<(String, CoreError)> = vec![
-        ("plain text".into(), CoreError::Envelope(EnvelopeError::NoPrefix)),
-        (format!("v1:{}", &body[1..]), CoreError::Envelope(EnvelopeError::BadBase64)),
-        (format!("v1:{}", body.replace('A', "*")), CoreError::Envelope(EnvelopeError::BadBase64)),
-        (format!("v1:{body} "), CoreError::Envelope(EnvelopeError::BadBase64)),
-        ("v1:QUJD".into(), CoreError::Envelope(EnvelopeError::TooShort { decoded: 3 })),
-        ("v1:".into(), CoreError::Envelope(EnvelopeError::TooShort { decoded: 0 })),
+        (
+            "plain text".into(),
+            CoreError::Envelope(EnvelopeError::NoPrefix),
+        ),
+        (
+            format!("v1:{}", &body[1..]),
+            CoreError::Envelope(EnvelopeError::BadBase64),
+        ),
+        (
+            format!("v1:{}", body.replace('A', "*")),
+            CoreError::Envelope(EnvelopeError::BadBase64),
+        ),
+        (
+            format!("v1:{body} "),
+            CoreError::Envelope(EnvelopeError::BadBase64),
+        ),
+        (
+            "v1:QUJD".into(),
+            CoreError::Envelope(EnvelopeError::TooShort { decoded: 3 }),
+        ),
+        (
+            "v1:".into(),
+            CoreError::Envelope(EnvelopeError::TooShort { decoded: 0 }),
+        ),
         (format!("v3:{body}"), CoreError::KeyNotConfigured(3)),
         (format!("v2:{body}"), CoreError::Authentication),
-        (format!("v100:{body}"), CoreError::Envelope(EnvelopeError::BadVersion)),
+        (
+            format!("v100:{body}"),
+            CoreError::Envelope(EnvelopeError::BadVersion),
+        ),
     ];
     for (input, want) in cases {
         assert_eq!(dec(&ring, &input), Err(want), "{input}");
@@ -144,20 +193,36 @@ fn every_single_bit_flip_is_rejected() {
         let mut env = Vec::new();
         envelope::encode(v(1), &flipped, &mut env);
         let mut out = Vec::new();
-        assert_eq!(decrypt(&ring, &env, &mut Vec::new(), &mut out), Err(CoreError::Authentication), "bit {i}");
+        assert_eq!(
+            decrypt(&ring, &env, &mut Vec::new(), &mut out),
+            Err(CoreError::Authentication),
+            "bit {i}"
+        );
         assert!(out.is_empty());
     }
 }
 
 #[test]
 fn key_parsing_never_echoes_the_value() {
-    assert_eq!(Key::from_hex(&KEY_HEX[..63]).unwrap_err(), KeyError::WrongLength { chars: 63 });
-    assert_eq!(Key::from_hex(&KEY_HEX.replace('0', "g")).unwrap_err(), KeyError::NotHex);
+    assert_eq!(
+        Key::from_hex(&KEY_HEX[..63]).unwrap_err(),
+        KeyError::WrongLength { chars: 63 }
+    );
+    assert_eq!(
+        Key::from_hex(&KEY_HEX.replace('0', "g")).unwrap_err(),
+        KeyError::NotHex
+    );
     assert!(Key::from_hex(&KEY_HEX.to_uppercase()).is_ok());
     assert!(Key::from_hex(&format!(" {KEY_HEX}\n")).is_ok());
     let bad = "zz".repeat(32);
-    for e in [Key::from_hex(&bad).unwrap_err(), Key::from_hex("abc").unwrap_err()] {
-        assert!(!e.to_string().contains("zz") && !e.to_string().contains("abc"), "{e}");
+    for e in [
+        Key::from_hex(&bad).unwrap_err(),
+        Key::from_hex("abc").unwrap_err(),
+    ] {
+        assert!(
+            !e.to_string().contains("zz") && !e.to_string().contains("abc"),
+            "{e}"
+        );
     }
     let k = Key::from_hex(KEY_HEX).unwrap();
     assert!(!format!("{k:?}").contains("0001020304"));
@@ -177,11 +242,20 @@ fn fingerprint_is_stable_distinct_and_reproducible() {
 #[test]
 fn key_ring_slots() {
     let mut ring = ring();
-    assert!(matches!(ring.key(v(7)), Err(CoreError::KeyNotConfigured(7))));
+    assert!(matches!(
+        ring.key(v(7)),
+        Err(CoreError::KeyNotConfigured(7))
+    ));
     ring.set(v(7), Slot::from_setting(Some("1234")));
-    assert_eq!(ring.key(v(7)).unwrap_err(), CoreError::KeyMalformed(7, KeyError::WrongLength { chars: 4 }));
+    assert_eq!(
+        ring.key(v(7)).unwrap_err(),
+        CoreError::KeyMalformed(7, KeyError::WrongLength { chars: 4 })
+    );
     ring.set(v(7), Slot::from_setting(Some("  ")));
-    assert!(matches!(ring.key(v(7)), Err(CoreError::KeyNotConfigured(7))));
+    assert!(matches!(
+        ring.key(v(7)),
+        Err(CoreError::KeyNotConfigured(7))
+    ));
     let versions: Vec<u32> = ring.configured().map(|(v, _)| v.get()).collect();
     assert_eq!(versions, vec![1, 2]);
     assert_eq!(Version::all().count(), MAX_VERSION as usize);

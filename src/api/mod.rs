@@ -1,0 +1,5 @@
+//! The SQL-facing functions. Each translates between SQL values and `psap_core`, nothing more.
+
+pub mod crypto;
+pub mod rotate;
+pub mod target;

@@ -1,0 +1,266 @@
+//! Every server setting of psap_encrypt, in one place.
+//!
+//! - `psap.key_v1` .. `psap.key_v99`: one key per version, 64 hex characters. Context SIGHUP (only
+//!   the server configuration sets them: postgresql.conf, an included file or ALTER SYSTEM, applied
+//!   on reload), SUPERUSER_ONLY and NO_SHOW_ALL, and a show hook that masks the value, so no role,
+//!   superuser included, reads a key back through SHOW, current_setting() or pg_settings.
+//!   Each value is parsed once per configuration change into the backend's [`KeyRing`]; replaced
+//!   keys are wiped. A malformed value is rejected with a message that names the setting and
+//!   never prints the value; on reload the previous key stays in effect.
+//! - `psap.key_version`: the version new ciphertext uses (`v2`). SUSET: superusers may set it per session.
+//!
+//! The settings exist only when the library is loaded through `shared_preload_libraries`: a
+//! setting read from postgresql.conf before its library defines it is a placeholder that every role
+//! can read. Loaded any other way, [`ensure_preloaded`] makes every function refuse to run.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex, MutexGuard};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use psap_core::key::{Slot, MAX_VERSION};
+use psap_core::sodium::{NonceSource, NONCE_BYTES};
+use psap_core::{KeyRing, Version};
+
+use crate::error;
+
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+static KEYRING: LazyLock<Mutex<KeyRing>> = LazyLock::new(|| Mutex::new(KeyRing::default()));
+static NONCES: LazyLock<Mutex<NonceSource>> = LazyLock::new(|| Mutex::new(NonceSource::default()));
+
+/// Set by a check hook that rejected a value for this version, cleared when a value is assigned.
+/// Lets "no key" be reported as "the key setting is malformed" where that is the reason.
+static REJECTED: [AtomicBool; MAX_VERSION as usize + 1] =
+    [const { AtomicBool::new(false) }; MAX_VERSION as usize + 1];
+
+/// GUC-owned storage for each key setting (PostgreSQL writes the pointer; we never read it
+/// directly, the assign hook hands us each new value).
+static mut KEY_VARS: [*mut c_char; MAX_VERSION as usize + 1] =
+    [std::ptr::null_mut(); MAX_VERSION as usize + 1];
+static mut KEY_VERSION_VAR: *mut c_char = std::ptr::null_mut();
+
+/// The version named by `psap.key_version`, parsed once per change by its assign hook.
+static CURRENT_VERSION: Mutex<Option<Version>> = Mutex::new(None);
+
+const KEY_VERSION_DEFAULT: &CStr = c"v1";
+
+/// Defines every setting. Called once from `_PG_init`.
+pub fn init() {
+    // SAFETY: reading a PostgreSQL global in the single-threaded backend/postmaster.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    PRELOADED.store(true, Ordering::Relaxed);
+    for version in Version::all() {
+        define_key_setting(version);
+    }
+    // SAFETY: arguments are static C strings and a static variable; hooks match the GUC signatures.
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            c"psap.key_version".as_ptr(),
+            c"Key version that psap_encrypt uses for new ciphertext, such as v2.".as_ptr(),
+            c"Maps the application's LIBSODIUM_ENCRYPTION_KEY_VERSION. A key must be configured in psap.key_vN for it.".as_ptr(),
+            &raw mut KEY_VERSION_VAR,
+            KEY_VERSION_DEFAULT.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            0,
+            Some(check_key_version),
+            Some(assign_key_version),
+            None,
+        );
+        reserve_prefix();
+    }
+}
+
+#[cfg(any(feature = "pg13", feature = "pg14"))]
+unsafe fn reserve_prefix() {
+    pg_sys::EmitWarningsOnPlaceholders(c"psap".as_ptr());
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+unsafe fn reserve_prefix() {
+    pg_sys::MarkGUCPrefixReserved(c"psap".as_ptr());
+}
+
+fn define_key_setting(version: Version) {
+    let n = version.get() as usize;
+    // The name must outlive the process: PostgreSQL keeps the pointer.
+    let name: &'static CStr = Box::leak(
+        CString::new(format!("psap.key_v{n}"))
+            .unwrap()
+            .into_boxed_c_str(),
+    );
+    let (check, assign, show) = KEY_HOOKS[n - 1];
+    // SAFETY: as in init(); KEY_VARS[n] is a static slot owned by this setting alone.
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            name.as_ptr(),
+            c"Key of one psap_encrypt key version: 64 hexadecimal characters (openssl rand -hex 32).".as_ptr(),
+            c"Settable only in the server configuration; never displayed.".as_ptr(),
+            &raw mut KEY_VARS[n],
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_SIGHUP,
+            (pg_sys::GUC_SUPERUSER_ONLY | pg_sys::GUC_NO_SHOW_ALL | pg_sys::GUC_NOT_IN_SAMPLE) as i32,
+            Some(check),
+            Some(assign),
+            Some(show),
+        );
+    }
+}
+
+type KeyHooks = (
+    unsafe extern "C-unwind" fn(
+        *mut *mut c_char,
+        *mut *mut c_void,
+        pg_sys::GucSource::Type,
+    ) -> bool,
+    unsafe extern "C-unwind" fn(*const c_char, *mut c_void),
+    unsafe extern "C-unwind" fn() -> *const c_char,
+);
+
+/// PostgreSQL's hooks are not told which setting they serve, so each version gets its own
+/// instance of the three generic hooks below.
+macro_rules! key_hooks {
+    ($($n:literal)*) => { [$((check_key::<$n> as _, assign_key::<$n> as _, show_key::<$n> as _)),*] };
+}
+static KEY_HOOKS: [KeyHooks; MAX_VERSION as usize] = key_hooks!(
+    1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33
+    34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66
+    67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98 99
+);
+
+fn setting_text<'a>(value: *const c_char) -> Option<&'a str> {
+    if value.is_null() {
+        return None;
+    }
+    // SAFETY: PostgreSQL passes a NUL-terminated string that lives for the duration of the hook.
+    unsafe { CStr::from_ptr(value) }
+        .to_str()
+        .ok()
+        .or(Some("\u{0}"))
+}
+
+/// Check hook of `psap.key_vN`: accepts empty (no key) or a well-formed key. For anything else it
+/// replaces PostgreSQL's default message, which would print the value, with one that names the
+/// setting and says what is wrong.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_key<const N: usize>(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    match Slot::from_setting(setting_text(*newval)) {
+        Slot::Malformed(e) => {
+            REJECTED[N].store(true, Ordering::Relaxed);
+            set_check_message(
+                &format!("invalid value for key setting \"psap.key_v{N}\""),
+                &format!("{}. The value is not shown.", capitalize(&e.to_string())),
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
+/// Assign hook of `psap.key_vN`: parses the value into the key ring once per change. The key it
+/// replaces is wiped as it drops.
+#[pg_guard]
+unsafe extern "C-unwind" fn assign_key<const N: usize>(newval: *const c_char, _extra: *mut c_void) {
+    let slot = Slot::from_setting(setting_text(newval));
+    REJECTED[N].store(false, Ordering::Relaxed);
+    if let Some(version) = Version::new(N as u32) {
+        keyring().set(version, slot);
+    }
+}
+
+/// Show hook of `psap.key_vN`: what SHOW, current_setting() and pg_settings display.
+#[pg_guard]
+unsafe extern "C-unwind" fn show_key<const N: usize>() -> *const c_char {
+    match Version::new(N as u32).map(|v| matches!(keyring().slot(v), Slot::Unset)) {
+        Some(false) => c"(set, hidden)".as_ptr(),
+        _ => c"".as_ptr(),
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_key_version(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let text = setting_text(*newval).unwrap_or("");
+    if Version::parse(text).is_some() {
+        return true;
+    }
+    set_check_message(
+        "invalid value for parameter \"psap.key_version\"",
+        &format!("Key versions are written v1 to v{MAX_VERSION}, as in the envelope prefix."),
+    );
+    false
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn assign_key_version(newval: *const c_char, _extra: *mut c_void) {
+    let parsed = setting_text(newval).and_then(Version::parse);
+    *CURRENT_VERSION.lock().unwrap_or_else(|e| e.into_inner()) = parsed;
+}
+
+/// Sets the message and detail PostgreSQL reports for a rejected value.
+unsafe fn set_check_message(msg: &str, detail: &str) {
+    pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
+    pg_sys::GUC_check_errmsg_string = pg_strdup(msg);
+    pg_sys::GUC_check_errdetail_string = pg_strdup(detail);
+}
+
+unsafe fn pg_strdup(s: &str) -> *mut c_char {
+    let c = CString::new(s.replace('\0', "")).unwrap_or_default();
+    pg_sys::pstrdup(c.as_ptr())
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// Raises a clear error unless the library was loaded through `shared_preload_libraries`.
+pub fn ensure_preloaded() {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        error::not_preloaded();
+    }
+}
+
+pub fn is_preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+/// The backend's key ring (filled by the assign hooks).
+pub fn keyring() -> MutexGuard<'static, KeyRing> {
+    KEYRING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// True when the last value offered for this version's setting was rejected.
+pub fn key_rejected(version: Version) -> bool {
+    REJECTED[version.get() as usize].load(Ordering::Relaxed)
+}
+
+/// The version `psap.key_version` names (the check hook admits only valid spellings).
+pub fn current_version() -> Version {
+    CURRENT_VERSION
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or(Version::new(1).unwrap())
+}
+
+/// A fresh random nonce, safe across the fork of each backend from the postmaster.
+pub fn next_nonce() -> [u8; NONCE_BYTES] {
+    // SAFETY: MyProcPid is set by PostgreSQL in every process before any query runs.
+    let pid = unsafe { pg_sys::MyProcPid };
+    NONCES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .next(i64::from(pid))
+}

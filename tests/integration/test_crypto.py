@@ -1,0 +1,165 @@
+"""psap_encrypt / psap_decrypt in a real server: interoperability with an independent libsodium
+binding (PyNaCl), every error's SQLSTATE and message, and what psap_keys() shows."""
+import base64
+import os
+
+import nacl.exceptions
+import nacl.secret
+import psycopg
+import pytest
+
+from conftest import KEY1, KEY2, KEY3, sqlstate_of
+
+SAMPLES = [
+    "Structure fire, 12 Main St",
+    "",
+    "Ünïcödé — 火災 🚒 caller reports smoke",
+    "<cad><call id='1'>" + "x" * 5_000_000 + "</call></cad>",  # several MB: TOASTed
+]
+
+
+def app_encrypt(key_hex: str, version: str, plaintext: str) -> str:
+    """What the PHP application stores: "vN:" . base64_encode($nonce . sodium_crypto_secretbox(...))."""
+    box = nacl.secret.SecretBox(bytes.fromhex(key_hex))
+    return f"{version}:" + base64.b64encode(bytes(box.encrypt(plaintext.encode()))).decode()
+
+
+def app_decrypt(key_hex: str, envelope: str) -> str:
+    body = envelope.split(":", 1)[1]
+    return nacl.secret.SecretBox(bytes.fromhex(key_hex)).decrypt(base64.b64decode(body, validate=True)).decode()
+
+
+def test_application_ciphertext_decrypts_in_the_database(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        for text in SAMPLES:
+            for version, key in (("v1", KEY1), ("v2", KEY2)):
+                env = app_encrypt(key, version, text)
+                assert c.execute("SELECT psap_decrypt(%s)", (env,)).fetchone()[0] == text
+
+
+def test_database_ciphertext_decrypts_in_the_application(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        for text in SAMPLES:
+            env = c.execute("SELECT psap_encrypt(%s)", (text,)).fetchone()[0]
+            assert env.startswith("v1:")
+            assert app_decrypt(KEY1, env) == text
+            # nonce (24) + tag (16) + plaintext, standard padded base64
+            assert len(base64.b64decode(env[3:], validate=True)) == 40 + len(text.encode())
+
+
+def test_stored_in_a_toasted_column_and_read_through_a_view(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE cfs (id int PRIMARY KEY, raw_xml text)")
+        c.execute("INSERT INTO cfs VALUES (1, psap_encrypt(%s))", (SAMPLES[3],))
+        c.execute("CREATE VIEW cfs_plain AS SELECT id, psap_decrypt(raw_xml) AS raw_xml FROM cfs")
+        assert c.execute("SELECT raw_xml FROM cfs_plain").fetchone()[0] == SAMPLES[3]
+        assert c.execute("SELECT pg_column_size(raw_xml) < octet_length(raw_xml) FROM cfs").fetchone()[0] is not None
+
+
+def test_two_digit_versions_and_bytea(cluster, db):
+    cluster.set_keys({"v1": KEY1, "v12": KEY3}, "v12")
+    with cluster.connect(dbname=db) as c:
+        env = c.execute("SELECT psap_encrypt('hello')").fetchone()[0]
+        assert env.startswith("v12:") and app_decrypt(KEY3, env) == "hello"
+        assert c.execute("SELECT psap_decrypt(%s)", (app_encrypt(KEY3, "v12", "yo"),)).fetchone()[0] == "yo"
+        blob = bytes(range(256))
+        assert c.execute("SELECT psap_decrypt_bytea(psap_encrypt_bytea(%s))", (blob,)).fetchone()[0] == blob
+
+
+def test_nonces_differ_between_calls_and_backends(cluster, db):
+    seen = set()
+    for _ in range(3):
+        with cluster.connect(dbname=db) as c:
+            rows = c.execute("SELECT psap_encrypt('same') FROM generate_series(1, 500)").fetchall()
+            for (env,) in rows:
+                nonce = base64.b64decode(env[3:])[:24]
+                assert nonce not in seen
+                seen.add(nonce)
+
+
+def test_function_properties(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        props = dict(
+            (r[0], r[1:])
+            for r in c.execute(
+                "SELECT proname, provolatile, proisstrict, proparallel FROM pg_proc WHERE proname IN "
+                "('psap_encrypt', 'psap_decrypt', 'psap_encrypt_bytea', 'psap_decrypt_bytea')"
+            )
+        )
+        assert props["psap_encrypt"] == ("v", True, "s")
+        assert props["psap_decrypt"] == ("s", True, "s")
+        assert props["psap_decrypt_bytea"] == ("s", True, "s")
+        assert c.execute("SELECT psap_decrypt(NULL)").fetchone()[0] is None
+        # Nothing is executable by PUBLIC.
+        public = c.execute(
+            "SELECT count(*) FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e' "
+            "JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt' "
+            "WHERE has_function_privilege('public', p.oid, 'EXECUTE') AND p.proname NOT LIKE '\\_psap\\_%'"
+        ).fetchone()[0]
+        assert public == 0
+
+
+def tamper(env: str, i: int) -> str:
+    raw = bytearray(base64.b64decode(env[3:]))
+    raw[i] ^= 0x01
+    return env[:3] + base64.b64encode(bytes(raw)).decode()
+
+
+@pytest.mark.parametrize(
+    "make, state, message",
+    [
+        (lambda e: "plain text", "22P02", "malformed ciphertext envelope"),
+        (lambda e: "v1:" + e[3:-2], "22P02", "malformed ciphertext envelope"),
+        (lambda e: "v1:QUJD", "22P02", "malformed ciphertext envelope"),
+        (lambda e: "v1:!!!!", "22P02", "malformed ciphertext envelope"),
+        (lambda e: "v0:" + e[3:], "22023", "unsupported key version in ciphertext envelope"),
+        (lambda e: "v100:" + e[3:], "22023", "unsupported key version in ciphertext envelope"),
+        (lambda e: "v7:" + e[3:], "55000", "no key is configured for version v7"),
+        (lambda e: "v2:" + e[3:], "39000", "wrong key or corrupt data"),
+        (lambda e: tamper(e, 0), "39000", "wrong key or corrupt data"),
+        (lambda e: tamper(e, 30), "39000", "wrong key or corrupt data"),
+        (lambda e: tamper(e, 45), "39000", "wrong key or corrupt data"),
+    ],
+)
+def test_decrypt_errors(cluster, db, make, state, message):
+    env = app_encrypt(KEY1, "v1", "secret plaintext 42")
+    bad = make(env)
+    with cluster.connect(dbname=db) as c:
+        got = sqlstate_of(c, "SELECT psap_decrypt(%s)", (bad,))
+    assert got[:2] == (state, message)
+    text = " ".join(x or "" for x in got)
+    assert "secret plaintext" not in text and env[3:20] not in text and KEY1[:16] not in text
+
+
+def test_binary_plaintext_is_not_returned_as_text(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        env = c.execute("SELECT psap_encrypt_bytea('\\x00ff'::bytea)").fetchone()[0]
+        assert sqlstate_of(c, "SELECT psap_decrypt(%s)", (env,))[:2] == ("22021", "decrypted value is not valid text")
+
+
+def test_current_version_without_key(cluster, db):
+    cluster.set_keys({"v1": KEY1}, "v3")
+    with cluster.connect(dbname=db) as c:
+        state, msg, _, hint = sqlstate_of(c, "SELECT psap_encrypt('x')")
+        assert (state, msg) == ("55000", "no key is configured for version v3")
+        assert "psap.key_v3" in hint
+        rows = c.execute("SELECT version, fingerprint, is_current, status FROM psap_keys()").fetchall()
+        assert ("v3", None, True, "missing") in rows
+
+
+def test_psap_keys_reports_fingerprints_never_keys(cluster, db):
+    import hashlib
+
+    with cluster.connect(dbname=db) as c:
+        rows = c.execute("SELECT version, fingerprint, is_current, status FROM psap_keys()").fetchall()
+    fp = lambda k: hashlib.blake2b(b"psap_encrypt key fingerprint:" + bytes.fromhex(k), digest_size=32).hexdigest()[:16]
+    assert rows == [("v1", fp(KEY1), True, "ok"), ("v2", fp(KEY2), False, "ok")]
+    assert fp(KEY1) == "83eeb49b32ed8578"  # the same value psap_core's unit test pins
+
+
+def test_superuser_may_choose_version_per_session(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        c.execute("SET psap.key_version = 'v2'")
+        assert c.execute("SELECT psap_encrypt('x')").fetchone()[0].startswith("v2:")
+        state, msg, detail, _ = sqlstate_of(c, "SET psap.key_version = 'two'")
+        assert state == "22023" and msg == 'invalid value for parameter "psap.key_version"'

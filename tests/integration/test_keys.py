@@ -1,0 +1,137 @@
+"""Key settings: nobody reads a key back, malformed keys are reported without their value, and
+the library refuses to work unless it is preloaded."""
+import time
+
+import psycopg
+import pytest
+
+from conftest import KEY1, KEY2, KEY3, Cluster, sqlstate_of
+
+SECRETS = [KEY1, KEY2, KEY1.upper(), KEY2.upper()]
+
+
+def assert_no_key(text: str):
+    import base64
+
+    for k in (KEY1, KEY2):
+        assert k not in text.lower()
+        assert base64.b64encode(bytes.fromhex(k)).decode()[:20] not in text
+
+
+@pytest.fixture
+def roles(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS app_reader; DROP ROLE IF EXISTS monitor_user")
+        c.execute("CREATE ROLE app_reader LOGIN; CREATE ROLE monitor_user LOGIN IN ROLE pg_monitor")
+    yield
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP OWNED BY app_reader, monitor_user")
+        c.execute("DROP ROLE app_reader; DROP ROLE monitor_user")
+
+
+def probe(conn) -> str:
+    out = []
+    for sql in [
+        "SHOW psap.key_v1",
+        "SELECT current_setting('psap.key_v1')",
+        "SELECT current_setting('psap.key_v2', true)",
+        "SELECT name, setting, reset_val, boot_val FROM pg_settings WHERE name LIKE 'psap%'",
+        "SHOW ALL",
+        "SELECT * FROM pg_db_role_setting",
+        "SELECT * FROM pg_file_settings WHERE name LIKE 'psap.key_v%'",
+    ]:
+        try:
+            out.append(repr(conn.execute(sql).fetchall()))
+        except psycopg.Error as e:
+            out.append(str(e))
+            conn.rollback() if not conn.autocommit else None
+    return "\n".join(out)
+
+
+def test_no_role_reads_a_key_back(cluster, db, roles):
+    for user in ("app_reader", "monitor_user"):
+        with cluster.connect(user=user, dbname=db) as c:
+            assert_no_key(probe(c))
+    with cluster.connect(dbname=db) as c:
+        text = probe(c)
+        assert "(set, hidden)" in text
+        # pg_file_settings is superuser-only and shows the configuration file's text: this is the
+        # one place a superuser sees keys, as they could read the file itself (docs/security).
+        shown = c.execute("SHOW psap.key_v1").fetchone()[0]
+        assert shown == "(set, hidden)"
+        assert c.execute("SELECT count(*) FROM pg_settings WHERE name ~ '^psap[.]key_v[0-9]'").fetchone()[0] == 0
+
+
+def test_keys_cannot_be_set_outside_the_configuration(cluster, db, roles):
+    with cluster.connect(dbname=db) as c:
+        for sql in [
+            f"SET psap.key_v1 = '{KEY3}'",
+            f"ALTER ROLE app_reader SET psap.key_v1 = '{KEY3}'",
+            f"ALTER DATABASE {db} SET psap.key_v1 = '{KEY3}'",
+            f"SELECT set_config('psap.key_v1', '{KEY3}', false)",
+        ]:
+            state, msg, _, _ = sqlstate_of(c, sql)
+            assert state == "55P02", (sql, msg)
+            assert KEY3 not in msg
+    with cluster.connect(user="app_reader", dbname=db) as c:
+        state, msg, _, _ = sqlstate_of(c, "SET psap.key_version = 'v2'")
+        assert state == "42501"
+
+
+def test_malformed_key_at_reload_keeps_the_old_key_and_hides_the_value(cluster, db):
+    bad = "0123456789abcdef" * 3 + "zz"
+    with cluster.connect(dbname=db) as c:
+        env = c.execute("SELECT psap_encrypt('kept')").fetchone()[0]
+    cluster.set_keys({"v1": bad, "v2": KEY2}, "v1")
+    log = cluster.log_text()
+    assert 'invalid value for key setting "psap.key_v1"' in log
+    assert bad not in log
+    with cluster.connect(dbname=db) as c:
+        assert c.execute("SELECT psap_decrypt(%s)", (env,)).fetchone()[0] == "kept"
+        state, msg, _, _ = sqlstate_of(c, f"ALTER SYSTEM SET psap.key_v3 = '{bad}'")
+        assert (state, msg) == ("22023", 'invalid value for key setting "psap.key_v3"')
+
+
+def test_malformed_key_at_startup_is_reported_at_use(cluster, db):
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1", reload=False, extra="psap.key_v4 = 'short'\n")
+    cluster.restart()
+    try:
+        assert "short" not in cluster.log_text().split("psap.key_v4")[-1][:200]
+        with cluster.connect(dbname=db) as c:
+            state, msg, detail, hint = sqlstate_of(c, "SELECT psap_decrypt('v4:' || repeat('A', 60))")
+            assert (state, msg) == ("F0000", 'key setting "psap.key_v4" is malformed')
+            assert "short" not in (detail + hint)
+            assert ("v4", None, False, "malformed") in c.execute("SELECT * FROM psap_keys()").fetchall()
+    finally:
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1", reload=False)
+        cluster.restart()
+
+
+def test_without_preload_everything_refuses(tmp_path):
+    import os
+    from pathlib import Path
+
+    c = Cluster(Path("/tmp") / f"psap-np-{os.getpid()}", 5492, ["shared_preload_libraries = ''"])
+    c.destroy()
+    c.start()
+    try:
+        c.write_conf("psap_keys.conf", f"psap.key_v1 = '{KEY1}'\n")
+        c.reload()
+        with c.connect() as conn:
+            state, msg, detail, hint = sqlstate_of(conn, "CREATE EXTENSION psap_encrypt")
+            assert (state, msg) == ("55000", 'psap_encrypt must be loaded via "shared_preload_libraries"')
+            assert "shared_preload_libraries" in hint
+        # Installed while preloaded, then the preload is removed: every function refuses.
+        c.write_conf("preload.conf", "shared_preload_libraries = 'psap_encrypt'\n")
+        with c.connect() as conn:
+            conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'psap_encrypt'")
+        c.restart()
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION psap_encrypt")
+            conn.execute("ALTER SYSTEM RESET shared_preload_libraries")
+        c.restart()
+        with c.connect() as conn:
+            for sql in ["SELECT psap_encrypt('x')", "SELECT psap_decrypt('v1:AAAA')", "SELECT * FROM psap_keys()"]:
+                assert sqlstate_of(conn, sql)[0] == "55000"
+    finally:
+        c.destroy()
