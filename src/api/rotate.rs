@@ -213,7 +213,7 @@ fn _psap_rotate_begin(
     }
     positive("batch", Some(i64::from(batch)));
     positive("max_batches", max_batches.map(i64::from));
-    if max_seconds.is_some_and(|s| !(s > 0.0) || !s.is_finite()) {
+    if max_seconds.is_some_and(|s| s.is_nan() || s <= 0.0 || s.is_infinite()) {
         raise(
             ERRCODE_INVALID_PARAMETER_VALUE,
             "max_seconds must be a positive number of seconds",

@@ -59,7 +59,7 @@ pub fn decode_body(body: &[u8], out: &mut Vec<u8>) -> Result<(), EnvelopeError> 
     out.clear();
     // Standard base64 always has a length that is a multiple of 4; checking first keeps the
     // capacity we reserve honest for hostile inputs.
-    if body.len() % 4 != 0 {
+    if !body.len().is_multiple_of(4) {
         return Err(EnvelopeError::BadBase64);
     }
     out.reserve(body.len() / 4 * 3);

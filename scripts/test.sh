@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test, from a fresh Debian 12 machine as root (set-up included). Exits non-zero if
+# anything fails. Layers, fastest first:
+#   1. cargo fmt --check and clippy -D warnings
+#   2. unit tests of the pure core            cargo test -p psap_core
+#   3. tests inside a real server             cargo pgrx test pg15 (src/tests.rs)
+#   4. what a DBA sees in psql                tests/pg_regress (pg_regress, expected output)
+#   5. integration, several real sessions     tests/integration (pytest + psycopg + PyNaCl)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+unset RUST_BACKTRACE   # a backtrace in an error DETAIL would change the output tests compare
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+step() { printf '\n== %s\n' "$*"; }
+
+scripts/setup.sh
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+
+step "unit tests (psap_core)"
+cargo test -p psap_core --quiet
+
+step "tests inside PostgreSQL (cargo pgrx test)"
+rm -rf /tmp/psap-pgtest
+cargo pgrx test pg15 --runas postgres --pgdata /tmp/psap-pgtest 2>&1 | grep -vE "^\s+(Copying|Running|Installing|Writing|Discovered|Finished|Using sudo)|^\s*$"
+# cargo pgrx test installed its debug build; put the release build back for the next layers.
+cargo pgrx install --release --pg-config "$PG_CONFIG" $([ "$(id -u)" = 0 ] || echo --sudo) >/dev/null
+
+step "pg_regress"
+tests/pg_regress/run.sh
+
+step "integration tests"
+.venv/bin/pytest tests/integration -q -p no:cacheprovider
