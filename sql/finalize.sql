@@ -1,46 +1,51 @@
--- Privileges. Nothing is executable by PUBLIC: a superuser grants what each role needs
--- (README, "Roles"). The log is readable only where granted and writable by nobody but the
--- SECURITY DEFINER writers.
+-- Privileges. Nothing that touches keys, rows or the audit log is executable by PUBLIC: a
+-- superuser grants what each role needs (README, "Roles"). Left to PUBLIC are only pure helpers
+-- that read a value's first characters and the liveness check the audit view calls.
 
-REVOKE ALL ON FUNCTION @extschema@.psap_encrypt(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.psap_decrypt(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.psap_encrypt_bytea(bytea) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.psap_decrypt_bytea(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.psap_keys() FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.psap_verify(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.psap_census(regclass, text) FROM PUBLIC;
-REVOKE ALL ON PROCEDURE @extschema@.psap_rotate(regclass, name, integer, text, boolean, integer,
-                                                double precision, integer, boolean, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@._psap_rotate_begin(regclass, text, integer, text, boolean, integer,
-                                                      double precision, boolean, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@._psap_rotate_step(bigint) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@._psap_rotate_fail(bigint, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@._psap_try_reencrypt(text, integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@._psap_log_begin(text, text, name, text, text, text, integer, bigint, name) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@._psap_log_progress(bigint, bigint, bigint, bigint) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@._psap_log_end(bigint, text, bigint, bigint, bigint, text) FROM PUBLIC;
-REVOKE ALL ON TABLE @extschema@.psap_rotation_log FROM PUBLIC;
-REVOKE ALL ON TABLE @extschema@.psap_rotation_progress FROM PUBLIC;
-
--- Grants a role what running psap_rotate needs (the procedure, the functions it calls as that
--- role, and reading its progress). The role still needs SELECT and UPDATE on each table.
-CREATE FUNCTION @extschema@.psap_grant_rotate(grantee regrole) RETURNS void
-LANGUAGE plpgsql VOLATILE
-AS $$
+DO $$
+DECLARE
+    f regprocedure;
 BEGIN
-    EXECUTE pg_catalog.format(
-        'GRANT EXECUTE ON PROCEDURE @extschema@.psap_rotate(regclass, name, integer, text, boolean, integer, double precision, integer, boolean, boolean) TO %1$s;
-         GRANT EXECUTE ON FUNCTION @extschema@._psap_rotate_begin(regclass, text, integer, text, boolean, integer, double precision, boolean, boolean) TO %1$s;
-         GRANT EXECUTE ON FUNCTION @extschema@._psap_rotate_step(bigint) TO %1$s;
-         GRANT EXECUTE ON FUNCTION @extschema@._psap_rotate_fail(bigint, text, text) TO %1$s;
-         GRANT EXECUTE ON FUNCTION @extschema@._psap_try_reencrypt(text, integer) TO %1$s;
-         GRANT EXECUTE ON FUNCTION @extschema@._psap_log_begin(text, text, name, text, text, text, integer, bigint, name) TO %1$s;
-         GRANT EXECUTE ON FUNCTION @extschema@._psap_log_progress(bigint, bigint, bigint, bigint) TO %1$s;
-         GRANT EXECUTE ON FUNCTION @extschema@._psap_log_end(bigint, text, bigint, bigint, bigint, text) TO %1$s;
-         GRANT EXECUTE ON FUNCTION @extschema@.psap_census(regclass, text) TO %1$s;
-         GRANT EXECUTE ON FUNCTION @extschema@.psap_verify(text) TO %1$s;
-         GRANT SELECT ON @extschema@.psap_rotation_progress TO %1$s;',
-        grantee);
+    FOR f IN
+        SELECT p.oid::regprocedure
+          FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
+                                     AND d.deptype = 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
+         WHERE p.proname NOT IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
+                                 '_psap_backend_alive')
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
+    END LOOP;
 END
 $$;
-REVOKE ALL ON FUNCTION @extschema@.psap_grant_rotate(regrole) FROM PUBLIC;
+REVOKE ALL ON TABLE @extschema@.psap_audit_log, @extschema@.psap_encrypted_columns FROM PUBLIC;
+REVOKE ALL ON @extschema@.psap_audit, @extschema@.psap_rotation_progress FROM PUBLIC;
+
+-- Grants a role what operating key rotation needs: psap_rotate, psap_encrypt_column,
+-- psap_rotate_all, the registry, psap_status/psap_census/psap_verify/psap_keys, and reading the
+-- audit trail. Not psap_decrypt or psap_encrypt: an operator re-encrypts without ever seeing
+-- plaintext. The role still needs SELECT and UPDATE on each table it works on.
+CREATE FUNCTION @extschema@.psap_grant_operator(grantee regrole) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure
+          FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
+                                     AND d.deptype = 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
+         WHERE p.proname NOT IN ('psap_encrypt', 'psap_decrypt', 'psap_encrypt_bytea', 'psap_decrypt_bytea',
+                                 'psap_grant_operator', '_psap_audit_guard')
+           AND p.prorettype <> 'pg_catalog.event_trigger'::regtype
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON ROUTINE %s TO %s', f, grantee);
+    END LOOP;
+    EXECUTE pg_catalog.format('GRANT SELECT ON @extschema@.psap_audit, @extschema@.psap_rotation_progress,
+                                              @extschema@.psap_encrypted_columns TO %s', grantee);
+END
+$$;
+REVOKE ALL ON FUNCTION @extschema@.psap_grant_operator(regrole) FROM PUBLIC;

@@ -8,6 +8,8 @@
 //!   keys are wiped. A malformed value is rejected with a message that names the setting and
 //!   never prints the value; on reload the previous key stays in effect.
 //! - `psap.key_version`: the version new ciphertext uses (`v2`). SUSET: superusers may set it per session.
+//! - `psap.decrypt_passthrough` (off): psap_decrypt returns values that are not envelopes unchanged,
+//!   so application views keep working while psap_encrypt_column migrates a column. USERSET.
 //!
 //! The settings exist only when the library is loaded through `shared_preload_libraries`: a
 //! setting read from postgresql.conf before its library defines it is a placeholder that every role
@@ -44,6 +46,9 @@ static mut KEY_VERSION_VAR: *mut c_char = std::ptr::null_mut();
 /// The version named by `psap.key_version`, parsed once per change by its assign hook.
 static CURRENT_VERSION: Mutex<Option<Version>> = Mutex::new(None);
 
+/// `psap.decrypt_passthrough`: psap_decrypt returns values without an envelope prefix unchanged.
+static DECRYPT_PASSTHROUGH: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
+
 const KEY_VERSION_DEFAULT: &CStr = c"v1";
 
 /// Defines every setting. Called once from `_PG_init`.
@@ -70,8 +75,17 @@ pub fn init() {
             Some(assign_key_version),
             None,
         );
-        reserve_prefix();
     }
+    pgrx::GucRegistry::define_bool_guc(
+        c"psap.decrypt_passthrough",
+        c"Lets psap_decrypt return values that are not envelopes unchanged, during a migration to encryption.",
+        c"Off by default: then a value without a vN: prefix is an error. Malformed envelopes are errors either way.",
+        &DECRYPT_PASSTHROUGH,
+        pgrx::GucContext::Userset,
+        pgrx::GucFlags::default(),
+    );
+    // SAFETY: called once, after every psap.* setting is defined.
+    unsafe { reserve_prefix() };
 }
 
 #[cfg(any(feature = "pg13", feature = "pg14"))]
@@ -142,36 +156,110 @@ fn setting_text<'a>(value: *const c_char) -> Option<&'a str> {
         .or(Some("\u{0}"))
 }
 
-/// Check hook of `psap.key_vN`: accepts empty (no key) or a well-formed key. For anything else it
-/// replaces PostgreSQL's default message, which would print the value, with one that names the
-/// setting and says what is wrong.
+/// What PostgreSQL stores as the value of every key setting, set or not. The key itself never
+/// stays in GUC memory: the check hook moves it into [`PENDING`] and replaces the value with this.
+/// Because the stored value never changes, the postmaster's reload message
+/// `parameter "..." changed to "..."` (which prints the file's raw value) is never emitted for a
+/// key, and nothing that reads the stored value (current_setting, pg_settings.reset_val,
+/// parallel-worker GUC state) can see one.
+const MASK: &CStr = c"(hidden)";
+
+/// Keys that passed the check hook and wait for the assign hook, one per version.
+static PENDING: LazyLock<Mutex<KeyRing>> = LazyLock::new(|| Mutex::new(KeyRing::default()));
+
+/// What the check hook tells the assign hook (through GUC's `extra`).
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq)]
+enum KeyChange {
+    Unset = 0,
+    /// The key is in PENDING.
+    Set = 1,
+    /// The value was the mask (a re-applied stored value, as in parallel workers): keep the key.
+    Keep = 2,
+}
+
+/// Check hook of `psap.key_vN`: accepts empty (no key) or a well-formed key, moves the key out of
+/// GUC memory (wiping the text) and stores the mask instead. For anything else it replaces
+/// PostgreSQL's default message, which would print the value, with one that names the setting
+/// and says what is wrong.
 #[pg_guard]
 unsafe extern "C-unwind" fn check_key<const N: usize>(
     newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
+    extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    match Slot::from_setting(setting_text(*newval)) {
-        Slot::Malformed(e) => {
-            REJECTED[N].store(true, Ordering::Relaxed);
-            set_check_message(
-                &format!("invalid value for key setting \"psap.key_v{N}\""),
-                &format!("{}. The value is not shown.", capitalize(&e.to_string())),
-            );
-            false
+    let Some(version) = Version::new(N as u32) else {
+        return false;
+    };
+    let text = setting_text(*newval);
+    let change = if text == MASK.to_str().ok() {
+        KeyChange::Keep
+    } else {
+        match Slot::from_setting(text) {
+            Slot::Malformed(e) => {
+                REJECTED[N].store(true, Ordering::Relaxed);
+                set_check_message(
+                    &format!("invalid value for key setting \"psap.key_v{N}\""),
+                    &format!("{}. The value is not shown.", capitalize(&e.to_string())),
+                );
+                return false;
+            }
+            Slot::Unset => KeyChange::Unset,
+            slot @ Slot::Key(_) => {
+                PENDING
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set(version, slot);
+                KeyChange::Set
+            }
         }
-        _ => true,
+    };
+    if change != KeyChange::Keep {
+        let mask = guc_alloc(MASK.to_bytes_with_nul().len()).cast::<c_char>();
+        std::ptr::copy_nonoverlapping(MASK.as_ptr(), mask, MASK.to_bytes_with_nul().len());
+        let old = *newval;
+        if !old.is_null() {
+            psap_core::sodium::memzero(std::slice::from_raw_parts_mut(
+                old.cast::<u8>(),
+                CStr::from_ptr(old).to_bytes().len(),
+            ));
+            guc_release(old.cast());
+        }
+        *newval = mask;
     }
+    let marker = guc_alloc(1).cast::<u8>();
+    *marker = change as u8;
+    *extra = marker.cast();
+    true
 }
 
-/// Assign hook of `psap.key_vN`: parses the value into the key ring once per change. The key it
-/// replaces is wiped as it drops.
+/// Assign hook of `psap.key_vN`: moves the checked key into the key ring (once per configuration
+/// change, never per row). The key it replaces is wiped as it drops.
 #[pg_guard]
-unsafe extern "C-unwind" fn assign_key<const N: usize>(newval: *const c_char, _extra: *mut c_void) {
-    let slot = Slot::from_setting(setting_text(newval));
+unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, extra: *mut c_void) {
+    let Some(version) = Version::new(N as u32) else {
+        return;
+    };
     REJECTED[N].store(false, Ordering::Relaxed);
-    if let Some(version) = Version::new(N as u32) {
-        keyring().set(version, slot);
+    let change = match extra.cast::<u8>().as_ref() {
+        Some(0) => KeyChange::Unset,
+        Some(1) => KeyChange::Set,
+        _ => KeyChange::Keep,
+    };
+    match change {
+        KeyChange::Keep => {}
+        KeyChange::Unset => keyring().set(version, Slot::Unset),
+        KeyChange::Set => {
+            let slot = std::mem::take(
+                &mut *PENDING
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .slot_mut(version),
+            );
+            if matches!(slot, Slot::Key(_)) {
+                keyring().set(version, slot);
+            }
+        }
     }
 }
 
@@ -182,6 +270,42 @@ unsafe extern "C-unwind" fn show_key<const N: usize>() -> *const c_char {
         Some(false) => c"(set, hidden)".as_ptr(),
         _ => c"".as_ptr(),
     }
+}
+
+/// Memory PostgreSQL's GUC machinery may free: malloc before PostgreSQL 16, guc_malloc since.
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+unsafe fn guc_alloc(size: usize) -> *mut c_void {
+    extern "C" {
+        fn malloc(size: usize) -> *mut c_void;
+    }
+    let p = malloc(size);
+    if p.is_null() {
+        error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+            "out of memory",
+            None,
+            None,
+        );
+    }
+    p
+}
+
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+unsafe fn guc_release(p: *mut c_void) {
+    extern "C" {
+        fn free(p: *mut c_void);
+    }
+    free(p)
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+unsafe fn guc_alloc(size: usize) -> *mut c_void {
+    pg_sys::guc_malloc(pg_sys::ERROR as i32, size)
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+unsafe fn guc_release(p: *mut c_void) {
+    pg_sys::guc_free(p)
 }
 
 #[pg_guard]
@@ -253,6 +377,11 @@ pub fn current_version() -> Version {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .unwrap_or(Version::new(1).unwrap())
+}
+
+/// Whether psap_decrypt passes plaintext (values without an envelope prefix) through.
+pub fn decrypt_passthrough() -> bool {
+    DECRYPT_PASSTHROUGH.get()
 }
 
 /// A fresh random nonce, safe across the fork of each backend from the postmaster.

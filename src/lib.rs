@@ -52,12 +52,25 @@ extension_sql!(
     name = "check_install",
     requires = [_psap_check_install],
 );
-extension_sql_file!("../sql/log.sql", name = "log", requires = ["check_install"]);
+extension_sql_file!(
+    "../sql/audit.sql",
+    name = "audit",
+    requires = ["check_install"]
+);
+extension_sql_file!(
+    "../sql/registry.sql",
+    name = "registry",
+    requires = [
+        "audit",
+        api::census::psap_census,
+        api::census::_psap_check_column
+    ]
+);
 extension_sql_file!(
     "../sql/rotate.sql",
     name = "rotate",
     requires = [
-        "log",
+        "registry",
         api::rotate::_psap_rotate_begin,
         api::rotate::_psap_rotate_step,
         api::rotate::_psap_rotate_fail,

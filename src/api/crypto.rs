@@ -37,9 +37,15 @@ fn psap_encrypt(plaintext: &str) -> String {
     envelope_text(encrypt_bytes(plaintext.as_bytes()))
 }
 
-/// Decrypts an envelope, choosing the key from its version prefix.
+/// Decrypts an envelope, choosing the key from its version prefix. With
+/// `psap.decrypt_passthrough` on, a value without an envelope prefix is returned unchanged.
 #[pg_extern(stable, strict, parallel_safe)]
 fn psap_decrypt(ciphertext: &str) -> String {
+    if gucs::decrypt_passthrough()
+        && psap_core::envelope::parse_prefix(ciphertext.as_bytes()).is_err()
+    {
+        return ciphertext.to_string();
+    }
     let plain = decrypt_bytes(ciphertext.as_bytes());
     if plain.contains(&0) {
         error::not_text();

@@ -1,18 +1,19 @@
-//! psap_rotate: re-encrypting a column in committed batches, and psap_census.
+//! Batch jobs over a column, committed batch by batch: psap_rotate (re-encrypt old versions) and
+//! psap_encrypt_column (encrypt plaintext).
 //!
-//! `CALL psap_rotate(...)` is a PL/pgSQL procedure (sql/rotate.sql) because only a procedure can
-//! COMMIT between batches. It calls three functions from here:
+//! The procedures are PL/pgSQL (sql/rotate.sql) because only a procedure can COMMIT between
+//! batches. They call three functions from here:
 //! - `_psap_rotate_begin`: checks everything, counts the work, writes the audit row, announces
 //!   the plan, and keeps the run's state in this backend's memory (it survives COMMIT);
 //! - `_psap_rotate_step`: does one batch, records progress in the same transaction, says whether
 //!   more remain;
 //! - `_psap_rotate_fail`: records how a run ended when a step raised an error or was cancelled.
 //!
-//! A batch is one statement over a range of heap blocks (a TID range scan, so no batch rescans the
-//! table from its start): it locks up to `batch` rows that still need rotation with
+//! A batch is one statement per range of heap blocks (a TID range scan, so no batch rescans the
+//! table from its start): it locks up to `batch` rows that still need work with
 //! `FOR NO KEY UPDATE SKIP LOCKED` (rows the application holds are skipped, never waited for),
-//! re-encrypts exactly the locked row versions and updates them by ctid. Because the new value is
-//! computed from the locked version, a concurrent application write is never overwritten.
+//! computes the new value from exactly the locked row version and updates it by ctid. A
+//! concurrent application write therefore always wins and is never overwritten.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,78 +25,105 @@ use pgrx::PgRelation;
 use pgrx::PgSqlErrorCode::{self, *};
 use psap_core::{cipher, Version};
 
-use crate::api::target::{self, needs_rotation_sql, Access, Target};
+use crate::api::audit::{self, Counts};
+use crate::api::target::{self, Access, Leaf, Target};
 use crate::error::{self, raise};
 use crate::gucs;
 
-/// Per-batch count of values `_psap_try_reencrypt` could not decrypt.
+/// Per-statement count of values the row functions could not transform.
 static FAILURES: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     static RUN: RefCell<Option<Run>> = const { RefCell::new(None) };
 }
 
+/// What a run does to each row.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Re-encrypt envelopes whose version is not the target (and is `from`, when given).
+    Rotate { from: Option<Version> },
+    /// Encrypt values that are not envelopes.
+    Encrypt,
+}
+
+impl Mode {
+    fn verb(self) -> (&'static str, &'static str) {
+        match self {
+            Mode::Rotate { .. } => ("rotate", "rotated"),
+            Mode::Encrypt => ("encrypt", "encrypted"),
+        }
+    }
+}
+
 struct Run {
     id: i64,
+    mode: Mode,
     target: Target,
     to: Version,
-    from: Option<Version>,
     batch: i64,
     max_batches: Option<i64>,
     deadline: Option<Instant>,
     skip_undecryptable: bool,
     disable_triggers: bool,
-    /// Estimated rows to rotate, from the count at the start.
+    /// Rows to do, from the count at the start.
     total: i64,
-    rotated: i64,
-    batches: i64,
+    counts: Counts,
     /// Rows skipped as undecryptable, per leaf: their ctids (excluded from later batches).
     skipped: Vec<Vec<String>>,
     /// Where the walk is: leaf index, next block, blocks per range for that leaf.
     leaf: usize,
     block: u32,
     step_blocks: u32,
-    pass: u32,
-    pass_rotated: i64,
+    pass_done: i64,
 }
 
-/// Whether a value (its first characters) is an envelope to rotate: its version is not `target`
-/// and, when `from` is given, is `from`.
-#[pg_extern(immutable, parallel_safe)]
-fn _psap_needs_rotation(prefix: Option<&str>, target: i32, from: Option<i32>) -> bool {
-    let Some(prefix) = prefix else { return false };
-    match psap_core::envelope::parse_prefix(prefix.as_bytes()) {
-        Ok((v, _)) => v.get() as i32 != target && from.is_none_or(|f| f == v.get() as i32),
-        Err(_) => false,
+impl Run {
+    /// SQL for "this row still needs work". Reads only the first characters of the value, so
+    /// TOASTed values are not fetched whole.
+    fn needs_sql(&self) -> String {
+        needs_sql(&self.target, self.mode, self.to)
+    }
+
+    fn what(&self) -> String {
+        format!("{}.{}", self.target.relation, self.target.column_name)
+    }
+
+    fn skipped_rows(&self) -> i64 {
+        self.skipped.iter().map(Vec::len).sum::<usize>() as i64
     }
 }
 
-/// The version of an envelope (`v3`) from its first characters, or NULL for a value that has
-/// no envelope prefix.
-#[pg_extern(immutable, strict, parallel_safe)]
-fn _psap_envelope_version(prefix: &str) -> Option<String> {
-    psap_core::envelope::parse_prefix(prefix.as_bytes())
-        .ok()
-        .map(|(v, _)| v.to_string())
+fn needs_sql(t: &Target, mode: Mode, to: Version) -> String {
+    let prefix = format!("pg_catalog.substr({}, 1, 4)", t.column);
+    match mode {
+        Mode::Rotate { from } => {
+            let from = from.map_or("NULL".to_string(), |f| f.get().to_string());
+            format!(
+                "{}._psap_needs_rotation({prefix}, {}, {from})",
+                t.ext,
+                to.get()
+            )
+        }
+        Mode::Encrypt => format!("{}._psap_is_plaintext({prefix})", t.ext),
+    }
 }
 
-/// Re-encrypts an envelope under version `target`; NULL (and a failure counted for the batch)
-/// when it cannot be decrypted, so the row is left as it is.
+/// Re-encrypts an envelope under version `target`; NULL (and a failure counted) when it cannot
+/// be decrypted, so the row is left as it is.
 #[pg_extern(volatile, strict, parallel_unsafe)]
 fn _psap_try_reencrypt(value: &str, target: i32) -> Option<String> {
     gucs::ensure_preloaded();
     let to = Version::new(target as u32)?;
     let nonce = gucs::next_nonce();
     let mut out = Vec::with_capacity(value.len() + 8);
-    let result = cipher::reencrypt(
+    match cipher::reencrypt(
         &gucs::keyring(),
         to,
         &nonce,
         value.as_bytes(),
         &mut Vec::new(),
         &mut out,
-    );
-    match result {
+    ) {
         Ok(_) => Some(String::from_utf8(out).expect("an envelope is ASCII")),
         Err(_) => {
             FAILURES.fetch_add(1, Ordering::Relaxed);
@@ -104,103 +132,77 @@ fn _psap_try_reencrypt(value: &str, target: i32) -> Option<String> {
     }
 }
 
-/// Why a value cannot be decrypted, or NULL if it can.
-#[pg_extern(stable, strict, parallel_safe)]
-fn psap_verify(value: &str) -> Option<String> {
+/// Encrypts plaintext under version `target`; NULL (and a failure counted) when it cannot be.
+#[pg_extern(volatile, strict, parallel_unsafe)]
+fn _psap_try_encrypt(value: &str, target: i32) -> Option<String> {
     gucs::ensure_preloaded();
-    let mut plain = Vec::new();
-    let result = cipher::decrypt(
-        &gucs::keyring(),
-        value.as_bytes(),
-        &mut Vec::new(),
-        &mut plain,
-    );
-    psap_core::sodium::memzero(&mut plain);
-    result.err().map(|e| e.to_string())
+    let to = Version::new(target as u32)?;
+    let nonce = gucs::next_nonce();
+    let mut out = Vec::with_capacity(value.len() * 4 / 3 + 64);
+    match cipher::encrypt(&gucs::keyring(), to, &nonce, value.as_bytes(), &mut out) {
+        Ok(()) => Some(String::from_utf8(out).expect("an envelope is ASCII")),
+        Err(_) => {
+            FAILURES.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
-/// Rows per envelope version of a column, plus NULLs and values that are not envelopes.
-/// `v1:` never counts as `v10:`. Reads only the first characters of each value.
-#[pg_extern(stable)]
-fn psap_census(
-    tbl: PgRelation,
-    col: &str,
-) -> TableIterator<
-    'static,
-    (
-        name!(state, String),
-        name!(version, Option<String>),
-        name!(rows, i64),
-        name!(key_configured, Option<bool>),
-    ),
-> {
-    gucs::ensure_preloaded();
-    let t = target::resolve(&tbl, col, Access::Read);
-    let sql = format!(
-        "SELECT CASE WHEN {col} IS NULL THEN 'null'
-                     WHEN v IS NULL THEN 'not encrypted' ELSE 'encrypted' END, v, count(*)
-           FROM {rel}, LATERAL (SELECT {ext}._psap_envelope_version(pg_catalog.substr({col}, 1, 4)) AS v) ver
-          GROUP BY 1, 2 ORDER BY 1, pg_catalog.length(v), v",
-        col = t.column,
-        rel = t.relation,
-        ext = t.ext
-    );
-    let rows: Vec<(String, Option<String>, i64)> = Spi::connect(|client| {
-        client
-            .select(&sql, None, &[])?
-            .map(|r| {
-                Ok((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?,
-                    r.get::<i64>(3)?.unwrap_or(0),
-                ))
-            })
-            .collect::<Result<_, pgrx::spi::Error>>()
-    })
-    .unwrap_or_else(|e| {
-        raise(
-            ERRCODE_INTERNAL_ERROR,
-            format!("census failed: {e}"),
-            None,
-            None,
-        )
-    });
-    let ring = gucs::keyring();
-    let out: Vec<_> = rows
-        .into_iter()
-        .map(|(state, v, n)| {
-            let configured = v
-                .as_deref()
-                .and_then(Version::parse)
-                .map(|v| ring.key(v).is_ok());
-            (state, v, n, configured)
-        })
-        .collect();
-    TableIterator::new(out)
-}
-
+/// Starts a run: every check, the count, the audit row, the first NOTICE. Returns the run id.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile)]
 fn _psap_rotate_begin(
-    tbl: PgRelation,
-    col: &str,
-    batch: i32,
+    tbl: Option<PgRelation>,
+    col: Option<&str>,
+    mode: &str,
+    batch: Option<i32>,
     from_version: Option<&str>,
-    dry_run: bool,
+    dry_run: Option<bool>,
     max_batches: Option<i32>,
     max_seconds: Option<f64>,
-    skip_undecryptable: bool,
-    disable_triggers: bool,
+    pause_ms: Option<i32>,
+    skip_undecryptable: Option<bool>,
+    disable_triggers: Option<bool>,
 ) -> i64 {
     gucs::ensure_preloaded();
     RUN.with(|r| r.borrow_mut().take());
+    let name = if mode == "encrypt" {
+        "psap_encrypt_column"
+    } else {
+        "psap_rotate"
+    };
+    let (
+        Some(tbl),
+        Some(col),
+        Some(batch),
+        Some(dry_run),
+        Some(pause_ms),
+        Some(skip_undecryptable),
+        Some(disable_triggers),
+    ) = (
+        tbl,
+        col,
+        batch,
+        dry_run,
+        pause_ms,
+        skip_undecryptable,
+        disable_triggers,
+    )
+    else {
+        raise(
+            ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{name} arguments must not be null"),
+            None,
+            Some("Only from_version, max_batches and max_seconds may be null.".into()),
+        );
+    };
     // SAFETY: plain reads of backend state.
     if unsafe { pg_sys::IsTransactionBlock() } {
         raise(
             ERRCODE_ACTIVE_SQL_TRANSACTION,
-            "psap_rotate cannot run inside a transaction block",
+            format!("{name} cannot run inside a transaction block"),
             Some("Each batch is committed on its own, which a surrounding transaction block would prevent.".into()),
-            Some("Run CALL psap_rotate(...) as a statement of its own, outside BEGIN ... COMMIT and not together with other statements in one query string.".into()),
+            Some(format!("Run CALL {name}(...) as a statement of its own, outside BEGIN ... COMMIT and not together with other statements in one query string.")),
         );
     }
     if unsafe { pg_sys::RecoveryInProgress() } {
@@ -208,11 +210,19 @@ fn _psap_rotate_begin(
             ERRCODE_READ_ONLY_SQL_TRANSACTION,
             "cannot rotate keys on a standby server",
             Some("The server is in recovery and accepts no writes.".into()),
-            Some("Run psap_rotate on the primary; standbys receive the rotated rows through replication.".into()),
+            Some(format!("Run {name} on the primary; standbys receive the new ciphertext through replication.")),
         );
     }
     positive("batch", Some(i64::from(batch)));
     positive("max_batches", max_batches.map(i64::from));
+    if pause_ms < 0 {
+        raise(
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "pause_ms must not be negative",
+            None,
+            None,
+        );
+    }
     if max_seconds.is_some_and(|s| s.is_nan() || s <= 0.0 || s.is_infinite()) {
         raise(
             ERRCODE_INVALID_PARAMETER_VALUE,
@@ -224,21 +234,26 @@ fn _psap_rotate_begin(
     if disable_triggers && !unsafe { pg_sys::superuser() } {
         raise(
             ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "only superusers can rotate with disable_triggers",
+            "only superusers can use disable_triggers",
             Some("Skipping triggers sets session_replication_role, which only superusers may change.".into()),
             None,
         );
     }
-    let from = from_version.map(|f| {
-        Version::parse(f).unwrap_or_else(|| {
-            raise(
-                ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("invalid from_version \"{f}\""),
-                Some("Versions are written v1 to v99.".into()),
-                None,
-            )
-        })
-    });
+    let mode = match mode {
+        "encrypt" => Mode::Encrypt,
+        _ => Mode::Rotate {
+            from: from_version.map(|f| {
+                Version::parse(f).unwrap_or_else(|| {
+                    raise(
+                        ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("invalid from_version \"{f}\""),
+                        Some("Versions are written v1 to v99.".into()),
+                        None,
+                    )
+                })
+            }),
+        },
+    };
     let to = gucs::current_version();
     let to_fingerprint = gucs::keyring()
         .key(to)
@@ -246,31 +261,17 @@ fn _psap_rotate_begin(
         .unwrap_or_else(|e| error::core(e));
     let target = target::resolve(&tbl, col, Access::Rotate);
 
-    // Count what there is to do, by version, decrypting every value once (unless undecryptable
-    // rows are to be skipped anyway): refuse up front, before any write, if a version has no key
-    // or a value cannot be decrypted.
-    let (counts, undecryptable) =
-        count_by_version(&target, to, from, !skip_undecryptable && !dry_run);
+    // Count what there is to do, by version, decrypting every envelope once (unless rows that
+    // cannot be decrypted are to be skipped anyway): refuse up front, before any write, if a
+    // version has no key or a value cannot be decrypted.
+    let verify = matches!(mode, Mode::Rotate { .. }) && !skip_undecryptable && !dry_run;
+    let (counts, undecryptable) = count_by_version(&target, mode, to, verify);
     let total: i64 = counts.iter().map(|(_, n)| n).sum();
-    if !skip_undecryptable && !dry_run {
-        for (v, n) in &counts {
-            if let Err(e) = Version::parse(v).map_or(Ok(()), |v| gucs::keyring().key(v).map(|_| ()))
-            {
-                let (code, msg, _, hint) = error::describe(&e);
-                raise(
-                    code,
-                    msg,
-                    Some(format!(
-                        "{n} rows of {}.{} hold {v} ciphertext. Nothing was changed.",
-                        target.relation, target.column_name
-                    )),
-                    hint,
-                );
-            }
-        }
+    if verify {
+        refuse_missing_keys(&target, &counts);
         if undecryptable > 0 {
+            let needs = needs_sql(&target, mode, to);
             for (i, leaf) in target.leaves.iter().enumerate() {
-                let needs = needs_rotation_sql(&target, to.get(), from.map(Version::get));
                 if let Some(row) = undecryptable_rows(&target, i, &needs).into_iter().next() {
                     refuse_undecryptable(
                         &target,
@@ -283,61 +284,110 @@ fn _psap_rotate_begin(
             }
         }
     }
-    let versions = if counts.is_empty() {
-        from.map_or("older versions".to_string(), |f| f.to_string())
-    } else {
-        counts
+    let (verb, _) = mode.verb();
+    let from_fingerprints = {
+        let ring = gucs::keyring();
+        let fps: Vec<String> = counts
             .iter()
-            .map(|(v, _)| v.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+            .filter_map(|(v, _)| {
+                Version::parse(v).and_then(|ver| {
+                    ring.key(ver)
+                        .ok()
+                        .map(|k| format!("{v}={}", k.fingerprint()))
+                })
+            })
+            .collect();
+        (!fps.is_empty()).then(|| fps.join(", "))
     };
-    let id = log_begin(
-        &target,
-        if dry_run { "dry run" } else { "rotate" },
-        from,
-        to,
-        &to_fingerprint,
+    let from_label = match mode {
+        Mode::Rotate { from: Some(f) } => Some(f.to_string()),
+        Mode::Rotate { from: None } if !counts.is_empty() => Some(
+            counts
+                .iter()
+                .map(|(v, _)| v.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        _ => None,
+    };
+    let operation = if dry_run {
+        format!("{verb} dry run")
+    } else {
+        verb.to_string()
+    };
+    let id = audit::begin(audit::Start {
+        ext: &target.ext,
+        operation: &operation,
+        relation: &target.relation,
+        column: &target.column_name,
+        from: from_label.clone(),
+        to: to.to_string(),
+        from_fingerprints,
+        to_fingerprint,
         batch,
-        total,
-    );
-
+        planned: total,
+    });
     let mut run = Run {
         id,
+        mode,
         skipped: vec![Vec::new(); target.leaves.len()],
         target,
         to,
-        from,
         batch: i64::from(batch),
         max_batches: max_batches.map(i64::from),
         deadline: max_seconds.map(|s| Instant::now() + Duration::from_secs_f64(s)),
         skip_undecryptable,
         disable_triggers,
         total,
-        rotated: 0,
-        batches: 0,
+        counts: Counts::default(),
         leaf: 0,
         block: 0,
         step_blocks: 1,
-        pass: 1,
-        pass_rotated: 0,
+        pass_done: 0,
     };
-    let what = format!("{}.{}", run.target.relation, run.target.column_name);
+    let what = run.what();
+    let from_to = match &from_label {
+        Some(from) => format!("from {from} to {to}"),
+        None => format!("to {to}"),
+    };
+    let plan = |would: &str| match mode {
+        Mode::Rotate { .. } => format!("{total} rows of {what} {would}{from_to} (batch={batch})"),
+        Mode::Encrypt => {
+            format!("{total} plaintext rows of {what} {would}with {to} (batch={batch})")
+        }
+    };
     if dry_run {
-        notice(format!("dry run: {total} rows of {what} would be rotated from {versions} to {to} (batch={batch})"));
+        let would = if verb == "rotate" {
+            "would be rotated "
+        } else {
+            "would be encrypted "
+        };
+        notice(format!("dry run: {}", plan(would)));
         dry_run_verify(&run);
-        log_end(&run.target.ext, id, "done", 0, 0, 0, None);
+        audit::end(&run.target.ext, id, "done", run.counts, None);
         return id;
     }
     if total == 0 {
-        notice(format!(
-            "nothing to rotate: no rows of {what} hold {versions} ciphertext"
-        ));
-        log_end(&run.target.ext, id, "done", 0, 0, 0, None);
+        notice(match mode {
+            Mode::Rotate { from: Some(f) } => {
+                format!("nothing to rotate: no rows of {what} hold {f} ciphertext")
+            }
+            Mode::Rotate { from: None } => {
+                format!("nothing to rotate: every envelope in {what} is already {to}")
+            }
+            Mode::Encrypt => format!("nothing to encrypt: {what} holds no plaintext"),
+        });
+        audit::end(&run.target.ext, id, "done", run.counts, None);
         return id;
     }
     notice(format!(
-        "rotating {total} rows of {what} from {versions} to {to} (batch={batch})"
+        "{} {}",
+        if verb == "rotate" {
+            "rotating"
+        } else {
+            "encrypting"
+        },
+        plan("")
     ));
     run.step_blocks = blocks_per_batch(&run);
     RUN.with(|r| *r.borrow_mut() = Some(run));
@@ -365,14 +415,45 @@ fn warning(msg: String, detail: String) {
         .report(PgLogLevel::WARNING);
 }
 
-/// Rows to rotate per version and, when `verify`, how many of them cannot be decrypted.
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// Raises the error for the first version that has rows but no usable key.
+fn refuse_missing_keys(t: &Target, counts: &[(String, i64)]) {
+    let ring = gucs::keyring();
+    for (v, n) in counts {
+        let Some(version) = Version::parse(v) else {
+            continue;
+        };
+        if let Err(e) = ring.key(version) {
+            drop(ring);
+            let (code, msg, _, hint) = error::describe(&e);
+            raise(
+                code,
+                msg,
+                Some(format!(
+                    "{n} rows of {}.{} hold {v} ciphertext. Nothing was changed.",
+                    t.relation, t.column_name
+                )),
+                hint,
+            );
+        }
+    }
+}
+
+/// Rows to do per version (one group, "plaintext", when encrypting) and, when `verify`, how many
+/// of them cannot be decrypted.
 fn count_by_version(
     t: &Target,
+    mode: Mode,
     to: Version,
-    from: Option<Version>,
     verify: bool,
 ) -> (Vec<(String, i64)>, i64) {
-    let needs = needs_rotation_sql(t, to.get(), from.map(Version::get));
+    let needs = needs_sql(t, mode, to);
     let bad = if verify {
         format!(
             "count(*) FILTER (WHERE {}.psap_verify({}) IS NOT NULL)",
@@ -381,14 +462,18 @@ fn count_by_version(
     } else {
         "0".into()
     };
+    let version = match mode {
+        Mode::Rotate { .. } => format!(
+            "{}._psap_envelope_version(pg_catalog.substr({}, 1, 4))",
+            t.ext, t.column
+        ),
+        Mode::Encrypt => "'plaintext'".into(),
+    };
     let mut totals: Vec<(String, i64)> = Vec::new();
     let mut undecryptable = 0;
     for leaf in &t.leaves {
         let sql = format!(
-            "SELECT {ext}._psap_envelope_version(pg_catalog.substr({col}, 1, 4)) AS v, count(*), {bad}
-               FROM ONLY {rel} WHERE {needs} GROUP BY 1",
-            ext = t.ext,
-            col = t.column,
+            "SELECT {version} AS v, count(*), {bad} FROM ONLY {rel} WHERE {needs} GROUP BY 1",
             rel = leaf.relation
         );
         let rows = spi_rows(&sql, |r| {
@@ -423,30 +508,32 @@ fn spi_rows<T>(
     .unwrap_or_else(|e| {
         raise(
             ERRCODE_INTERNAL_ERROR,
-            format!("psap_rotate query failed: {e}"),
+            format!("batch query failed: {e}"),
             None,
             None,
         )
     })
 }
 
-/// Heap blocks per range so that a range holds about one batch of rows to rotate, from the
-/// leaf's current size and count.
-fn blocks_per_batch(run: &Run) -> u32 {
-    let leaf = &run.target.leaves[run.leaf];
-    let needs = needs_rotation_sql(&run.target, run.to.get(), run.from.map(Version::get));
+fn leaf_size(leaf: &Leaf, needs: &str) -> (i64, i64) {
     let sql = format!(
         "SELECT pg_catalog.pg_relation_size({oid}::pg_catalog.oid) / pg_catalog.current_setting('block_size')::bigint,
                 (SELECT count(*) FROM ONLY {rel} WHERE {needs})",
         oid = leaf.oid.to_u32(),
         rel = leaf.relation
     );
-    let (blocks, rows) = spi_rows(&sql, |r| {
+    spi_rows(&sql, |r| {
         Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i64>(2)?.unwrap_or(0)))
     })
     .into_iter()
     .next()
-    .unwrap_or((0, 0));
+    .unwrap_or((0, 0))
+}
+
+/// Heap blocks per range so that a range holds about one batch of rows to do, from the current
+/// leaf's size and count.
+fn blocks_per_batch(run: &Run) -> u32 {
+    let (blocks, rows) = leaf_size(&run.target.leaves[run.leaf], &run.needs_sql());
     if rows == 0 {
         return u32::MAX / 2;
     }
@@ -455,7 +542,11 @@ fn blocks_per_batch(run: &Run) -> u32 {
 }
 
 fn dry_run_verify(run: &Run) {
-    let needs = needs_rotation_sql(&run.target, run.to.get(), run.from.map(Version::get));
+    if run.mode == Mode::Encrypt {
+        notice("dry run: nothing was changed".into());
+        return;
+    }
+    let needs = run.needs_sql();
     let mut bad = 0usize;
     for (i, leaf) in run.target.leaves.iter().enumerate() {
         for (ctid, err, ident) in undecryptable_rows(&run.target, i, &needs) {
@@ -477,13 +568,6 @@ fn dry_run_verify(run: &Run) {
     ));
 }
 
-fn capitalize(s: &str) -> String {
-    let mut c = s.chars();
-    c.next()
-        .map(|f| f.to_uppercase().chain(c).collect())
-        .unwrap_or_default()
-}
-
 /// One batch. Returns whether the procedure should commit and call again.
 #[pg_extern(volatile)]
 fn _psap_rotate_step(run_id: i64) -> bool {
@@ -503,19 +587,18 @@ fn _psap_rotate_step(run_id: i64) -> bool {
 fn step(run: &mut Run) -> bool {
     if let Some(reason) = limit_reached(run) {
         let left = remaining(run);
+        if left == 0 {
+            finish(run, 0);
+            return false;
+        }
         notice(format!(
-            "stopping after {} batches ({reason}): rotated {} rows, {left} left; call psap_rotate again to continue",
-            run.batches, run.rotated
+            "stopping after {} batches ({reason}): {} {} rows, {left} left; call {} again to continue",
+            run.counts.batches,
+            run.mode.verb().1,
+            run.counts.done,
+            if run.mode == Mode::Encrypt { "psap_encrypt_column" } else { "psap_rotate" }
         ));
-        log_end(
-            &run.target.ext,
-            run.id,
-            "stopped",
-            run.rotated,
-            skipped(run),
-            run.batches,
-            None,
-        );
+        audit::end(&run.target.ext, run.id, "stopped", run.counts, None);
         return false;
     }
     if run.disable_triggers {
@@ -529,7 +612,7 @@ fn step(run: &mut Run) -> bool {
         });
     }
     // A batch takes `batch` rows, walking as many block ranges (and leaves) as that needs.
-    let (mut locked_total, mut rotated, mut failed) = (0i64, 0i64, 0u64);
+    let (mut locked_total, mut done, mut failed) = (0i64, 0i64, 0u64);
     while locked_total < run.batch {
         if run.leaf >= run.target.leaves.len() {
             if locked_total > 0 {
@@ -538,9 +621,8 @@ fn step(run: &mut Run) -> bool {
             // End of a pass over every leaf: rows updated by the application while we passed
             // (moved behind the walk) or locked at the time are caught by another pass.
             let left = remaining(run);
-            if left > 0 && run.pass_rotated > 0 {
-                run.pass += 1;
-                run.pass_rotated = 0;
+            if left > 0 && run.pass_done > 0 {
+                run.pass_done = 0;
                 run.leaf = 0;
                 run.block = 0;
                 run.step_blocks = blocks_per_batch(run);
@@ -554,13 +636,13 @@ fn step(run: &mut Run) -> bool {
         let hi = lo.saturating_add(run.step_blocks);
         let hi = (u64::from(hi) < leaf_blocks(run)).then_some(hi);
         FAILURES.store(0, Ordering::Relaxed);
-        let (locked, done, last_block) = run_batch(run, lo, hi, want);
+        let (locked, changed, last_block) = run_batch(run, lo, hi, want);
         let failed_here = FAILURES.swap(0, Ordering::Relaxed);
         if failed_here > 0 {
             handle_failures(run, lo, hi);
         }
         locked_total += locked;
-        rotated += done;
+        done += changed;
         failed += failed_here;
         if locked == want {
             // Full: the next batch starts at the block where this one stopped (rows are taken in
@@ -576,21 +658,26 @@ fn step(run: &mut Run) -> bool {
             }
         }
     }
-    run.rotated += rotated;
-    run.pass_rotated += rotated;
-    run.batches += 1;
-    let planned = ((run.total + run.batch - 1) / run.batch).max(run.batches);
-    let mut msg = format!("batch {}/{planned}: rotated {rotated} rows", run.batches);
+    run.counts.done += done;
+    run.counts.skipped = run.skipped_rows();
+    run.counts.batches += 1;
+    run.pass_done += done;
+    let planned = ((run.total + run.batch - 1) / run.batch).max(run.counts.batches);
+    let mut msg = format!(
+        "batch {}/{planned}: {} {done} rows",
+        run.counts.batches,
+        run.mode.verb().1
+    );
     if failed > 0 {
         msg.push_str(&format!(", skipped {failed} undecryptable"));
     }
     notice(msg);
-    log_progress(run);
+    audit::progress(&run.target.ext, run.id, run.counts);
     true
 }
 
 fn limit_reached(run: &Run) -> Option<&'static str> {
-    if run.max_batches.is_some_and(|m| run.batches >= m) {
+    if run.max_batches.is_some_and(|m| run.counts.batches >= m) {
         return Some("max_batches");
     }
     if run.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -599,24 +686,17 @@ fn limit_reached(run: &Run) -> Option<&'static str> {
     None
 }
 
-fn skipped(run: &Run) -> i64 {
-    run.skipped.iter().map(Vec::len).sum::<usize>() as i64
-}
-
 fn leaf_blocks(run: &Run) -> u64 {
     let oid = run.target.leaves[run.leaf].oid.to_u32();
-    Spi::get_one::<i64>(&format!(
-        "SELECT pg_catalog.pg_relation_size({oid}::pg_catalog.oid) / pg_catalog.current_setting('block_size')::bigint"
-    ))
-    .ok()
-    .flatten()
-    .unwrap_or(0) as u64
+    let sql = format!("SELECT pg_catalog.pg_relation_size({oid}::pg_catalog.oid) / pg_catalog.current_setting('block_size')::bigint");
+    target::select_one::<i64>(&sql, &[]).unwrap_or(0) as u64
 }
 
 fn range_sql(lo: u32, hi: Option<u32>) -> String {
+    let from = format!("ctid OPERATOR(pg_catalog.>=) '({lo},0)'::pg_catalog.tid");
     match hi {
-        Some(hi) => format!("ctid OPERATOR(pg_catalog.>=) '({lo},0)'::pg_catalog.tid AND ctid OPERATOR(pg_catalog.<) '({hi},0)'::pg_catalog.tid"),
-        None => format!("ctid OPERATOR(pg_catalog.>=) '({lo},0)'::pg_catalog.tid"),
+        Some(hi) => format!("{from} AND ctid OPERATOR(pg_catalog.<) '({hi},0)'::pg_catalog.tid"),
+        None => from,
     }
 }
 
@@ -626,44 +706,44 @@ fn exclusion_sql(run: &Run) -> String {
         return String::new();
     }
     // ctids as printed by tidout: digits, parentheses and a comma only.
-    format!(
-        " AND ctid OPERATOR(pg_catalog.<>) ALL ('{{{}}}'::pg_catalog.tid[])",
-        skipped
-            .iter()
-            .map(|c| format!("\"{c}\""))
-            .collect::<Vec<_>>()
-            .join(",")
-    )
+    let list = skipped
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(" AND ctid OPERATOR(pg_catalog.<>) ALL ('{{{list}}}'::pg_catalog.tid[])")
 }
 
-/// Runs one batch over blocks [lo, hi) (or lo.. to the end). Returns rows locked, rows rotated
-/// and the highest block a locked row was in.
+/// Runs one statement over blocks [lo, hi) (or lo.. to the end) taking at most `limit` rows.
+/// Returns rows locked, rows changed and the highest block a locked row was in.
 fn run_batch(run: &Run, lo: u32, hi: Option<u32>, limit: i64) -> (i64, i64, u32) {
     let t = &run.target;
-    let leaf = &t.leaves[run.leaf];
+    let transform = match run.mode {
+        Mode::Rotate { .. } => "_psap_try_reencrypt",
+        Mode::Encrypt => "_psap_try_encrypt",
+    };
     let sql = format!(
         "WITH locked AS (
              SELECT ctid AS id, {col} AS val FROM ONLY {rel}
               WHERE {range} AND {needs}{exclude}
-              LIMIT {batch}
+              LIMIT {limit}
                 FOR NO KEY UPDATE SKIP LOCKED
          ), fresh AS (
-             SELECT id, {ext}._psap_try_reencrypt(val, {to}) AS val FROM locked
-         ), rotated AS (
+             SELECT id, {ext}.{transform}(val, {to}) AS val FROM locked
+         ), changed AS (
              UPDATE ONLY {rel} AS t SET {col} = fresh.val FROM fresh
               WHERE t.ctid OPERATOR(pg_catalog.=) fresh.id AND fresh.val IS NOT NULL
              RETURNING 1
          )
          SELECT (SELECT count(*) FROM locked),
-                (SELECT count(*) FROM rotated),
+                (SELECT count(*) FROM changed),
                 (SELECT max((id::pg_catalog.text::pg_catalog.point)[0])::bigint FROM locked)",
         col = t.column,
-        rel = leaf.relation,
+        rel = t.leaves[run.leaf].relation,
         ext = t.ext,
         range = range_sql(lo, hi),
-        needs = needs_rotation_sql(t, run.to.get(), run.from.map(Version::get)),
+        needs = run.needs_sql(),
         exclude = exclusion_sql(run),
-        batch = limit,
         to = run.to.get(),
     );
     spi_rows(&sql, |r| {
@@ -675,18 +755,26 @@ fn run_batch(run: &Run, lo: u32, hi: Option<u32>, limit: i64) -> (i64, i64, u32)
     })
     .into_iter()
     .next()
-    .map_or((0, 0, lo), |(l, r, b)| {
-        (l, r, u32::try_from(b).unwrap_or(lo))
+    .map_or((0, 0, lo), |(l, c, b)| {
+        (l, c, u32::try_from(b).unwrap_or(lo))
     })
 }
 
-/// Some values of the batch could not be decrypted (they were left unchanged). Find them; either
-/// stop with an error that names them (the batch is rolled back), or skip and list them.
+/// Some values of the batch could not be transformed (they were left unchanged). Find them;
+/// either stop with an error that names them (the batch is rolled back), or skip and list them.
 fn handle_failures(run: &mut Run, lo: u32, hi: Option<u32>) {
+    if run.mode == Mode::Encrypt {
+        raise(
+            ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("cannot encrypt a value of {}", run.what()),
+            Some("Its envelope would exceed the largest value PostgreSQL can store. The batch was rolled back.".into()),
+            None,
+        );
+    }
     let filter = format!(
         "{} AND {}{}",
         range_sql(lo, hi),
-        needs_rotation_sql(&run.target, run.to.get(), run.from.map(Version::get)),
+        run.needs_sql(),
         exclusion_sql(run)
     );
     let bad = undecryptable_rows(&run.target, run.leaf, &filter);
@@ -749,7 +837,7 @@ fn row_name(ctid: &str, ident: &str) -> String {
 
 fn refuse_undecryptable(
     t: &Target,
-    leaf: &target::Leaf,
+    leaf: &Leaf,
     row: &(String, String, String),
     count: usize,
     outcome: &str,
@@ -765,16 +853,17 @@ fn refuse_undecryptable(
 
 /// SQL that prints a row's primary key as `(id)=(42)`, or an empty string without one.
 fn row_identity_sql(rel: pg_sys::Oid) -> String {
-    let cols = Spi::get_one::<String>(&format!(
-        "SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY k.ord)
-           FROM pg_catalog.pg_index i,
-                LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-           JOIN pg_catalog.pg_attribute a ON a.attrelid = {oid}::pg_catalog.oid AND a.attnum = k.attnum
-          WHERE i.indrelid = {oid}::pg_catalog.oid AND i.indisprimary",
-        oid = rel.to_u32()
-    ))
-    .ok()
-    .flatten();
+    let cols = target::select_one::<String>(
+        &format!(
+            "SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY k.ord)
+               FROM pg_catalog.pg_index i,
+                    LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = {oid}::pg_catalog.oid AND a.attnum = k.attnum
+              WHERE i.indrelid = {oid}::pg_catalog.oid AND i.indisprimary",
+            oid = rel.to_u32()
+        ),
+        &[],
+    );
     match cols {
         Some(cols) => format!(
             "pg_catalog.format('(%s)=%s', {lit}, ROW({cols})::pg_catalog.text)",
@@ -784,43 +873,38 @@ fn row_identity_sql(rel: pg_sys::Oid) -> String {
     }
 }
 
-/// Rows that still need rotation (not counting those skipped as undecryptable).
+/// Rows that still need work (not counting those skipped as undecryptable).
 fn remaining(run: &Run) -> i64 {
-    let needs = needs_rotation_sql(&run.target, run.to.get(), run.from.map(Version::get));
-    let mut left = 0;
-    for leaf in &run.target.leaves {
-        let n = spi_rows(
-            &format!("SELECT count(*) FROM ONLY {} WHERE {needs}", leaf.relation),
-            |r| Ok(r.get::<i64>(1)?.unwrap_or(0)),
-        );
-        left += n.first().copied().unwrap_or(0);
-    }
-    (left - skipped(run)).max(0)
+    let needs = run.needs_sql();
+    let left: i64 = run
+        .target
+        .leaves
+        .iter()
+        .map(|leaf| leaf_size(leaf, &needs).1)
+        .sum();
+    (left - run.skipped_rows()).max(0)
 }
 
 fn finish(run: &Run, left: i64) {
-    let what = format!("{}.{}", run.target.relation, run.target.column_name);
-    let skipped = skipped(run);
     let mut msg = format!(
-        "done: rotated {} rows of {what} to {} in {} batches",
-        run.rotated, run.to, run.batches
+        "done: {} {} rows of {} to {} in {} batches",
+        run.mode.verb().1,
+        run.counts.done,
+        run.what(),
+        run.to,
+        run.counts.batches
     );
+    let skipped = run.skipped_rows();
     if skipped > 0 {
         msg.push_str(&format!("; {skipped} undecryptable rows skipped"));
     }
     if left > 0 {
-        msg.push_str(&format!("; {left} rows still need rotation (locked by other sessions or written meanwhile): call psap_rotate again"));
+        msg.push_str(&format!(
+            "; {left} rows still to do (locked by other sessions or written meanwhile): call again"
+        ));
     }
     notice(msg);
-    log_end(
-        &run.target.ext,
-        run.id,
-        "done",
-        run.rotated,
-        skipped,
-        run.batches,
-        None,
-    );
+    audit::end(&run.target.ext, run.id, "done", run.counts, None);
 }
 
 /// Records a run that ended with an error or a cancel (called by the procedure, which then
@@ -828,21 +912,20 @@ fn finish(run: &Run, left: i64) {
 #[pg_extern(volatile)]
 fn _psap_rotate_fail(run_id: i64, sqlstate: &str, message: &str) {
     let state = RUN.with(|r| r.borrow_mut().take());
-    let (rotated, skipped, batches) = state
+    let counts = state
         .filter(|r| r.id == run_id)
-        .map_or((0, 0, 0), |r| (r.rotated, skipped(&r), r.batches));
+        .map(|r| r.counts)
+        .unwrap_or_default();
     let status = if sqlstate == "57014" {
         "cancelled"
     } else {
         "failed"
     };
-    log_end(
+    audit::end(
         &target::extension_schema(),
         run_id,
         status,
-        rotated,
-        skipped,
-        batches,
+        counts,
         Some(format!("{sqlstate}: {message}")),
     );
 }
@@ -860,103 +943,11 @@ fn _psap_reraise(sqlstate: &str, message: &str, detail: Option<&str>, hint: Opti
     } else {
         ERRCODE_INTERNAL_ERROR as i32
     };
+    let keep = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_string);
     raise(
         PgSqlErrorCode::from(code),
         message,
-        detail.filter(|d| !d.is_empty()).map(str::to_string),
-        hint.filter(|h| !h.is_empty()).map(str::to_string),
+        keep(detail),
+        keep(hint),
     )
-}
-
-// --- audit log (writes go through SECURITY DEFINER functions in sql/log.sql) ---
-
-#[allow(clippy::too_many_arguments)]
-fn log_begin(
-    t: &Target,
-    operation: &str,
-    from: Option<Version>,
-    to: Version,
-    fingerprint: &str,
-    batch: i32,
-    total: i64,
-) -> i64 {
-    Spi::get_one_with_args::<i64>(
-        &format!(
-            "SELECT {}._psap_log_begin($1, $2, $3, $4, $5, $6, $7, $8, current_user)",
-            t.ext
-        ),
-        &[
-            operation.into(),
-            t.relation.clone().into(),
-            t.column_name.clone().into(),
-            from.map(|v| v.to_string()).into(),
-            to.to_string().into(),
-            fingerprint.into(),
-            batch.into(),
-            total.into(),
-        ],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| {
-        raise(
-            ERRCODE_INTERNAL_ERROR,
-            "could not write the rotation log",
-            None,
-            None,
-        )
-    })
-}
-
-fn log_progress(run: &Run) {
-    let ext = &run.target.ext;
-    let args = [
-        run.id.into(),
-        run.rotated.into(),
-        skipped(run).into(),
-        run.batches.into(),
-    ];
-    Spi::run_with_args(
-        &format!("SELECT {ext}._psap_log_progress($1, $2, $3, $4)"),
-        &args,
-    )
-    .unwrap_or_else(|e| {
-        raise(
-            ERRCODE_INTERNAL_ERROR,
-            format!("could not write the rotation log: {e}"),
-            None,
-            None,
-        )
-    });
-}
-
-#[allow(clippy::too_many_arguments)]
-fn log_end(
-    ext: &str,
-    id: i64,
-    status: &str,
-    rotated: i64,
-    skipped: i64,
-    batches: i64,
-    error: Option<String>,
-) {
-    Spi::run_with_args(
-        &format!("SELECT {ext}._psap_log_end($1, $2, $3, $4, $5, $6)"),
-        &[
-            id.into(),
-            status.into(),
-            rotated.into(),
-            skipped.into(),
-            batches.into(),
-            error.into(),
-        ],
-    )
-    .unwrap_or_else(|e| {
-        raise(
-            ERRCODE_INTERNAL_ERROR,
-            format!("could not write the rotation log: {e}"),
-            None,
-            None,
-        )
-    });
 }

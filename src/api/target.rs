@@ -10,7 +10,7 @@ use crate::error::raise;
 
 /// A column ready to be used in generated SQL. Every name here is already quoted.
 pub struct Target {
-    /// `schema.table` as regclass prints it (quoted where needed).
+    /// `schema.table`, quoted where needed.
     pub relation: String,
     pub column: String,
     /// The column name, unquoted, for messages.
@@ -35,11 +35,7 @@ pub enum Access {
 
 pub fn resolve(tbl: &PgRelation, col: &str, access: Access) -> Target {
     let ext = extension_schema();
-    let relation = select_one::<String>(
-        "SELECT $1::pg_catalog.regclass::pg_catalog.text",
-        &[tbl.oid().into()],
-    )
-    .unwrap_or_default();
+    let relation = qualified_name(tbl.oid());
     // SAFETY: rd_rel of an open relation is valid.
     let kind = unsafe { (*tbl.rd_rel).relkind } as u8;
     if !matches!(kind, b'r' | b'p') {
@@ -88,10 +84,11 @@ fn leaves(root: pg_sys::Oid, col: &str, access: Access, root_name: &str) -> Vec<
                  SELECT $1::pg_catalog.oid
                  UNION ALL
                  SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.relid)
-             SELECT c.oid, c.oid::pg_catalog.regclass::pg_catalog.text, c.relkind::pg_catalog.text,
+             SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname), c.relkind::pg_catalog.text,
                     pg_catalog.has_column_privilege(c.oid, $2, 'SELECT'),
                     pg_catalog.has_column_privilege(c.oid, $2, 'UPDATE')
                FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               ORDER BY c.oid = $1 DESC, 2",
             None,
             &[root.into(), col.into()],
@@ -141,6 +138,16 @@ fn leaves(root: pg_sys::Oid, col: &str, access: Access, root_name: &str) -> Vec<
     out
 }
 
+/// `schema.table`, each part quoted where needed: unambiguous in messages and the audit log.
+pub fn qualified_name(rel: pg_sys::Oid) -> String {
+    select_one::<String>(
+        "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        &[rel.into()],
+    )
+    .unwrap_or_default()
+}
+
 /// The schema psap_encrypt is installed in, quoted.
 pub fn extension_schema() -> String {
     let schema = select_one::<String>(
@@ -150,18 +157,6 @@ pub fn extension_schema() -> String {
     )
     .unwrap_or_else(|| raise(ERRCODE_UNDEFINED_OBJECT, "extension \"psap_encrypt\" is not installed in this database", None, None));
     quote_identifier(schema)
-}
-
-/// SQL for "this value holds an envelope that must be rotated": its version differs from
-/// `target`, and equals `from` when given. Reads only the first characters of the value, so
-/// TOASTed values are not fetched whole.
-pub fn needs_rotation_sql(t: &Target, target: u32, from: Option<u32>) -> String {
-    let from = from.map_or("NULL".to_string(), |f| f.to_string());
-    format!(
-        "{ext}._psap_needs_rotation(pg_catalog.substr({col}, 1, 4), {target}, {from})",
-        ext = t.ext,
-        col = t.column
-    )
 }
 
 /// The first column of the first row of a read-only query (NULL and no row both give None).

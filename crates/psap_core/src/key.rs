@@ -148,6 +148,10 @@ impl KeyRing {
         &self.slots[version.get() as usize]
     }
 
+    pub fn slot_mut(&mut self, version: Version) -> &mut Slot {
+        &mut self.slots[version.get() as usize]
+    }
+
     /// The key of a version, or why there is none.
     pub fn key(&self, version: Version) -> Result<&Key, CoreError> {
         match self.slot(version) {

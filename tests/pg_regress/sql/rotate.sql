@@ -15,7 +15,7 @@ CALL psap_rotate('incidents', 'title', 300);
 SELECT * FROM psap_census('incidents', 'title');
 SELECT count(*) AS wrong FROM incidents WHERE id <= 1000 AND psap_decrypt(title) <> 'Incident ' || id;
 SELECT operation, relation, column_name, from_version, to_version, status, rows_planned,
-       rows_rotated, batches, percent
+       rows_done, batches, percent
   FROM psap_rotation_progress ORDER BY id;
 
 -- Refusals.
@@ -35,4 +35,4 @@ CALL psap_rotate('incidents', 'title', 300);
 SELECT * FROM psap_census('incidents', 'title');
 CALL psap_rotate('incidents', 'title', 300, skip_undecryptable => true);
 SELECT * FROM psap_census('incidents', 'title');
-SELECT status, rows_rotated, rows_skipped FROM psap_rotation_progress ORDER BY id DESC LIMIT 1;
+SELECT status, rows_done, rows_skipped FROM psap_rotation_progress ORDER BY id DESC LIMIT 1;

@@ -1,0 +1,119 @@
+//! Reading a column without changing it: psap_census, psap_verify, and the small predicates the
+//! batch statements use to pick rows by their first characters.
+
+use pgrx::prelude::*;
+use pgrx::PgRelation;
+use pgrx::PgSqlErrorCode::*;
+use psap_core::{cipher, envelope, Version};
+
+use crate::api::target::{self, Access};
+use crate::error::raise;
+use crate::gucs;
+
+/// Whether a value (its first characters) is an envelope to rotate: its version is not `target`
+/// and, when `from` is given, is `from`.
+#[pg_extern(immutable, parallel_safe)]
+fn _psap_needs_rotation(prefix: Option<&str>, target: i32, from: Option<i32>) -> bool {
+    let Some(prefix) = prefix else { return false };
+    match envelope::parse_prefix(prefix.as_bytes()) {
+        Ok((v, _)) => v.get() as i32 != target && from.is_none_or(|f| f == v.get() as i32),
+        Err(_) => false,
+    }
+}
+
+/// Whether a value (its first characters) is plaintext: not NULL and without an envelope prefix.
+#[pg_extern(immutable, parallel_safe)]
+fn _psap_is_plaintext(prefix: Option<&str>) -> bool {
+    prefix.is_some_and(|p| envelope::parse_prefix(p.as_bytes()).is_err())
+}
+
+/// The version of an envelope (`v3`) from its first characters, or NULL for a value that has
+/// no envelope prefix.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _psap_envelope_version(prefix: &str) -> Option<String> {
+    envelope::parse_prefix(prefix.as_bytes())
+        .ok()
+        .map(|(v, _)| v.to_string())
+}
+
+/// Why a value cannot be decrypted, or NULL if it can.
+#[pg_extern(stable, strict, parallel_safe)]
+fn psap_verify(value: &str) -> Option<String> {
+    gucs::ensure_preloaded();
+    let mut plain = Vec::new();
+    let result = cipher::decrypt(
+        &gucs::keyring(),
+        value.as_bytes(),
+        &mut Vec::new(),
+        &mut plain,
+    );
+    psap_core::sodium::memzero(&mut plain);
+    result.err().map(|e| e.to_string())
+}
+
+/// Checks that a column can be registered: it exists, is text, and the caller can read and update it.
+#[pg_extern(stable)]
+fn _psap_check_column(tbl: PgRelation, col: &str) {
+    gucs::ensure_preloaded();
+    target::resolve(&tbl, col, Access::Rotate);
+}
+
+/// Rows per envelope version of a column, plus NULLs and values that are not envelopes.
+/// `v1:` never counts as `v10:`. Reads only the first characters of each value.
+#[pg_extern(stable)]
+fn psap_census(
+    tbl: PgRelation,
+    col: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(state, String),
+        name!(version, Option<String>),
+        name!(rows, i64),
+        name!(key_configured, Option<bool>),
+    ),
+> {
+    gucs::ensure_preloaded();
+    let t = target::resolve(&tbl, col, Access::Read);
+    let sql = format!(
+        "SELECT CASE WHEN {col} IS NULL THEN 'null'
+                     WHEN v IS NULL THEN 'not encrypted' ELSE 'encrypted' END, v, count(*)
+           FROM {rel}, LATERAL (SELECT {ext}._psap_envelope_version(pg_catalog.substr({col}, 1, 4)) AS v) ver
+          GROUP BY 1, 2 ORDER BY 1, pg_catalog.length(v), v",
+        col = t.column,
+        rel = t.relation,
+        ext = t.ext
+    );
+    let rows: Vec<(String, Option<String>, i64)> = Spi::connect(|client| {
+        client
+            .select(&sql, None, &[])?
+            .map(|r| {
+                Ok((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?,
+                    r.get::<i64>(3)?.unwrap_or(0),
+                ))
+            })
+            .collect::<Result<_, pgrx::spi::Error>>()
+    })
+    .unwrap_or_else(|e| {
+        raise(
+            ERRCODE_INTERNAL_ERROR,
+            format!("census failed: {e}"),
+            None,
+            None,
+        )
+    });
+    let ring = gucs::keyring();
+    let out: Vec<_> = rows
+        .into_iter()
+        .map(|(state, v, n)| {
+            let configured = v
+                .as_deref()
+                .and_then(Version::parse)
+                .map(|v| ring.key(v).is_ok());
+            (state, v, n, configured)
+        })
+        .collect();
+    TableIterator::new(out)
+}

@@ -1,0 +1,215 @@
+"""Operating rotations: the registry of encrypted columns, psap_rotate_all, psap_status, the
+audit trail, plaintext migration with psap_encrypt_column, least-privilege roles, and pg_cron."""
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import KEY1, KEY2, KEY3, Cluster, sqlstate_of
+
+
+def setup_tables(c):
+    c.execute("CREATE TABLE incidents (id int PRIMARY KEY, title text)")
+    c.execute("CREATE TABLE incident_communications (id int PRIMARY KEY, body text)")
+    c.execute("CREATE TABLE cfs_incidents (id int PRIMARY KEY, raw_xml text)")
+    c.execute("INSERT INTO incidents SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 1200) g")
+    c.execute("INSERT INTO incident_communications SELECT g, psap_encrypt('Message ' || g) FROM generate_series(1, 347) g")
+    c.execute("INSERT INTO cfs_incidents SELECT g, psap_encrypt('<cad>' || repeat('x', 20000) || g || '</cad>') FROM generate_series(1, 30) g")
+    for t, col in (("incidents", "title"), ("incident_communications", "body"), ("cfs_incidents", "raw_xml")):
+        assert c.execute("SELECT psap_register_column(%s, %s)", (t, col)).fetchone()[0] is True
+
+
+def status(c):
+    return {(str(r), col, v): n for r, col, s, v, n, _, _ in c.execute("SELECT * FROM psap_status()") if s == "encrypted"}
+
+
+def test_rotate_all_status_and_audit(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        setup_tables(c)
+        assert c.execute("SELECT psap_register_column('incidents', 'title')").fetchone()[0] is False  # already
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    notices = []
+    with cluster.connect(dbname=db) as c:
+        c.add_notice_handler(lambda d: notices.append(d.message_primary))
+        c.execute("CALL psap_rotate_all(500, max_batches => 2)")
+        # One budget for the whole call: columns in name order, two batches in all.
+        assert notices[-1] == "rotation paused after 2 of 3 columns: 377 rows rotated; call psap_rotate_all again to continue"
+        c.execute("CALL psap_rotate_all(500)")
+        assert notices[-1] == "rotation complete: 3 columns, 1200 rows rotated"
+        assert "rotating 347 rows of public.incident_communications.body from v1 to v2 (batch=500)" in notices
+        st = status(c)
+        assert st == {("cfs_incidents", "raw_xml", "v2"): 30, ("incident_communications", "body", "v2"): 347, ("incidents", "title", "v2"): 1200}
+        # No row needs v1 any more: safe to remove it.
+        assert c.execute("SELECT count(*) FROM psap_status() WHERE version = 'v1'").fetchone()[0] == 0
+        audit = c.execute(
+            "SELECT operation, relation, column_name, from_version, to_version, status, rows_done, "
+            "from_fingerprints IS NOT NULL, to_fingerprint, session_role, run_as_role, ended_at IS NOT NULL "
+            "FROM psap_audit WHERE operation = 'rotate' ORDER BY id").fetchall()
+        fp2 = c.execute("SELECT fingerprint FROM psap_keys() WHERE version = 'v2'").fetchone()[0]
+        assert [a[:7] for a in audit if a[6]] == [
+            ("rotate", "public.cfs_incidents", "raw_xml", "v1", "v2", "done", 30),
+            ("rotate", "public.incident_communications", "body", "v1", "v2", "done", 347),
+            ("rotate", "public.incidents", "title", "v1", "v2", "done", 1200),
+        ]
+        assert all(a[7] and a[8] == fp2 and a[9] == "postgres" and a[11] for a in audit if a[6])
+        registry_events = c.execute("SELECT operation, relation, column_name FROM psap_audit WHERE operation LIKE '%register' ORDER BY id").fetchall()
+        assert registry_events == [("register", "public.incidents", "title"), ("register", "public.incident_communications", "body"), ("register", "public.cfs_incidents", "raw_xml")]
+    # A version whose key is gone shows up in psap_status.
+    with cluster.connect(dbname=db) as c:
+        c.execute("SET psap.key_version = 'v1'")
+        c.execute("UPDATE incidents SET title = psap_encrypt('Incident ' || id) WHERE id = 1")
+    cluster.set_keys({"v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        rows = c.execute("SELECT relation::text, version, rows, key_configured FROM psap_status() WHERE NOT key_configured").fetchall()
+        assert rows == [("incidents", "v1", 1, False)]
+
+
+def test_audit_log_is_append_only(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        setup_tables(c)
+        for sql in ["UPDATE psap_audit_log SET status = 'failed'", "DELETE FROM psap_audit_log", "TRUNCATE psap_audit_log"]:
+            state, msg, _, _ = sqlstate_of(c, sql)  # even the superuser who owns it
+            assert (state, msg) == ("42501", "psap_audit_log is append-only"), sql
+
+
+def test_registry_follows_renames_and_drops_and_survives_dump_restore(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        setup_tables(c)
+        c.execute("ALTER TABLE incidents RENAME TO calls")
+        c.execute("ALTER TABLE calls RENAME COLUMN title TO summary")
+        c.execute("ALTER TABLE incident_communications DROP COLUMN body")
+        reg = c.execute("SELECT relid::text, column_name FROM psap_encrypted_columns ORDER BY 1").fetchall()
+        assert reg == [("calls", "summary"), ("cfs_incidents", "raw_xml")]
+        c.execute("DROP TABLE cfs_incidents")
+        assert c.execute("SELECT relid::text, column_name FROM psap_encrypted_columns").fetchall() == [("calls", "summary")]
+        assert c.execute("SELECT psap_unregister_column('calls', 'summary')").fetchone()[0] is True
+        assert c.execute("SELECT psap_register_column('calls', 'summary')").fetchone()[0] is True
+        n_audit = c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0]
+    dump = Path(f"/tmp/psap-dump-{os.getpid()}.pgdump")
+    env = {**os.environ, "PGHOST": str(cluster.dir), "PGPORT": str(cluster.port), "PGUSER": "postgres"}
+    subprocess.run(["pg_dump", "-Fc", "-f", dump, db], check=True, env=env)
+    restored = db + "_r"
+    with cluster.connect() as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{restored}"')
+        c.execute(f'CREATE DATABASE "{restored}"')
+    try:
+        subprocess.run(["pg_restore", "-d", restored, dump], check=True, env=env)
+        with cluster.connect(dbname=restored) as c:
+            assert c.execute("SELECT relid::text, column_name FROM psap_encrypted_columns").fetchall() == [("calls", "summary")]
+            assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == n_audit
+            assert c.execute("SELECT count(*) FROM calls WHERE psap_decrypt(summary) = 'Incident ' || id").fetchone()[0] == 1200
+            # The restored registry still drives a rotation.
+            c.execute("SELECT nextval('psap_audit_log_id_seq')")
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+        with cluster.connect(dbname=restored) as c:
+            c.execute("CALL psap_rotate_all(1000)")
+            assert status(c) == {("calls", "summary", "v2"): 1200}
+    finally:
+        dump.unlink(missing_ok=True)
+        with cluster.connect() as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{restored}" WITH (FORCE)')
+
+
+def test_encrypt_column_migrates_plaintext_with_passthrough_for_views(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        c.execute("INSERT INTO notes SELECT g, 'Call note ' || g FROM generate_series(1, 2000) g")
+        c.execute("INSERT INTO notes VALUES (3001, NULL), (3002, psap_encrypt('already encrypted')), "
+                  "(3003, 'v1:looks like an envelope but is not')")
+        c.execute("CREATE VIEW notes_plain AS SELECT id, psap_decrypt(body) AS body FROM notes")
+        # Without passthrough a view over a half-migrated column fails; with it, it reads.
+        assert sqlstate_of(c, "SELECT max(body) FROM notes_plain")[0] == "22P02"
+        c.execute("SET psap.decrypt_passthrough = on")
+        notices = []
+        c.add_notice_handler(lambda d: notices.append(d.message_primary))
+        c.execute("CALL psap_encrypt_column('notes', 'body', 500, dry_run => true)")
+        assert notices[0] == "dry run: 2000 plaintext rows of public.notes.body would be encrypted with v1 (batch=500)"
+        assert c.execute("SELECT count(*) FROM notes WHERE body LIKE 'Call note%'").fetchone()[0] == 2000
+        c.execute("CALL psap_encrypt_column('notes', 'body', 500, max_batches => 2)")
+        assert c.execute("SELECT count(*) FROM notes_plain WHERE id <= 2000 AND body LIKE 'Call note%'").fetchone()[0] == 2000
+        c.execute("CALL psap_encrypt_column('notes', 'body', 500)")
+        assert "encrypting 1000 plaintext rows of public.notes.body with v1 (batch=500)" in notices
+        c.execute("RESET psap.decrypt_passthrough")
+        census = {(s, v): n for s, v, n, _ in c.execute("SELECT * FROM psap_census('notes', 'body')")}
+        assert census == {("encrypted", "v1"): 2002, ("null", None): 1}
+        assert c.execute("SELECT count(*) FROM notes_plain WHERE id <= 2000 AND body = 'Call note ' || id").fetchone()[0] == 2000
+        # The envelope-looking plaintext was left alone and is reported, not encrypted twice.
+        assert c.execute("SELECT psap_verify(body) FROM notes WHERE id = 3003").fetchone()[0].startswith("malformed")
+        ops = c.execute("SELECT operation, status, rows_done FROM psap_audit WHERE operation LIKE 'encrypt%' ORDER BY id").fetchall()
+        assert ops == [("encrypt dry run", "done", 0), ("encrypt", "stopped", 1000), ("encrypt", "done", 1000)]
+
+
+def test_least_privilege_roles(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        setup_tables(c)
+        c.execute("DROP ROLE IF EXISTS app, operator, auditor")
+        c.execute("CREATE ROLE app LOGIN; CREATE ROLE operator LOGIN; CREATE ROLE auditor LOGIN")
+        # The application: reads through a view, writes with psap_encrypt.
+        c.execute("CREATE VIEW incidents_plain AS SELECT id, psap_decrypt(title) AS title FROM incidents")
+        c.execute("GRANT SELECT, INSERT ON incidents TO app; GRANT SELECT ON incidents_plain TO app")
+        c.execute("GRANT EXECUTE ON FUNCTION psap_encrypt(text), psap_decrypt(text) TO app")
+        # The operator: rotates, never decrypts.
+        c.execute("SELECT psap_grant_operator('operator')")
+        c.execute("GRANT SELECT, UPDATE ON incidents, incident_communications, cfs_incidents TO operator")
+        # The auditor: reads the audit trail only.
+        c.execute("GRANT SELECT ON psap_audit TO auditor")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    try:
+        with cluster.connect(user="app", dbname=db) as c:
+            assert c.execute("SELECT title FROM incidents_plain WHERE id = 5").fetchone()[0] == "Incident 5"
+            c.execute("INSERT INTO incidents VALUES (5000, psap_encrypt('from the app'))")
+            for sql in ["CALL psap_rotate('incidents', 'title')", "CALL psap_rotate_all()", "SELECT * FROM psap_keys()",
+                        "SELECT * FROM psap_audit", "SELECT current_setting('psap.key_v1')", "SELECT psap_register_column('incidents', 'title')"]:
+                assert sqlstate_of(c, sql)[0] == "42501", sql
+        with cluster.connect(user="operator", dbname=db) as c:
+            c.execute("CALL psap_rotate_all(400)")
+            assert c.execute("SELECT count(*) FROM psap_status() WHERE version = 'v1'").fetchone()[0] == 0
+            assert c.execute("SELECT count(*) FROM psap_keys()").fetchone()[0] == 2
+            for sql in ["SELECT psap_decrypt(title) FROM incidents LIMIT 1", "SELECT psap_encrypt('x')",
+                        "DELETE FROM psap_audit_log", "SELECT current_setting('psap.key_v2')"]:
+                assert sqlstate_of(c, sql)[0] == "42501", sql
+        with cluster.connect(user="auditor", dbname=db) as c:
+            assert c.execute("SELECT count(*) FROM psap_audit WHERE operation = 'rotate' AND run_as_role = 'operator'").fetchone()[0] == 3
+            assert sqlstate_of(c, "SELECT * FROM psap_audit_log")[0] == "42501"
+            assert sqlstate_of(c, "CALL psap_rotate_all()")[0] == "42501"
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP OWNED BY app, operator, auditor; DROP ROLE app, operator, auditor")
+
+
+@pytest.mark.slow
+def test_pg_cron_job_rotates_in_slices(tmp_path):
+    """A real pg_cron job (Debian's postgresql-15-cron 1.4: minute schedules) makes progress on
+    every run and ends in a fully rotated table."""
+    d = Path("/tmp") / f"psap-cron-{os.getpid()}"
+    c = Cluster(d, 5495, ["shared_preload_libraries = 'psap_encrypt, pg_cron'", "cron.database_name = 'postgres'",
+                          f"cron.host = '{d}'", "cron.log_run = on"])
+    c.destroy()
+    c.start()
+    try:
+        c.set_keys({"v1": KEY1}, "v1")
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION psap_encrypt; CREATE EXTENSION pg_cron")
+            conn.execute("CREATE TABLE incidents (id int PRIMARY KEY, title text)")
+            conn.execute("INSERT INTO incidents SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 500) g")
+            conn.execute("SELECT psap_register_column('incidents', 'title')")
+        c.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+        with c.connect() as conn:
+            conn.execute("SELECT cron.schedule('psap-rotate', '* * * * *', $$CALL psap_rotate_all(100, max_batches => 3)$$)")
+            deadline = time.time() + 200
+            while time.time() < deadline:
+                left = conn.execute("SELECT count(*) FROM psap_census('incidents', 'title') WHERE version = 'v1'").fetchone()[0]
+                if left == 0:
+                    break
+                time.sleep(5)
+            runs = conn.execute("SELECT status, return_message FROM cron.job_run_details ORDER BY runid").fetchall()
+            assert runs and all(s == "succeeded" for s, _ in runs), runs
+            assert conn.execute("SELECT rows FROM psap_census('incidents', 'title')").fetchall() == [(500,)]
+            audit = conn.execute("SELECT status, rows_done FROM psap_audit WHERE operation = 'rotate' ORDER BY id").fetchall()
+            assert audit[0] == ("stopped", 300) and audit[-1][0] == "done" and sum(n for _, n in audit) == 500
+            assert conn.execute("SELECT count(*) FROM incidents WHERE psap_decrypt(title) <> 'Incident ' || id").fetchone()[0] == 0
+    finally:
+        c.destroy()
