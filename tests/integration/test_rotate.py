@@ -418,7 +418,7 @@ def test_standby_refuses_and_decrypts(cluster, db):
     subprocess_run(["rm", "-rf", str(standby_dir)])
     from conftest import BIN, as_postgres
 
-    as_postgres(BIN / "pg_basebackup", "-h", cluster.dir, "-p", cluster.port, "-U", "postgres", "-D", standby_dir, "-R", "-X", "stream")
+    as_postgres(BIN / "pg_basebackup", "-h", cluster.dir, "-p", cluster.port, "-U", "postgres", "-D", standby_dir, "-R", "-X", "stream", "-c", "fast")
     with open("/tmp/psap-standby.conf", "w") as f:
         f.write(f"port = 5493\nunix_socket_directories = '{standby_dir}'\n")
     as_postgres("sh", "-c", f"cat /tmp/psap-standby.conf >> {standby_dir}/postgresql.conf")

@@ -39,7 +39,9 @@ fn main() {
     let Slot::Key(key) = ring.slot(v1) else {
         unreachable!()
     };
-    let title = b"Structure fire reported at 1200 block of Main St, two units dispatched";
+    // 80 bytes: the middle of the benchmark's 40-120 character titles.
+    let title = b"Structure fire reported at 1200 block of Main St, units 12 and 14 dispatched: ok";
+    assert_eq!(title.len(), 80);
     let nonce = [7u8; NONCE_BYTES];
     let mut sealed = Vec::new();
     sodium::seal(key, &nonce, title, &mut sealed);
@@ -47,6 +49,15 @@ fn main() {
     envelope::encode(v1, &sealed, &mut env);
 
     let mut out = Vec::with_capacity(256);
+    let mut scratch = Vec::new();
+    if std::env::args().nth(2).as_deref() == Some("profile") {
+        // For callgrind: the decrypt path alone, `iters` times.
+        for _ in 0..iters {
+            out.clear();
+            decrypt(&ring, black_box(&env), &mut scratch, &mut out).unwrap();
+        }
+        return;
+    }
     let open = time_ns(iters, || {
         out.clear();
         assert!(sodium::open(key, black_box(&sealed), &mut out));
@@ -61,7 +72,6 @@ fn main() {
     let pooled_nonce = time_ns(iters, || {
         black_box(nonces.next(1));
     });
-    let mut scratch = Vec::new();
     let b64 = time_ns(iters, || {
         envelope::decode_body(black_box(&env[3..]), &mut scratch).unwrap()
     });

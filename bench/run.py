@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""psap_encrypt benchmarks: every method side by side, in one run, on the same data and server.
+
+    scripts/bench.sh           # 100k and 1M rows (about 10 minutes)
+    scripts/bench.sh --quick   # 20k rows (about a minute)
+
+Writes bench/results.json, bench/rotate_rows_per_s.png and BENCHMARKS.md. The machine is shared
+and noisy: read the ratios, which compare methods measured minutes apart in the same run.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+from conftest import KEY1, KEY2, Cluster  # noqa: E402
+
+SETTINGS = ["shared_buffers = '2GB'", "max_wal_size = '20GB'", "checkpoint_timeout = '1h'", "autovacuum = off",
+            "work_mem = '64MB'"]
+BATCH = 500
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def timed(conn, sql, params=None):
+    t = time.perf_counter()
+    conn.execute(sql, params)
+    return time.perf_counter() - t
+
+
+def stats(xs):
+    return {"min": min(xs), "median": statistics.median(xs), "runs": len(xs)}
+
+
+def native():
+    out = subprocess.run(["cargo", "run", "--release", "-q", "-p", "psap_core", "--example", "sodium_bench"],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def callgrind_split():
+    """Instruction shares of the native decrypt path (repeatable, whatever the machine's load)."""
+    exe = ROOT / "target" / "release" / "examples" / "sodium_bench"
+    out_file = Path("/tmp/psap-callgrind.out")
+    subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", str(exe), "20000", "profile"],
+                   check=True, capture_output=True)
+    ann = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(out_file)], check=True, capture_output=True, text=True).stdout
+    out_file.unlink(missing_ok=True)
+    def incl(pattern):
+        for line in ann.splitlines():
+            if re.search(pattern, line):
+                return int(line.split()[0].replace(",", ""))
+        return 0
+    total = incl(r"psap_core::cipher::decrypt")
+    parts = {
+        "crypto_secretbox_open_easy (XSalsa20 + Poly1305)": incl(r"crypto_secretbox_open_easy"),
+        "base64 decode": incl(r"envelope::decode_body"),
+        "prefix parse + key lookup": incl(r"envelope::parse\b") + incl(r"KeyRing::key"),
+    }
+    parts["allocation and the rest"] = max(total - sum(parts.values()), 0)
+    return {"instructions_per_decrypt": total / 20000, "shares": {k: v / total for k, v in parts.items()} if total else {}}
+
+
+def build_data(c, n, xml_rows, pgc_rows):
+    log(f"  building {n} title rows, {xml_rows} CAD XML rows, {pgc_rows} pgcrypto rows")
+    c.execute("DROP TABLE IF EXISTS titles_base, xml_base, pgc")
+    c.execute("SET psap.key_version = 'v1'")
+    c.execute("CREATE TABLE titles_base AS SELECT g::bigint AS id, "
+              "psap_encrypt(left(repeat(md5(g::text), 4), 40 + g % 81)) AS title FROM generate_series(1, %s) g", (n,))
+    c.execute("ALTER TABLE titles_base ADD PRIMARY KEY (id)")
+    c.execute("CREATE TABLE xml_base AS SELECT g AS id, psap_encrypt(left(repeat('<note>caller update ' || g || '</note>', 2000), "
+              "10000 + (g * 7919) % 40000)) AS raw_xml FROM generate_series(1, %s) g", (xml_rows,))
+    c.execute("CREATE TABLE pgc AS SELECT id, pgp_sym_encrypt(psap_decrypt(title), 'bench passphrase') AS t FROM titles_base WHERE id <= %s", (pgc_rows,))
+    c.execute("VACUUM ANALYZE titles_base, xml_base, pgc")
+    c.execute("CHECKPOINT")
+
+
+def bench_read(c, n, xml_rows, pgc_rows, runs):
+    res = {}
+    queries = {
+        "scan": ("SELECT sum(length(title)) FROM titles_base", n),
+        "psap_decrypt": ("SELECT sum(length(psap_decrypt(title))) FROM titles_base", n),
+        "pgcrypto pgp_sym_decrypt": ("SELECT sum(length(pgp_sym_decrypt(t, 'bench passphrase'))) FROM pgc", pgc_rows),
+        "xml scan": ("SELECT sum(length(raw_xml)) FROM xml_base", xml_rows),
+        "xml psap_decrypt": ("SELECT sum(length(psap_decrypt(raw_xml))) FROM xml_base", xml_rows),
+    }
+    for name, (sql, rows) in queries.items():
+        timed(c, sql)  # warm
+        times = [timed(c, sql) for _ in range(runs if "pgcrypto" not in name else 2)]
+        res[name] = {**stats(times), "rows": rows, "us_per_row_min": min(times) / rows * 1e6, "us_per_row_median": statistics.median(times) / rows * 1e6}
+        log(f"  read {name:28s} {res[name]['us_per_row_min']:8.3f} us/row (min of {len(times)})")
+    return res
+
+
+def fresh_table(c):
+    c.execute("DROP TABLE IF EXISTS t")
+    c.execute("CREATE TABLE t AS SELECT * FROM titles_base")
+    c.execute("ALTER TABLE t ADD PRIMARY KEY (id)")
+    c.execute("VACUUM ANALYZE t")
+    c.execute("CHECKPOINT")
+
+
+def backend_pid(c):
+    return c.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+
+class RssSampler(threading.Thread):
+    """Peak private (anonymous) memory of a backend, sampled every 10 ms."""
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                text = Path(f"/proc/{self.pid}/status").read_text()
+                kb = int(re.search(r"RssAnon:\s+(\d+)", text).group(1))
+                self.peak = max(self.peak, kb)
+            except (OSError, AttributeError):
+                pass
+            time.sleep(0.01)
+
+
+def rotate_psap(cluster, db, n, sessions=1, measure_memory=False):
+    conns = [cluster.connect(dbname=db) for _ in range(sessions)]
+    for c in conns:
+        c.execute("SET psap.key_version = 'v2'")
+        c.execute("SET client_min_messages = warning")
+    sampler = RssSampler(backend_pid(conns[0])) if measure_memory else None
+    if sampler:
+        sampler.start()
+    errors = []
+    def go(c):
+        try:
+            c.execute(f"CALL psap_rotate('t', 'title', {BATCH})")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    t = time.perf_counter()
+    threads = [threading.Thread(target=go, args=(c,)) for c in conns]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - t
+    if sampler:
+        sampler.stop.set()
+        sampler.join()
+    for c in conns:
+        c.close()
+    assert not errors, errors
+    return elapsed, (sampler.peak if sampler else None)
+
+
+PLAIN_PROC = """
+CREATE OR REPLACE PROCEDURE bench_plain_rotate(batch int) LANGUAGE plpgsql AS $$
+DECLARE last bigint := 0; hi bigint;
+BEGIN
+    LOOP
+        SELECT max(id) INTO hi FROM (SELECT id FROM t WHERE id > last ORDER BY id LIMIT batch) s;
+        EXIT WHEN hi IS NULL;
+        UPDATE t SET title = 'v2:' || substr(title, 4) WHERE id > last AND id <= hi AND title LIKE 'v1:%';
+        COMMIT;
+        last := hi;
+    END LOOP;
+END $$"""
+
+
+def rotate_plain(c):
+    c.execute(PLAIN_PROC)
+    return timed(c, f"CALL bench_plain_rotate({BATCH})")
+
+
+def rotate_php(cluster, db):
+    dsn = f"host={cluster.dir} port={cluster.port} dbname={db} user=postgres"
+    t = time.perf_counter()
+    subprocess.run(["php", str(ROOT / "bench" / "php_rotate.php"), dsn, "t", str(BATCH), KEY1, KEY2], check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def check_rotated(c, n, prefix="v2:"):
+    got = c.execute(f"SELECT count(*) FROM t WHERE title LIKE '{prefix}%'").fetchone()[0]
+    assert got == n, (got, n)
+
+
+def bench_rotate(cluster, db, n, runs, php):
+    res = {}
+    with cluster.connect(dbname=db) as c:
+        c.execute("SET client_min_messages = warning")
+        methods = ["psap_rotate", "batched UPDATE, no crypto"] + (["PHP client (app's way)"] if php else [])
+        times = {m: [] for m in methods}
+        mem = []
+        for r in range(runs):
+            for m in methods:
+                fresh_table(c)
+                if m == "psap_rotate":
+                    e, peak = rotate_psap(cluster, db, n, measure_memory=True)
+                    mem.append(peak)
+                    with cluster.connect(dbname=db) as v:
+                        assert v.execute("SELECT count(*) FROM t WHERE psap_decrypt(title) IS NULL").fetchone()[0] == 0
+                elif m.startswith("batched"):
+                    e = rotate_plain(c)
+                else:
+                    e = rotate_php(cluster, db)
+                check_rotated(c, n)
+                times[m].append(e)
+                log(f"  rotate {n} rows, {m:28s} {n / e:10.0f} rows/s")
+        for m in methods:
+            res[m] = {**stats(times[m]), "rows": n, "rows_per_s_best": n / min(times[m]), "rows_per_s_median": n / statistics.median(times[m])}
+        fresh_table(c)
+        two = []
+        for r in range(max(1, runs - 1)):
+            fresh_table(c)
+            e, _ = rotate_psap(cluster, db, n, sessions=2)
+            check_rotated(c, n)
+            two.append(e)
+            log(f"  rotate {n} rows, psap_rotate x2 sessions        {n / e:10.0f} rows/s")
+        res["psap_rotate, 2 sessions"] = {**stats(two), "rows": n, "rows_per_s_best": n / min(two), "rows_per_s_median": n / statistics.median(two)}
+        res["backend_peak_rss_anon_kb"] = max(mem)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    sizes = [20_000] if args.quick else [100_000, 1_000_000]
+    xml_rows, pgc_rows = (300, 2000) if args.quick else (2000, 5000)
+    runs = 2 if args.quick else 3
+    cluster = Cluster(Path("/tmp/psap-bench"), 5497, SETTINGS)
+    cluster.destroy()
+    cluster.start()
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+    db = "bench"
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")},
+               "settings": SETTINGS + ["fsync = off", f"batch = {BATCH}"], "sizes": {}}
+    try:
+        with cluster.connect() as c:
+            c.execute(f"CREATE DATABASE {db}")
+            results["postgres"] = c.execute("SHOW server_version").fetchone()[0]
+        with cluster.connect(dbname=db) as c:
+            c.execute("CREATE EXTENSION psap_encrypt; CREATE EXTENSION pgcrypto")
+        log("native libsodium")
+        results["native"] = native()
+        log(f"  {results['native']}")
+        for i, n in enumerate(sizes):
+            log(f"size {n}")
+            with cluster.connect(dbname=db) as c:
+                build_data(c, n, xml_rows, pgc_rows)
+                read = bench_read(c, n, xml_rows, pgc_rows, runs + 2) if i == 0 else None
+            rot = bench_rotate(cluster, db, n, runs if i == 0 else max(1, runs - 1), php=(i == 0))
+            results["sizes"][str(n)] = {"read": read, "rotate": rot}
+        log("callgrind")
+        results["callgrind"] = callgrind_split()
+    finally:
+        cluster.destroy()
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
+    from report import write_report
+    write_report(results, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
