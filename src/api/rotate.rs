@@ -35,6 +35,8 @@ static FAILURES: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     static RUN: RefCell<Option<Run>> = const { RefCell::new(None) };
+    /// A run refused at its start, raised by its first step (after its audit record committed).
+    static REFUSAL: RefCell<Option<(i64, Refusal)>> = const { RefCell::new(None) };
 }
 
 /// What a run does to each row.
@@ -166,6 +168,7 @@ fn _psap_rotate_begin(
 ) -> i64 {
     gucs::ensure_preloaded();
     RUN.with(|r| r.borrow_mut().take());
+    REFUSAL.with(|r| r.borrow_mut().take());
     let name = if mode == "encrypt" {
         "psap_encrypt_column"
     } else {
@@ -267,21 +270,21 @@ fn _psap_rotate_begin(
     let verify = matches!(mode, Mode::Rotate { .. }) && !skip_undecryptable && !dry_run;
     let (counts, undecryptable) = count_by_version(&target, mode, to, verify);
     let total: i64 = counts.iter().map(|(_, n)| n).sum();
+    let mut refusal = None;
     if verify {
-        refuse_missing_keys(&target, &counts);
-        if undecryptable > 0 {
+        refusal = missing_key(&target, &counts);
+        if refusal.is_none() && undecryptable > 0 {
             let needs = needs_sql(&target, mode, to);
-            for (i, leaf) in target.leaves.iter().enumerate() {
-                if let Some(row) = undecryptable_rows(&target, i, &needs).into_iter().next() {
-                    refuse_undecryptable(
-                        &target,
-                        leaf,
-                        &row,
-                        undecryptable as usize,
-                        "Nothing was changed.",
-                    );
-                }
-            }
+            refusal = target.leaves.iter().enumerate().find_map(|(i, leaf)| {
+                let row = undecryptable_rows(&target, i, &needs).into_iter().next()?;
+                Some(undecryptable_refusal(
+                    &target,
+                    leaf,
+                    &row,
+                    undecryptable as usize,
+                    "Nothing was changed.",
+                ))
+            });
         }
     }
     let (verb, _) = mode.verb();
@@ -345,6 +348,23 @@ fn _psap_rotate_begin(
         step_blocks: 1,
         pass_done: 0,
     };
+    if let Some(r) = refusal {
+        // Recorded as a failed run (committed by the procedure before the error is raised from
+        // the first step): the audit trail shows refused attempts too.
+        let counts = Counts {
+            failed: r.rows,
+            ..Counts::default()
+        };
+        audit::end(
+            &run.target.ext,
+            id,
+            "failed",
+            counts,
+            Some(format!("{}: {}", sqlstate(r.code), r.message)),
+        );
+        REFUSAL.with(|p| *p.borrow_mut() = Some((id, r)));
+        return id;
+    }
     let what = run.what();
     let from_to = match &from_label {
         Some(from) => format!("from {from} to {to}"),
@@ -422,27 +442,40 @@ fn capitalize(s: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Raises the error for the first version that has rows but no usable key.
-fn refuse_missing_keys(t: &Target, counts: &[(String, i64)]) {
-    let ring = gucs::keyring();
-    for (v, n) in counts {
-        let Some(version) = Version::parse(v) else {
-            continue;
-        };
-        if let Err(e) = ring.key(version) {
-            drop(ring);
-            let (code, msg, _, hint) = error::describe(&e);
-            raise(
-                code,
-                msg,
-                Some(format!(
-                    "{n} rows of {}.{} hold {v} ciphertext. Nothing was changed.",
-                    t.relation, t.column_name
-                )),
-                hint,
-            );
-        }
+/// A reason to stop before or during a run, with what the audit record says about it.
+struct Refusal {
+    code: PgSqlErrorCode,
+    message: String,
+    detail: Option<String>,
+    hint: Option<String>,
+    /// Rows that cannot be decrypted (the audit log's rows_failed).
+    rows: i64,
+}
+
+impl Refusal {
+    fn raise(self) -> ! {
+        raise(self.code, self.message, self.detail, self.hint)
     }
+}
+
+/// The refusal for the first version that has rows but no usable key.
+fn missing_key(t: &Target, counts: &[(String, i64)]) -> Option<Refusal> {
+    let ring = gucs::keyring();
+    counts.iter().find_map(|(v, n)| {
+        let e = ring.key(Version::parse(v)?).err()?;
+        let (code, message, _, hint) = error::describe(&e);
+        let detail = Some(format!(
+            "{n} rows of {}.{} hold {v} ciphertext. Nothing was changed.",
+            t.relation, t.column_name
+        ));
+        Some(Refusal {
+            code,
+            message,
+            detail,
+            hint,
+            rows: *n,
+        })
+    })
 }
 
 /// Rows to do per version (one group, "plaintext", when encrypting) and, when `verify`, how many
@@ -571,6 +604,12 @@ fn dry_run_verify(run: &Run) {
 /// One batch. Returns whether the procedure should commit and call again.
 #[pg_extern(volatile)]
 fn _psap_rotate_step(run_id: i64) -> bool {
+    if let Some((_, r)) = REFUSAL
+        .with(|p| p.borrow_mut().take())
+        .filter(|(id, _)| *id == run_id)
+    {
+        r.raise();
+    }
     RUN.with(|cell| {
         let mut guard = cell.borrow_mut();
         let Some(run) = guard.as_mut().filter(|r| r.id == run_id) else {
@@ -782,13 +821,15 @@ fn handle_failures(run: &mut Run, lo: u32, hi: Option<u32>) {
     let leaf = &t.leaves[run.leaf];
     if !run.skip_undecryptable {
         let row = bad.first().cloned().unwrap_or_default();
-        refuse_undecryptable(
+        let r = undecryptable_refusal(
             t,
             leaf,
             &row,
             bad.len().max(1),
             "The batch was rolled back and no row of it was changed.",
         );
+        run.counts.failed = r.rows;
+        r.raise();
     }
     for (ctid, err, ident) in bad {
         warning(
@@ -835,20 +876,21 @@ fn row_name(ctid: &str, ident: &str) -> String {
     }
 }
 
-fn refuse_undecryptable(
+fn undecryptable_refusal(
     t: &Target,
     leaf: &Leaf,
     row: &(String, String, String),
     count: usize,
     outcome: &str,
-) -> ! {
+) -> Refusal {
     let (ctid, err, ident) = row;
-    raise(
-        ERRCODE_DATA_EXCEPTION,
-        format!("cannot decrypt row {} of {}", row_name(ctid, ident), leaf.relation),
-        Some(format!("Column \"{}\": {err}. Undecryptable rows found: {count}. {outcome}", t.column_name)),
-        Some("Fix or remove those values, configure the missing key, or call psap_rotate with skip_undecryptable => true to skip and list them.".into()),
-    )
+    Refusal {
+        code: ERRCODE_DATA_EXCEPTION,
+        message: format!("cannot decrypt row {} of {}", row_name(ctid, ident), leaf.relation),
+        detail: Some(format!("Column \"{}\": {err}. Undecryptable rows found: {count}. {outcome}", t.column_name)),
+        hint: Some("Fix or remove those values, configure the missing key, or call psap_rotate with skip_undecryptable => true to skip and list them.".into()),
+        rows: count as i64,
+    }
 }
 
 /// SQL that prints a row's primary key as `(id)=(42)`, or an empty string without one.
@@ -928,6 +970,14 @@ fn _psap_rotate_fail(run_id: i64, sqlstate: &str, message: &str) {
         counts,
         Some(format!("{sqlstate}: {message}")),
     );
+}
+
+/// The five characters of a SQLSTATE (PostgreSQL's unpack of MAKE_SQLSTATE).
+fn sqlstate(code: PgSqlErrorCode) -> String {
+    let n = code as i32;
+    (0..5)
+        .map(|i| char::from(b'0' + ((n >> (6 * i)) & 0x3f) as u8))
+        .collect()
 }
 
 /// Raises an error with the given SQLSTATE, message, detail and hint (used to re-raise an error

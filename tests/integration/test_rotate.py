@@ -112,6 +112,8 @@ def test_undecryptable_row_stops_before_any_write_or_is_skipped(cluster, db):
         state, msg, detail, hint = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 100)")
         assert state == "22000" and msg.startswith("cannot decrypt row (id)=(500)") and "Nothing was changed" in detail
         assert census(c) == {("encrypted", "v1"): 1000}
+        failed = c.execute("SELECT status, rows_done, rows_failed FROM psap_audit WHERE operation = 'rotate'").fetchall()
+        assert failed == [("failed", 0, 1)]
         notices = []
         c.add_notice_handler(lambda d: notices.append(d.message_primary))
         c.execute("CALL psap_rotate('incidents', 'title', 100, skip_undecryptable => true)")
@@ -157,7 +159,10 @@ def test_refusals(cluster, db):
     with cluster.connect(dbname=db) as c:
         state, msg, detail, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title')")
         assert (state, msg) == ("55000", "no key is configured for version v1") and "Nothing was changed" in detail
-        assert c.execute("SELECT count(*) FROM psap_audit_log WHERE operation = 'rotate'").fetchone()[0] == 0
+        # The refused attempt is in the audit trail, and nothing else happened.
+        audit = c.execute("SELECT status, rows_done, rows_failed, error FROM psap_audit WHERE operation = 'rotate'").fetchall()
+        assert audit == [("failed", 0, 10, "55000: no key is configured for version v1")]
+        assert c.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v1:%'").fetchone()[0] == 10
 
 
 def test_privileges(cluster, db):
