@@ -76,10 +76,10 @@ def build_data(c, n, xml_rows, pgc_rows):
     c.execute("DROP TABLE IF EXISTS titles_base, xml_base, pgc")
     c.execute("SET psap.key_version = 'v1'")
     c.execute("CREATE TABLE titles_base AS SELECT g::bigint AS id, "
-              "psap_encrypt(left(repeat(md5(g::text), 4), 40 + g % 81)) AS title FROM generate_series(1, %s) g", (n,))
+              "psap_encrypt(left(repeat(md5(g::text), 4), 40 + g %% 81)) AS title FROM generate_series(1, %s) g", (n,))
     c.execute("ALTER TABLE titles_base ADD PRIMARY KEY (id)")
     c.execute("CREATE TABLE xml_base AS SELECT g AS id, psap_encrypt(left(repeat('<note>caller update ' || g || '</note>', 2000), "
-              "10000 + (g * 7919) % 40000)) AS raw_xml FROM generate_series(1, %s) g", (xml_rows,))
+              "10000 + (g * 7919) %% 40000)) AS raw_xml FROM generate_series(1, %s) g", (xml_rows,))
     c.execute("CREATE TABLE pgc AS SELECT id, pgp_sym_encrypt(psap_decrypt(title), 'bench passphrase') AS t FROM titles_base WHERE id <= %s", (pgc_rows,))
     c.execute("VACUUM ANALYZE titles_base, xml_base, pgc")
     c.execute("CHECKPOINT")
