@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from conftest import KEY1, KEY2, Cluster  # noqa: E402
 
-SETTINGS = ["shared_buffers = '2GB'", "max_wal_size = '20GB'", "checkpoint_timeout = '1h'", "autovacuum = off",
-            "work_mem = '64MB'"]
+# Production durability (the test clusters run with fsync off): every batch's COMMIT flushes WAL.
+SETTINGS = ["fsync = on", "shared_buffers = '2GB'", "max_wal_size = '20GB'", "checkpoint_timeout = '1h'",
+            "autovacuum = off", "work_mem = '64MB'"]
 BATCH = 500
 
 
@@ -243,7 +244,7 @@ def main():
     db = "bench"
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")},
-               "settings": SETTINGS + ["fsync = off", f"batch = {BATCH}"], "sizes": {}}
+               "settings": SETTINGS + ["synchronous_commit = on", f"batch = {BATCH}"], "sizes": {}}
     try:
         with cluster.connect() as c:
             c.execute(f"CREATE DATABASE {db}")

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
 use pgrx::PgRelation;
 use pgrx::PgSqlErrorCode::{self, *};
 use psap_core::{cipher, Version};
@@ -76,7 +77,12 @@ struct Run {
     leaf: usize,
     block: u32,
     step_blocks: u32,
+    /// The leaf's size in blocks when its walk started; the last range is open-ended, so rows
+    /// appended since are walked too.
+    leaf_blocks: u64,
     pass_done: i64,
+    /// The batch statement of the current leaf, planned once per leaf (kept across commits).
+    batch_plan: Option<OwnedPreparedStatement>,
 }
 
 impl Run {
@@ -346,7 +352,9 @@ fn _psap_rotate_begin(
         leaf: 0,
         block: 0,
         step_blocks: 1,
+        leaf_blocks: 0,
         pass_done: 0,
+        batch_plan: None,
     };
     if let Some(r) = refusal {
         // Recorded as a failed run (committed by the procedure before the error is raised from
@@ -409,7 +417,7 @@ fn _psap_rotate_begin(
         },
         plan("")
     ));
-    run.step_blocks = blocks_per_batch(&run);
+    start_leaf(&mut run);
     RUN.with(|r| *r.borrow_mut() = Some(run));
     id
 }
@@ -563,15 +571,19 @@ fn leaf_size(leaf: &Leaf, needs: &str) -> (i64, i64) {
     .unwrap_or((0, 0))
 }
 
-/// Heap blocks per range so that a range holds about one batch of rows to do, from the current
-/// leaf's size and count.
-fn blocks_per_batch(run: &Run) -> u32 {
+/// Prepares the walk of the current leaf: its size, and heap blocks per range so that a range
+/// holds about one batch of rows to do.
+fn start_leaf(run: &mut Run) {
+    run.block = 0;
+    run.batch_plan = None;
     let (blocks, rows) = leaf_size(&run.target.leaves[run.leaf], &run.needs_sql());
-    if rows == 0 {
-        return u32::MAX / 2;
-    }
-    let per_block = (rows as f64 / blocks.max(1) as f64).max(1e-6);
-    ((run.batch as f64 / per_block).ceil() as u64).clamp(1, u64::from(u32::MAX / 2)) as u32
+    run.leaf_blocks = blocks.max(0) as u64;
+    run.step_blocks = if rows == 0 {
+        u32::MAX / 2
+    } else {
+        let per_block = (rows as f64 / blocks.max(1) as f64).max(1e-6);
+        ((run.batch as f64 / per_block).ceil() as u64).clamp(1, u64::from(u32::MAX / 2)) as u32
+    };
 }
 
 fn dry_run_verify(run: &Run) {
@@ -663,8 +675,7 @@ fn step(run: &mut Run) -> bool {
             if left > 0 && run.pass_done > 0 {
                 run.pass_done = 0;
                 run.leaf = 0;
-                run.block = 0;
-                run.step_blocks = blocks_per_batch(run);
+                start_leaf(run);
                 continue;
             }
             finish(run, left);
@@ -673,7 +684,7 @@ fn step(run: &mut Run) -> bool {
         let want = run.batch - locked_total;
         let lo = run.block;
         let hi = lo.saturating_add(run.step_blocks);
-        let hi = (u64::from(hi) < leaf_blocks(run)).then_some(hi);
+        let hi = (u64::from(hi) < run.leaf_blocks).then_some(hi);
         FAILURES.store(0, Ordering::Relaxed);
         let (locked, changed, last_block) = run_batch(run, lo, hi, want);
         let failed_here = FAILURES.swap(0, Ordering::Relaxed);
@@ -691,9 +702,8 @@ fn step(run: &mut Run) -> bool {
             run.block = hi;
         } else {
             run.leaf += 1;
-            run.block = 0;
             if run.leaf < run.target.leaves.len() {
-                run.step_blocks = blocks_per_batch(run);
+                start_leaf(run);
             }
         }
     }
@@ -725,12 +735,6 @@ fn limit_reached(run: &Run) -> Option<&'static str> {
     None
 }
 
-fn leaf_blocks(run: &Run) -> u64 {
-    let oid = run.target.leaves[run.leaf].oid.to_u32();
-    let sql = format!("SELECT pg_catalog.pg_relation_size({oid}::pg_catalog.oid) / pg_catalog.current_setting('block_size')::bigint");
-    target::select_one::<i64>(&sql, &[]).unwrap_or(0) as u64
-}
-
 fn range_sql(lo: u32, hi: Option<u32>) -> String {
     let from = format!("ctid OPERATOR(pg_catalog.>=) '({lo},0)'::pg_catalog.tid");
     match hi {
@@ -755,48 +759,70 @@ fn exclusion_sql(run: &Run) -> String {
 
 /// Runs one statement over blocks [lo, hi) (or lo.. to the end) taking at most `limit` rows.
 /// Returns rows locked, rows changed and the highest block a locked row was in.
-fn run_batch(run: &Run, lo: u32, hi: Option<u32>, limit: i64) -> (i64, i64, u32) {
-    let t = &run.target;
-    let transform = match run.mode {
-        Mode::Rotate { .. } => "_psap_try_reencrypt",
-        Mode::Encrypt => "_psap_try_encrypt",
-    };
-    let sql = format!(
-        "WITH locked AS (
-             SELECT ctid AS id, {col} AS val FROM ONLY {rel}
-              WHERE {range} AND {needs}{exclude}
-              LIMIT {limit}
-                FOR NO KEY UPDATE SKIP LOCKED
-         ), fresh AS (
-             SELECT id, {ext}.{transform}(val, {to}) AS val FROM locked
-         ), changed AS (
-             UPDATE ONLY {rel} AS t SET {col} = fresh.val FROM fresh
-              WHERE t.ctid OPERATOR(pg_catalog.=) fresh.id AND fresh.val IS NOT NULL
-             RETURNING 1
-         )
-         SELECT (SELECT count(*) FROM locked),
-                (SELECT count(*) FROM changed),
-                (SELECT max((id::pg_catalog.text::pg_catalog.point)[0])::bigint FROM locked)",
-        col = t.column,
-        rel = t.leaves[run.leaf].relation,
-        ext = t.ext,
-        range = range_sql(lo, hi),
-        needs = run.needs_sql(),
-        exclude = exclusion_sql(run),
-        to = run.to.get(),
-    );
-    spi_rows(&sql, |r| {
-        Ok((
-            r.get::<i64>(1)?.unwrap_or(0),
-            r.get::<i64>(2)?.unwrap_or(0),
-            r.get::<i64>(3)?.unwrap_or(0),
-        ))
+///
+/// The statement locks the rows (skipping those others hold), then updates exactly those row
+/// versions by ctid, computing the new value from the version it holds locked. A value that
+/// cannot be transformed is counted in FAILURES: normally the caller then raises, rolling the
+/// whole batch back; with skip_undecryptable the statement leaves such rows untouched (a
+/// slightly slower form that computes the values before the UPDATE) and the caller lists them.
+fn run_batch(run: &mut Run, lo: u32, hi: Option<u32>, limit: i64) -> (i64, i64, u32) {
+    if run.batch_plan.is_none() {
+        let t = &run.target;
+        let transform = match run.mode {
+            Mode::Rotate { .. } => "_psap_try_reencrypt",
+            Mode::Encrypt => "_psap_try_encrypt",
+        };
+        let (rel, col, ext, to, needs) = (&t.leaves[run.leaf].relation, &t.column, &t.ext, run.to.get(), run.needs_sql());
+        let update = if run.skip_undecryptable {
+            format!(
+                "fresh AS (
+                     SELECT locked.id, {ext}.{transform}(r.{col}, {to}) AS val
+                       FROM locked JOIN ONLY {rel} AS r ON r.ctid OPERATOR(pg_catalog.=) locked.id
+                 ), changed AS (
+                     UPDATE ONLY {rel} AS t SET {col} = fresh.val FROM fresh
+                      WHERE t.ctid OPERATOR(pg_catalog.=) fresh.id AND fresh.val IS NOT NULL
+                     RETURNING 1
+                 )"
+            )
+        } else {
+            format!(
+                "changed AS (
+                     UPDATE ONLY {rel} SET {col} = COALESCE({ext}.{transform}({col}, {to}), {col})
+                      WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM locked)) AND {needs}
+                     RETURNING 1
+                 )"
+            )
+        };
+        let sql = format!(
+            "WITH locked AS MATERIALIZED (
+                 SELECT ctid AS id FROM ONLY {rel}
+                  WHERE ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid
+                    AND ctid OPERATOR(pg_catalog.<) $2::pg_catalog.tid
+                    AND {needs}
+                    AND ctid OPERATOR(pg_catalog.<>) ALL ($4::pg_catalog.tid[])
+                  LIMIT $3
+                    FOR NO KEY UPDATE SKIP LOCKED
+             ), {update}
+             SELECT (SELECT count(*) FROM locked),
+                    (SELECT count(*) FROM changed),
+                    (SELECT max((id::pg_catalog.text::pg_catalog.point)[0])::bigint FROM locked)"
+        );
+        let types = [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::TEXTARRAYOID].map(pgrx::PgOid::from);
+        let plan = Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|p| p.keep()))
+            .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not plan the batch statement: {e}"), None, None));
+        run.batch_plan = Some(plan);
+    }
+    let lo_tid = format!("({lo},0)");
+    let hi_tid = format!("({},0)", hi.unwrap_or(u32::MAX));
+    let skipped: Vec<String> = run.skipped[run.leaf].clone();
+    let plan = run.batch_plan.as_ref().expect("planned above");
+    let row = Spi::connect_mut(|client| {
+        let args = [lo_tid.into(), hi_tid.into(), limit.into(), skipped.into()];
+        let table = client.update(plan, None, &args)?.first();
+        Ok::<_, pgrx::spi::Error>((table.get::<i64>(1)?.unwrap_or(0), table.get::<i64>(2)?.unwrap_or(0), table.get::<i64>(3)?))
     })
-    .into_iter()
-    .next()
-    .map_or((0, 0, lo), |(l, c, b)| {
-        (l, c, u32::try_from(b).unwrap_or(lo))
-    })
+    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("batch statement failed: {e}"), None, None));
+    (row.0, row.1, row.2.and_then(|b| u32::try_from(b).ok()).unwrap_or(lo))
 }
 
 /// Some values of the batch could not be transformed (they were left unchanged). Find them;
