@@ -80,6 +80,10 @@ struct Run {
     /// The leaf's size in blocks when its walk started; the last range is open-ended, so rows
     /// appended since are walked too.
     leaf_blocks: u64,
+    /// The walk of a leaf starts at a block derived from the backend's PID and wraps around, so
+    /// that sessions rotating the same column start in different places and rarely meet.
+    start_block: u32,
+    wrapped: bool,
     pass_done: i64,
     /// The batch statement of the current leaf, planned once per leaf (kept across commits).
     batch_plan: Option<OwnedPreparedStatement>,
@@ -353,6 +357,8 @@ fn _psap_rotate_begin(
         block: 0,
         step_blocks: 1,
         leaf_blocks: 0,
+        start_block: 0,
+        wrapped: false,
         pass_done: 0,
         batch_plan: None,
     };
@@ -574,7 +580,6 @@ fn leaf_size(leaf: &Leaf, needs: &str) -> (i64, i64) {
 /// Prepares the walk of the current leaf: its size, and heap blocks per range so that a range
 /// holds about one batch of rows to do.
 fn start_leaf(run: &mut Run) {
-    run.block = 0;
     run.batch_plan = None;
     let (blocks, rows) = leaf_size(&run.target.leaves[run.leaf], &run.needs_sql());
     run.leaf_blocks = blocks.max(0) as u64;
@@ -584,6 +589,27 @@ fn start_leaf(run: &mut Run) {
         let per_block = (rows as f64 / blocks.max(1) as f64).max(1e-6);
         ((run.batch as f64 / per_block).ceil() as u64).clamp(1, u64::from(u32::MAX / 2)) as u32
     };
+    // SAFETY: MyProcPid is set in every backend.
+    let pid = u64::from(unsafe { pg_sys::MyProcPid }.unsigned_abs());
+    run.start_block = if run.leaf_blocks > 4 * u64::from(run.step_blocks) {
+        (pid.wrapping_mul(2_654_435_761) % run.leaf_blocks) as u32
+    } else {
+        0
+    };
+    run.block = run.start_block;
+    run.wrapped = false;
+}
+
+/// The next block range of the current leaf's walk: `[lo, hi)`, or `[lo, end of table)` when
+/// `hi` is None. None when the walk of the leaf is complete.
+fn next_range(run: &Run) -> Option<(u32, Option<u32>)> {
+    let lo = run.block;
+    let hi = lo.saturating_add(run.step_blocks);
+    if run.wrapped {
+        (lo < run.start_block).then(|| (lo, Some(hi.min(run.start_block))))
+    } else {
+        Some((lo, (u64::from(hi) < run.leaf_blocks).then_some(hi)))
+    }
 }
 
 fn dry_run_verify(run: &Run) {
@@ -682,9 +708,13 @@ fn step(run: &mut Run) -> bool {
             return false;
         }
         let want = run.batch - locked_total;
-        let lo = run.block;
-        let hi = lo.saturating_add(run.step_blocks);
-        let hi = (u64::from(hi) < run.leaf_blocks).then_some(hi);
+        let Some((lo, hi)) = next_range(run) else {
+            run.leaf += 1;
+            if run.leaf < run.target.leaves.len() {
+                start_leaf(run);
+            }
+            continue;
+        };
         FAILURES.store(0, Ordering::Relaxed);
         let (locked, changed, last_block) = run_batch(run, lo, hi, want);
         let failed_here = FAILURES.swap(0, Ordering::Relaxed);
@@ -701,10 +731,9 @@ fn step(run: &mut Run) -> bool {
         } else if let Some(hi) = hi {
             run.block = hi;
         } else {
-            run.leaf += 1;
-            if run.leaf < run.target.leaves.len() {
-                start_leaf(run);
-            }
+            // The end of the table: wrap around to the blocks before the starting point.
+            run.wrapped = true;
+            run.block = 0;
         }
     }
     run.counts.done += done;
@@ -772,7 +801,13 @@ fn run_batch(run: &mut Run, lo: u32, hi: Option<u32>, limit: i64) -> (i64, i64, 
             Mode::Rotate { .. } => "_psap_try_reencrypt",
             Mode::Encrypt => "_psap_try_encrypt",
         };
-        let (rel, col, ext, to, needs) = (&t.leaves[run.leaf].relation, &t.column, &t.ext, run.to.get(), run.needs_sql());
+        let (rel, col, ext, to, needs) = (
+            &t.leaves[run.leaf].relation,
+            &t.column,
+            &t.ext,
+            run.to.get(),
+            run.needs_sql(),
+        );
         let update = if run.skip_undecryptable {
             format!(
                 "fresh AS (
@@ -807,9 +842,23 @@ fn run_batch(run: &mut Run, lo: u32, hi: Option<u32>, limit: i64) -> (i64, i64, 
                     (SELECT count(*) FROM changed),
                     (SELECT max((id::pg_catalog.text::pg_catalog.point)[0])::bigint FROM locked)"
         );
-        let types = [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::TEXTARRAYOID].map(pgrx::PgOid::from);
-        let plan = Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|p| p.keep()))
-            .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("could not plan the batch statement: {e}"), None, None));
+        let types = [
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::INT8OID,
+            pg_sys::TEXTARRAYOID,
+        ]
+        .map(pgrx::PgOid::from);
+        let plan =
+            Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|p| p.keep()))
+                .unwrap_or_else(|e| {
+                    raise(
+                        ERRCODE_INTERNAL_ERROR,
+                        format!("could not plan the batch statement: {e}"),
+                        None,
+                        None,
+                    )
+                });
         run.batch_plan = Some(plan);
     }
     let lo_tid = format!("({lo},0)");
@@ -819,10 +868,25 @@ fn run_batch(run: &mut Run, lo: u32, hi: Option<u32>, limit: i64) -> (i64, i64, 
     let row = Spi::connect_mut(|client| {
         let args = [lo_tid.into(), hi_tid.into(), limit.into(), skipped.into()];
         let table = client.update(plan, None, &args)?.first();
-        Ok::<_, pgrx::spi::Error>((table.get::<i64>(1)?.unwrap_or(0), table.get::<i64>(2)?.unwrap_or(0), table.get::<i64>(3)?))
+        Ok::<_, pgrx::spi::Error>((
+            table.get::<i64>(1)?.unwrap_or(0),
+            table.get::<i64>(2)?.unwrap_or(0),
+            table.get::<i64>(3)?,
+        ))
     })
-    .unwrap_or_else(|e| raise(ERRCODE_INTERNAL_ERROR, format!("batch statement failed: {e}"), None, None));
-    (row.0, row.1, row.2.and_then(|b| u32::try_from(b).ok()).unwrap_or(lo))
+    .unwrap_or_else(|e| {
+        raise(
+            ERRCODE_INTERNAL_ERROR,
+            format!("batch statement failed: {e}"),
+            None,
+            None,
+        )
+    });
+    (
+        row.0,
+        row.1,
+        row.2.and_then(|b| u32::try_from(b).ok()).unwrap_or(lo),
+    )
 }
 
 /// Some values of the batch could not be transformed (they were left unchanged). Find them;
