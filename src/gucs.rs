@@ -247,8 +247,32 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
         _ => KeyChange::Keep,
     };
     match change {
-        KeyChange::Keep => {}
-        KeyChange::Unset => keyring().set(version, Slot::Unset),
+        KeyChange::Keep => {
+            // A parallel worker first resets every setting the leader sends to its default (which
+            // unsets the key it inherited from the postmaster), then applies the leader's stored
+            // value, the mask: take the inherited key back.
+            let mut ring = keyring();
+            if matches!(ring.slot(version), Slot::Unset) {
+                let stashed = std::mem::take(
+                    PENDING
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .slot_mut(version),
+                );
+                ring.set(version, stashed);
+            }
+        }
+        KeyChange::Unset => {
+            let old = std::mem::take(keyring().slot_mut(version));
+            // SAFETY: ParallelWorkerNumber is set before a parallel worker restores its settings.
+            if unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
+                PENDING
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set(version, old);
+            }
+            // Otherwise `old` drops here and the key is wiped.
+        }
         KeyChange::Set => {
             let slot = std::mem::take(
                 &mut *PENDING

@@ -163,3 +163,21 @@ def test_superuser_may_choose_version_per_session(cluster, db):
         assert c.execute("SELECT psap_encrypt('x')").fetchone()[0].startswith("v2:")
         state, msg, detail, _ = sqlstate_of(c, "SET psap.key_version = 'two'")
         assert state == "22023" and msg == 'invalid value for parameter "psap.key_version"'
+
+
+def test_parallel_workers_decrypt(cluster, db):
+    """Parallel workers restore the leader's settings (keys included, as the mask) and must still
+    hold the keys: a parallel scan that decrypts every row."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE t (id int, title text)")
+        c.execute("INSERT INTO t SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 50000) g")
+        c.execute("ANALYZE t")
+        for s in ["parallel_setup_cost = 0", "parallel_tuple_cost = 0", "min_parallel_table_scan_size = 0",
+                  "max_parallel_workers_per_gather = 2", "parallel_leader_participation = off"]:
+            c.execute(f"SET {s}")
+        plan = "\n".join(r[0] for r in c.execute("EXPLAIN SELECT count(*) FROM t WHERE psap_decrypt(title) LIKE 'Incident%'"))
+        assert "Parallel Seq Scan" in plan
+        got = c.execute("SELECT count(*) FROM t WHERE psap_decrypt(title) = 'Incident ' || id").fetchone()[0]
+        assert got == 50000
+        c.execute("SET psap.key_version = 'v2'")
+        assert c.execute("SELECT count(*) FROM t WHERE psap_decrypt(psap_encrypt(title)) = title").fetchone()[0] == 50000
