@@ -116,10 +116,13 @@ def backend_pid(c):
 
 
 class RssSampler(threading.Thread):
-    """Peak private (anonymous) memory of a backend, sampled every 10 ms."""
+    """Private (anonymous) memory of a backend, sampled every 10 ms: the peak over the whole call,
+    and the peak once the first batch has committed (`batches_from` is set by a NOTICE handler)."""
     def __init__(self, pid):
         super().__init__(daemon=True)
-        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.pid, self.peak, self.batch_peak, self.stop = pid, 0, 0, threading.Event()
+        self.batches_from = None
+        self.batch_start = None
 
     def run(self):
         while not self.stop.is_set():
@@ -127,6 +130,10 @@ class RssSampler(threading.Thread):
                 text = Path(f"/proc/{self.pid}/status").read_text()
                 kb = int(re.search(r"RssAnon:\s+(\d+)", text).group(1))
                 self.peak = max(self.peak, kb)
+                if self.batches_from is not None:
+                    if self.batch_start is None:
+                        self.batch_start = kb
+                    self.batch_peak = max(self.batch_peak, kb)
             except (OSError, AttributeError):
                 pass
             time.sleep(0.01)
@@ -136,9 +143,12 @@ def rotate_psap(cluster, db, n, sessions=1, measure_memory=False):
     conns = [cluster.connect(dbname=db) for _ in range(sessions)]
     for c in conns:
         c.execute("SET psap.key_version = 'v2'")
-        c.execute("SET client_min_messages = warning")
     sampler = RssSampler(backend_pid(conns[0])) if measure_memory else None
     if sampler:
+        def on_notice(d, s=sampler):
+            if s.batches_from is None and d.message_primary.startswith("batch 1/"):
+                s.batches_from = time.perf_counter()
+        conns[0].add_notice_handler(on_notice)
         sampler.start()
     errors = []
     def go(c):
@@ -159,7 +169,8 @@ def rotate_psap(cluster, db, n, sessions=1, measure_memory=False):
     for c in conns:
         c.close()
     assert not errors, errors
-    return elapsed, (sampler.peak if sampler else None)
+    growth = sampler.batch_peak - (sampler.batch_start or sampler.batch_peak) if sampler else None
+    return elapsed, ((sampler.peak, growth) if sampler else None)
 
 
 PLAIN_PROC = """
@@ -239,7 +250,8 @@ def bench_rotate(cluster, db, n, runs, php):
             two.append(e)
             log(f"  rotate {n} rows, psap_rotate x2 sessions        {n / e:10.0f} rows/s")
         res["psap_rotate, 2 sessions"] = {**stats(two), "rows": n, "rows_per_s_best": n / min(two), "rows_per_s_median": n / statistics.median(two)}
-        res["backend_peak_rss_anon_kb"] = max(mem)
+        res["backend_peak_rss_anon_kb"] = max(m[0] for m in mem)
+        res["backend_growth_during_batches_kb"] = max(m[1] for m in mem)
     return res
 
 
