@@ -46,11 +46,15 @@ def write_report(r, quick=False):
     added_ns = (read["psap_decrypt"]["us_per_row_min"] - read["scan"]["us_per_row_min"]) * 1000
     open_ratio = added_ns / nat["open_ns"]
     pgc_ratio = read["pgcrypto pgp_sym_decrypt"]["us_per_row_min"] / read["psap_decrypt"]["us_per_row_min"]
-    plain_ratio = rot["psap_rotate"]["rows_per_s_best"] / rot["batched UPDATE, no crypto"]["rows_per_s_best"]
-    plain_ratio_med = rot["psap_rotate"]["rows_per_s_median"] / rot["batched UPDATE, no crypto"]["rows_per_s_median"]
+    # Ratios of medians: one noisy run (in either direction) does not move them.
+    def ratio(a, b, key="rows_per_s_median"):
+        return rot[a][key] / rot[b][key]
+    plain_ratio = ratio("psap_rotate", "batched UPDATE, no crypto")
+    plain_ratio_best = ratio("psap_rotate", "batched UPDATE, no crypto", "rows_per_s_best")
     php = rot.get("PHP client (app's way)")
-    php_ratio = rot["psap_rotate"]["rows_per_s_best"] / php["rows_per_s_best"] if php else None
-    two_ratio = rot["psap_rotate, 2 sessions"]["rows_per_s_best"] / rot["psap_rotate"]["rows_per_s_best"]
+    php_ratio = ratio("psap_rotate", "PHP client (app's way)") if php else None
+    php_ratio_best = ratio("psap_rotate", "PHP client (app's way)", "rows_per_s_best") if php else None
+    two_ratio = ratio("psap_rotate, 2 sessions", "psap_rotate")
     lines = []
     w = lines.append
     w("# Benchmarks")
@@ -64,7 +68,7 @@ def write_report(r, quick=False):
     w(f"- PostgreSQL {r['postgres']}, settings: " + ", ".join(f"`{s}`" for s in r["settings"]))
     w(f"- Data: `v1:` envelopes of 40-120 character titles ({', '.join(f'{int(s):,}' for s in sizes)} rows), "
       f"{read['xml scan']['rows']:,} CAD XML values of 10-50 KB, {read['pgcrypto pgp_sym_decrypt']['rows']:,} titles under pgcrypto")
-    w("- Each timing: min and median of several runs (count in the tables); rows/s from the best run unless marked")
+    w("- Each timing: min and median of several runs (count in the tables). Ratios compare medians (best runs in parentheses)")
     w("")
     w("![rows per second per rotation method](bench/rotate_rows_per_s.png)")
     w("")
@@ -74,13 +78,13 @@ def write_report(r, quick=False):
     w("|---|---|---|---|")
     w(f"| psap_decrypt: time added per row over a plain scan, / libsodium open alone | <= 1.3 | {open_ratio:.2f} ({added_ns:.0f} ns / {nat['open_ns']:.0f} ns) | {ok(open_ratio, 1.3, False)} |")
     w(f"| psap_decrypt scan vs pgcrypto pgp_sym_decrypt, per row | >= 200x faster | {pgc_ratio:.0f}x | {ok(pgc_ratio, 200)} |")
-    w(f"| psap_rotate vs batched UPDATE without crypto, rows/s | >= 0.85 | {plain_ratio:.2f} (median runs: {plain_ratio_med:.2f}) | {ok(plain_ratio, 0.85)} |")
+    w(f"| psap_rotate vs batched UPDATE without crypto, rows/s | >= 0.85 | {plain_ratio:.2f} ({plain_ratio_best:.2f}) | {ok(plain_ratio, 0.85)} |")
     if php_ratio:
-        w(f"| psap_rotate vs the PHP client rotation, rows/s | >= 10x | {php_ratio:.1f}x | {ok(php_ratio, 10)} |")
+        w(f"| psap_rotate vs the PHP client rotation, rows/s | >= 10x | {php_ratio:.1f}x ({php_ratio_best:.1f}x) | {ok(php_ratio, 10)} |")
     if len(sizes) > 1:
         big = r["sizes"][sizes[-1]]["rotate"]
-        per_row_small = 1 / rot["psap_rotate"]["rows_per_s_best"]
-        per_row_big = 1 / big["psap_rotate"]["rows_per_s_best"]
+        per_row_small = 1 / rot["psap_rotate"]["rows_per_s_median"]
+        per_row_big = 1 / big["psap_rotate"]["rows_per_s_median"]
         scale = per_row_big / per_row_small
         w(f"| rotation cost per row at {int(sizes[-1]):,} rows / at {int(sizes[0]):,} | <= 1.2 | {scale:.2f} | {ok(scale, 1.2, False)} |")
         g_small, g_big = rot["backend_growth_during_batches_kb"], big["backend_growth_during_batches_kb"]
@@ -121,12 +125,12 @@ def write_report(r, quick=False):
     w("")
     nolock = rot.get("batched UPDATE + re-encrypt, no locks")
     if nolock:
-        ceil_us = 1e6 / rot["batched UPDATE, no crypto"]["rows_per_s_best"]
-        crypto_us = 1e6 / nolock["rows_per_s_best"]
-        psap_us = 1e6 / rot["psap_rotate"]["rows_per_s_best"]
+        ceil_us = 1e6 / rot["batched UPDATE, no crypto"]["rows_per_s_median"]
+        crypto_us = 1e6 / nolock["rows_per_s_median"]
+        psap_us = 1e6 / rot["psap_rotate"]["rows_per_s_median"]
         w("## Why psap_rotate stays below the no-crypto UPDATE")
         w("")
-        w(f"Per row, in this run: the no-crypto batched UPDATE takes {ceil_us:.2f} us; the same loop re-encrypting")
+        w(f"Per row, in this run (median runs): the no-crypto batched UPDATE takes {ceil_us:.2f} us; the same loop re-encrypting")
         w(f"in the UPDATE (no row locks, no census, no verification, no audit) {crypto_us:.2f} us; psap_rotate {psap_us:.2f} us.")
         w(f"So re-encryption itself costs {crypto_us - ceil_us:.2f} us per row (libsodium open + seal + base64 are about")
         w(f"{nat['core_reencrypt_ns'] / 1000:.2f} us of it), and the rest of psap_rotate's guarantees {psap_us - crypto_us:.2f} us:")
@@ -141,6 +145,20 @@ def write_report(r, quick=False):
         w("leaves room on each page avoids the index insert that dominates every UPDATE here), and")
         w("locking without a separate WAL record, which PostgreSQL does not offer for SKIP LOCKED.")
         w("")
+    floor_us = read["scan"]["us_per_row_min"] + nat["open_ns"] / 1000
+    w("## The other figures that are not reached")
+    w("")
+    w(f"- **pgcrypto, {pgc_ratio:.0f}x instead of 200x.** A decrypting scan cannot be cheaper than the scan plus")
+    w(f"  libsodium's open: {floor_us:.2f} us per row here, which caps the ratio at "
+      f"{read['pgcrypto pgp_sym_decrypt']['us_per_row_min'] / floor_us:.0f}x against this machine's pgcrypto "
+      f"({read['pgcrypto pgp_sym_decrypt']['us_per_row_min']:.0f} us per row). psap_decrypt adds {added_ns - nat['open_ns']:.0f} ns")
+    w("  beyond libsodium per row (base64, the prefix, the key lookup, the text result): the gap is")
+    w("  pgcrypto being faster here than where the target was set, not psap_decrypt's overhead.")
+    w(f"- **Two sessions, {two_ratio:.2f}x instead of 1.6x.** The machine has 2 CPUs, shared by the two backends,")
+    w("  the WAL writer, the checkpointer and the benchmark's client, and one session already keeps one CPU")
+    w("  busy. The sessions start at different blocks (PID-derived) and skip each other's locked rows, so")
+    w("  they do not redo work (the tests check that no row is done twice); more CPUs would raise the figure.")
+    w("")
     w("## Where the time of one psap_decrypt goes")
     w("")
     w(f"libsodium alone, in this run (ns per 80-byte value): open {nat['open_ns']:.0f}, seal {nat['seal_ns']:.0f}, "

@@ -63,7 +63,7 @@ say "Step 6: verify that no v1 is left"
 psql <<'SQL'
 SELECT * FROM psap_census('incidents', 'title');
 SELECT * FROM psap_census('cfs_incidents', 'raw_xml');
-SELECT id, operation, relation, column_name, from_version, to_version, status, rows_rotated, batches
+SELECT id, operation, relation, column_name, from_version, to_version, status, rows_done, batches
   FROM psap_rotation_progress ORDER BY id;
 SQL
 

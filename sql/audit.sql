@@ -59,13 +59,18 @@ CREATE TRIGGER psap_audit_append_only BEFORE UPDATE OR DELETE ON @extschema@.psa
 CREATE TRIGGER psap_audit_no_truncate BEFORE TRUNCATE ON @extschema@.psap_audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._psap_audit_guard();
 
--- Whether the backend that started a run is still the same live session.
+-- Whether the session that started a run is still there and executing a statement. A run that
+-- was cancelled or failed outside the procedure's own error handling leaves an idle session;
+-- a killed backend or a crash leaves none.
 CREATE FUNCTION @extschema@._psap_backend_alive(p_pid integer, p_start timestamptz) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_activity(p_pid) a WHERE a.backend_start = p_start) $$;
+AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_activity(p_pid) a
+                    WHERE a.backend_start = p_start AND a.state = 'active')
+$$;
 
--- The log as a DBA reads it: a run whose backend is gone while its row still says 'running'
--- (killed backend, crash, immediate shutdown) shows as 'interrupted'.
+-- The log as a DBA reads it: a run whose row still says 'running' while its session is gone
+-- (killed backend, crash, immediate shutdown) or no longer executing it shows as 'interrupted'.
 CREATE VIEW @extschema@.psap_audit AS
 SELECT l.id, l.operation, l.relation, l.column_name, l.from_version, l.to_version,
        CASE WHEN l.status = 'running' AND NOT @extschema@._psap_backend_alive(l.pid, l.backend_start)

@@ -2,18 +2,26 @@
 -- superuser grants what each role needs (README, "Roles"). Left to PUBLIC are only pure helpers
 -- that read a value's first characters and the liveness check the audit view calls.
 
+-- Every function and procedure of the extension, with its name.
+CREATE FUNCTION @extschema@._psap_routines(OUT routine regprocedure, OUT name name, OUT returns regtype)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+AS $$
+    SELECT p.oid::pg_catalog.regprocedure, p.proname, p.prorettype::pg_catalog.regtype
+      FROM pg_catalog.pg_proc p
+      JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                 AND d.objid = p.oid AND d.deptype = 'e'
+      JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
+$$;
+
 DO $$
 DECLARE
     f regprocedure;
 BEGIN
     FOR f IN
-        SELECT p.oid::regprocedure
-          FROM pg_catalog.pg_proc p
-          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
-                                     AND d.deptype = 'e'
-          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
-         WHERE p.proname NOT IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
-                                 '_psap_backend_alive')
+        SELECT routine FROM @extschema@._psap_routines()
+         WHERE name NOT IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
+                            '_psap_backend_alive')
     LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
     END LOOP;
@@ -33,14 +41,10 @@ DECLARE
     f regprocedure;
 BEGIN
     FOR f IN
-        SELECT p.oid::regprocedure
-          FROM pg_catalog.pg_proc p
-          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid
-                                     AND d.deptype = 'e'
-          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
-         WHERE p.proname NOT IN ('psap_encrypt', 'psap_decrypt', 'psap_encrypt_bytea', 'psap_decrypt_bytea',
-                                 'psap_grant_operator', '_psap_audit_guard')
-           AND p.prorettype <> 'pg_catalog.event_trigger'::regtype
+        SELECT routine FROM @extschema@._psap_routines()
+         WHERE name NOT IN ('psap_encrypt', 'psap_decrypt', 'psap_encrypt_bytea', 'psap_decrypt_bytea',
+                            'psap_grant_operator', '_psap_audit_guard')
+           AND returns <> 'pg_catalog.event_trigger'::pg_catalog.regtype
     LOOP
         EXECUTE pg_catalog.format('GRANT EXECUTE ON ROUTINE %s TO %s', f, grantee);
     END LOOP;

@@ -110,12 +110,15 @@ pub fn not_preloaded() -> ! {
     )
 }
 
-fn sentence(s: &str) -> String {
+/// `s` as a sentence of a detail or hint: first letter upper case, final period.
+pub fn sentence(s: &str) -> String {
     let mut c = s.chars();
     let mut out: String = c
         .next()
         .map(|f| f.to_uppercase().chain(c).collect())
         .unwrap_or_default();
-    out.push('.');
+    if !out.ends_with('.') {
+        out.push('.');
+    }
     out
 }

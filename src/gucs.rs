@@ -200,7 +200,10 @@ unsafe extern "C-unwind" fn check_key<const N: usize>(
                 REJECTED[N].store(true, Ordering::Relaxed);
                 set_check_message(
                     &format!("invalid value for key setting \"psap.key_v{N}\""),
-                    &format!("{}. The value is not shown.", capitalize(&e.to_string())),
+                    &format!(
+                        "{} The value is not shown.",
+                        error::sentence(&e.to_string())
+                    ),
                 );
                 return false;
             }
@@ -365,13 +368,6 @@ unsafe fn set_check_message(msg: &str, detail: &str) {
 unsafe fn pg_strdup(s: &str) -> *mut c_char {
     let c = CString::new(s.replace('\0', "")).unwrap_or_default();
     pg_sys::pstrdup(c.as_ptr())
-}
-
-fn capitalize(s: &str) -> String {
-    let mut c = s.chars();
-    c.next()
-        .map(|f| f.to_uppercase().chain(c).collect())
-        .unwrap_or_default()
 }
 
 /// Raises a clear error unless the library was loaded through `shared_preload_libraries`.

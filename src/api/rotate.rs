@@ -449,13 +449,6 @@ fn warning(msg: String, detail: String) {
         .report(PgLogLevel::WARNING);
 }
 
-fn capitalize(s: &str) -> String {
-    let mut c = s.chars();
-    c.next()
-        .map(|f| f.to_uppercase().chain(c).collect())
-        .unwrap_or_default()
-}
-
 /// A reason to stop before or during a run, with what the audit record says about it.
 struct Refusal {
     code: PgSqlErrorCode,
@@ -629,7 +622,7 @@ fn dry_run_verify(run: &Run) {
                         row_name(&ctid, &ident),
                         leaf.relation
                     ),
-                    format!("{}.", capitalize(&err)),
+                    error::sentence(&err),
                 );
             }
         }
