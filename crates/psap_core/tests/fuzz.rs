@@ -2,7 +2,8 @@
 //! must end in the right plaintext or an error for every input, never panic, and never accept an
 //! envelope that differs from one the encoder wrote. `corpus.txt` keeps interesting cases
 //! (one per line) as regression inputs; each must be rejected.
-//! (cargo-fuzz needs a nightly toolchain, which this project's machines cannot install.)
+//! (A coverage-guided cargo-fuzz/libFuzzer target is not set up: cargo-fuzz builds with
+//! nightly-only compiler flags by default, and this project pins stable Rust 1.95.)
 
 use psap_core::key::Slot;
 use psap_core::sodium;
