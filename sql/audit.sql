@@ -90,6 +90,19 @@ SELECT id, operation, relation, column_name, from_version, to_version, status, r
   FROM @extschema@.psap_audit
  WHERE operation IN ('rotate', 'rotate dry run', 'encrypt', 'encrypt dry run');
 
+-- The role a record names must be one the session can act as: a caller cannot sign a record
+-- with somebody else's role.
+CREATE FUNCTION @extschema@._psap_check_role(p_role name) RETURNS name
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_role IS NULL OR NOT pg_catalog.pg_has_role(session_user, p_role, 'MEMBER') THEN
+        RAISE EXCEPTION 'role "%" is not a role of this session', p_role USING ERRCODE = '42501';
+    END IF;
+    RETURN p_role;
+END
+$$;
+
 CREATE FUNCTION @extschema@._psap_log_begin(
     p_operation text, p_relation text, p_column name, p_from text, p_to text,
     p_from_fingerprints text, p_fingerprint text, p_batch integer, p_planned bigint, p_role name)
@@ -100,7 +113,7 @@ AS $$
         (operation, relation, column_name, from_version, to_version, from_fingerprints,
          to_fingerprint, batch_size, rows_planned, run_as_role, backend_start)
     SELECT p_operation, p_relation, p_column, p_from, p_to, p_from_fingerprints, p_fingerprint,
-           p_batch, p_planned, p_role,
+           p_batch, p_planned, @extschema@._psap_check_role(p_role),
            (SELECT a.backend_start FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a)
     RETURNING id
 $$;
@@ -138,6 +151,7 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     INSERT INTO @extschema@.psap_audit_log
         (operation, relation, column_name, status, ended_at, run_as_role, backend_start)
-    SELECT p_operation, p_relation, p_column, 'done', pg_catalog.clock_timestamp(), p_role,
+    SELECT p_operation, p_relation, p_column, 'done', pg_catalog.clock_timestamp(),
+           @extschema@._psap_check_role(p_role),
            (SELECT a.backend_start FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a)
 $$;

@@ -21,6 +21,11 @@ AS $$
 DECLARE
     n integer;
 BEGIN
+    -- The same privilege psap_rotate needs: a role cannot register, or take out of the registry,
+    -- a column it could not rotate itself.
+    IF NOT pg_catalog.has_column_privilege(@extschema@._psap_check_role(p_role), p_relid, p_column::text, 'UPDATE') THEN
+        RAISE EXCEPTION 'permission denied for table %', p_relid USING ERRCODE = '42501';
+    END IF;
     IF p_register THEN
         INSERT INTO @extschema@.psap_encrypted_columns (relid, column_name, attnum, registered_by)
         SELECT p_relid, p_column, a.attnum, p_role FROM pg_catalog.pg_attribute a

@@ -2,6 +2,8 @@
 //! sql/audit.sql, called here with the caller's role.
 
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::PgOid;
 use pgrx::PgSqlErrorCode::*;
 
 use crate::error::raise;
@@ -59,11 +61,31 @@ pub fn begin(s: Start) -> i64 {
     })
 }
 
-pub fn progress(ext: &str, id: i64, c: Counts) {
-    write(
-        &format!("SELECT {ext}._psap_log_progress($1, $2, $3, $4)"),
-        &[id.into(), c.done.into(), c.skipped.into(), c.batches.into()],
-    );
+/// Records a batch's progress (in the batch's own transaction). `plan` caches the statement
+/// across the run's batches.
+pub fn progress(ext: &str, plan: &mut Option<OwnedPreparedStatement>, id: i64, c: Counts) {
+    let result = Spi::connect_mut(|client| {
+        if plan.is_none() {
+            let sql = format!("SELECT {ext}._psap_log_progress($1, $2, $3, $4)");
+            *plan = Some(
+                client
+                    .prepare_mut(sql.as_str(), &[PgOid::from(pg_sys::INT8OID); 4])?
+                    .keep(),
+            );
+        }
+        let args = [id.into(), c.done.into(), c.skipped.into(), c.batches.into()];
+        client
+            .update(plan.as_ref().expect("prepared above"), None, &args)
+            .map(|_| ())
+    });
+    result.unwrap_or_else(|e| {
+        raise(
+            ERRCODE_INTERNAL_ERROR,
+            format!("could not write the audit log: {e}"),
+            None,
+            None,
+        )
+    });
 }
 
 pub fn end(ext: &str, id: i64, status: &str, c: Counts, error: Option<String>) {

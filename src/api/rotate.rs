@@ -87,6 +87,8 @@ struct Run {
     pass_done: i64,
     /// The batch statement of the current leaf, planned once per leaf (kept across commits).
     batch_plan: Option<OwnedPreparedStatement>,
+    /// The audit progress update, planned once per run.
+    progress_plan: Option<OwnedPreparedStatement>,
 }
 
 impl Run {
@@ -361,6 +363,7 @@ fn _psap_rotate_begin(
         wrapped: false,
         pass_done: 0,
         batch_plan: None,
+        progress_plan: None,
     };
     if let Some(r) = refusal {
         // Recorded as a failed run (committed by the procedure before the error is raised from
@@ -743,7 +746,7 @@ fn step(run: &mut Run) -> bool {
         msg.push_str(&format!(", skipped {failed} undecryptable"));
     }
     notice(msg);
-    audit::progress(&run.target.ext, run.id, run.counts);
+    audit::progress(&run.target.ext, &mut run.progress_plan, run.id, run.counts);
     true
 }
 

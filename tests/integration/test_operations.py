@@ -156,6 +156,7 @@ def test_least_privilege_roles(cluster, db):
         c.execute("GRANT SELECT, UPDATE ON incidents, incident_communications, cfs_incidents TO operator")
         # The auditor: reads the audit trail only.
         c.execute("GRANT SELECT ON psap_audit TO auditor")
+        c.execute("CREATE TABLE secret_notes (id int, body text)")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     try:
         with cluster.connect(user="app", dbname=db) as c:
@@ -169,7 +170,12 @@ def test_least_privilege_roles(cluster, db):
             assert c.execute("SELECT count(*) FROM psap_status() WHERE version = 'v1'").fetchone()[0] == 0
             assert c.execute("SELECT count(*) FROM psap_keys()").fetchone()[0] == 2
             for sql in ["SELECT psap_decrypt(title) FROM incidents LIMIT 1", "SELECT psap_encrypt('x')",
-                        "DELETE FROM psap_audit_log", "SELECT current_setting('psap.key_v2')"]:
+                        "DELETE FROM psap_audit_log", "SELECT current_setting('psap.key_v2')",
+                        # No audit record signed with another role, no registry change on a table
+                        # the operator could not rotate, even calling the internals directly.
+                        "SELECT _psap_log_event('register', 'x', 'y', 'postgres')",
+                        "SELECT _psap_registry_set(true, 'secret_notes', 'body', 'operator')",
+                        "SELECT psap_register_column('secret_notes', 'body')"]:
                 assert sqlstate_of(c, sql)[0] == "42501", sql
         with cluster.connect(user="auditor", dbname=db) as c:
             assert c.execute("SELECT count(*) FROM psap_audit WHERE operation = 'rotate' AND run_as_role = 'operator'").fetchone()[0] == 3
