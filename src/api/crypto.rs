@@ -20,11 +20,25 @@ pub(crate) fn encrypt_bytes(plaintext: &[u8]) -> Vec<u8> {
 /// Decrypts an envelope under the key its prefix names.
 pub(crate) fn decrypt_bytes(envelope: &[u8]) -> Vec<u8> {
     gucs::ensure_preloaded();
-    let mut plain = Vec::new();
-    let result = cipher::decrypt(&gucs::keyring(), envelope, &mut Vec::new(), &mut plain);
+    let mut plain = Vec::with_capacity(envelope.len());
+    let result = SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let result = cipher::decrypt(&gucs::keyring(), envelope, &mut scratch, &mut plain);
+        // The decoded ciphertext is not secret, but a multi-megabyte one need not stay around.
+        if scratch.capacity() > SCRATCH_KEEP {
+            *scratch = Vec::new();
+        }
+        result
+    });
     result.unwrap_or_else(|e| error::core(e));
     plain
 }
+
+thread_local! {
+    /// Buffer for the decoded ciphertext, reused from one call to the next (one allocation less per row).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+const SCRATCH_KEEP: usize = 64 * 1024;
 
 fn envelope_text(bytes: Vec<u8>) -> String {
     // Envelopes are ASCII by construction (prefix + base64).
