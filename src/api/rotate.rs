@@ -89,6 +89,8 @@ struct Run {
     batch_plan: Option<OwnedPreparedStatement>,
     /// The audit progress update, planned once per run.
     progress_plan: Option<OwnedPreparedStatement>,
+    /// Rows to do per leaf as counted at the start, used (once) to size the first pass's ranges.
+    counted: Vec<Option<i64>>,
 }
 
 impl Run {
@@ -280,7 +282,7 @@ fn _psap_rotate_begin(
     // cannot be decrypted are to be skipped anyway): refuse up front, before any write, if a
     // version has no key or a value cannot be decrypted.
     let verify = matches!(mode, Mode::Rotate { .. }) && !skip_undecryptable && !dry_run;
-    let (counts, undecryptable) = count_by_version(&target, mode, to, verify);
+    let (counts, undecryptable, leaf_rows) = count_by_version(&target, mode, to, verify);
     let total: i64 = counts.iter().map(|(_, n)| n).sum();
     let mut refusal = None;
     if verify {
@@ -364,6 +366,7 @@ fn _psap_rotate_begin(
         pass_done: 0,
         batch_plan: None,
         progress_plan: None,
+        counted: leaf_rows.into_iter().map(Some).collect(),
     };
     if let Some(r) = refusal {
         // Recorded as a failed run (committed by the procedure before the error is raised from
@@ -495,7 +498,7 @@ fn count_by_version(
     mode: Mode,
     to: Version,
     verify: bool,
-) -> (Vec<(String, i64)>, i64) {
+) -> (Vec<(String, i64)>, i64, Vec<i64>) {
     let needs = needs_sql(t, mode, to);
     let bad = if verify {
         format!(
@@ -514,6 +517,7 @@ fn count_by_version(
     };
     let mut totals: Vec<(String, i64)> = Vec::new();
     let mut undecryptable = 0;
+    let mut per_leaf = Vec::with_capacity(t.leaves.len());
     for leaf in &t.leaves {
         let sql = format!(
             "SELECT {version} AS v, count(*), {bad} FROM ONLY {rel} WHERE {needs} GROUP BY 1",
@@ -526,6 +530,7 @@ fn count_by_version(
                 r.get::<i64>(3)?.unwrap_or(0),
             ))
         });
+        per_leaf.push(rows.iter().map(|(_, n, _)| n).sum());
         for (v, n, b) in rows {
             undecryptable += b;
             match totals.iter_mut().find(|(tv, _)| *tv == v) {
@@ -535,7 +540,7 @@ fn count_by_version(
         }
     }
     totals.sort_by_key(|(v, _)| Version::parse(v));
-    (totals, undecryptable)
+    (totals, undecryptable, per_leaf)
 }
 
 fn spi_rows<T>(
@@ -558,26 +563,34 @@ fn spi_rows<T>(
     })
 }
 
-fn leaf_size(leaf: &Leaf, needs: &str) -> (i64, i64) {
+/// Rows of a leaf that still need work.
+fn leaf_rows(leaf: &Leaf, needs: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM ONLY {} WHERE {needs}", leaf.relation);
+    spi_rows(&sql, |r| Ok(r.get::<i64>(1)?.unwrap_or(0)))
+        .into_iter()
+        .next()
+        .unwrap_or(0)
+}
+
+/// A leaf's size in heap blocks.
+fn leaf_blocks(leaf: &Leaf) -> i64 {
     let sql = format!(
-        "SELECT pg_catalog.pg_relation_size({oid}::pg_catalog.oid) / pg_catalog.current_setting('block_size')::bigint,
-                (SELECT count(*) FROM ONLY {rel} WHERE {needs})",
-        oid = leaf.oid.to_u32(),
-        rel = leaf.relation
+        "SELECT pg_catalog.pg_relation_size({}::pg_catalog.oid) / pg_catalog.current_setting('block_size')::bigint",
+        leaf.oid.to_u32()
     );
-    spi_rows(&sql, |r| {
-        Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i64>(2)?.unwrap_or(0)))
-    })
-    .into_iter()
-    .next()
-    .unwrap_or((0, 0))
+    target::select_one::<i64>(&sql, &[]).unwrap_or(0)
 }
 
 /// Prepares the walk of the current leaf: its size, and heap blocks per range so that a range
 /// holds about one batch of rows to do.
 fn start_leaf(run: &mut Run) {
     run.batch_plan = None;
-    let (blocks, rows) = leaf_size(&run.target.leaves[run.leaf], &run.needs_sql());
+    let leaf = &run.target.leaves[run.leaf];
+    let blocks = leaf_blocks(leaf);
+    let rows = match run.counted.get_mut(run.leaf).and_then(Option::take) {
+        Some(n) => n,
+        None => leaf_rows(leaf, &run.needs_sql()),
+    };
     run.leaf_blocks = blocks.max(0) as u64;
     run.step_blocks = if rows == 0 {
         u32::MAX / 2
@@ -1008,7 +1021,7 @@ fn remaining(run: &Run) -> i64 {
         .target
         .leaves
         .iter()
-        .map(|leaf| leaf_size(leaf, &needs).1)
+        .map(|leaf| leaf_rows(leaf, &needs))
         .sum();
     (left - run.skipped_rows()).max(0)
 }
