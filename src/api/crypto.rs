@@ -53,18 +53,90 @@ fn psap_encrypt(plaintext: &str) -> String {
 
 /// Decrypts an envelope, choosing the key from its version prefix. With
 /// `psap.decrypt_passthrough` on, a value without an envelope prefix is returned unchanged.
+///
+/// The plaintext is written straight into the palloc'd text PostgreSQL receives (no
+/// intermediate Rust string): this function runs once per row in application views.
 #[pg_extern(stable, strict, parallel_safe)]
-fn psap_decrypt(ciphertext: &str) -> String {
+fn psap_decrypt(ciphertext: &str) -> PallocText {
     if gucs::decrypt_passthrough()
         && psap_core::envelope::parse_prefix(ciphertext.as_bytes()).is_err()
     {
-        return ciphertext.to_string();
+        return PallocText::copy_of(ciphertext.as_bytes());
     }
-    let plain = decrypt_bytes(ciphertext.as_bytes());
-    if plain.contains(&0) {
+    gucs::ensure_preloaded();
+    let mut result: *mut pg_sys::varlena = std::ptr::null_mut();
+    let outcome = SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let outcome =
+            cipher::decrypt_with(&gucs::keyring(), ciphertext.as_bytes(), &mut scratch, |n| {
+                // SAFETY: a fresh allocation of exactly VARHDRSZ + n bytes (n is less than the
+                // input's length, itself a valid varlena), of which the slice covers the data part.
+                unsafe {
+                    result = pg_sys::palloc(pg_sys::VARHDRSZ + n).cast();
+                    pgrx::set_varsize_4b(result, (pg_sys::VARHDRSZ + n) as i32);
+                    std::slice::from_raw_parts_mut(result.cast::<u8>().add(pg_sys::VARHDRSZ), n)
+                }
+            });
+        if scratch.capacity() > SCRATCH_KEEP {
+            *scratch = Vec::new();
+        }
+        outcome
+    });
+    let text = PallocText(result);
+    if let Err(e) = outcome {
+        text.free();
+        error::core(e);
+    }
+    let plain = text.data();
+    if plain.contains(&0) || std::str::from_utf8(plain).is_err() {
+        text.free();
         error::not_text();
     }
-    String::from_utf8(plain).unwrap_or_else(|_| error::not_text())
+    text
+}
+
+/// A text value built in place (a palloc'd varlena with a 4-byte header), returned as it is.
+pub struct PallocText(*mut pg_sys::varlena);
+
+impl PallocText {
+    fn copy_of(bytes: &[u8]) -> PallocText {
+        PallocText(pgrx::rust_byte_slice_to_bytea(bytes).into_pg())
+    }
+
+    fn data(&self) -> &[u8] {
+        // SAFETY: built by psap_decrypt with a 4-byte header and VARSIZE covering the data.
+        unsafe {
+            let len = pgrx::varsize(self.0) - pg_sys::VARHDRSZ;
+            std::slice::from_raw_parts(self.0.cast::<u8>().add(pg_sys::VARHDRSZ), len)
+        }
+    }
+
+    /// Releases a value that will not be returned (its plaintext, if any, was zeroed or is wiped here).
+    fn free(&self) {
+        if !self.0.is_null() {
+            // SAFETY: palloc'd above, not returned to PostgreSQL.
+            unsafe {
+                let len = pgrx::varsize(self.0);
+                psap_core::sodium::memzero(std::slice::from_raw_parts_mut(
+                    self.0.cast::<u8>(),
+                    len,
+                ));
+                pg_sys::pfree(self.0.cast());
+            }
+        }
+    }
+}
+
+pgrx::impl_sql_translatable!(PallocText, "text");
+
+// SAFETY: the pointer is a valid text datum allocated in the function's memory context.
+unsafe impl pgrx::callconv::BoxRet for PallocText {
+    unsafe fn box_into<'fcx>(
+        self,
+        fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
+    ) -> pgrx::datum::Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(pg_sys::Datum::from(self.0)) }
+    }
 }
 
 /// Encrypts binary data with the current key version.

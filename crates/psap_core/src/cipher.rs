@@ -47,6 +47,26 @@ pub fn decrypt(
     }
 }
 
+/// Decrypts an envelope into a buffer the caller provides: `alloc(n)` is called once with the
+/// plaintext length and returns where to write it (PostgreSQL's palloc'd result, for instance).
+/// `scratch` holds the decoded ciphertext. Returns the envelope's version.
+pub fn decrypt_with<'a>(
+    ring: &KeyRing,
+    input: &[u8],
+    scratch: &mut Vec<u8>,
+    alloc: impl FnOnce(usize) -> &'a mut [u8],
+) -> Result<Version, CoreError> {
+    let env = envelope::parse(input)?;
+    let key = ring.key(env.version)?;
+    envelope::decode_body(env.body, scratch)?;
+    let out = alloc(scratch.len() - sodium::OVERHEAD);
+    if sodium::open_into(key, scratch, out) {
+        Ok(env.version)
+    } else {
+        Err(CoreError::Authentication)
+    }
+}
+
 /// Re-encrypts an envelope under `to`, appending the new envelope to `out`. The plaintext only
 /// ever exists in a buffer that is wiped before this returns.
 pub fn reencrypt(

@@ -81,6 +81,31 @@ pub fn open(key: &Key, sealed: &[u8], out: &mut Vec<u8>) -> bool {
     true
 }
 
+/// Opens `sealed` under `key` into `out`, which must be exactly `sealed.len() - OVERHEAD` bytes.
+/// Returns false on authentication failure or a wrong length; `out` is then zeroed.
+pub fn open_into(key: &Key, sealed: &[u8], out: &mut [u8]) -> bool {
+    if sealed.len() < OVERHEAD || out.len() != sealed.len() - OVERHEAD {
+        return false;
+    }
+    let (nonce, boxed) = sealed.split_at(NONCE_BYTES);
+    // SAFETY: `out` has exactly boxed.len() - TAG_BYTES bytes, what crypto_secretbox_open_easy
+    // writes; `boxed` has at least TAG_BYTES bytes; the nonce slice has NONCE_BYTES.
+    let rc = unsafe {
+        ffi::crypto_secretbox_open_easy(
+            out.as_mut_ptr(),
+            boxed.as_ptr(),
+            boxed.len() as u64,
+            nonce.as_ptr(),
+            key.bytes().as_ptr(),
+        )
+    };
+    if rc != 0 {
+        memzero(out);
+        return false;
+    }
+    true
+}
+
 /// Fills `buf` with bytes from the operating system's CSPRNG.
 pub fn random_bytes(buf: &mut [u8]) {
     // SAFETY: writes exactly buf.len() bytes into buf.

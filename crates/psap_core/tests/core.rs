@@ -285,3 +285,28 @@ fn nonces_are_fresh_and_refilled_after_a_fork() {
     let b = child.next(2);
     assert_ne!(a, b);
 }
+
+#[test]
+fn decrypt_with_writes_into_the_callers_buffer() {
+    let ring = ring();
+    for (plain, env) in FIXTURES {
+        let mut buf = vec![0xAAu8; 64];
+        let mut len = 0;
+        let v = psap_core::cipher::decrypt_with(&ring, env.as_bytes(), &mut Vec::new(), |n| {
+            len = n;
+            &mut buf[..n]
+        })
+        .unwrap();
+        assert_eq!(v, Version::new(1).unwrap());
+        assert_eq!(&buf[..len], plain.as_bytes());
+    }
+    let mut buf = vec![0u8; 64];
+    let bad = format!("v2:{}", &FIXTURES[0].1[3..]);
+    let got =
+        psap_core::cipher::decrypt_with(&ring, bad.as_bytes(), &mut Vec::new(), |n| &mut buf[..n]);
+    assert_eq!(got, Err(CoreError::Authentication));
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "a failed open leaves no bytes behind"
+    );
+}
