@@ -176,9 +176,14 @@ def write_report(r, quick=False):
             w(f"| {k} | {100 * v:.1f}% |")
         w("")
     sql_overhead = added_ns - nat["core_decrypt_ns"]
-    w(f"In SQL, psap_decrypt adds {added_ns:.0f} ns per row over the plain scan; the core accounts for "
-      f"{nat['core_decrypt_ns']:.0f} ns of it, leaving {sql_overhead:.0f} ns for the function call, detoasting the "
-      "argument, the UTF-8 check and building the result text.")
+    if sql_overhead > 20:
+        w(f"In SQL, psap_decrypt adds {added_ns:.0f} ns per row over the plain scan; the core accounts for "
+          f"{nat['core_decrypt_ns']:.0f} ns of it, leaving {sql_overhead:.0f} ns for the function call, detoasting the "
+          "argument, the UTF-8 check and building the result text.")
+    else:
+        w(f"In SQL, psap_decrypt adds {added_ns:.0f} ns per row over the plain scan, no more than the core's own "
+          f"decrypt measured natively ({nat['core_decrypt_ns']:.0f} ns, which also allocates its output): the "
+          "function call, the UTF-8 check and the result text (written in place) are within measurement noise.")
     w("")
     w("## Reproduce")
     w("")
