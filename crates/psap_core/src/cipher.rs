@@ -36,15 +36,15 @@ pub fn decrypt(
     scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<Version, CoreError> {
-    let env = envelope::parse(input)?;
-    // Look the key up before decoding: a missing key is reported even for a damaged body.
-    let key = ring.key(env.version)?;
-    envelope::decode_body(env.body, scratch)?;
-    if sodium::open(key, scratch, out) {
-        Ok(env.version)
-    } else {
-        Err(CoreError::Authentication)
+    let start = out.len();
+    let result = decrypt_with(ring, input, scratch, |n| {
+        out.resize(start + n, 0);
+        &mut out[start..]
+    });
+    if result.is_err() {
+        out.truncate(start);
     }
+    result
 }
 
 /// Decrypts an envelope into a buffer the caller provides: `alloc(n)` is called once with the
@@ -57,6 +57,7 @@ pub fn decrypt_with<'a>(
     alloc: impl FnOnce(usize) -> &'a mut [u8],
 ) -> Result<Version, CoreError> {
     let env = envelope::parse(input)?;
+    // Look the key up before decoding: a missing key is reported even for a damaged body.
     let key = ring.key(env.version)?;
     envelope::decode_body(env.body, scratch)?;
     let out = alloc(scratch.len() - sodium::OVERHEAD);

@@ -59,22 +59,9 @@ pub fn open(key: &Key, sealed: &[u8], out: &mut Vec<u8>) -> bool {
     if sealed.len() < OVERHEAD {
         return false;
     }
-    let (nonce, boxed) = sealed.split_at(NONCE_BYTES);
     let start = out.len();
-    out.resize(start + boxed.len() - TAG_BYTES, 0);
-    // SAFETY: `boxed` has at least TAG_BYTES bytes; the destination has boxed.len() - TAG_BYTES
-    // bytes, exactly what crypto_secretbox_open_easy writes; the nonce slice has NONCE_BYTES.
-    let rc = unsafe {
-        ffi::crypto_secretbox_open_easy(
-            out[start..].as_mut_ptr(),
-            boxed.as_ptr(),
-            boxed.len() as u64,
-            nonce.as_ptr(),
-            key.bytes().as_ptr(),
-        )
-    };
-    if rc != 0 {
-        memzero(&mut out[start..]);
+    out.resize(start + sealed.len() - OVERHEAD, 0);
+    if !open_into(key, sealed, &mut out[start..]) {
         out.truncate(start);
         return false;
     }
