@@ -38,6 +38,9 @@ thread_local! {
     static RUN: RefCell<Option<Run>> = const { RefCell::new(None) };
     /// A run refused at its start, raised by its first step (after its audit record committed).
     static REFUSAL: RefCell<Option<(i64, Refusal)>> = const { RefCell::new(None) };
+    /// The counters of the run as of its last committed step (or its failing batch), for the
+    /// audit record of a run that ends with an error.
+    static LAST_COUNTS: std::cell::Cell<(i64, Counts)> = const { std::cell::Cell::new((0, Counts { done: 0, skipped: 0, failed: 0, batches: 0 })) };
 }
 
 /// What a run does to each row.
@@ -657,17 +660,20 @@ fn _psap_rotate_step(run_id: i64) -> bool {
     {
         r.raise();
     }
-    RUN.with(|cell| {
-        let mut guard = cell.borrow_mut();
-        let Some(run) = guard.as_mut().filter(|r| r.id == run_id) else {
-            return false;
-        };
-        let more = step(run);
-        if !more {
-            *guard = None;
-        }
-        more
-    })
+    // The run is taken out of the cell for the step and put back only if more remain: no borrow
+    // is held while the step runs, so an error or cancel anywhere in it leaves the cell usable.
+    let Some(mut run) = RUN
+        .with(|cell| cell.borrow_mut().take())
+        .filter(|r| r.id == run_id)
+    else {
+        return false;
+    };
+    let more = step(&mut run);
+    LAST_COUNTS.with(|c| c.set((run.id, run.counts)));
+    if more {
+        RUN.with(|cell| *cell.borrow_mut() = Some(run));
+    }
+    more
 }
 
 fn step(run: &mut Run) -> bool {
@@ -928,6 +934,7 @@ fn handle_failures(run: &mut Run, lo: u32, hi: Option<u32>) {
             "The batch was rolled back and no row of it was changed.",
         );
         run.counts.failed = r.rows;
+        LAST_COUNTS.with(|c| c.set((run.id, run.counts)));
         r.raise();
     }
     for (ctid, err, ident) in bad {
@@ -1052,11 +1059,13 @@ fn finish(run: &Run, left: i64) {
 /// commits and re-raises the error).
 #[pg_extern(volatile)]
 fn _psap_rotate_fail(run_id: i64, sqlstate: &str, message: &str) {
-    let state = RUN.with(|r| r.borrow_mut().take());
-    let counts = state
-        .filter(|r| r.id == run_id)
-        .map(|r| r.counts)
-        .unwrap_or_default();
+    RUN.with(|r| r.borrow_mut().take());
+    let (last_run, last_counts) = LAST_COUNTS.with(|c| c.get());
+    let counts = if last_run == run_id {
+        last_counts
+    } else {
+        Counts::default()
+    };
     let status = if sqlstate == "57014" {
         "cancelled"
     } else {
