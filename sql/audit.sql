@@ -118,14 +118,18 @@ AS $$
     RETURNING id
 $$;
 
+-- Called once per batch: PL/pgSQL, whose statement plan is kept for the session (a SQL function's
+-- would be parsed and planned again at every call).
 CREATE FUNCTION @extschema@._psap_log_progress(p_id bigint, p_done bigint, p_skipped bigint, p_batches bigint)
 RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     UPDATE @extschema@.psap_audit_log
        SET rows_done = p_done, rows_skipped = p_skipped, batches = p_batches,
            updated_at = pg_catalog.clock_timestamp()
-     WHERE id = p_id AND pid = pg_catalog.pg_backend_pid() AND status = 'running'
+     WHERE id = p_id AND pid = pg_catalog.pg_backend_pid() AND status = 'running';
+END
 $$;
 
 CREATE FUNCTION @extschema@._psap_log_end(

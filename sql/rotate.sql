@@ -52,14 +52,15 @@ CREATE PROCEDURE @extschema@.psap_rotate(
     max_seconds        double precision DEFAULT NULL,
     pause_ms           integer          DEFAULT 0,
     skip_undecryptable boolean          DEFAULT false,
-    disable_triggers   boolean          DEFAULT false)
+    disable_triggers   boolean          DEFAULT false,
+    verify             boolean          DEFAULT true)
 LANGUAGE plpgsql
 AS $$
 BEGIN
     CALL @extschema@._psap_run(
         @extschema@._psap_rotate_begin(tbl, col::text, 'rotate', batch, from_version, dry_run,
                                        max_batches, max_seconds, pause_ms, skip_undecryptable,
-                                       disable_triggers),
+                                       disable_triggers, verify),
         pause_ms);
 END
 $$;
@@ -80,7 +81,8 @@ AS $$
 BEGIN
     CALL @extschema@._psap_run(
         @extschema@._psap_rotate_begin(tbl, col::text, 'encrypt', batch, NULL, dry_run,
-                                       max_batches, max_seconds, pause_ms, false, disable_triggers),
+                                       max_batches, max_seconds, pause_ms, false, disable_triggers,
+                                       true),
         pause_ms);
 END
 $$;
@@ -95,7 +97,8 @@ CREATE PROCEDURE @extschema@.psap_rotate_all(
     max_seconds        double precision DEFAULT NULL,
     pause_ms           integer          DEFAULT 0,
     skip_undecryptable boolean          DEFAULT false,
-    disable_triggers   boolean          DEFAULT false)
+    disable_triggers   boolean          DEFAULT false,
+    verify             boolean          DEFAULT true)
 LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -111,7 +114,7 @@ DECLARE
     r         record;
 BEGIN
     IF batch IS NULL OR dry_run IS NULL OR pause_ms IS NULL OR skip_undecryptable IS NULL
-       OR disable_triggers IS NULL THEN
+       OR disable_triggers IS NULL OR verify IS NULL THEN
         RAISE EXCEPTION 'psap_rotate_all arguments must not be null' USING ERRCODE = '22004',
             HINT = 'Only from_version, max_batches and max_seconds may be null.';
     ELSIF batch <= 0 OR max_batches <= 0 THEN
@@ -140,7 +143,8 @@ BEGIN
         END IF;
         IF left_b IS NOT NULL AND left_b <= 0 THEN stopped := true; EXIT; END IF;
         CALL @extschema@.psap_rotate(cols[i]::regclass, cols_n[i], batch, from_version, dry_run,
-                                     left_b, left_s, pause_ms, skip_undecryptable, disable_triggers);
+                                     left_b, left_s, pause_ms, skip_undecryptable, disable_triggers,
+                                     verify);
         SELECT l.rows_done, l.batches, l.status INTO r
           FROM @extschema@.psap_audit l
          WHERE l.pid = pg_catalog.pg_backend_pid() ORDER BY l.id DESC LIMIT 1;

@@ -2,7 +2,7 @@
 
 use pgrx::prelude::*;
 use psap_core::key::Slot;
-use psap_core::{cipher, Version};
+use psap_core::{cipher, CoreError, Version};
 
 use crate::{error, gucs};
 
@@ -34,9 +34,34 @@ pub(crate) fn decrypt_bytes(envelope: &[u8]) -> Vec<u8> {
     plain
 }
 
+/// Re-encrypts an envelope under version `to` into a text value (a rotation's new value).
+/// The decoded ciphertext and the new envelope are built in buffers reused from row to row; the
+/// plaintext in between is wiped by the core.
+pub(crate) fn reencrypt_text(envelope: &[u8], to: Version) -> Result<PallocText, CoreError> {
+    gucs::ensure_preloaded();
+    let nonce = gucs::next_nonce();
+    let ring = gucs::keyring();
+    SCRATCH.with(|scratch| {
+        OUT.with(|out| {
+            let (mut scratch, mut out) = (scratch.borrow_mut(), out.borrow_mut());
+            out.clear();
+            let result = cipher::reencrypt(&ring, to, &nonce, envelope, &mut scratch, &mut out);
+            let text = result.map(|_| PallocText::copy_of(&out));
+            for buffer in [&mut *scratch, &mut *out] {
+                if buffer.capacity() > SCRATCH_KEEP {
+                    *buffer = Vec::new();
+                }
+            }
+            text
+        })
+    })
+}
+
 thread_local! {
     /// Buffer for the decoded ciphertext, reused from one call to the next (one allocation less per row).
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Buffer for a re-encrypted envelope, reused the same way.
+    static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 const SCRATCH_KEEP: usize = 64 * 1024;
 
@@ -99,7 +124,7 @@ fn psap_decrypt(ciphertext: &str) -> PallocText {
 pub struct PallocText(*mut pg_sys::varlena);
 
 impl PallocText {
-    fn copy_of(bytes: &[u8]) -> PallocText {
+    pub(crate) fn copy_of(bytes: &[u8]) -> PallocText {
         PallocText(pgrx::rust_byte_slice_to_bytea(bytes).into_pg())
     }
 

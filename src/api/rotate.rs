@@ -27,6 +27,7 @@ use pgrx::PgSqlErrorCode::{self, *};
 use psap_core::{cipher, Version};
 
 use crate::api::audit::{self, Counts};
+use crate::api::crypto::{self, PallocText};
 use crate::api::target::{self, Access, Leaf, Target};
 use crate::error::{self, raise};
 use crate::gucs;
@@ -130,20 +131,10 @@ fn needs_sql(t: &Target, mode: Mode, to: Version) -> String {
 /// Re-encrypts an envelope under version `target`; NULL (and a failure counted) when it cannot
 /// be decrypted, so the row is left as it is.
 #[pg_extern(volatile, strict, parallel_unsafe)]
-fn _psap_try_reencrypt(value: &str, target: i32) -> Option<String> {
-    gucs::ensure_preloaded();
+fn _psap_try_reencrypt(value: &str, target: i32) -> Option<PallocText> {
     let to = Version::new(target as u32)?;
-    let nonce = gucs::next_nonce();
-    let mut out = Vec::with_capacity(value.len() + 8);
-    match cipher::reencrypt(
-        &gucs::keyring(),
-        to,
-        &nonce,
-        value.as_bytes(),
-        &mut Vec::new(),
-        &mut out,
-    ) {
-        Ok(_) => Some(String::from_utf8(out).expect("an envelope is ASCII")),
+    match crypto::reencrypt_text(value.as_bytes(), to) {
+        Ok(text) => Some(text),
         Err(_) => {
             FAILURES.fetch_add(1, Ordering::Relaxed);
             None
@@ -182,6 +173,7 @@ fn _psap_rotate_begin(
     pause_ms: Option<i32>,
     skip_undecryptable: Option<bool>,
     disable_triggers: Option<bool>,
+    verify: Option<bool>,
 ) -> i64 {
     gucs::ensure_preloaded();
     RUN.with(|r| r.borrow_mut().take());
@@ -199,6 +191,7 @@ fn _psap_rotate_begin(
         Some(pause_ms),
         Some(skip_undecryptable),
         Some(disable_triggers),
+        Some(verify),
     ) = (
         tbl,
         col,
@@ -207,6 +200,7 @@ fn _psap_rotate_begin(
         pause_ms,
         skip_undecryptable,
         disable_triggers,
+        verify,
     )
     else {
         raise(
@@ -281,14 +275,15 @@ fn _psap_rotate_begin(
         .unwrap_or_else(|e| error::core(e));
     let target = target::resolve(&tbl, col, Access::Rotate);
 
-    // Count what there is to do, by version, decrypting every envelope once (unless rows that
-    // cannot be decrypted are to be skipped anyway): refuse up front, before any write, if a
-    // version has no key or a value cannot be decrypted.
-    let verify = matches!(mode, Mode::Rotate { .. }) && !skip_undecryptable && !dry_run;
-    let (counts, undecryptable, leaf_rows) = count_by_version(&target, mode, to, verify);
+    // Count what there is to do, by version, and (with `verify`) decrypt every envelope once:
+    // refuse up front, before any write, if a version has no key or a value cannot be decrypted.
+    // Rows that cannot be decrypted are not refused when they are to be skipped anyway; without
+    // `verify`, one is found by the batch that meets it, which is rolled back.
+    let refuse = matches!(mode, Mode::Rotate { .. }) && !skip_undecryptable && !dry_run;
+    let (counts, undecryptable, leaf_rows) = count_by_version(&target, mode, to, refuse && verify);
     let total: i64 = counts.iter().map(|(_, n)| n).sum();
     let mut refusal = None;
-    if verify {
+    if refuse {
         refusal = missing_key(&target, &counts);
         if refusal.is_none() && undecryptable > 0 {
             let needs = needs_sql(&target, mode, to);
@@ -598,8 +593,12 @@ fn start_leaf(run: &mut Run) {
     run.step_blocks = if rows == 0 {
         u32::MAX / 2
     } else {
+        // Twice the blocks that hold one batch on average: a batch usually starts in the middle
+        // of a block (where the previous one stopped), and LIMIT ends the scan as soon as the
+        // batch is full, so the slack costs nothing and saves a second statement per batch.
         let per_block = (rows as f64 / blocks.max(1) as f64).max(1e-6);
-        ((run.batch as f64 / per_block).ceil() as u64).clamp(1, u64::from(u32::MAX / 2)) as u32
+        ((2.0 * run.batch as f64 / per_block).ceil() as u64).clamp(1, u64::from(u32::MAX / 2))
+            as u32
     };
     // SAFETY: MyProcPid is set in every backend.
     let pid = u64::from(unsafe { pg_sys::MyProcPid }.unsigned_abs());
@@ -855,7 +854,8 @@ fn run_batch(run: &mut Run, lo: u32, hi: Option<u32>, limit: i64) -> (i64, i64, 
              ), {update}
              SELECT (SELECT count(*) FROM locked),
                     (SELECT count(*) FROM changed),
-                    (SELECT max((id::pg_catalog.text::pg_catalog.point)[0])::bigint FROM locked)"
+                    (SELECT ((pg_catalog.max(id))::pg_catalog.text::pg_catalog.point)[0]::bigint
+                       FROM locked)"
         );
         let types = [
             pg_sys::TEXTOID,
@@ -926,13 +926,13 @@ fn handle_failures(run: &mut Run, lo: u32, hi: Option<u32>) {
     let leaf = &t.leaves[run.leaf];
     if !run.skip_undecryptable {
         let row = bad.first().cloned().unwrap_or_default();
-        let r = undecryptable_refusal(
-            t,
-            leaf,
-            &row,
-            bad.len().max(1),
-            "The batch was rolled back and no row of it was changed.",
-        );
+        let outcome = match run.counts.done {
+            0 => "The batch was rolled back and no row of it was changed.".to_string(),
+            done => format!(
+                "The batch was rolled back and no row of it was changed; the {done} rows of earlier batches stay rotated."
+            ),
+        };
+        let r = undecryptable_refusal(t, leaf, &row, bad.len().max(1), &outcome);
         run.counts.failed = r.rows;
         LAST_COUNTS.with(|c| c.set((run.id, run.counts)));
         r.raise();

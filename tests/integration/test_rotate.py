@@ -122,6 +122,31 @@ def test_undecryptable_row_stops_before_any_write_or_is_skipped(cluster, db):
         assert c.execute("SELECT rows_skipped FROM psap_audit_log WHERE status = 'done'").fetchone()[0] == 1
 
 
+def test_without_verify_a_bad_row_stops_its_batch_and_earlier_batches_stay(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        fill(c, 1000)
+        # The damaged row's new version lands at the end of the table: the batches before it commit.
+        c.execute("UPDATE incidents SET title = 'v1:' || substr(psap_encrypt('x'), 4, 20) || 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' WHERE id = 500")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        state, msg, detail, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 100, verify => false)")
+        assert state == "22000" and msg.startswith("cannot decrypt row (id)=(500)")
+        status, done, failed, batches = c.execute(
+            "SELECT status, rows_done, rows_failed, batches FROM psap_audit WHERE operation = 'rotate'").fetchone()
+        assert status == "failed" and failed == 1
+        assert done >= 100 and done % 100 == 0 and batches == done // 100  # whole batches, committed
+        assert f"the {done} rows of earlier batches stay rotated" in detail
+        assert census(c) == {("encrypted", "v1"): 1000 - done, ("encrypted", "v2"): done}
+        assert c.execute("SELECT left(title, 3) FROM incidents WHERE id = 500").fetchone()[0] == "v1:"
+        c.execute("DELETE FROM incidents WHERE id = 500")
+        check_all(c)
+        c.execute("CALL psap_rotate('incidents', 'title', 100, verify => false)")
+        assert census(c) == {("encrypted", "v2"): 999}
+        check_all(c)
+        state, *_ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', verify => NULL)")
+        assert state == "22004"
+
+
 def test_refusals(cluster, db):
     with cluster.connect(dbname=db) as c:
         fill(c, 10)
