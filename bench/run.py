@@ -22,10 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from conftest import KEY1, KEY2, Cluster  # noqa: E402
+from rotation_profile import profile_rotation, profile_two_sessions  # noqa: E402
 
 # Production durability (the test clusters run with fsync off): every batch's COMMIT flushes WAL.
+# pg_stat_statements is loaded for the profile run only (bench/profile.py); it tracks nothing elsewhere.
 SETTINGS = ["fsync = on", "shared_buffers = '2GB'", "max_wal_size = '20GB'", "checkpoint_timeout = '1h'",
-            "autovacuum = off", "work_mem = '64MB'"]
+            "autovacuum = off", "work_mem = '64MB'",
+            "shared_preload_libraries = 'psap_encrypt,pg_stat_statements'", "pg_stat_statements.track = 'none'"]
 BATCH = 500
 
 
@@ -95,11 +98,18 @@ def bench_read(c, n, xml_rows, pgc_rows, runs):
         "xml scan": ("SELECT sum(length(raw_xml)) FROM xml_base", xml_rows),
         "xml psap_decrypt": ("SELECT sum(length(psap_decrypt(raw_xml))) FROM xml_base", xml_rows),
     }
-    for name, (sql, rows) in queries.items():
+    for sql, _ in queries.values():
         timed(c, sql)  # warm
-        times = [timed(c, sql) for _ in range(runs if "pgcrypto" not in name else 2)]
-        res[name] = {**stats(times), "rows": rows, "us_per_row_min": min(times) / rows * 1e6, "us_per_row_median": statistics.median(times) / rows * 1e6}
-        log(f"  read {name:28s} {res[name]['us_per_row_min']:8.3f} us/row (min of {len(times)})")
+    # Rounds of every query in turn, so that the machine's drift reaches all of them alike.
+    times = {name: [] for name in queries}
+    for r in range(runs):
+        for name, (sql, _) in queries.items():
+            if "pgcrypto" not in name or r < 2:  # 1 s a run: two are enough
+                times[name].append(timed(c, sql))
+    for name, (sql, rows) in queries.items():
+        t = times[name]
+        res[name] = {**stats(t), "rows": rows, "us_per_row_min": min(t) / rows * 1e6, "us_per_row_median": statistics.median(t) / rows * 1e6}
+        log(f"  read {name:28s} {res[name]['us_per_row_min']:8.3f} us/row (min of {len(t)})")
     return res
 
 
@@ -139,7 +149,7 @@ class RssSampler(threading.Thread):
             time.sleep(0.01)
 
 
-def rotate_psap(cluster, db, n, sessions=1, measure_memory=False):
+def rotate_psap(cluster, db, n, sessions=1, measure_memory=False, options=""):
     conns = [cluster.connect(dbname=db) for _ in range(sessions)]
     for c in conns:
         c.execute("SET psap.key_version = 'v2'")
@@ -153,7 +163,7 @@ def rotate_psap(cluster, db, n, sessions=1, measure_memory=False):
     errors = []
     def go(c):
         try:
-            c.execute(f"CALL psap_rotate('t', 'title', {BATCH})")
+            c.execute(f"CALL psap_rotate('t', 'title', {BATCH}{options})")
         except Exception as e:  # noqa: BLE001
             errors.append(e)
     t = time.perf_counter()
@@ -219,7 +229,8 @@ def bench_rotate(cluster, db, n, runs, php):
     res = {}
     with cluster.connect(dbname=db) as c:
         c.execute("SET client_min_messages = warning")
-        methods = ["psap_rotate", "batched UPDATE, no crypto", "batched UPDATE + re-encrypt, no locks"] + (["PHP client (app's way)"] if php else [])
+        methods = ["psap_rotate", "psap_rotate, verify => false", "batched UPDATE, no crypto",
+                   "batched UPDATE + re-encrypt, no locks"] + (["PHP client (app's way)"] if php else [])
         times = {m: [] for m in methods}
         mem = []
         for r in range(runs):
@@ -230,6 +241,8 @@ def bench_rotate(cluster, db, n, runs, php):
                     mem.append(peak)
                     with cluster.connect(dbname=db) as v:
                         assert v.execute("SELECT count(*) FROM t WHERE psap_decrypt(title) IS NULL").fetchone()[0] == 0
+                elif m == "psap_rotate, verify => false":
+                    e, _ = rotate_psap(cluster, db, n, options=", verify => false")
                 elif m == "batched UPDATE, no crypto":
                     e = rotate_plain(c)
                 elif m.startswith("batched UPDATE + re-encrypt"):
@@ -283,9 +296,14 @@ def main():
             log(f"size {n}")
             with cluster.connect(dbname=db) as c:
                 build_data(c, n, xml_rows, pgc_rows)
-                read = bench_read(c, n, xml_rows, pgc_rows, runs + 2) if i == 0 else None
+                read = bench_read(c, n, xml_rows, pgc_rows, 3 * runs) if i == 0 else None
             rot = bench_rotate(cluster, db, n, runs, php=(i == 0))
             results["sizes"][str(n)] = {"read": read, "rotate": rot}
+            if i == 0:
+                log("  profile of one rotation")
+                results["profile"] = profile_rotation(cluster, db, n, fresh_table, PLAIN_PROC, BATCH)
+                results["profile"]["two_sessions"] = profile_two_sessions(cluster, db, fresh_table)
+                log(f"  {results['profile']}")
         log("callgrind")
         results["callgrind"] = callgrind_split()
     finally:

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 PGRX_VERSION=0.18.1   # must equal the pgrx pin in Cargo.toml
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-15-cron
-          libclang-dev clang pkg-config sudo python3-venv openssl valgrind php8.2-cli php8.2-pgsql)
+          libclang-dev clang pkg-config sudo python3-venv openssl valgrind php8.2-cli php8.2-pgsql
+          linux-perf)
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 
 step() { printf '\n== %s\n' "$*"; }

@@ -444,14 +444,12 @@ def test_standby_refuses_and_decrypts(cluster, db):
     with cluster.connect(dbname=db) as c:
         fill(c, 100)
     standby_dir = cluster.dir.with_name(cluster.dir.name + "-standby")
-    subprocess_run = __import__("subprocess").run
-    subprocess_run(["rm", "-rf", str(standby_dir)])
+    subprocess.run(["rm", "-rf", str(standby_dir)])
     from conftest import BIN, as_postgres
 
     as_postgres(BIN / "pg_basebackup", "-h", cluster.dir, "-p", cluster.port, "-U", "postgres", "-D", standby_dir, "-R", "-X", "stream", "-c", "fast")
-    with open("/tmp/psap-standby.conf", "w") as f:
-        f.write(f"port = 5493\nunix_socket_directories = '{standby_dir}'\n")
-    as_postgres("sh", "-c", f"cat /tmp/psap-standby.conf >> {standby_dir}/postgresql.conf")
+    as_postgres("sh", "-c", f"cat >> {standby_dir}/postgresql.conf",
+                input=f"port = 5493\nunix_socket_directories = '{standby_dir}'\n")
     standby = Cluster(standby_dir, 5493)
     as_postgres(BIN / "pg_ctl", "-D", standby_dir, "-l", standby_dir / "server.log", "-w", "start")
     try:

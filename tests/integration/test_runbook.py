@@ -30,18 +30,20 @@ def test_runbook_end_to_end(cluster, db):
         c.execute("INSERT INTO incident_communications SELECT g, psap_encrypt('Message ' || g) FROM generate_series(1, 347) g")
         c.execute("INSERT INTO cfs_incidents SELECT g, psap_encrypt('<cad>' || g || '</cad>') FROM generate_series(1, 50) g")
         c.execute("SELECT psap_register_column('incidents', 'title'), psap_register_column('incident_communications', 'body')")
-    keys = Path(tempfile.mkdtemp(prefix="psap-keys-"))
+    keys_dir = tempfile.TemporaryDirectory(prefix="psap-keys-")  # the runbook's key backups: removed after
+    keys = Path(keys_dir.name)
     env = {
         **{k: v for k, v in os.environ.items() if k != "RUST_BACKTRACE"},
         "PGHOST": str(cluster.dir), "PGPORT": str(cluster.port), "PGUSER": "postgres", "PGDATABASE": db,
         "PGDATA": str(cluster.dir), "KEYS": str(keys),
     }
     outputs = []
-    for kind, code in blocks(RUNBOOK.read_text()):
-        cmd = ["psql", "-X", "-v", "ON_ERROR_STOP=1"] if kind == "sql" else ["bash", "-euo", "pipefail"]
-        p = subprocess.run(cmd, input=code, text=True, capture_output=True, env=env)
-        assert p.returncode == 0, f"runbook {kind} block failed:\n{code}\n{p.stdout}\n{p.stderr}"
-        outputs.append((code, p.stdout + p.stderr))
+    with keys_dir:
+        for kind, code in blocks(RUNBOOK.read_text()):
+            cmd = ["psql", "-X", "-v", "ON_ERROR_STOP=1"] if kind == "sql" else ["bash", "-euo", "pipefail"]
+            p = subprocess.run(cmd, input=code, text=True, capture_output=True, env=env)
+            assert p.returncode == 0, f"runbook {kind} block failed:\n{code}\n{p.stdout}\n{p.stderr}"
+            outputs.append((code, p.stdout + p.stderr))
     text = "\n".join(o for _, o in outputs)
     assert "rotation complete: 3 columns, 3244 rows rotated" in text
     assert re.search(r"v1_rows_left\s*\n-+\s*\n\s*0\b", text)
