@@ -24,10 +24,7 @@ pub(crate) fn decrypt_bytes(envelope: &[u8]) -> Vec<u8> {
     let result = SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         let result = cipher::decrypt(&gucs::keyring(), envelope, &mut scratch, &mut plain);
-        // The decoded ciphertext is not secret, but a multi-megabyte one need not stay around.
-        if scratch.capacity() > SCRATCH_KEEP {
-            *scratch = Vec::new();
-        }
+        release_if_large(&mut scratch);
         result
     });
     result.unwrap_or_else(|e| error::core(e));
@@ -47,11 +44,8 @@ pub(crate) fn reencrypt_text(envelope: &[u8], to: Version) -> Result<PallocText,
             out.clear();
             let result = cipher::reencrypt(&ring, to, &nonce, envelope, &mut scratch, &mut out);
             let text = result.map(|_| PallocText::copy_of(&out));
-            for buffer in [&mut *scratch, &mut *out] {
-                if buffer.capacity() > SCRATCH_KEEP {
-                    *buffer = Vec::new();
-                }
-            }
+            release_if_large(&mut scratch);
+            release_if_large(&mut out);
             text
         })
     })
@@ -64,6 +58,14 @@ thread_local! {
     static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 const SCRATCH_KEEP: usize = 64 * 1024;
+
+/// Drops a reused buffer that grew past SCRATCH_KEEP: what it holds (ciphertext) is not secret,
+/// but a multi-megabyte value need not stay allocated for the rest of the session.
+fn release_if_large(buffer: &mut Vec<u8>) {
+    if buffer.capacity() > SCRATCH_KEEP {
+        *buffer = Vec::new();
+    }
+}
 
 fn envelope_text(bytes: Vec<u8>) -> String {
     // Envelopes are ASCII by construction (prefix + base64).
@@ -102,9 +104,7 @@ fn psap_decrypt(ciphertext: &str) -> PallocText {
                     std::slice::from_raw_parts_mut(result.cast::<u8>().add(pg_sys::VARHDRSZ), n)
                 }
             });
-        if scratch.capacity() > SCRATCH_KEEP {
-            *scratch = Vec::new();
-        }
+        release_if_large(&mut scratch);
         outcome
     });
     let text = PallocText(result);
