@@ -36,8 +36,7 @@ if ! grep -qs '^pg15' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
 fi
 
 step "building and installing psap_encrypt (release)"
-cargo pgrx install --release --pg-config "$PG_CONFIG" ${SUDO:+--sudo} 2>&1 | grep -E "error|warning: unused|Finished installing" || true
-test -f "$($PG_CONFIG --pkglibdir)/psap_encrypt.so"
+scripts/install.sh
 
 if [ ! -x .venv/bin/pytest ] || ! cmp -s tests/requirements.txt .venv/requirements.txt; then
     step "creating the Python test environment"

@@ -25,7 +25,7 @@ step "tests inside PostgreSQL (cargo pgrx test)"
 rm -rf /tmp/psap-pgtest
 cargo pgrx test pg15 --runas postgres --pgdata /tmp/psap-pgtest 2>&1 | grep -vE "^\s+(Copying|Running|Installing|Writing|Discovered|Finished|Using sudo)|^\s*$"
 # cargo pgrx test installed its debug build; put the release build back for the next layers.
-cargo pgrx install --release --pg-config "$PG_CONFIG" $([ "$(id -u)" = 0 ] || echo --sudo) >/dev/null
+scripts/install.sh >/dev/null
 
 step "pg_regress"
 tests/pg_regress/run.sh
