@@ -1,0 +1,193 @@
+"""Upgrading a database from the last release: CREATE EXTENSION ... VERSION '0.1.0' (the frozen
+script sql/psap_encrypt--0.1.0.sql), data and grants made the way 0.1.0 made them, then
+ALTER EXTENSION psap_encrypt UPDATE with the current library.
+
+The catalog comparison is also the check that no SQL object changed without an upgrade script:
+a fresh install of the current version (the script pgrx generates) and 0.1.0 + every upgrade
+script must describe the same objects, attribute by attribute."""
+import difflib
+
+import psycopg
+import pytest
+
+from conftest import KEY1, KEY2, sqlstate_of
+
+OLD = "0.1.0"
+
+# One line per object of the extension, every attribute that a DBA or the security model cares
+# about: signature, volatility, strictness, parallel safety, SECURITY DEFINER, settings, body,
+# privileges, comments; columns, constraints, indexes, triggers of tables; view definitions.
+CATALOG = r"""
+WITH ext AS (SELECT oid, extnamespace FROM pg_extension WHERE extname = 'psap_encrypt'),
+members AS (
+    SELECT d.classid, d.objid FROM pg_depend d, ext
+     WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = ext.oid AND d.deptype = 'e')
+SELECT 'routine ' || p.oid::regprocedure
+       || ' kind=' || p.prokind::text || ' returns=' || coalesce(pg_get_function_result(p.oid), '-')
+       || ' args=' || pg_get_function_arguments(p.oid)
+       || ' volatile=' || p.provolatile::text || ' strict=' || p.proisstrict || ' parallel=' || p.proparallel::text
+       || ' secdef=' || p.prosecdef || ' leakproof=' || p.proleakproof
+       || ' cost=' || p.procost || ' rows=' || p.prorows
+       || ' config=' || coalesce(p.proconfig::text, '-') || ' language=' || l.lanname
+       || ' body=' || md5(coalesce(p.prosrc, '')) || ' bin=' || coalesce(p.probin, '-')
+       || ' acl=' || coalesce(p.proacl::text, '-')
+       || ' comment=' || coalesce(obj_description(p.oid, 'pg_proc'), '-')
+  FROM members m JOIN pg_proc p ON m.classid = 'pg_proc'::regclass AND p.oid = m.objid
+  JOIN pg_language l ON l.oid = p.prolang
+UNION ALL
+SELECT 'relation ' || c.oid::regclass || ' kind=' || c.relkind::text || ' acl=' || coalesce(c.relacl::text, '-')
+       || ' options=' || coalesce(c.reloptions::text, '-') || ' rls=' || c.relrowsecurity
+       || ' comment=' || coalesce(obj_description(c.oid, 'pg_class'), '-')
+       || CASE WHEN c.relkind = 'v' THEN ' view=' || md5(pg_get_viewdef(c.oid)) ELSE '' END
+  FROM members m JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid
+UNION ALL
+SELECT 'column ' || c.oid::regclass || '.' || a.attname
+       || ' position=' || rank() OVER (PARTITION BY c.oid ORDER BY a.attnum)
+       || ' type=' || format_type(a.atttypid, a.atttypmod) || ' notnull=' || a.attnotnull
+       || ' default=' || coalesce(pg_get_expr(ad.adbin, ad.adrelid), '-')
+       || ' acl=' || coalesce(a.attacl::text, '-')
+       || ' comment=' || coalesce(col_description(c.oid, a.attnum), '-')
+  FROM members m JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid
+  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+  LEFT JOIN pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
+UNION ALL
+SELECT 'constraint ' || c.oid::regclass || ' ' || k.conname || ' ' || pg_get_constraintdef(k.oid)
+  FROM members m JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid
+  JOIN pg_constraint k ON k.conrelid = c.oid
+UNION ALL
+SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+  FROM members m JOIN pg_index i ON m.classid = 'pg_class'::regclass AND i.indrelid = m.objid
+UNION ALL
+SELECT 'trigger ' || pg_get_triggerdef(t.oid) || ' enabled=' || t.tgenabled::text
+  FROM members m JOIN pg_trigger t ON m.classid = 'pg_class'::regclass AND t.tgrelid = m.objid
+ WHERE NOT t.tgisinternal
+UNION ALL
+SELECT 'event trigger ' || e.evtname || ' on ' || e.evtevent || ' tags=' || coalesce(e.evttags::text, '-')
+       || ' function=' || e.evtfoid::regproc || ' enabled=' || e.evtenabled::text
+       || ' comment=' || coalesce(obj_description(e.oid, 'pg_event_trigger'), '-')
+  FROM members m JOIN pg_event_trigger e ON m.classid = 'pg_event_trigger'::regclass AND e.oid = m.objid
+UNION ALL
+SELECT 'config dump ' || cfg::regclass || ' condition=' || coalesce(cond, '-')
+  FROM ext, pg_extension x,
+       LATERAL unnest(x.extconfig, x.extcondition) AS u(cfg, cond)
+ WHERE x.oid = ext.oid
+UNION ALL
+SELECT 'member ' || pg_describe_object(m.classid, m.objid, 0) FROM members m
+ORDER BY 1
+"""
+
+
+def catalog(conn):
+    return [r[0] for r in conn.execute(CATALOG)]
+
+
+def grants_of(conn, role):
+    """Every privilege `role` holds on the extension's objects."""
+    return conn.execute(
+        """
+        WITH members AS (
+            SELECT d.classid, d.objid FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+             WHERE d.refclassid = 'pg_extension'::regclass AND e.extname = 'psap_encrypt' AND d.deptype = 'e')
+        SELECT p.oid::regprocedure::text, a.privilege_type
+          FROM members m JOIN pg_proc p ON m.classid = 'pg_proc'::regclass AND p.oid = m.objid,
+               LATERAL aclexplode(p.proacl) a WHERE a.grantee = %(r)s::regrole
+        UNION ALL
+        SELECT c.oid::regclass::text, a.privilege_type
+          FROM members m JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid,
+               LATERAL aclexplode(c.relacl) a WHERE a.grantee = %(r)s::regrole
+        ORDER BY 1, 2""",
+        {"r": role},
+    ).fetchall()
+
+
+def assert_same(before, after, what):
+    if before != after:
+        diff = "\n".join(difflib.unified_diff(before, after, "fresh install", "0.1.0 + upgrade", lineterm="", n=0))
+        pytest.fail(f"{what} differ:\n{diff}")
+
+
+@pytest.fixture
+def old_db(cluster, request):
+    name = "t_upgrade_from_0_1_0"
+    with cluster.connect() as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        c.execute(f'CREATE DATABASE "{name}"')
+    with cluster.connect(dbname=name) as c:
+        c.execute(f"CREATE EXTENSION psap_encrypt VERSION '{OLD}'")
+    yield name
+    with cluster.connect() as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def fill_as_0_1_0(cluster, db):
+    """Data, registry, audit records and an operator, made through 0.1.0's own SQL objects."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE incidents (id int PRIMARY KEY, title text)")
+        c.execute("INSERT INTO incidents SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 300) g")
+        c.execute("CREATE TABLE cfs_incidents (id int PRIMARY KEY, raw_xml text)")
+        c.execute("INSERT INTO cfs_incidents SELECT g, psap_encrypt('<cad>' || g || '</cad>') FROM generate_series(1, 40) g")
+        assert c.execute("SELECT psap_register_column('incidents', 'title')").fetchone()[0] is True
+        assert c.execute("SELECT psap_register_column('cfs_incidents', 'raw_xml')").fetchone()[0] is True
+        # Audit records of a done and a failed run, as 0.1.0's writers made them.
+        for status in ("done", "failed"):
+            run = c.execute(
+                "SELECT _psap_log_begin('rotate', 'public.incidents', 'title', 'v1', 'v2', 'v1=x', 'y', 500, 300, current_user)"
+            ).fetchone()[0]
+            c.execute("SELECT _psap_log_end(%s, %s, 300, 0, 0, 1, %s)", (run, status, None if status == "done" else "XX000: boom"))
+    # An interrupted one: begun by a backend that is gone.
+    with cluster.connect(dbname=db) as c:
+        c.execute("SELECT _psap_log_begin('encrypt', 'public.cfs_incidents', 'raw_xml', NULL, 'v1', NULL, 'y', 500, 40, current_user)")
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS upgrade_op")
+        c.execute("CREATE ROLE upgrade_op")
+        c.execute("GRANT SELECT, UPDATE ON incidents, cfs_incidents TO upgrade_op")
+        c.execute("SELECT psap_grant_operator('upgrade_op')")
+
+
+AUDIT_0_1_0 = ("SELECT id, operation, relation, column_name, from_version, to_version, from_fingerprints, "
+               "to_fingerprint, batch_size, rows_planned, rows_done, rows_skipped, rows_failed, batches, "
+               "status, error, started_at, ended_at, session_role, run_as_role, pid FROM psap_audit_log ORDER BY id")
+
+
+def test_upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_data(cluster, db, old_db):
+    fill_as_0_1_0(cluster, old_db)
+    with cluster.connect(dbname=old_db) as c:
+        audit_before = c.execute(AUDIT_0_1_0).fetchall()
+        registry_before = c.execute("SELECT relid::text, column_name, registered_at, registered_by FROM psap_encrypted_columns ORDER BY 1").fetchall()
+        statuses = [r[0] for r in c.execute("SELECT status FROM psap_audit ORDER BY id")]
+        assert statuses == ["done", "done", "done", "failed", "interrupted"]  # 2 registrations, 3 runs
+        c.execute("ALTER EXTENSION psap_encrypt UPDATE")
+        assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'psap_encrypt'").fetchone()[0] != OLD
+        upgraded = catalog(c)
+        # (2) every registry and audit record survived, unchanged.
+        assert c.execute(AUDIT_0_1_0).fetchall() == audit_before
+        assert c.execute("SELECT relid::text, column_name, registered_at, registered_by FROM psap_encrypted_columns ORDER BY 1").fetchall() == registry_before
+        op_upgraded = grants_of(c, "upgrade_op")
+    with cluster.connect(dbname=db) as c:
+        c.execute("SELECT psap_grant_operator('upgrade_op')")
+        fresh = catalog(c)
+        op_fresh = grants_of(c, "upgrade_op")
+    # (1) the same objects, attribute by attribute; (3) the operator holds exactly what a fresh
+    # psap_grant_operator gives (the catalog lines include the operator's grants too).
+    assert_same(fresh, upgraded, "extension objects")
+    assert_same([f"{o} {p}" for o, p in op_fresh], [f"{o} {p}" for o, p in op_upgraded], "operator grants")
+    # (4) a rotation works on the updated database, and the data decrypts.
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=old_db) as c:
+        c.execute("CALL psap_rotate_all(100)")
+        assert c.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v2:%' AND psap_decrypt(title) = 'Incident ' || id").fetchone()[0] == 300
+        assert c.execute("SELECT count(*) FROM psap_status() WHERE version = 'v1'").fetchone()[0] == 0
+        assert c.execute(AUDIT_0_1_0 + " LIMIT 5").fetchall() == audit_before
+
+
+def test_the_new_library_serves_a_database_not_yet_updated(cluster, old_db):
+    """Between installing the new package and ALTER EXTENSION UPDATE, the 0.1.0 SQL objects run on
+    the new library: every C function they name still exists, encryption keeps working."""
+    fill_as_0_1_0(cluster, old_db)
+    with cluster.connect(dbname=old_db) as c:
+        assert c.execute("SELECT count(*) FROM incidents WHERE psap_decrypt(title) = 'Incident ' || id").fetchone()[0] == 300
+        env = c.execute("SELECT psap_encrypt('new call')").fetchone()[0]
+        assert c.execute("SELECT psap_decrypt(%s), psap_verify(%s)", (env, env)).fetchone() == ("new call", None)
+        assert c.execute("SELECT count(*) FROM psap_keys()").fetchone()[0] == 2
+        assert c.execute("SELECT sum(rows) FROM psap_census('incidents', 'title')").fetchone()[0] == 300
+        assert c.execute("SELECT count(*) FROM psap_status()").fetchone()[0] == 2
