@@ -2,9 +2,10 @@
 -- written as the operation goes. Each batch updates its row in the same transaction as the rows
 -- it changed, so the progress another session sees is exactly what has been committed.
 --
--- Nobody but the extension writes it: the writers below are SECURITY DEFINER and only ever touch
--- the running row of the calling backend, and a trigger keeps finished rows unchangeable and
--- every row undeletable (even for the table owner, short of disabling the trigger).
+-- Only psap_encrypt's own code writes it (src/audit.rs, as the table's owner): the guard trigger
+-- refuses every write it did not make, fills the identity columns itself, keeps sealed records
+-- unchangeable and every record undeletable. Finished records are sealed into a hash chain
+-- (seal_seq, seal_hash; head in psap_audit_chain) that psap_audit_verify() checks.
 
 CREATE TABLE @extschema@.psap_audit_log (
     id                bigserial PRIMARY KEY,
@@ -21,8 +22,7 @@ CREATE TABLE @extschema@.psap_audit_log (
     rows_skipped      bigint      NOT NULL DEFAULT 0,
     rows_failed       bigint      NOT NULL DEFAULT 0,
     batches           bigint      NOT NULL DEFAULT 0,
-    status            text        NOT NULL DEFAULT 'running'
-                      CHECK (status IN ('running', 'done', 'stopped', 'cancelled', 'failed')),
+    status            text        NOT NULL DEFAULT 'running',
     error             text,
     started_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     updated_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
@@ -30,23 +30,67 @@ CREATE TABLE @extschema@.psap_audit_log (
     session_role      name        NOT NULL DEFAULT session_user,
     run_as_role       name        NOT NULL,
     pid               integer     NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
-    backend_start     timestamptz
+    backend_start     timestamptz,
+    seal_seq          bigint,
+    seal_hash         text,
+    CONSTRAINT psap_audit_log_status_check
+        CHECK (status IN ('running', 'done', 'stopped', 'cancelled', 'failed', 'interrupted')),
+    CONSTRAINT psap_audit_log_seal_seq_key UNIQUE (seal_seq)
 );
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.psap_audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.psap_audit_log_id_seq', '');
 
+-- The head of the hash chain: how many records are sealed and the last hash (one row, made at
+-- the first sealing).
+CREATE TABLE @extschema@.psap_audit_chain (
+    singleton boolean PRIMARY KEY CHECK (singleton),
+    seq       bigint  NOT NULL,
+    hash      text    NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.psap_audit_chain', '');
+
 CREATE FUNCTION @extschema@._psap_audit_guard() RETURNS trigger
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF TG_OP IN ('DELETE', 'TRUNCATE') THEN
-        RAISE EXCEPTION 'psap_audit_log is append-only'
+        RAISE EXCEPTION '% is append-only', TG_TABLE_NAME
             USING ERRCODE = '42501', DETAIL = 'No record can be deleted.';
     END IF;
-    IF OLD.status <> 'running' OR NEW.id <> OLD.id
-       OR NEW.operation <> OLD.operation OR NEW.relation <> OLD.relation
-       OR NEW.started_at <> OLD.started_at OR NEW.session_role <> OLD.session_role
-       OR NEW.run_as_role <> OLD.run_as_role OR NEW.pid <> OLD.pid THEN
+    IF NOT @extschema@._psap_audit_writing() THEN
+        -- A superuser restoring a dump (pg_restore) inserts records as they were, seals included;
+        -- psap_audit_verify() checks them. Nothing else is written by hand.
+        IF TG_OP = 'INSERT' AND (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+            RETURN NEW;
+        END IF;
+        RAISE EXCEPTION '% is append-only', TG_TABLE_NAME
+            USING ERRCODE = '42501',
+                  DETAIL = 'Only psap_encrypt writes its audit log; finished records cannot change and no record can be deleted.';
+    END IF;
+    IF TG_TABLE_NAME = 'psap_audit_chain' THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        -- Who and when come from the session, never from the writer's arguments.
+        NEW.session_role := session_user;
+        NEW.pid := pg_backend_pid();
+        NEW.backend_start := (SELECT a.backend_start FROM pg_stat_get_activity(pg_backend_pid()) a);
+        NEW.started_at := clock_timestamp();
+        NEW.updated_at := NEW.started_at;
+        NEW.seal_seq := NULL;
+        NEW.seal_hash := NULL;
+        IF NEW.operation IN ('register', 'unregister') THEN
+            NEW.status := 'done';
+            NEW.ended_at := NEW.started_at;
+        ELSE
+            NEW.status := 'running';
+            NEW.ended_at := NULL;
+        END IF;
+    ELSIF OLD.seal_hash IS NOT NULL
+          OR NEW.id <> OLD.id OR NEW.operation <> OLD.operation OR NEW.relation <> OLD.relation
+          OR NEW.column_name <> OLD.column_name OR NEW.started_at <> OLD.started_at
+          OR NEW.session_role <> OLD.session_role OR NEW.run_as_role <> OLD.run_as_role
+          OR NEW.pid <> OLD.pid OR NEW.backend_start IS DISTINCT FROM OLD.backend_start THEN
         RAISE EXCEPTION 'psap_audit_log is append-only'
             USING ERRCODE = '42501',
                   DETAIL = 'Finished records cannot change and no record can be deleted.';
@@ -54,9 +98,13 @@ BEGIN
     RETURN NEW;
 END
 $$;
-CREATE TRIGGER psap_audit_append_only BEFORE UPDATE OR DELETE ON @extschema@.psap_audit_log
+CREATE TRIGGER psap_audit_append_only BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.psap_audit_log
     FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_audit_guard();
 CREATE TRIGGER psap_audit_no_truncate BEFORE TRUNCATE ON @extschema@.psap_audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._psap_audit_guard();
+CREATE TRIGGER psap_audit_chain_guard BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.psap_audit_chain
+    FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_audit_guard();
+CREATE TRIGGER psap_audit_chain_no_truncate BEFORE TRUNCATE ON @extschema@.psap_audit_chain
     FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._psap_audit_guard();
 
 -- Whether the session that started a run is still there and executing a statement. A run that
@@ -70,7 +118,8 @@ AS $$
 $$;
 
 -- The log as a DBA reads it: a run whose row still says 'running' while its session is gone
--- (killed backend, crash, immediate shutdown) or no longer executing it shows as 'interrupted'.
+-- (killed backend, crash, immediate shutdown) or no longer executing it shows as 'interrupted'
+-- (psap_encrypt also records it so at the next run it starts).
 CREATE VIEW @extschema@.psap_audit AS
 SELECT l.id, l.operation, l.relation, l.column_name, l.from_version, l.to_version,
        CASE WHEN l.status = 'running' AND NOT @extschema@._psap_backend_alive(l.pid, l.backend_start)
@@ -89,73 +138,3 @@ SELECT id, operation, relation, column_name, from_version, to_version, status, r
        session_role, pid
   FROM @extschema@.psap_audit
  WHERE operation IN ('rotate', 'rotate dry run', 'encrypt', 'encrypt dry run');
-
--- The role a record names must be one the session can act as: a caller cannot sign a record
--- with somebody else's role.
-CREATE FUNCTION @extschema@._psap_check_role(p_role name) RETURNS name
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF p_role IS NULL OR NOT pg_catalog.pg_has_role(session_user, p_role, 'MEMBER') THEN
-        RAISE EXCEPTION 'role "%" is not a role of this session', p_role USING ERRCODE = '42501';
-    END IF;
-    RETURN p_role;
-END
-$$;
-
-CREATE FUNCTION @extschema@._psap_log_begin(
-    p_operation text, p_relation text, p_column name, p_from text, p_to text,
-    p_from_fingerprints text, p_fingerprint text, p_batch integer, p_planned bigint, p_role name)
-RETURNS bigint
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-    INSERT INTO @extschema@.psap_audit_log
-        (operation, relation, column_name, from_version, to_version, from_fingerprints,
-         to_fingerprint, batch_size, rows_planned, run_as_role, backend_start)
-    SELECT p_operation, p_relation, p_column, p_from, p_to, p_from_fingerprints, p_fingerprint,
-           p_batch, p_planned, @extschema@._psap_check_role(p_role),
-           (SELECT a.backend_start FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a)
-    RETURNING id
-$$;
-
--- Called once per batch: PL/pgSQL, whose statement plan is kept for the session (a SQL function's
--- would be parsed and planned again at every call).
-CREATE FUNCTION @extschema@._psap_log_progress(p_id bigint, p_done bigint, p_skipped bigint, p_batches bigint)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    UPDATE @extschema@.psap_audit_log
-       SET rows_done = p_done, rows_skipped = p_skipped, batches = p_batches,
-           updated_at = pg_catalog.clock_timestamp()
-     WHERE id = p_id AND pid = pg_catalog.pg_backend_pid() AND status = 'running';
-END
-$$;
-
-CREATE FUNCTION @extschema@._psap_log_end(
-    p_id bigint, p_status text, p_done bigint, p_skipped bigint, p_failed bigint, p_batches bigint,
-    p_error text)
-RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-    UPDATE @extschema@.psap_audit_log
-       SET status = p_status, error = p_error, updated_at = pg_catalog.clock_timestamp(),
-           ended_at = pg_catalog.clock_timestamp(),
-           rows_done = GREATEST(rows_done, p_done),
-           rows_skipped = GREATEST(rows_skipped, p_skipped),
-           rows_failed = GREATEST(rows_failed, p_failed),
-           batches = GREATEST(batches, p_batches)
-     WHERE id = p_id AND pid = pg_catalog.pg_backend_pid() AND status = 'running'
-$$;
-
--- A one-line record of a change that is not a batch job (registry changes).
-CREATE FUNCTION @extschema@._psap_log_event(p_operation text, p_relation text, p_column name, p_role name)
-RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-    INSERT INTO @extschema@.psap_audit_log
-        (operation, relation, column_name, status, ended_at, run_as_role, backend_start)
-    SELECT p_operation, p_relation, p_column, 'done', pg_catalog.clock_timestamp(),
-           @extschema@._psap_check_role(p_role),
-           (SELECT a.backend_start FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a)
-$$;

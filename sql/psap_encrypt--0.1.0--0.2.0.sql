@@ -3,4 +3,444 @@
 -- Every change to the extension's SQL objects since 0.1.0 is here, in order; a fresh 0.2.0 install
 -- (the script pgrx generates from src/ and sql/*.sql) must end up with exactly the same objects,
 -- which tests/integration/test_upgrade.py checks catalog entry by catalog entry.
+--
+-- 0.2.0 closes the 0.1.0 side doors: audit records are written only by the library (no SQL
+-- writer functions), the per-row functions need a run's token, operators get an allow-list of
+-- routines, and every batch statement runs as the table's owner.
 \echo Use "ALTER EXTENSION psap_encrypt UPDATE" to load this file. \quit
+
+-- New C functions (the definitions pgrx generates for 0.2.0).
+CREATE  FUNCTION "_psap_audit_writing"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_audit_writing_wrapper';
+
+CREATE  FUNCTION "_psap_run_begin"(
+	"tbl" regclass, /* Option < PgRelation > */
+	"col" TEXT, /* Option < & str > */
+	"procedure" TEXT, /* & str */
+	"batch" INT, /* Option < i32 > */
+	"from_version" TEXT, /* Option < & str > */
+	"dry_run" bool, /* Option < bool > */
+	"max_batches" INT, /* Option < i32 > */
+	"max_seconds" double precision, /* Option < f64 > */
+	"pause_ms" INT, /* Option < i32 > */
+	"skip_undecryptable" bool, /* Option < bool > */
+	"disable_triggers" bool, /* Option < bool > */
+	"verify" bool /* Option < bool > */
+) RETURNS bigint /* i64 */
+VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_run_begin_wrapper';
+
+CREATE  FUNCTION "_psap_run_step"(
+	"run" bigint /* i64 */
+) RETURNS bool /* bool */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_run_step_wrapper';
+
+CREATE  FUNCTION "_psap_run_failed"(
+	"run" bigint, /* i64 */
+	"sqlstate" TEXT, /* & str */
+	"message" TEXT, /* Option < & str > */
+	"detail" TEXT, /* Option < & str > */
+	"hint" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_run_failed_wrapper';
+
+CREATE  FUNCTION "_psap_run_end"(
+	"run" bigint /* i64 */
+) RETURNS void
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_run_end_wrapper';
+
+CREATE  FUNCTION "_psap_all_begin"(
+	"batch" INT, /* Option < i32 > */
+	"from_version" TEXT, /* Option < & str > */
+	"dry_run" bool, /* Option < bool > */
+	"max_batches" INT, /* Option < i32 > */
+	"max_seconds" double precision, /* Option < f64 > */
+	"pause_ms" INT, /* Option < i32 > */
+	"skip_undecryptable" bool, /* Option < bool > */
+	"disable_triggers" bool, /* Option < bool > */
+	"verify" bool /* Option < bool > */
+) RETURNS bigint /* Option < i64 > */
+VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_all_begin_wrapper';
+
+CREATE  FUNCTION "_psap_all_next"(
+	"job" bigint /* i64 */
+) RETURNS bigint /* Option < i64 > */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_all_next_wrapper';
+
+CREATE  FUNCTION "_psap_all_failed"(
+	"job" bigint, /* i64 */
+	"sqlstate" TEXT, /* & str */
+	"message" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_all_failed_wrapper';
+
+CREATE  FUNCTION "_psap_all_end"(
+	"job" bigint /* i64 */
+) RETURNS void
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_all_end_wrapper';
+
+CREATE  FUNCTION "_psap_rotate_value"(
+	"value" TEXT, /* & str */
+	"run" bigint /* i64 */
+) RETURNS text /* Option < PallocText > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_rotate_value_wrapper';
+
+CREATE  FUNCTION "_psap_encrypt_value"(
+	"value" TEXT, /* & str */
+	"run" bigint /* i64 */
+) RETURNS text /* PallocText */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_encrypt_value_wrapper';
+
+CREATE  FUNCTION "_psap_value_error"(
+	"value" TEXT, /* & str */
+	"run" bigint /* i64 */
+) RETURNS TEXT /* Option < String > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_psap_value_error_wrapper';
+
+CREATE  FUNCTION "psap_audit_verify"() RETURNS TABLE (
+	"seal_seq" bigint,  /* Option < i64 > */
+	"id" bigint,  /* Option < i64 > */
+	"problem" TEXT  /* String */
+)
+STRICT STABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'psap_audit_verify_wrapper';
+
+CREATE  FUNCTION "psap_register_column"(
+	"tbl" regclass, /* PgRelation */
+	"col" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'psap_register_column_wrapper';
+
+CREATE  FUNCTION "psap_unregister_column"(
+	"tbl" regclass, /* PgRelation */
+	"col" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'psap_unregister_column_wrapper';
+
+-- The audit log: a guard that admits only the library's writer, a hash chain over finished
+-- records, and 'interrupted' as a status psap_encrypt records.
+ALTER TABLE @extschema@.psap_audit_log
+    ADD COLUMN seal_seq bigint,
+    ADD COLUMN seal_hash text,
+    DROP CONSTRAINT psap_audit_log_status_check,
+    ADD CONSTRAINT psap_audit_log_status_check
+        CHECK (status IN ('running', 'done', 'stopped', 'cancelled', 'failed', 'interrupted')),
+    ADD CONSTRAINT psap_audit_log_seal_seq_key UNIQUE (seal_seq);
+
+CREATE TABLE @extschema@.psap_audit_chain (
+    singleton boolean PRIMARY KEY CHECK (singleton),
+    seq       bigint  NOT NULL,
+    hash      text    NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.psap_audit_chain', '');
+
+CREATE OR REPLACE FUNCTION @extschema@._psap_audit_guard() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP IN ('DELETE', 'TRUNCATE') THEN
+        RAISE EXCEPTION '% is append-only', TG_TABLE_NAME
+            USING ERRCODE = '42501', DETAIL = 'No record can be deleted.';
+    END IF;
+    IF NOT @extschema@._psap_audit_writing() THEN
+        -- A superuser restoring a dump (pg_restore) inserts records as they were, seals included;
+        -- psap_audit_verify() checks them. Nothing else is written by hand.
+        IF TG_OP = 'INSERT' AND (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+            RETURN NEW;
+        END IF;
+        RAISE EXCEPTION '% is append-only', TG_TABLE_NAME
+            USING ERRCODE = '42501',
+                  DETAIL = 'Only psap_encrypt writes its audit log; finished records cannot change and no record can be deleted.';
+    END IF;
+    IF TG_TABLE_NAME = 'psap_audit_chain' THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        -- Who and when come from the session, never from the writer's arguments.
+        NEW.session_role := session_user;
+        NEW.pid := pg_backend_pid();
+        NEW.backend_start := (SELECT a.backend_start FROM pg_stat_get_activity(pg_backend_pid()) a);
+        NEW.started_at := clock_timestamp();
+        NEW.updated_at := NEW.started_at;
+        NEW.seal_seq := NULL;
+        NEW.seal_hash := NULL;
+        IF NEW.operation IN ('register', 'unregister') THEN
+            NEW.status := 'done';
+            NEW.ended_at := NEW.started_at;
+        ELSE
+            NEW.status := 'running';
+            NEW.ended_at := NULL;
+        END IF;
+    ELSIF OLD.seal_hash IS NOT NULL
+          OR NEW.id <> OLD.id OR NEW.operation <> OLD.operation OR NEW.relation <> OLD.relation
+          OR NEW.column_name <> OLD.column_name OR NEW.started_at <> OLD.started_at
+          OR NEW.session_role <> OLD.session_role OR NEW.run_as_role <> OLD.run_as_role
+          OR NEW.pid <> OLD.pid OR NEW.backend_start IS DISTINCT FROM OLD.backend_start THEN
+        RAISE EXCEPTION 'psap_audit_log is append-only'
+            USING ERRCODE = '42501',
+                  DETAIL = 'Finished records cannot change and no record can be deleted.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+DROP TRIGGER psap_audit_append_only ON @extschema@.psap_audit_log;
+CREATE TRIGGER psap_audit_append_only BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.psap_audit_log
+    FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_audit_guard();
+CREATE TRIGGER psap_audit_chain_guard BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.psap_audit_chain
+    FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_audit_guard();
+CREATE TRIGGER psap_audit_chain_no_truncate BEFORE TRUNCATE ON @extschema@.psap_audit_chain
+    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._psap_audit_guard();
+
+-- Seal the records 0.1.0 finished into the chain, once (a function for the library's sealer,
+-- dropped again: no 0.2.0 object calls it).
+CREATE FUNCTION @extschema@._psap_audit_seal_legacy() RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', '_psap_audit_seal_legacy_wrapper';
+SELECT @extschema@._psap_audit_seal_legacy();
+DROP FUNCTION @extschema@._psap_audit_seal_legacy();
+
+-- 0.1.0's side doors: SQL-callable audit writers, per-row functions without a run token, the
+-- rotation protocol that used them, and the SQL registry writer. (Their C symbols stay in the
+-- library, refusing, for databases not yet updated: src/api/compat.rs.)
+DROP FUNCTION @extschema@._psap_log_begin(text, text, name, text, text, text, text, integer, bigint, name);
+DROP FUNCTION @extschema@._psap_log_progress(bigint, bigint, bigint, bigint);
+DROP FUNCTION @extschema@._psap_log_end(bigint, text, bigint, bigint, bigint, bigint, text);
+DROP FUNCTION @extschema@._psap_log_event(text, text, name, name);
+DROP FUNCTION @extschema@._psap_registry_set(boolean, regclass, name, name);
+DROP FUNCTION @extschema@._psap_check_role(name);
+DROP FUNCTION @extschema@._psap_check_column(regclass, text);
+DROP FUNCTION @extschema@._psap_try_encrypt(text, integer);
+DROP FUNCTION @extschema@._psap_try_reencrypt(text, integer);
+DROP FUNCTION @extschema@._psap_reraise(text, text, text, text);
+DROP FUNCTION @extschema@._psap_rotate_fail(bigint, text, text);
+DROP FUNCTION @extschema@._psap_rotate_step(bigint);
+DROP FUNCTION @extschema@._psap_rotate_begin(regclass, text, text, integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean);
+DROP PROCEDURE @extschema@._psap_run(bigint, integer);
+
+-- The registry: written by the library (psap_register_column / psap_unregister_column above,
+-- which take the column as text); psap_status with a pinned search_path.
+DROP FUNCTION @extschema@.psap_register_column(regclass, name);
+DROP FUNCTION @extschema@.psap_unregister_column(regclass, name);
+CREATE OR REPLACE FUNCTION @extschema@.psap_status()
+RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
+               key_configured boolean, is_current boolean)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.relid, r.column_name, c.state, c.version, c.rows, c.key_configured,
+           c.version = pg_catalog.current_setting('psap.key_version')
+      FROM @extschema@.psap_encrypted_columns r,
+           LATERAL @extschema@.psap_census(r.relid, r.column_name::text) c
+     ORDER BY r.relid::text, r.column_name, c.state, pg_catalog.length(c.version), c.version
+$$;
+
+-- The batch procedures, now thin loops over the library's begin/step/end.
+CREATE PROCEDURE @extschema@._psap_run(run bigint)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    more     boolean := true;
+    e_state  text;
+    e_msg    text;
+    e_detail text;
+    e_hint   text;
+BEGIN
+    -- Commits the audit record; fails here, before any row is touched, if the caller is atomic.
+    COMMIT;
+    WHILE more LOOP
+        BEGIN
+            more := @extschema@._psap_run_step(run);
+        EXCEPTION WHEN OTHERS OR query_canceled THEN
+            GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT,
+                                    e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+            PERFORM @extschema@._psap_run_failed(run, e_state, e_msg, e_detail, e_hint);
+            more := false;
+        END;
+        COMMIT;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE PROCEDURE @extschema@.psap_rotate(
+    tbl                regclass,
+    col                name,
+    batch              integer          DEFAULT 500,
+    from_version       text             DEFAULT NULL,
+    dry_run            boolean          DEFAULT false,
+    max_batches        integer          DEFAULT NULL,
+    max_seconds        double precision DEFAULT NULL,
+    pause_ms           integer          DEFAULT 0,
+    skip_undecryptable boolean          DEFAULT false,
+    disable_triggers   boolean          DEFAULT false,
+    verify             boolean          DEFAULT true)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    run bigint := @extschema@._psap_run_begin(tbl, col::pg_catalog.text, 'psap_rotate', batch,
+                                              from_version, dry_run, max_batches, max_seconds,
+                                              pause_ms, skip_undecryptable, disable_triggers, verify);
+BEGIN
+    CALL @extschema@._psap_run(run);
+    PERFORM @extschema@._psap_run_end(run);
+END
+$$;
+
+CREATE OR REPLACE PROCEDURE @extschema@.psap_encrypt_column(
+    tbl              regclass,
+    col              name,
+    batch            integer          DEFAULT 500,
+    dry_run          boolean          DEFAULT false,
+    max_batches      integer          DEFAULT NULL,
+    max_seconds      double precision DEFAULT NULL,
+    pause_ms         integer          DEFAULT 0,
+    disable_triggers boolean          DEFAULT false)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    run bigint := @extschema@._psap_run_begin(tbl, col::pg_catalog.text, 'psap_encrypt_column',
+                                              batch, NULL, dry_run, max_batches, max_seconds,
+                                              pause_ms, false, disable_triggers, true);
+BEGIN
+    CALL @extschema@._psap_run(run);
+    PERFORM @extschema@._psap_run_end(run);
+END
+$$;
+
+CREATE OR REPLACE PROCEDURE @extschema@.psap_rotate_all(
+    batch              integer          DEFAULT 500,
+    from_version       text             DEFAULT NULL,
+    dry_run            boolean          DEFAULT false,
+    max_batches        integer          DEFAULT NULL,
+    max_seconds        double precision DEFAULT NULL,
+    pause_ms           integer          DEFAULT 0,
+    skip_undecryptable boolean          DEFAULT false,
+    disable_triggers   boolean          DEFAULT false,
+    verify             boolean          DEFAULT true)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    job bigint := @extschema@._psap_all_begin(batch, from_version, dry_run, max_batches,
+                                              max_seconds, pause_ms, skip_undecryptable,
+                                              disable_triggers, verify);
+    run     bigint;
+    e_state text;
+    e_msg   text;
+BEGIN
+    IF job IS NULL THEN
+        RETURN;
+    END IF;
+    LOOP
+        BEGIN
+            run := @extschema@._psap_all_next(job);
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT;
+            PERFORM @extschema@._psap_all_failed(job, e_state, e_msg);
+            CONTINUE;
+        END;
+        EXIT WHEN run IS NULL;
+        CALL @extschema@._psap_run(run);
+    END LOOP;
+    PERFORM @extschema@._psap_all_end(job);
+END
+$$;
+
+-- Privileges: the same rules as a fresh install (sql/finalize.sql).
+CREATE OR REPLACE FUNCTION @extschema@._psap_routines(OUT routine regprocedure, OUT name name, OUT returns regtype)
+RETURNS SETOF record
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.oid::pg_catalog.regprocedure, p.proname, p.prorettype::pg_catalog.regtype
+      FROM pg_catalog.pg_proc p
+      JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                 AND d.objid = p.oid AND d.deptype = 'e'
+      JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
+$$;
+
+CREATE OR REPLACE FUNCTION @extschema@.psap_grant_operator(grantee regrole) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT routine FROM @extschema@._psap_routines()
+         WHERE name IN ('psap_rotate', 'psap_encrypt_column', 'psap_rotate_all',
+                        'psap_register_column', 'psap_unregister_column', 'psap_status',
+                        'psap_census', 'psap_verify', 'psap_keys', 'psap_audit_verify',
+                        '_psap_run', '_psap_run_begin', '_psap_run_step', '_psap_run_failed',
+                        '_psap_run_end', '_psap_all_begin', '_psap_all_next', '_psap_all_failed',
+                        '_psap_all_end')
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', f, grantee);
+    END LOOP;
+    EXECUTE format('GRANT SELECT ON @extschema@.psap_audit, @extschema@.psap_rotation_progress,
+                                     @extschema@.psap_encrypted_columns TO %s', grantee);
+END
+$$;
+
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT routine FROM @extschema@._psap_routines()
+         WHERE name NOT IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
+                            '_psap_backend_alive', '_psap_rotate_value', '_psap_encrypt_value',
+                            '_psap_value_error')
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
+    END LOOP;
+END
+$$;
+REVOKE ALL ON TABLE @extschema@.psap_audit_chain FROM PUBLIC;
+
+-- Operators made by 0.1.0's psap_grant_operator held every routine but six: take back all but
+-- the application's four (never part of it, so granted separately), then grant the 0.2.0
+-- allow-list.
+DO $$
+DECLARE
+    r regrole;
+    f regprocedure;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole
+          FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+         WHERE p.oid = '@extschema@.psap_status()'::pg_catalog.regprocedure
+           AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        FOR f IN
+            SELECT routine FROM @extschema@._psap_routines()
+             WHERE name NOT IN ('psap_encrypt', 'psap_decrypt', 'psap_encrypt_bytea', 'psap_decrypt_bytea')
+        LOOP
+            EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM %s', f, r);
+        END LOOP;
+        PERFORM @extschema@.psap_grant_operator(r);
+    END LOOP;
+END
+$$;

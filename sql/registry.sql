@@ -13,52 +13,8 @@ CREATE TABLE @extschema@.psap_encrypted_columns (
 );
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.psap_encrypted_columns', '');
 
--- Writes the registry and its audit record (SECURITY DEFINER: callers cannot write either table).
-CREATE FUNCTION @extschema@._psap_registry_set(p_register boolean, p_relid regclass, p_column name, p_role name)
-RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    n integer;
-BEGIN
-    -- The same privilege psap_rotate needs: a role cannot register, or take out of the registry,
-    -- a column it could not rotate itself.
-    IF NOT pg_catalog.has_column_privilege(@extschema@._psap_check_role(p_role), p_relid, p_column::text, 'UPDATE') THEN
-        RAISE EXCEPTION 'permission denied for table %', p_relid USING ERRCODE = '42501';
-    END IF;
-    IF p_register THEN
-        INSERT INTO @extschema@.psap_encrypted_columns (relid, column_name, attnum, registered_by)
-        SELECT p_relid, p_column, a.attnum, p_role FROM pg_catalog.pg_attribute a
-         WHERE a.attrelid = p_relid AND a.attname = p_column
-        ON CONFLICT DO NOTHING;
-    ELSE
-        DELETE FROM @extschema@.psap_encrypted_columns WHERE relid = p_relid AND column_name = p_column;
-    END IF;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 THEN
-        PERFORM @extschema@._psap_log_event(
-            CASE WHEN p_register THEN 'register' ELSE 'unregister' END,
-            (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_relid),
-            p_column, p_role);
-    END IF;
-    RETURN n > 0;
-END
-$$;
-
-CREATE FUNCTION @extschema@.psap_register_column(tbl regclass, col name) RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    -- The column exists, is text, and the caller can read and update it.
-    PERFORM @extschema@._psap_check_column(tbl, col::text);
-    RETURN @extschema@._psap_registry_set(true, tbl, col, current_user);
-END
-$$;
-
-CREATE FUNCTION @extschema@.psap_unregister_column(tbl regclass, col name) RETURNS boolean
-LANGUAGE sql VOLATILE
-AS $$ SELECT @extschema@._psap_registry_set(false, tbl, col, current_user) $$;
+-- Registering and unregistering are psap_register_column / psap_unregister_column (Rust,
+-- src/api/registry.rs): they check the caller's privileges and write as the registry's owner.
 
 -- Keeps column names in step with renames, and forgets dropped tables and columns.
 CREATE FUNCTION @extschema@._psap_registry_follow_ddl() RETURNS event_trigger
@@ -98,7 +54,7 @@ CREATE EVENT TRIGGER psap_registry_follow_drop ON sql_drop
 CREATE FUNCTION @extschema@.psap_status()
 RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
                key_configured boolean, is_current boolean)
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT r.relid, r.column_name, c.state, c.version, c.rows, c.key_configured,
            c.version = pg_catalog.current_setting('psap.key_version')

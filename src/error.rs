@@ -1,25 +1,62 @@
-//! Every error psap_encrypt raises, with its SQLSTATE, in one place.
+//! Every error psap_encrypt raises, with its SQLSTATE, in one place: each raise site calls a
+//! named constructor from here.
 //!
 //! Messages follow PostgreSQL's style guide (short lower-case primary message, full-sentence
-//! detail and hint) and never contain key material, plaintext or a whole ciphertext.
+//! detail and hint) and never contain key material, plaintext, a whole ciphertext or any other
+//! column value (rows are named by ctid).
 //!
-//! | condition                                   | SQLSTATE |
-//! |---------------------------------------------|----------|
-//! | malformed envelope (prefix, base64, length) | 22P02    |
-//! | version outside v1..v99                     | 22023    |
-//! | no key configured for a version             | 55000    |
-//! | key setting malformed                       | F0000    |
-//! | wrong key or modified ciphertext            | 39000    |
-//! | decrypted bytes are not valid text          | 22021    |
-//! | result larger than a value can be           | 54000    |
-//! | library not in shared_preload_libraries     | 55000    |
+//! | condition                                         | SQLSTATE |
+//! |---------------------------------------------------|----------|
+//! | malformed envelope (prefix, base64, length)       | 22P02    |
+//! | version outside v1..v99                           | 22023    |
+//! | invalid argument (batch, limits, from_version)    | 22023    |
+//! | a required argument is NULL                       | 22004    |
+//! | no key configured for a version                   | 55000    |
+//! | key setting malformed                             | F0000    |
+//! | a version has keys from two sources               | F0000    |
+//! | wrong key or modified ciphertext                  | 39000    |
+//! | decrypted bytes are not valid text                | 22021    |
+//! | result larger than a value can be                 | 54000    |
+//! | out of memory                                     | 53200    |
+//! | library not in shared_preload_libraries           | 55000    |
+//! | SQL objects older than the library                | 55000    |
+//! | a batch job inside a transaction block            | 25001    |
+//! | a batch job on a standby                          | 25006    |
+//! | a row that cannot be decrypted                    | 22000    |
+//! | disable_triggers without superuser, internal call | 42501    |
+//! | keys set with ALTER SYSTEM                        | 42501    |
+//! | one of psap_encrypt's own statements failed       | 2F000    |
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{PgSqlErrorCode, PgSqlErrorCode::*};
-use psap_core::{CoreError, EnvelopeError, Version};
+use psap_core::{CoreError, EnvelopeError};
 
-use crate::gucs;
+/// The origin every psap_encrypt error carries (ErrorData's funcname): how a caught error is
+/// known to be one of ours.
+pub const ORIGIN: &str = "psap_encrypt";
+
+thread_local! {
+    /// The SQLSTATE and message of the last error psap_encrypt raised in this backend: how a run
+    /// that failed knows whether the error came from psap_encrypt itself (whose messages may go
+    /// into the audit log) or from other code.
+    static LAST_RAISED: std::cell::RefCell<Option<(PgSqlErrorCode, String)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Forgets the last error raised (a step starts).
+pub fn forget_raised() {
+    LAST_RAISED.with(|l| l.borrow_mut().take());
+}
+
+/// Whether the last error psap_encrypt raised had this SQLSTATE and message.
+pub fn raised_by_us(code: PgSqlErrorCode, message: &str) -> bool {
+    LAST_RAISED.with(|l| {
+        l.borrow()
+            .as_ref()
+            .is_some_and(|(c, m)| *c == code && m == message)
+    })
+}
 
 /// Raises an ERROR with the given SQLSTATE, message, and optional detail and hint.
 pub fn raise(
@@ -28,7 +65,9 @@ pub fn raise(
     detail: Option<String>,
     hint: Option<String>,
 ) -> ! {
-    let mut report = ErrorReport::new(code, message.into(), "psap_encrypt");
+    let message = message.into();
+    LAST_RAISED.with(|l| *l.borrow_mut() = Some((code, message.clone())));
+    let mut report = ErrorReport::new(code, message, ORIGIN);
     if let Some(d) = detail {
         report = report.set_detail(d);
     }
@@ -51,7 +90,6 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
         CoreError::Envelope(inner) => {
             (ERRCODE_INVALID_TEXT_REPRESENTATION, "malformed ciphertext envelope".into(), Some(sentence(&inner.to_string())), None)
         }
-        CoreError::KeyNotConfigured(n) if Version::new(*n).is_some_and(gucs::key_rejected) => malformed_key(*n),
         CoreError::KeyNotConfigured(n) => (
             ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("no key is configured for version v{n}"),
@@ -60,7 +98,18 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
                 "Set psap.key_v{n} in the server configuration (postgresql.conf or an included file) and reload it."
             )),
         ),
-        CoreError::KeyMalformed(n, _) => malformed_key(*n),
+        CoreError::KeyMalformed(n, _) => (
+            ERRCODE_CONFIG_FILE_ERROR,
+            format!("key setting \"psap.key_v{n}\" is malformed"),
+            Some("The configured value was rejected and is not used; the server log says why. The value is never shown.".into()),
+            Some("A key is 64 hexadecimal characters, as printed by \"openssl rand -hex 32\". Fix the setting and reload the configuration.".into()),
+        ),
+        CoreError::KeyConflict(n) => (
+            ERRCODE_CONFIG_FILE_ERROR,
+            format!("version v{n} has a key from two sources"),
+            Some(format!("Both psap.key_v{n} and psap.key_command configure version v{n}; neither key is used.")),
+            Some(format!("Remove psap.key_v{n} from the server configuration (or the version from the key command's output) and reload it.")),
+        ),
         CoreError::Authentication => (
             ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
             "wrong key or corrupt data".into(),
@@ -73,16 +122,13 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
             Some(format!("The envelope would be {bytes} bytes; a value can hold at most {} bytes.", psap_core::cipher::MAX_VALUE_BYTES)),
             None,
         ),
+        CoreError::OutOfMemory { bytes } => (
+            ERRCODE_OUT_OF_MEMORY,
+            "out of memory".into(),
+            Some(format!("psap_encrypt failed on a request of {bytes} bytes.")),
+            None,
+        ),
     }
-}
-
-fn malformed_key(n: u32) -> (PgSqlErrorCode, String, Option<String>, Option<String>) {
-    (
-        ERRCODE_CONFIG_FILE_ERROR,
-        format!("key setting \"psap.key_v{n}\" is malformed"),
-        Some("The configured value was rejected and is not used; the server log says why. The value is never shown.".into()),
-        Some("A key is 64 hexadecimal characters, as printed by \"openssl rand -hex 32\". Fix the setting and reload the configuration.".into()),
-    )
 }
 
 /// Raises the ERROR for a core error.
@@ -108,6 +154,152 @@ pub fn not_preloaded() -> ! {
         Some("Only a preloaded library defines its key settings before any query runs; otherwise a key written in postgresql.conf is a placeholder that every role can read.".into()),
         Some("Add psap_encrypt to shared_preload_libraries in postgresql.conf and restart the server.".into()),
     )
+}
+
+pub fn not_utf8_database() -> ! {
+    raise(
+        ERRCODE_FEATURE_NOT_SUPPORTED,
+        "psap_encrypt requires a database with UTF8 encoding",
+        Some("Decrypted text must be valid in the database encoding, and the application encrypts UTF-8.".into()),
+        None,
+    )
+}
+
+/// A function of the 0.1.0 SQL objects that the current library no longer serves.
+pub fn old_sql_objects() -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        "psap_encrypt's SQL objects are older than its library",
+        Some("This function belongs to an earlier version of the extension's SQL objects; the installed library no longer provides it.".into()),
+        Some("Run ALTER EXTENSION psap_encrypt UPDATE.".into()),
+    )
+}
+
+/// A per-row function called outside the statements of the run it belongs to.
+pub fn internal_function() -> ! {
+    raise(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        "this function can only be called by psap_encrypt's own batch statements",
+        Some("It works only inside a running psap_rotate or psap_encrypt_column, for the statement that run issues.".into()),
+        None,
+    )
+}
+
+pub fn null_argument(procedure: &str) -> ! {
+    raise(
+        ERRCODE_NULL_VALUE_NOT_ALLOWED,
+        format!("{procedure} arguments must not be null"),
+        None,
+        Some("Only from_version, max_batches and max_seconds may be null.".into()),
+    )
+}
+
+pub fn not_positive(argument: &str) -> ! {
+    invalid_argument(&format!("{argument} must be greater than zero"))
+}
+
+pub fn invalid_argument(message: &str) -> ! {
+    raise(ERRCODE_INVALID_PARAMETER_VALUE, message, None, None)
+}
+
+pub fn invalid_from_version(value: &str) -> ! {
+    raise(
+        ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("invalid from_version \"{value}\""),
+        Some("Versions are written v1 to v99.".into()),
+        None,
+    )
+}
+
+pub fn disable_triggers_needs_superuser() -> ! {
+    raise(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        "only superusers can use disable_triggers",
+        Some(
+            "Skipping triggers sets session_replication_role, which only superusers may change."
+                .into(),
+        ),
+        None,
+    )
+}
+
+pub fn in_transaction_block(procedure: &str) -> ! {
+    raise(
+        ERRCODE_ACTIVE_SQL_TRANSACTION,
+        format!("{procedure} cannot run inside a transaction block"),
+        Some("Each batch is committed on its own, which a surrounding transaction block would prevent.".into()),
+        Some(format!("Run CALL {procedure}(...) as a statement of its own, outside BEGIN ... COMMIT and not together with other statements in one query string.")),
+    )
+}
+
+pub fn on_standby(procedure: &str) -> ! {
+    raise(
+        ERRCODE_READ_ONLY_SQL_TRANSACTION,
+        "cannot rotate keys on a standby server",
+        Some("The server is in recovery and accepts no writes.".into()),
+        Some(format!("Run {procedure} on the primary; standbys receive the new ciphertext through replication.")),
+    )
+}
+
+pub fn permission_denied(relation: &str, needed: &str, column: &str) -> ! {
+    raise(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("permission denied for table {relation}"),
+        Some(format!(
+            "This needs the {needed} privilege on column \"{column}\" of {relation}."
+        )),
+        None,
+    )
+}
+
+pub fn cannot_encrypt_value(what: &str, e: CoreError) -> ! {
+    let (code, _, detail, _) = describe(&e);
+    raise(
+        code,
+        format!("cannot encrypt a value of {what}"),
+        detail.map(|d| format!("{d} The batch was rolled back.")),
+        None,
+    )
+}
+
+pub fn extension_missing() -> ! {
+    raise(
+        ERRCODE_UNDEFINED_OBJECT,
+        "extension \"psap_encrypt\" is not installed in this database",
+        None,
+        None,
+    )
+}
+
+/// A failure of SPI itself (not an error raised by a statement, which keeps its SQLSTATE).
+pub fn spi(e: pgrx::spi::Error) -> ! {
+    raise(
+        ERRCODE_SQL_ROUTINE_EXCEPTION,
+        "psap_encrypt could not run one of its statements",
+        Some(sentence(&e.to_string())),
+        None,
+    )
+}
+
+/// The five characters of a SQLSTATE (PostgreSQL's unpack of MAKE_SQLSTATE: six bits per
+/// character, first character lowest).
+pub fn sqlstate(code: PgSqlErrorCode) -> String {
+    let n = code as i32;
+    (0..5)
+        .map(|i| char::from(b'0' + ((n >> (6 * i)) & 0x3f) as u8))
+        .collect()
+}
+
+/// The code of a five-character SQLSTATE (PostgreSQL's MAKE_SQLSTATE), or XX000 for anything else.
+pub fn code_of(sqlstate: &str) -> PgSqlErrorCode {
+    let b = sqlstate.as_bytes();
+    if b.len() != 5 || !b.iter().all(u8::is_ascii_alphanumeric) {
+        return ERRCODE_INTERNAL_ERROR;
+    }
+    let n = b.iter().enumerate().fold(0i32, |acc, (i, c)| {
+        acc + (((i32::from(*c) - i32::from(b'0')) & 0x3f) << (6 * i))
+    });
+    PgSqlErrorCode::from(n)
 }
 
 /// `s` as a sentence of a detail or hint: first letter upper case, final period.

@@ -32,11 +32,6 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 static KEYRING: LazyLock<Mutex<KeyRing>> = LazyLock::new(|| Mutex::new(KeyRing::default()));
 static NONCES: LazyLock<Mutex<NonceSource>> = LazyLock::new(|| Mutex::new(NonceSource::default()));
 
-/// Set by a check hook that rejected a value for this version, cleared when a value is assigned.
-/// Lets "no key" be reported as "the key setting is malformed" where that is the reason.
-static REJECTED: [AtomicBool; MAX_VERSION as usize + 1] =
-    [const { AtomicBool::new(false) }; MAX_VERSION as usize + 1];
-
 /// GUC-owned storage for each key setting (PostgreSQL writes the pointer; we never read it
 /// directly, the assign hook hands us each new value).
 static mut KEY_VARS: [*mut c_char; MAX_VERSION as usize + 1] =
@@ -86,6 +81,88 @@ pub fn init() {
     );
     // SAFETY: called once, after every psap.* setting is defined.
     unsafe { reserve_prefix() };
+    // SAFETY: a plain read of a PostgreSQL global.
+    if !unsafe { pg_sys::IsUnderPostmaster } {
+        warn_keys_in_data_directory();
+    }
+}
+
+/// At server start: a key setting read from a file inside the data directory is in every
+/// pg_basebackup and readable by members of pg_read_server_files. Says so in the log (naming
+/// the settings and the file, never a value).
+fn warn_keys_in_data_directory() {
+    // SAFETY: DataDir is set before shared_preload_libraries are loaded.
+    let data_dir = unsafe { pg_sys::DataDir };
+    if data_dir.is_null() {
+        return;
+    }
+    // SAFETY: a NUL-terminated path.
+    let data_dir = unsafe { CStr::from_ptr(data_dir) }
+        .to_string_lossy()
+        .into_owned();
+    let mut found: Vec<(String, String)> = Vec::new();
+    for (name, file) in setting_sources() {
+        let inside = file.starts_with(&format!("{}/", data_dir.trim_end_matches('/')));
+        if inside && name.starts_with("psap.key_v") {
+            found.push((name, file));
+        }
+    }
+    if let Some((_, file)) = found.first() {
+        let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+        pgrx::pg_sys::panic::ErrorReport::new(
+            pgrx::PgSqlErrorCode::ERRCODE_WARNING,
+            "psap_encrypt keys are read from a file inside the data directory",
+            crate::error::ORIGIN,
+        )
+        .set_detail(format!(
+            "{} come from \"{file}\". Every pg_basebackup copies that file, and members of pg_read_server_files can read it.",
+            names.join(", ")
+        ))
+        .set_hint("Use psap.key_command, or keep the key file outside the data directory.")
+        .report(PgLogLevel::WARNING);
+    }
+}
+
+/// (name, source file) of every setting that was read from a configuration file.
+fn setting_sources() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    // SAFETY: the GUC array and its entries are PostgreSQL's, valid for the life of the process;
+    // names and source files are NUL-terminated strings or null.
+    unsafe {
+        let (vars, n) = guc_variables();
+        for i in 0..n {
+            let var = *vars.add(i);
+            if var.is_null() || (*var).sourcefile.is_null() || (*var).name.is_null() {
+                continue;
+            }
+            out.push((
+                CStr::from_ptr((*var).name).to_string_lossy().into_owned(),
+                CStr::from_ptr((*var).sourcefile)
+                    .to_string_lossy()
+                    .into_owned(),
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+unsafe fn guc_variables() -> (*mut *mut pg_sys::config_generic, usize) {
+    // SAFETY: see setting_sources.
+    unsafe {
+        (
+            pg_sys::get_guc_variables(),
+            pg_sys::GetNumConfigOptions().max(0) as usize,
+        )
+    }
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+unsafe fn guc_variables() -> (*mut *mut pg_sys::config_generic, usize) {
+    let mut n = 0;
+    // SAFETY: see setting_sources.
+    let vars = unsafe { pg_sys::get_guc_variables(&mut n) };
+    (vars, n.max(0) as usize)
 }
 
 #[cfg(any(feature = "pg13", feature = "pg14"))]
@@ -196,8 +273,14 @@ unsafe extern "C-unwind" fn check_key<const N: usize>(
         KeyChange::Keep
     } else {
         match Slot::from_setting(text) {
-            Slot::Malformed(e) => {
-                REJECTED[N].store(true, Ordering::Relaxed);
+            Slot::Rejected(e) => {
+                // Recorded in the ring where there is no key, so that using the version reports
+                // the malformed setting; a key already in effect (a reload) stays.
+                let mut ring = keyring();
+                if !matches!(ring.slot(version), Slot::Key(_)) {
+                    ring.set(version, Slot::Rejected(e));
+                }
+                drop(ring);
                 set_check_message(
                     &format!("invalid value for key setting \"psap.key_v{N}\""),
                     &format!(
@@ -207,7 +290,7 @@ unsafe extern "C-unwind" fn check_key<const N: usize>(
                 );
                 return false;
             }
-            Slot::Unset => KeyChange::Unset,
+            Slot::Unset | Slot::Conflict => KeyChange::Unset,
             slot @ Slot::Key(_) => {
                 PENDING
                     .lock()
@@ -243,7 +326,6 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
     let Some(version) = Version::new(N as u32) else {
         return;
     };
-    REJECTED[N].store(false, Ordering::Relaxed);
     let change = match extra.cast::<u8>().as_ref() {
         Some(0) => KeyChange::Unset,
         Some(1) => KeyChange::Set,
@@ -255,7 +337,7 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
             // unsets the key it inherited from the postmaster), then applies the leader's stored
             // value, the mask: take the inherited key back.
             let mut ring = keyring();
-            if matches!(ring.slot(version), Slot::Unset) {
+            if !matches!(ring.slot(version), Slot::Key(_)) {
                 let stashed = std::mem::take(
                     PENDING
                         .lock()
@@ -381,14 +463,18 @@ pub fn is_preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
 }
 
-/// The backend's key ring (filled by the assign hooks).
+/// The backend's key ring (filled by the assign hooks). Its keys are in locked memory that no
+/// core file contains; a forked backend, which inherits the memory but not the lock, locks it
+/// again the first time it uses the ring.
 pub fn keyring() -> MutexGuard<'static, KeyRing> {
-    KEYRING.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// True when the last value offered for this version's setting was rejected.
-pub fn key_rejected(version: Version) -> bool {
-    REJECTED[version.get() as usize].load(Ordering::Relaxed)
+    static LOCKED_BY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+    let ring = KEYRING.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: MyProcPid is set by PostgreSQL in every process before any query runs.
+    let pid = unsafe { pg_sys::MyProcPid };
+    if LOCKED_BY.swap(pid, Ordering::Relaxed) != pid {
+        ring.relock();
+    }
+    ring
 }
 
 /// The version `psap.key_version` names (the check hook admits only valid spellings).

@@ -1,17 +1,30 @@
 //! psap_encrypt: field-level encryption with in-database key rotation for PostgreSQL.
 //!
 //! Where things live:
-//! - `crates/psap_core`: the envelope format, keys and libsodium (no pgrx; `cargo test -p psap_core`);
+//! - `crates/psap_core`: the envelope format, keys and libsodium, log redaction (no pgrx;
+//!   `cargo test -p psap_core`);
 //! - [`gucs`]: every setting, the key ring they fill, nonces;
 //! - [`error`]: every error and its SQLSTATE;
-//! - [`api`]: the SQL functions (`crypto`: encrypt/decrypt/keys; `rotate`: rotation and census);
-//! - `sql/`: hand-written SQL (the rotation procedure, the log, privileges).
+//! - [`sandbox`]: under whose rights and with which search_path psap_encrypt's SQL runs;
+//! - [`hooks`]: the log and utility hooks that keep keys out of logs and the data directory;
+//! - [`spi`]: running psap_encrypt's own statements;
+//! - [`audit`]: the audit log's only writer, and its hash chain;
+//! - [`api`]: SQL functions (`crypto`: encrypt/decrypt/keys; `census`; `registry`; `target`:
+//!   table/column checks; `compat`: the 0.1.0 entry points);
+//! - [`rotation`]: the batch jobs (psap_rotate, psap_encrypt_column, psap_rotate_all);
+//! - `sql/`: hand-written SQL (the procedures, the audit log, the registry, privileges) and the
+//!   released install and upgrade scripts.
 
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod audit;
 pub mod error;
 pub mod gucs;
+pub mod hooks;
+pub mod rotation;
+pub mod sandbox;
+pub mod spi;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -30,6 +43,9 @@ pub extern "C-unwind" fn _PG_init() {
         );
     }
     gucs::init();
+    if gucs::is_preloaded() {
+        hooks::install();
+    }
 }
 
 /// Refuses CREATE EXTENSION unless the library is preloaded and the database encoding is UTF8.
@@ -38,12 +54,7 @@ fn _psap_check_install() {
     gucs::ensure_preloaded();
     // SAFETY: reads the database encoding.
     if unsafe { pg_sys::GetDatabaseEncoding() } != pg_sys::pg_enc::PG_UTF8 as i32 {
-        error::raise(
-            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "psap_encrypt requires a database with UTF8 encoding",
-            Some("Decrypted text must be valid in the database encoding, and the application encrypts UTF-8.".into()),
-            None,
-        );
+        error::not_utf8_database();
     }
 }
 
@@ -55,26 +66,26 @@ extension_sql!(
 extension_sql_file!(
     "../sql/audit.sql",
     name = "audit",
-    requires = ["check_install"]
+    requires = ["check_install", audit::_psap_audit_writing]
 );
 extension_sql_file!(
     "../sql/registry.sql",
     name = "registry",
-    requires = [
-        "audit",
-        api::census::psap_census,
-        api::census::_psap_check_column
-    ]
+    requires = ["audit", api::census::psap_census]
 );
 extension_sql_file!(
     "../sql/rotate.sql",
     name = "rotate",
     requires = [
         "registry",
-        api::rotate::_psap_rotate_begin,
-        api::rotate::_psap_rotate_step,
-        api::rotate::_psap_rotate_fail,
-        api::rotate::_psap_reraise
+        rotation::plan::_psap_run_begin,
+        rotation::batch::_psap_run_step,
+        rotation::batch::_psap_run_failed,
+        rotation::batch::_psap_run_end,
+        rotation::all::_psap_all_begin,
+        rotation::all::_psap_all_next,
+        rotation::all::_psap_all_failed,
+        rotation::all::_psap_all_end
     ]
 );
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);

@@ -1,14 +1,13 @@
 //! Reading a column without changing it: psap_census, psap_verify, and the small predicates the
-//! batch statements use to pick rows by their first characters.
+//! batch statements use to pick rows by their first characters (pure functions of a value's
+//! first characters, executable by everyone).
 
 use pgrx::prelude::*;
 use pgrx::PgRelation;
-use pgrx::PgSqlErrorCode::*;
 use psap_core::{cipher, envelope, Version};
 
 use crate::api::target::{self, Access};
-use crate::error::raise;
-use crate::gucs;
+use crate::{gucs, sandbox, spi};
 
 /// Whether a value (its first characters) is an envelope to rotate: its version is not `target`
 /// and, when `from` is given, is `from`.
@@ -40,26 +39,24 @@ fn _psap_envelope_version(prefix: &str) -> Option<String> {
 #[pg_extern(stable, strict, parallel_safe)]
 fn psap_verify(value: &str) -> Option<String> {
     gucs::ensure_preloaded();
+    decrypt_error(value.as_bytes())
+}
+
+/// Why `value` cannot be decrypted with this backend's keys, or None. The plaintext is decrypted
+/// into a scratch buffer and wiped; running out of memory is an error, not a reason.
+pub fn decrypt_error(value: &[u8]) -> Option<String> {
     let mut plain = Vec::new();
-    let result = cipher::decrypt(
-        &gucs::keyring(),
-        value.as_bytes(),
-        &mut Vec::new(),
-        &mut plain,
-    );
+    let result = cipher::decrypt(&gucs::keyring(), value, &mut plain);
     psap_core::sodium::memzero(&mut plain);
-    result.err().map(|e| e.to_string())
+    match result {
+        Err(e @ psap_core::CoreError::OutOfMemory { .. }) => crate::error::core(e),
+        other => other.err().map(|e| e.to_string()),
+    }
 }
 
-/// Checks that a column can be registered: it exists, is text, and the caller can read and update it.
-#[pg_extern(stable)]
-fn _psap_check_column(tbl: PgRelation, col: &str) {
-    gucs::ensure_preloaded();
-    target::resolve(&tbl, col, Access::Rotate);
-}
-
-/// Rows per envelope version of a column, plus NULLs and values that are not envelopes.
-/// `v1:` never counts as `v10:`. Reads only the first characters of each value.
+/// Rows of a column per envelope version, plus NULLs and values that are not envelopes.
+/// `v1:` never counts as `v10:`. Reads only the first characters of each value, as the table's
+/// owner (its row-level security policies never run with the caller's rights).
 #[pg_extern(stable)]
 fn psap_census(
     tbl: PgRelation,
@@ -74,35 +71,26 @@ fn psap_census(
     ),
 > {
     gucs::ensure_preloaded();
-    let t = target::resolve(&tbl, col, Access::Read);
-    let sql = format!(
-        "SELECT CASE WHEN {col} IS NULL THEN 'null'
-                     WHEN v IS NULL THEN 'not encrypted' ELSE 'encrypted' END, v, count(*)
-           FROM {rel}, LATERAL (SELECT {ext}._psap_envelope_version(pg_catalog.substr({col}, 1, 4)) AS v) ver
-          GROUP BY 1, 2 ORDER BY 1, pg_catalog.length(v), v",
-        col = t.column,
-        rel = t.relation,
-        ext = t.ext
-    );
-    let rows: Vec<(String, Option<String>, i64)> = Spi::connect(|client| {
-        client
-            .select(&sql, None, &[])?
-            .map(|r| {
+    let rows = sandbox::with_safe_search_path(|| {
+        let t = target::resolve(&tbl, col, Access::Read);
+        let sql = format!(
+            "SELECT CASE WHEN {col} IS NULL THEN 'null'
+                         WHEN v IS NULL THEN 'not encrypted' ELSE 'encrypted' END, v, pg_catalog.count(*)
+               FROM {rel}, LATERAL (SELECT {ext}._psap_envelope_version(pg_catalog.substr({col}, 1, 4)) AS v) ver
+              GROUP BY 1, 2 ORDER BY 1, pg_catalog.length(v), v",
+            col = t.column,
+            rel = t.relation,
+            ext = t.ext
+        );
+        sandbox::as_table_owner(t.owner, || {
+            spi::rows(&sql, &[], |r| {
                 Ok((
                     r.get::<String>(1)?.unwrap_or_default(),
                     r.get::<String>(2)?,
                     r.get::<i64>(3)?.unwrap_or(0),
                 ))
             })
-            .collect::<Result<_, pgrx::spi::Error>>()
-    })
-    .unwrap_or_else(|e| {
-        raise(
-            ERRCODE_INTERNAL_ERROR,
-            format!("census failed: {e}"),
-            None,
-            None,
-        )
+        })
     });
     let ring = gucs::keyring();
     let out: Vec<_> = rows

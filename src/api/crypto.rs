@@ -1,4 +1,9 @@
 //! psap_encrypt / psap_decrypt (text and bytea) and psap_keys().
+//!
+//! Results are built in place in palloc'd memory: an allocation that fails is PostgreSQL's
+//! `out of memory` ERROR (53200), never an abort of the backend, and a value is held at most
+//! once besides its input (the envelope is sealed into the end of the result and base64-encoded
+//! in place; the ciphertext is decoded into the result and opened in place).
 
 use pgrx::prelude::*;
 use psap_core::key::Slot;
@@ -6,174 +11,218 @@ use psap_core::{cipher, CoreError, Version};
 
 use crate::{error, gucs};
 
-/// Encrypts under the current key version (`psap.key_version`), returning the envelope bytes.
-pub(crate) fn encrypt_bytes(plaintext: &[u8]) -> Vec<u8> {
+/// A varlena (4-byte header) allocated with palloc and filled in place.
+pub struct Varlena(*mut pg_sys::varlena);
+
+impl Varlena {
+    /// Room for `n` bytes of data; PostgreSQL raises `out of memory` if it has none.
+    fn alloc(n: usize) -> Varlena {
+        // SAFETY: palloc returns VARHDRSZ + n bytes (or raises); the header is set at once.
+        unsafe {
+            let p = pg_sys::palloc(pg_sys::VARHDRSZ + n).cast::<pg_sys::varlena>();
+            pgrx::set_varsize_4b(p, (pg_sys::VARHDRSZ + n) as i32);
+            Varlena(p)
+        }
+    }
+
+    /// The data part, for filling.
+    ///
+    /// # Safety
+    /// The slice aliases the allocation: use it only while nothing else reads or frees it.
+    unsafe fn data_mut<'a>(&self) -> &'a mut [u8] {
+        // SAFETY: the allocation holds VARSIZE bytes from the header on.
+        unsafe {
+            let len = pgrx::varsize(self.0) - pg_sys::VARHDRSZ;
+            std::slice::from_raw_parts_mut(self.0.cast::<u8>().add(pg_sys::VARHDRSZ), len)
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        // SAFETY: as above, shared.
+        unsafe { self.data_mut() }
+    }
+
+    /// Shortens the value to its first `n` data bytes (the allocation keeps its size).
+    fn truncate(&mut self, n: usize) {
+        // SAFETY: n is at most the current data length, so the header stays within the allocation.
+        unsafe {
+            debug_assert!(n <= self.data().len());
+            pgrx::set_varsize_4b(self.0, (pg_sys::VARHDRSZ + n) as i32);
+        }
+    }
+
+    /// Wipes and releases a value that will not be returned.
+    fn discard(self) {
+        // SAFETY: palloc'd above, not handed to PostgreSQL.
+        unsafe {
+            psap_core::sodium::memzero(self.data_mut());
+            pg_sys::pfree(self.0.cast());
+        }
+    }
+}
+
+/// A text result built in place.
+pub struct PallocText(Varlena);
+
+impl From<Varlena> for PallocText {
+    fn from(v: Varlena) -> Self {
+        PallocText(v)
+    }
+}
+/// A bytea result built in place.
+pub struct PallocBytea(Varlena);
+
+pgrx::impl_sql_translatable!(PallocText, "text");
+pgrx::impl_sql_translatable!(PallocBytea, "bytea");
+
+// SAFETY: the pointer is a valid text/bytea datum allocated in the function's memory context.
+unsafe impl pgrx::callconv::BoxRet for PallocText {
+    unsafe fn box_into<'fcx>(
+        self,
+        fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
+    ) -> pgrx::datum::Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(pg_sys::Datum::from(self.0 .0)) }
+    }
+}
+
+// SAFETY: as above.
+unsafe impl pgrx::callconv::BoxRet for PallocBytea {
+    unsafe fn box_into<'fcx>(
+        self,
+        fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
+    ) -> pgrx::datum::Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(pg_sys::Datum::from(self.0 .0)) }
+    }
+}
+
+/// Encrypts under the current key version (`psap.key_version`) into a palloc'd envelope.
+pub(crate) fn encrypt_to_varlena(plaintext: &[u8]) -> Varlena {
+    encrypt_as(gucs::current_version(), plaintext).unwrap_or_else(|e| error::core(e))
+}
+
+/// Encrypts under `version` into a palloc'd envelope.
+pub(crate) fn encrypt_as(version: Version, plaintext: &[u8]) -> Result<Varlena, CoreError> {
     gucs::ensure_preloaded();
-    let version = gucs::current_version();
+    let ring = gucs::keyring();
+    ring.key(version)?;
+    let out = Varlena::alloc(cipher::envelope_len(version, plaintext.len())?);
     let nonce = gucs::next_nonce();
-    let mut out = Vec::new();
-    let result = cipher::encrypt(&gucs::keyring(), version, &nonce, plaintext, &mut out);
-    result.unwrap_or_else(|e| error::core(e));
-    out
+    // SAFETY: `out` is ours until returned.
+    match cipher::encrypt_into(&ring, version, &nonce, plaintext, unsafe { out.data_mut() }) {
+        Ok(()) => Ok(out),
+        Err(e) => {
+            out.discard();
+            Err(e)
+        }
+    }
 }
 
-/// Decrypts an envelope under the key its prefix names.
-pub(crate) fn decrypt_bytes(envelope: &[u8]) -> Vec<u8> {
+/// Decrypts an envelope under the key its prefix names, into a palloc'd value.
+pub(crate) fn decrypt_to_varlena(envelope: &[u8]) -> Varlena {
     gucs::ensure_preloaded();
-    let mut plain = Vec::with_capacity(envelope.len());
-    let result = SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let result = cipher::decrypt(&gucs::keyring(), envelope, &mut scratch, &mut plain);
-        release_if_large(&mut scratch);
-        result
+    let mut out: Option<Varlena> = None;
+    let result = cipher::decrypt_into(&gucs::keyring(), envelope, |n| {
+        let v = Varlena::alloc(n);
+        // SAFETY: the slice is used only by decrypt_into, before `out` is read below.
+        let data = unsafe { v.data_mut() };
+        out = Some(v);
+        Ok(data)
     });
-    result.unwrap_or_else(|e| error::core(e));
-    plain
+    match (result, out) {
+        (Ok((_, n)), Some(mut v)) => {
+            v.truncate(n);
+            v
+        }
+        (result, v) => {
+            if let Some(v) = v {
+                v.discard();
+            }
+            error::core(result.err().unwrap_or(CoreError::Authentication))
+        }
+    }
 }
 
-/// Re-encrypts an envelope under version `to` into a text value (a rotation's new value).
-/// The decoded ciphertext and the new envelope are built in buffers reused from row to row; the
-/// plaintext in between is wiped by the core.
+/// Re-encrypts an envelope under version `to` into a palloc'd text (a rotation's new value).
+/// The plaintext in between lives in a buffer reused from row to row and wiped after each.
 pub(crate) fn reencrypt_text(envelope: &[u8], to: Version) -> Result<PallocText, CoreError> {
     gucs::ensure_preloaded();
     let nonce = gucs::next_nonce();
     let ring = gucs::keyring();
-    SCRATCH.with(|scratch| {
-        OUT.with(|out| {
-            let (mut scratch, mut out) = (scratch.borrow_mut(), out.borrow_mut());
-            out.clear();
-            let result = cipher::reencrypt(&ring, to, &nonce, envelope, &mut scratch, &mut out);
-            let text = result.map(|_| PallocText::copy_of(&out));
-            release_if_large(&mut scratch);
-            release_if_large(&mut out);
-            text
-        })
-    })
+    let mut out: Option<Varlena> = None;
+    let result = SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let result = cipher::reencrypt_into(&ring, to, &nonce, envelope, &mut scratch, |n| {
+            let v = Varlena::alloc(n);
+            // SAFETY: as in decrypt_to_varlena.
+            let data = unsafe { v.data_mut() };
+            out = Some(v);
+            Ok(data)
+        });
+        release_if_large(&mut scratch);
+        result
+    });
+    match (result, out) {
+        (Ok(_), Some(v)) => Ok(PallocText(v)),
+        (result, v) => {
+            if let Some(v) = v {
+                v.discard();
+            }
+            Err(result.err().unwrap_or(CoreError::Authentication))
+        }
+    }
 }
 
 thread_local! {
-    /// Buffer for the decoded ciphertext, reused from one call to the next (one allocation less per row).
+    /// Plaintext buffer of re-encryption, reused from one row to the next (wiped after each).
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Buffer for a re-encrypted envelope, reused the same way.
-    static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 const SCRATCH_KEEP: usize = 64 * 1024;
 
-/// Drops a reused buffer that grew past SCRATCH_KEEP: what it holds (ciphertext) is not secret,
-/// but a multi-megabyte value need not stay allocated for the rest of the session.
+/// Drops a reused buffer that grew past SCRATCH_KEEP: a multi-megabyte value need not stay
+/// allocated for the rest of the session.
 fn release_if_large(buffer: &mut Vec<u8>) {
     if buffer.capacity() > SCRATCH_KEEP {
         *buffer = Vec::new();
     }
 }
 
-fn envelope_text(bytes: Vec<u8>) -> String {
-    // Envelopes are ASCII by construction (prefix + base64).
-    String::from_utf8(bytes).expect("an envelope is ASCII")
-}
-
 /// Encrypts text with the current key version; returns `v<N>:` + base64(nonce || secretbox).
 #[pg_extern(volatile, strict, parallel_safe)]
-fn psap_encrypt(plaintext: &str) -> String {
-    envelope_text(encrypt_bytes(plaintext.as_bytes()))
+fn psap_encrypt(plaintext: &str) -> PallocText {
+    PallocText(encrypt_to_varlena(plaintext.as_bytes()))
 }
 
 /// Decrypts an envelope, choosing the key from its version prefix. With
 /// `psap.decrypt_passthrough` on, a value without an envelope prefix is returned unchanged.
-///
-/// The plaintext is written straight into the palloc'd text PostgreSQL receives (no
-/// intermediate Rust string): this function runs once per row in application views.
 #[pg_extern(stable, strict, parallel_safe)]
 fn psap_decrypt(ciphertext: &str) -> PallocText {
     if gucs::decrypt_passthrough()
         && psap_core::envelope::parse_prefix(ciphertext.as_bytes()).is_err()
     {
-        return PallocText::copy_of(ciphertext.as_bytes());
+        let v = Varlena::alloc(ciphertext.len());
+        // SAFETY: freshly allocated for exactly this copy.
+        unsafe { v.data_mut() }.copy_from_slice(ciphertext.as_bytes());
+        return PallocText(v);
     }
-    gucs::ensure_preloaded();
-    let mut result: *mut pg_sys::varlena = std::ptr::null_mut();
-    let outcome = SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let outcome =
-            cipher::decrypt_with(&gucs::keyring(), ciphertext.as_bytes(), &mut scratch, |n| {
-                // SAFETY: a fresh allocation of exactly VARHDRSZ + n bytes (n is less than the
-                // input's length, itself a valid varlena), of which the slice covers the data part.
-                unsafe {
-                    result = pg_sys::palloc(pg_sys::VARHDRSZ + n).cast();
-                    pgrx::set_varsize_4b(result, (pg_sys::VARHDRSZ + n) as i32);
-                    std::slice::from_raw_parts_mut(result.cast::<u8>().add(pg_sys::VARHDRSZ), n)
-                }
-            });
-        release_if_large(&mut scratch);
-        outcome
-    });
-    let text = PallocText(result);
-    if let Err(e) = outcome {
-        text.free();
-        error::core(e);
-    }
-    let plain = text.data();
+    let v = decrypt_to_varlena(ciphertext.as_bytes());
+    let plain = v.data();
     if plain.contains(&0) || std::str::from_utf8(plain).is_err() {
-        text.free();
+        v.discard();
         error::not_text();
     }
-    text
-}
-
-/// A text value built in place (a palloc'd varlena with a 4-byte header), returned as it is.
-pub struct PallocText(*mut pg_sys::varlena);
-
-impl PallocText {
-    pub(crate) fn copy_of(bytes: &[u8]) -> PallocText {
-        PallocText(pgrx::rust_byte_slice_to_bytea(bytes).into_pg())
-    }
-
-    fn data(&self) -> &[u8] {
-        // SAFETY: built by psap_decrypt with a 4-byte header and VARSIZE covering the data.
-        unsafe {
-            let len = pgrx::varsize(self.0) - pg_sys::VARHDRSZ;
-            std::slice::from_raw_parts(self.0.cast::<u8>().add(pg_sys::VARHDRSZ), len)
-        }
-    }
-
-    /// Releases a value that will not be returned (its plaintext, if any, was zeroed or is wiped here).
-    fn free(&self) {
-        if !self.0.is_null() {
-            // SAFETY: palloc'd above, not returned to PostgreSQL.
-            unsafe {
-                let len = pgrx::varsize(self.0);
-                psap_core::sodium::memzero(std::slice::from_raw_parts_mut(
-                    self.0.cast::<u8>(),
-                    len,
-                ));
-                pg_sys::pfree(self.0.cast());
-            }
-        }
-    }
-}
-
-pgrx::impl_sql_translatable!(PallocText, "text");
-
-// SAFETY: the pointer is a valid text datum allocated in the function's memory context.
-unsafe impl pgrx::callconv::BoxRet for PallocText {
-    unsafe fn box_into<'fcx>(
-        self,
-        fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
-    ) -> pgrx::datum::Datum<'fcx> {
-        unsafe { fcinfo.return_raw_datum(pg_sys::Datum::from(self.0)) }
-    }
+    PallocText(v)
 }
 
 /// Encrypts binary data with the current key version.
 #[pg_extern(volatile, strict, parallel_safe)]
-fn psap_encrypt_bytea(plaintext: &[u8]) -> String {
-    envelope_text(encrypt_bytes(plaintext))
+fn psap_encrypt_bytea(plaintext: &[u8]) -> PallocText {
+    PallocText(encrypt_to_varlena(plaintext))
 }
 
 /// Decrypts an envelope to binary data.
 #[pg_extern(stable, strict, parallel_safe)]
-fn psap_decrypt_bytea(ciphertext: &str) -> Vec<u8> {
-    decrypt_bytes(ciphertext.as_bytes())
+fn psap_decrypt_bytea(ciphertext: &str) -> PallocBytea {
+    PallocBytea(decrypt_to_varlena(ciphertext.as_bytes()))
 }
 
 /// One row per configured key version, plus the current version if it has no key:
@@ -195,8 +244,8 @@ fn psap_keys() -> TableIterator<
     for v in Version::all() {
         let (fingerprint, status) = match ring.slot(v) {
             Slot::Key(k) => (Some(k.fingerprint()), "ok"),
-            Slot::Malformed(_) => (None, "malformed"),
-            Slot::Unset if gucs::key_rejected(v) => (None, "malformed"),
+            Slot::Rejected(_) => (None, "malformed"),
+            Slot::Conflict => (None, "conflict"),
             Slot::Unset if v == current => (None, "missing"),
             Slot::Unset => continue,
         };

@@ -1,7 +1,8 @@
-//! The SQL-facing functions. Each translates between SQL values and `psap_core`, nothing more.
+//! The SQL-facing functions that are not batch jobs. Each translates between SQL values and
+//! `psap_core`, or checks and writes the registry, nothing more.
 
-pub mod audit;
 pub mod census;
+pub mod compat;
 pub mod crypto;
-pub mod rotate;
+pub mod registry;
 pub mod target;

@@ -5,6 +5,7 @@ The cluster is made by scripts/cluster.sh in a temporary directory, owned by the
 included from postgresql.conf, and change through `Cluster.set_keys()` + reload, the way a DBA
 changes them.
 """
+import contextlib
 import itertools
 import os
 import re
@@ -64,9 +65,32 @@ class Cluster:
                     raise
                 time.sleep(0.2)
 
-    def postmaster_start(self):
-        with self.connect() as c:
-            return c.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
+    @contextlib.contextmanager
+    def no_crash(self):
+        """Asserts that no backend crashed while the block ran. A crash resets every session but
+        keeps pg_postmaster_start_time(), so this reads the server log and keeps a connection
+        open across the block that must survive."""
+        offset = self.log_size()
+        canary = self.connect()
+        yield
+        time.sleep(0.2)
+        crashes = [line for line in self.log_text_from(offset).splitlines()
+                   if re.search(r"terminated by signal|exited with exit code|terminating any other active server", line)]
+        assert not crashes, "a backend crashed:\n" + "\n".join(crashes)
+        try:
+            canary.execute("SELECT 1")
+        except psycopg.Error as e:
+            raise AssertionError(f"a connection did not survive (the server was reset): {e}") from e
+        finally:
+            canary.close()
+
+    def log_size(self) -> int:
+        return (self.dir / "server.log").stat().st_size
+
+    def log_text_from(self, offset: int) -> str:
+        with open(self.dir / "server.log", "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
 
     # --- configuration ----------------------------------------------------------------------
     def write_conf(self, name: str, text: str):

@@ -171,10 +171,13 @@ def test_least_privilege_roles(cluster, db):
             assert c.execute("SELECT count(*) FROM psap_keys()").fetchone()[0] == 2
             for sql in ["SELECT psap_decrypt(title) FROM incidents LIMIT 1", "SELECT psap_encrypt('x')",
                         "DELETE FROM psap_audit_log", "SELECT current_setting('psap.key_v2')",
-                        # No audit record signed with another role, no registry change on a table
-                        # the operator could not rotate, even calling the internals directly.
-                        "SELECT _psap_log_event('register', 'x', 'y', 'postgres')",
-                        "SELECT _psap_registry_set(true, 'secret_notes', 'body', 'operator')",
+                        # No audit record written by hand, no ciphertext made or re-encrypted by
+                        # the per-row functions outside a run, no registry change on a table
+                        # the operator could not rotate.
+                        "INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role) VALUES ('rotate', 'x', 'y', 'postgres')",
+                        "SELECT _psap_encrypt_value('FORGED', 1)",
+                        "SELECT _psap_rotate_value(title, 1) FROM incidents LIMIT 1",
+                        "SELECT _psap_value_error(title, 1) FROM incidents LIMIT 1",
                         "SELECT psap_register_column('secret_notes', 'body')"]:
                 assert sqlstate_of(c, sql)[0] == "42501", sql
         with cluster.connect(user="auditor", dbname=db) as c:

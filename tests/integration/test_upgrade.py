@@ -16,7 +16,8 @@ OLD = "0.1.0"
 
 # One line per object of the extension, every attribute that a DBA or the security model cares
 # about: signature, volatility, strictness, parallel safety, SECURITY DEFINER, settings, body,
-# privileges, comments; columns, constraints, indexes, triggers of tables; view definitions.
+# privileges (a default ACL written out is the same privileges as none), comments; columns,
+# constraints, indexes, triggers of tables; view definitions.
 CATALOG = r"""
 WITH ext AS (SELECT oid, extnamespace FROM pg_extension WHERE extname = 'psap_encrypt'),
 members AS (
@@ -30,12 +31,12 @@ SELECT 'routine ' || p.oid::regprocedure
        || ' cost=' || p.procost || ' rows=' || p.prorows
        || ' config=' || coalesce(p.proconfig::text, '-') || ' language=' || l.lanname
        || ' body=' || md5(coalesce(p.prosrc, '')) || ' bin=' || coalesce(p.probin, '-')
-       || ' acl=' || coalesce(p.proacl::text, '-')
+       || ' acl=' || coalesce(p.proacl, acldefault('f', p.proowner))::text
        || ' comment=' || coalesce(obj_description(p.oid, 'pg_proc'), '-')
   FROM members m JOIN pg_proc p ON m.classid = 'pg_proc'::regclass AND p.oid = m.objid
   JOIN pg_language l ON l.oid = p.prolang
 UNION ALL
-SELECT 'relation ' || c.oid::regclass || ' kind=' || c.relkind::text || ' acl=' || coalesce(c.relacl::text, '-')
+SELECT 'relation ' || c.oid::regclass || ' kind=' || c.relkind::text || ' acl=' || coalesce(c.relacl, acldefault(CASE WHEN c.relkind = 'S' THEN 's' ELSE 'r' END::"char", c.relowner))::text
        || ' options=' || coalesce(c.reloptions::text, '-') || ' rls=' || c.relrowsecurity
        || ' comment=' || coalesce(obj_description(c.oid, 'pg_class'), '-')
        || CASE WHEN c.relkind = 'v' THEN ' view=' || md5(pg_get_viewdef(c.oid)) ELSE '' END
@@ -159,6 +160,9 @@ def test_upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_data(cluster, db, 
         c.execute("ALTER EXTENSION psap_encrypt UPDATE")
         assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'psap_encrypt'").fetchone()[0] != OLD
         upgraded = catalog(c)
+        # The records 0.1.0 finished are sealed into the hash chain by the upgrade.
+        assert c.execute("SELECT count(*) FROM psap_audit_log WHERE seal_hash IS NOT NULL").fetchone()[0] == 4
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
         # (2) every registry and audit record survived, unchanged.
         assert c.execute(AUDIT_0_1_0).fetchall() == audit_before
         assert c.execute("SELECT relid::text, column_name, registered_at, registered_by FROM psap_encrypted_columns ORDER BY 1").fetchall() == registry_before
@@ -177,7 +181,14 @@ def test_upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_data(cluster, db, 
         c.execute("CALL psap_rotate_all(100)")
         assert c.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v2:%' AND psap_decrypt(title) = 'Incident ' || id").fetchone()[0] == 300
         assert c.execute("SELECT count(*) FROM psap_status() WHERE version = 'v1'").fetchone()[0] == 0
-        assert c.execute(AUDIT_0_1_0 + " LIMIT 5").fetchall() == audit_before
+        after = c.execute(AUDIT_0_1_0 + " LIMIT 5").fetchall()
+        assert after[:4] == audit_before[:4]
+        # The run 0.1.0 left 'running' (its backend is gone) is now recorded as interrupted,
+        # ended when it last made progress (its updated_at); every record is sealed into the hash chain.
+        assert after[4][14] == "interrupted" and after[4][17] >= after[4][16]
+        assert after[4][:14] == audit_before[4][:14]
+        assert c.execute("SELECT count(*) FROM psap_audit_log WHERE seal_hash IS NULL").fetchone()[0] == 0
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
 
 
 def test_the_new_library_serves_a_database_not_yet_updated(cluster, old_db):

@@ -1,22 +1,26 @@
 //! The application's ciphertext envelope: `v<N>:` followed by standard padded base64 (RFC 4648)
-//! of `nonce (24 bytes) || crypto_secretbox_easy output (16-byte tag || ciphertext)`.
+//! of the sealed value (for secretbox: `nonce (24 bytes) || tag (16 bytes) || ciphertext`).
 //!
 //! This is byte for byte what PHP's
 //! `"v$n:" . base64_encode($nonce . sodium_crypto_secretbox($plaintext, $nonce, $key))` produces.
 //! Decoding is strict (canonical padding, no trailing bits, no whitespace), so a value that differs
 //! from what the encoder wrote by even one character is never accepted as the same ciphertext.
+//!
+//! Encoding and decoding work in buffers the caller provides, so a value is never held twice more
+//! than needed: [`encode_in_place`] turns sealed bytes at the end of the output buffer into
+//! the envelope that fills it.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use crate::error::EnvelopeError;
-use crate::key::{Version, MAX_VERSION};
+use crate::error::{CoreError, EnvelopeError};
+use crate::key::Version;
+use crate::limits::{MAX_VERSION, OVERHEAD};
 
 const _: () = assert!(
     MAX_VERSION < 100,
     "parse_prefix and encode handle at most two digits"
 );
-use crate::sodium::OVERHEAD;
 
 /// An envelope split into its version and its (still encoded) base64 body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,30 +58,46 @@ pub fn parse_prefix(input: &[u8]) -> Result<(Version, usize), EnvelopeError> {
     Ok((version, digits + 2))
 }
 
-/// Decodes an envelope body into `out` (cleared first): `nonce || tag || ciphertext`.
-pub fn decode_body(body: &[u8], out: &mut Vec<u8>) -> Result<(), EnvelopeError> {
-    out.clear();
-    // Standard base64 always has a length that is a multiple of 4; checking first keeps the
-    // capacity we reserve honest for hostile inputs.
+/// Bytes a buffer needs to hold the decoded `body` (at most 2 more than it decodes to), or why the
+/// body cannot be canonical base64. Standard base64 always has a length that is a multiple of 4.
+pub fn decoded_capacity(body: &[u8]) -> Result<usize, EnvelopeError> {
     if !body.len().is_multiple_of(4) {
         return Err(EnvelopeError::BadBase64);
     }
-    out.reserve(body.len() / 4 * 3);
-    STANDARD
-        .decode_vec(body, out)
+    Ok(body.len() / 4 * 3)
+}
+
+/// Decodes an envelope body into `out` (at least [`decoded_capacity`] bytes); returns how many
+/// bytes it decoded to (`nonce || tag || ciphertext`), at least [`OVERHEAD`].
+pub fn decode_body_into(body: &[u8], out: &mut [u8]) -> Result<usize, EnvelopeError> {
+    let n = STANDARD
+        .decode_slice(body, out)
         .map_err(|_| EnvelopeError::BadBase64)?;
-    if out.len() < OVERHEAD {
-        return Err(EnvelopeError::TooShort { decoded: out.len() });
+    if n < OVERHEAD {
+        return Err(EnvelopeError::TooShort { decoded: n });
     }
+    Ok(n)
+}
+
+/// Decodes an envelope body into `out` (cleared first). Fails with OutOfMemory rather than abort.
+pub fn decode_body(body: &[u8], out: &mut Vec<u8>) -> Result<(), CoreError> {
+    let cap = decoded_capacity(body)?;
+    out.clear();
+    out.try_reserve_exact(cap)
+        .map_err(|_| CoreError::OutOfMemory { bytes: cap })?;
+    out.resize(cap, 0);
+    let n = decode_body_into(body, out)?;
+    out.truncate(n);
     Ok(())
 }
 
-/// Length of the envelope that [`encode`] writes for `sealed_len` bytes of nonce || box.
+/// Length of the envelope of `sealed_len` bytes of sealed value under `version`.
 pub fn encoded_len(version: Version, sealed_len: usize) -> usize {
     prefix_len(version) + sealed_len.div_ceil(3) * 4
 }
 
-fn prefix_len(version: Version) -> usize {
+/// Length of `v<N>:`.
+pub fn prefix_len(version: Version) -> usize {
     if version.get() < 10 {
         3
     } else {
@@ -85,23 +105,54 @@ fn prefix_len(version: Version) -> usize {
     }
 }
 
-/// Appends `v<N>:` + base64(sealed) to `out`.
-pub fn encode(version: Version, sealed: &[u8], out: &mut Vec<u8>) {
-    let start = out.len();
-    out.resize(start + encoded_len(version, sealed.len()), 0);
-    let mut at = start;
-    out[at] = b'v';
-    at += 1;
+/// Writes the envelope of `sealed_len` sealed bytes that the caller put at the end of `buf`, which
+/// is exactly `encoded_len(version, sealed_len)` bytes: the prefix first, then base64 from the
+/// front, in chunks copied aside before their output overwrites them. (The output of the bytes
+/// read so far never reaches bytes not yet read: base64 writes 4 bytes for 3, and the sealed bytes
+/// start a third of their length past the prefix.)
+pub fn encode_in_place(version: Version, buf: &mut [u8], sealed_len: usize) {
+    assert_eq!(
+        buf.len(),
+        encoded_len(version, sealed_len),
+        "buffer sized by encoded_len"
+    );
+    let prefix = prefix_len(version);
+    let start = buf.len() - sealed_len;
     let n = version.get();
+    buf[0] = b'v';
     if n >= 10 {
-        out[at] = b'0' + (n / 10) as u8;
-        at += 1;
+        buf[1] = b'0' + (n / 10) as u8;
     }
-    out[at] = b'0' + (n % 10) as u8;
-    out[at + 1] = b':';
-    at += 2;
-    let written = STANDARD
-        .encode_slice(sealed, &mut out[at..])
-        .expect("buffer sized by encoded_len");
-    debug_assert_eq!(at + written, out.len());
+    buf[prefix - 2] = b'0' + (n % 10) as u8;
+    buf[prefix - 1] = b':';
+    const CHUNK: usize = 3 * 1024;
+    let mut chunk = [0u8; CHUNK];
+    let mut read = 0;
+    let mut written = prefix;
+    while read < sealed_len {
+        let take = CHUNK.min(sealed_len - read);
+        chunk[..take].copy_from_slice(&buf[start + read..start + read + take]);
+        let out = take.div_ceil(3) * 4;
+        let n = STANDARD
+            .encode_slice(&chunk[..take], &mut buf[written..written + out])
+            .expect("output sized for the chunk");
+        debug_assert_eq!(n, out);
+        read += take;
+        written += out;
+    }
+    debug_assert_eq!(written, buf.len());
+}
+
+/// Appends `v<N>:` + base64(sealed) to `out`.
+pub fn encode(version: Version, sealed: &[u8], out: &mut Vec<u8>) -> Result<(), CoreError> {
+    let len = encoded_len(version, sealed.len());
+    out.try_reserve_exact(len)
+        .map_err(|_| CoreError::OutOfMemory { bytes: len })?;
+    let at = out.len();
+    out.resize(at + len, 0);
+    let buf = &mut out[at..];
+    let start = len - sealed.len();
+    buf[start..].copy_from_slice(sealed);
+    encode_in_place(version, buf, sealed.len());
+    Ok(())
 }

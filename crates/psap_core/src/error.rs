@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::limits::{MAX_VERSION, OVERHEAD};
+
 /// Why a value is not a well-formed `v<N>:` envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnvelopeError {
@@ -16,13 +18,15 @@ pub enum EnvelopeError {
     TooShort { decoded: usize },
 }
 
-/// Why a key setting cannot be used.
+/// Why a key cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyError {
     /// Not 64 characters long (the length is reported, never the value).
     WrongLength { chars: usize },
     /// 64 characters, but not all hexadecimal digits.
     NotHex,
+    /// No locked memory could be allocated for it.
+    OutOfMemory,
 }
 
 /// Every failure of encrypt/decrypt.
@@ -31,12 +35,18 @@ pub enum CoreError {
     Envelope(EnvelopeError),
     /// The version exists in the format but no key is configured for it.
     KeyNotConfigured(u32),
-    /// The key setting for this version was rejected as malformed.
+    /// The key configured for this version was rejected.
     KeyMalformed(u32, KeyError),
+    /// Two sources configure a key for this version; neither is used.
+    KeyConflict(u32),
     /// Authentication failed: wrong key or modified ciphertext (deliberately one case).
     Authentication,
     /// The result would exceed what a PostgreSQL value can hold.
     TooLarge {
+        bytes: usize,
+    },
+    /// Memory for a buffer of this many bytes could not be had.
+    OutOfMemory {
         bytes: usize,
     },
 }
@@ -47,14 +57,12 @@ impl fmt::Display for EnvelopeError {
             EnvelopeError::NoPrefix => write!(f, "the value does not start with a version prefix such as \"v1:\""),
             EnvelopeError::BadVersion => write!(
                 f,
-                "the version prefix is not v1 to v{} written without leading zeros",
-                crate::key::MAX_VERSION
+                "the version prefix is not v1 to v{MAX_VERSION} written without leading zeros"
             ),
             EnvelopeError::BadBase64 => write!(f, "the text after the version prefix is not canonical padded base64"),
             EnvelopeError::TooShort { decoded } => write!(
                 f,
-                "the decoded ciphertext is {decoded} bytes, shorter than the {} bytes of nonce and tag",
-                crate::sodium::OVERHEAD
+                "the decoded ciphertext is {decoded} bytes, shorter than the {OVERHEAD} bytes of nonce and tag"
             ),
         }
     }
@@ -70,6 +78,7 @@ impl fmt::Display for KeyError {
                 )
             }
             KeyError::NotHex => write!(f, "a key must consist of hexadecimal digits only"),
+            KeyError::OutOfMemory => write!(f, "no locked memory could be allocated for the key"),
         }
     }
 }
@@ -79,11 +88,11 @@ impl fmt::Display for CoreError {
         match self {
             CoreError::Envelope(e) => write!(f, "malformed ciphertext envelope: {e}"),
             CoreError::KeyNotConfigured(v) => write!(f, "no key is configured for version v{v}"),
-            CoreError::KeyMalformed(v, e) => {
-                write!(f, "key setting psap.key_v{v} is malformed: {e}")
-            }
+            CoreError::KeyMalformed(v, e) => write!(f, "the key of version v{v} is malformed: {e}"),
+            CoreError::KeyConflict(v) => write!(f, "version v{v} has a key from two sources"),
             CoreError::Authentication => write!(f, "wrong key or corrupt data"),
             CoreError::TooLarge { bytes } => write!(f, "result of {bytes} bytes is too large"),
+            CoreError::OutOfMemory { bytes } => write!(f, "out of memory allocating {bytes} bytes"),
         }
     }
 }

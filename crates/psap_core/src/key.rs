@@ -1,18 +1,14 @@
 //! Keys, their versions and fingerprints.
 //!
-//! A [`Key`] is 32 bytes parsed from 64 hex characters (`openssl rand -hex 32`), wiped from memory
-//! when dropped. A [`KeyRing`] holds one slot per version `v1`..`v99`; the extension fills it from
-//! the `psap.key_vN` settings once per configuration change, never per row.
+//! A [`Key`] is 32 bytes parsed from 64 hex characters (`openssl rand -hex 32`), held in locked
+//! memory that no core file contains and wiped when dropped. A [`KeyRing`] holds one slot per
+//! version `v1`..`v99`; the extension fills it once per configuration change, never per row.
 
 use std::fmt;
 
 use crate::error::{CoreError, KeyError};
-use crate::sodium;
-
-/// Highest key version a setting can exist for (`psap.key_v99`).
-pub const MAX_VERSION: u32 = 99;
-/// Bytes in a secretbox key.
-pub const KEY_BYTES: usize = 32;
+pub use crate::limits::{KEY_BYTES, MAX_VERSION};
+use crate::sodium::{self, Secret};
 
 /// A key version, 1..=MAX_VERSION. Displays as `v<N>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -51,12 +47,13 @@ impl fmt::Display for Version {
     }
 }
 
-/// A 32-byte secretbox key. Never printed (its Debug shows only the fingerprint); zeroed on drop.
-pub struct Key([u8; KEY_BYTES]);
+/// A 32-byte key in locked memory excluded from core files. Never printed (its Debug shows only
+/// the fingerprint); wiped when dropped.
+pub struct Key(Secret<KEY_BYTES>);
 
 impl Key {
-    /// Parses 64 hex digits (either case, surrounding whitespace ignored).
-    /// The error says what is wrong without repeating any of the value.
+    /// Parses 64 hex digits (either case, surrounding whitespace ignored), decoding straight into
+    /// locked memory. The error says what is wrong without repeating any of the value.
     pub fn from_hex(text: &str) -> Result<Key, KeyError> {
         let text = text.trim();
         if text.len() != 2 * KEY_BYTES {
@@ -64,17 +61,25 @@ impl Key {
                 chars: text.chars().count(),
             });
         }
-        let mut key = Key([0u8; KEY_BYTES]);
-        hex::decode_to_slice(text, &mut key.0).map_err(|_| KeyError::NotHex)?;
+        let mut key = Key(Secret::zeroed().ok_or(KeyError::OutOfMemory)?);
+        hex::decode_to_slice(text, key.0.bytes_mut()).map_err(|_| KeyError::NotHex)?;
         Ok(key)
     }
 
-    pub fn from_bytes(bytes: [u8; KEY_BYTES]) -> Key {
-        Key(bytes)
+    /// A key from raw bytes (which the caller wipes).
+    pub fn from_bytes(bytes: &[u8; KEY_BYTES]) -> Result<Key, KeyError> {
+        let mut key = Key(Secret::zeroed().ok_or(KeyError::OutOfMemory)?);
+        key.0.bytes_mut().copy_from_slice(bytes);
+        Ok(key)
     }
 
     pub fn bytes(&self) -> &[u8; KEY_BYTES] {
-        &self.0
+        self.0.bytes()
+    }
+
+    /// Locks the key's memory again in a forked process (see [`Secret::relock`]).
+    pub fn relock(&self) -> bool {
+        self.0.relock()
     }
 
     /// A 16-hex-digit fingerprint that identifies the key without revealing it:
@@ -82,7 +87,7 @@ impl Key {
     /// Reproducible outside the database, e.g. in Python:
     /// `hashlib.blake2b(b"psap_encrypt key fingerprint:" + bytes.fromhex(k), digest_size=32).hexdigest()[:16]`.
     pub fn fingerprint(&self) -> String {
-        let digest = sodium::blake2b_256(&[FINGERPRINT_CONTEXT, &self.0]);
+        let digest = sodium::blake2b_256(&[FINGERPRINT_CONTEXT, self.bytes()]);
         hex::encode(&digest[..8])
     }
 }
@@ -90,25 +95,23 @@ impl Key {
 /// Domain separation for fingerprints, so a fingerprint is never a hash used anywhere else.
 pub const FINGERPRINT_CONTEXT: &[u8] = b"psap_encrypt key fingerprint:";
 
-impl Drop for Key {
-    fn drop(&mut self) {
-        sodium::memzero(&mut self.0);
-    }
-}
-
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Key(fingerprint {})", self.fingerprint())
     }
 }
 
-/// What a version's setting holds.
+/// What the key ring knows about a version.
 #[derive(Debug, Default)]
 pub enum Slot {
     #[default]
     Unset,
-    /// The setting was given a value that is not a key; it is not used.
-    Malformed(KeyError),
+    /// A value was configured for this version but rejected (the reason, never the value); no
+    /// key is used for it.
+    Rejected(KeyError),
+    /// Two sources configure this version (a key setting and the key command): it is refused
+    /// rather than one of them picked.
+    Conflict,
     Key(Key),
 }
 
@@ -119,7 +122,7 @@ impl Slot {
             None | Some("") => Slot::Unset,
             Some(t) => match Key::from_hex(t) {
                 Ok(k) => Slot::Key(k),
-                Err(e) => Slot::Malformed(e),
+                Err(e) => Slot::Rejected(e),
             },
         }
     }
@@ -152,19 +155,33 @@ impl KeyRing {
         &mut self.slots[version.get() as usize]
     }
 
+    /// Takes a version's slot out, leaving it unset.
+    pub fn take(&mut self, version: Version) -> Slot {
+        std::mem::take(self.slot_mut(version))
+    }
+
     /// The key of a version, or why there is none.
     pub fn key(&self, version: Version) -> Result<&Key, CoreError> {
         match self.slot(version) {
             Slot::Key(k) => Ok(k),
             Slot::Unset => Err(CoreError::KeyNotConfigured(version.get())),
-            Slot::Malformed(e) => Err(CoreError::KeyMalformed(version.get(), *e)),
+            Slot::Rejected(e) => Err(CoreError::KeyMalformed(version.get(), *e)),
+            Slot::Conflict => Err(CoreError::KeyConflict(version.get())),
         }
     }
 
-    /// Configured versions in ascending order, with their slots (unset ones left out).
+    /// Versions that have a slot other than unset, in ascending order.
     pub fn configured(&self) -> impl Iterator<Item = (Version, &Slot)> {
         Version::all()
             .map(|v| (v, self.slot(v)))
             .filter(|(_, s)| !matches!(s, Slot::Unset))
+    }
+
+    /// Locks every key's memory again (in a forked process). Returns false if any lock failed.
+    pub fn relock(&self) -> bool {
+        self.slots.iter().all(|s| match s {
+            Slot::Key(k) => k.relock(),
+            _ => true,
+        })
     }
 }

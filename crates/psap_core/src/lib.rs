@@ -1,10 +1,15 @@
 //! The pgrx-free core of psap_encrypt.
 //!
 //! Everything here is plain Rust over libsodium and is tested with `cargo test -p psap_core`:
+//! - [`limits`]: the format's sizes and limits;
 //! - [`envelope`]: the application's ciphertext format, `v<N>:` + base64(nonce || secretbox);
-//! - [`key`]: 32-byte keys parsed from hex, their fingerprints, and the [`key::KeyRing`] of versions;
-//! - [`sodium`]: the libsodium calls (secretbox seal/open, random nonces), every length checked first;
-//! - [`cipher`]: encrypt/decrypt of whole values, joining the three.
+//! - [`key`]: keys in locked memory parsed from hex, their fingerprints, and the [`key::KeyRing`]
+//!   of versions;
+//! - [`sodium`]: the libsodium calls (secretbox seal/open, random nonces, locked memory), every
+//!   length checked first;
+//! - [`redact`]: the rules that keep key material out of server log lines;
+//! - [`cipher`]: encrypt/decrypt/re-encrypt of whole values, joining the three, in caller-provided
+//!   buffers and with fallible allocation.
 //!
 //! The PostgreSQL extension (`src/` at the top of the repository) only translates between SQL and this crate.
 
@@ -12,6 +17,8 @@ pub mod cipher;
 pub mod envelope;
 pub mod error;
 pub mod key;
+pub mod limits;
+pub mod redact;
 pub mod sodium;
 
 pub use cipher::{decrypt, encrypt, reencrypt};

@@ -2,95 +2,83 @@
 //! length was checked against what libsodium will read or write, so no input can make it
 //! read or write out of bounds.
 
-use std::sync::Once;
+use std::ptr::NonNull;
+use std::sync::OnceLock;
 
 use libsodium_sys as ffi;
 
-use crate::key::Key;
-
-pub const NONCE_BYTES: usize = 24;
-pub const TAG_BYTES: usize = 16;
-/// Bytes a sealed value has beyond its plaintext: nonce + Poly1305 tag.
-pub const OVERHEAD: usize = NONCE_BYTES + TAG_BYTES;
+pub use crate::limits::{KEY_BYTES, NONCE_BYTES, OVERHEAD, TAG_BYTES};
 
 const _: () = assert!(ffi::crypto_secretbox_NONCEBYTES as usize == NONCE_BYTES);
 const _: () = assert!(ffi::crypto_secretbox_MACBYTES as usize == TAG_BYTES);
-const _: () = assert!(ffi::crypto_secretbox_KEYBYTES as usize == crate::key::KEY_BYTES);
+const _: () = assert!(ffi::crypto_secretbox_KEYBYTES as usize == KEY_BYTES);
 
 /// Initializes libsodium (idempotent). Returns false if libsodium could not initialize,
 /// in which case nothing else in this module may be used.
 pub fn init() -> bool {
-    static INIT: Once = Once::new();
-    static mut OK: bool = false;
-    INIT.call_once(|| {
-        // SAFETY: sodium_init is thread-safe and idempotent; OK is only written inside call_once.
-        unsafe { OK = ffi::sodium_init() >= 0 };
-    });
-    // SAFETY: read after call_once completed, never written again.
-    unsafe { OK }
+    static OK: OnceLock<bool> = OnceLock::new();
+    // SAFETY: sodium_init is thread-safe and idempotent.
+    *OK.get_or_init(|| unsafe { ffi::sodium_init() } >= 0)
 }
 
-/// Seals `msg` under `key` and `nonce`, appending `nonce || tag || ciphertext` to `out`.
-pub fn seal(key: &Key, nonce: &[u8; NONCE_BYTES], msg: &[u8], out: &mut Vec<u8>) {
-    let start = out.len();
-    out.resize(start + OVERHEAD + msg.len(), 0);
-    out[start..start + NONCE_BYTES].copy_from_slice(nonce);
-    let boxed = &mut out[start + NONCE_BYTES..];
-    debug_assert_eq!(boxed.len(), TAG_BYTES + msg.len());
-    // SAFETY: `boxed` holds exactly TAG_BYTES + msg.len() bytes, the size crypto_secretbox_easy
-    // writes; nonce and key are fixed-size arrays of the sizes it reads.
+/// Seals `msg` under `key` and `nonce` into `out` (`tag || ciphertext`, exactly
+/// `msg.len() + TAG_BYTES` bytes; the caller places the nonce). Returns false if `out` has
+/// another length.
+pub fn seal_into(
+    key: &[u8; KEY_BYTES],
+    nonce: &[u8; NONCE_BYTES],
+    msg: &[u8],
+    out: &mut [u8],
+) -> bool {
+    if out.len() != msg.len() + TAG_BYTES {
+        return false;
+    }
+    // SAFETY: `out` holds exactly TAG_BYTES + msg.len() bytes, what crypto_secretbox_easy writes;
+    // `msg` is a separate slice (no overlap); nonce and key are arrays of the sizes it reads.
     let rc = unsafe {
         ffi::crypto_secretbox_easy(
-            boxed.as_mut_ptr(),
+            out.as_mut_ptr(),
             msg.as_ptr(),
             msg.len() as u64,
             nonce.as_ptr(),
-            key.bytes().as_ptr(),
+            key.as_ptr(),
         )
     };
     // crypto_secretbox_easy fails only for messages over crypto_secretbox_MESSAGEBYTES_MAX
     // (far above any PostgreSQL value).
-    assert_eq!(rc, 0, "crypto_secretbox_easy failed");
+    rc == 0
 }
 
-/// Opens `sealed` (`nonce || tag || ciphertext`) under `key`, appending the plaintext to `out`.
-/// Returns false on authentication failure (wrong key or modified data); `out` is then unchanged.
-pub fn open(key: &Key, sealed: &[u8], out: &mut Vec<u8>) -> bool {
-    if sealed.len() < OVERHEAD {
-        return false;
-    }
-    let start = out.len();
-    out.resize(start + sealed.len() - OVERHEAD, 0);
-    if !open_into(key, sealed, &mut out[start..]) {
-        out.truncate(start);
-        return false;
-    }
-    true
-}
-
-/// Opens `sealed` under `key` into `out`, which must be exactly `sealed.len() - OVERHEAD` bytes.
-/// Returns false on authentication failure or a wrong length; `out` is then zeroed.
-pub fn open_into(key: &Key, sealed: &[u8], out: &mut [u8]) -> bool {
-    if sealed.len() < OVERHEAD || out.len() != sealed.len() - OVERHEAD {
-        return false;
-    }
-    let (nonce, boxed) = sealed.split_at(NONCE_BYTES);
-    // SAFETY: `out` has exactly boxed.len() - TAG_BYTES bytes, what crypto_secretbox_open_easy
-    // writes; `boxed` has at least TAG_BYTES bytes; the nonce slice has NONCE_BYTES.
+/// Opens, in place, the `tag || ciphertext` that starts at `buf[boxed_at..]`: on success the
+/// plaintext is `buf[..buf.len() - boxed_at - TAG_BYTES]` and its length is returned. Nothing is
+/// written before the tag has been verified, so on failure (wrong key, modified data) `buf` is
+/// unchanged and None is returned.
+///
+/// The nonce must not live in `buf`: libsodium reads it again after moving the ciphertext.
+pub fn open_in_place(
+    key: &[u8; KEY_BYTES],
+    nonce: &[u8; NONCE_BYTES],
+    buf: &mut [u8],
+    boxed_at: usize,
+) -> Option<usize> {
+    let boxed_len = buf.len().checked_sub(boxed_at)?;
+    let plain_len = boxed_len.checked_sub(TAG_BYTES)?;
+    let base = buf.as_mut_ptr();
+    // SAFETY: the box is buf[boxed_at..] (boxed_len >= TAG_BYTES bytes, all inside buf); the
+    // plaintext, boxed_len - TAG_BYTES bytes, is written from buf[0], also inside buf.
+    // crypto_secretbox_open_detached verifies the tag before writing and moves the ciphertext
+    // with memmove when the two regions overlap (libsodium's documented in-place use). Both
+    // pointers come from the same `base`; the nonce is a separate array.
     let rc = unsafe {
         ffi::crypto_secretbox_open_easy(
-            out.as_mut_ptr(),
-            boxed.as_ptr(),
-            boxed.len() as u64,
+            base,
+            base.add(boxed_at),
+            boxed_len as u64,
             nonce.as_ptr(),
-            key.bytes().as_ptr(),
+            key.as_ptr(),
         )
     };
-    if rc != 0 {
-        memzero(out);
-        return false;
-    }
-    true
+    (rc == 0).then_some(plain_len)
 }
 
 /// Fills `buf` with bytes from the operating system's CSPRNG.
@@ -125,6 +113,53 @@ pub fn blake2b_256(parts: &[&[u8]]) -> [u8; 32] {
 pub fn memzero(buf: &mut [u8]) {
     // SAFETY: writes exactly buf.len() bytes into buf.
     unsafe { ffi::sodium_memzero(buf.as_mut_ptr().cast(), buf.len()) }
+}
+
+/// `N` secret bytes in memory of their own: allocated with `sodium_malloc` (guard pages around
+/// it, `mlock`ed so it is never swapped out, and `MADV_DONTDUMP` so no core file contains it) and
+/// wiped by `sodium_free` when dropped.
+///
+/// A forked process inherits the memory and its exclusion from core files but not the lock:
+/// call [`Secret::relock`] once in the child.
+pub struct Secret<const N: usize>(NonNull<[u8; N]>);
+
+// SAFETY: the memory is owned exclusively by this value.
+unsafe impl<const N: usize> Send for Secret<N> {}
+
+impl<const N: usize> Secret<N> {
+    /// N zero bytes, or None if the memory could not be allocated.
+    pub fn zeroed() -> Option<Secret<N>> {
+        // SAFETY: sodium_malloc returns N writable bytes (or NULL), aligned for any type.
+        let ptr = unsafe { ffi::sodium_malloc(N) }.cast::<[u8; N]>();
+        let mut secret = Secret(NonNull::new(ptr)?);
+        memzero(secret.bytes_mut());
+        Some(secret)
+    }
+
+    pub fn bytes(&self) -> &[u8; N] {
+        // SAFETY: the allocation holds N bytes and lives as long as self.
+        unsafe { self.0.as_ref() }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8; N] {
+        // SAFETY: as above, and &mut self is exclusive.
+        unsafe { self.0.as_mut() }
+    }
+
+    /// Locks the memory again (after a fork) and keeps it out of core files. Returns whether
+    /// `mlock` succeeded (it can fail under RLIMIT_MEMLOCK; the exclusion from core files holds
+    /// either way).
+    pub fn relock(&self) -> bool {
+        // SAFETY: the range is the allocation's N bytes.
+        unsafe { ffi::sodium_mlock(self.0.as_ptr().cast(), N) == 0 }
+    }
+}
+
+impl<const N: usize> Drop for Secret<N> {
+    fn drop(&mut self) {
+        // SAFETY: allocated by sodium_malloc in zeroed(); sodium_free wipes and unmaps it.
+        unsafe { ffi::sodium_free(self.0.as_ptr().cast()) }
+    }
 }
 
 /// Random nonces, drawn from the OS CSPRNG in blocks so that the system call is paid once per

@@ -35,7 +35,7 @@ fn fixed_nonce() -> [u8; NONCE_BYTES] {
 
 fn dec(ring: &KeyRing, input: &str) -> Result<String, CoreError> {
     let mut out = Vec::new();
-    decrypt(ring, input.as_bytes(), &mut Vec::new(), &mut out)?;
+    decrypt(ring, input.as_bytes(), &mut out)?;
     Ok(String::from_utf8(out).unwrap())
 }
 
@@ -68,10 +68,7 @@ fn round_trips_multi_megabyte_values_and_two_digit_versions() {
     encrypt(&ring, v(42), &fixed_nonce(), &big, &mut out).unwrap();
     assert!(out.starts_with(b"v42:"));
     let mut plain = Vec::new();
-    assert_eq!(
-        decrypt(&ring, &out, &mut Vec::new(), &mut plain).unwrap(),
-        v(42)
-    );
+    assert_eq!(decrypt(&ring, &out, &mut plain).unwrap(), v(42));
     assert_eq!(plain, big);
 }
 
@@ -84,7 +81,6 @@ fn reencrypt_moves_between_versions_and_keeps_plaintext() {
         v(2),
         &[7; NONCE_BYTES],
         FIXTURES[0].1.as_bytes(),
-        &mut Vec::new(),
         &mut out,
     )
     .unwrap();
@@ -191,10 +187,10 @@ fn every_single_bit_flip_is_rejected() {
         let mut flipped = sealed.clone();
         flipped[i / 8] ^= 1 << (i % 8);
         let mut env = Vec::new();
-        envelope::encode(v(1), &flipped, &mut env);
+        envelope::encode(v(1), &flipped, &mut env).unwrap();
         let mut out = Vec::new();
         assert_eq!(
-            decrypt(&ring, &env, &mut Vec::new(), &mut out),
+            decrypt(&ring, &env, &mut out),
             Err(CoreError::Authentication),
             "bit {i}"
         );
@@ -287,26 +283,176 @@ fn nonces_are_fresh_and_refilled_after_a_fork() {
 }
 
 #[test]
-fn decrypt_with_writes_into_the_callers_buffer() {
+fn decrypt_into_writes_into_the_callers_buffer() {
     let ring = ring();
     for (plain, env) in FIXTURES {
-        let mut buf = vec![0xAAu8; 64];
-        let mut len = 0;
-        let v = psap_core::cipher::decrypt_with(&ring, env.as_bytes(), &mut Vec::new(), |n| {
-            len = n;
-            &mut buf[..n]
+        let mut buf = vec![0xAAu8; 128];
+        let mut asked = 0;
+        let (v, len) = psap_core::cipher::decrypt_into(&ring, env.as_bytes(), |n| {
+            asked = n;
+            Ok(&mut buf[..n])
         })
         .unwrap();
         assert_eq!(v, Version::new(1).unwrap());
         assert_eq!(&buf[..len], plain.as_bytes());
+        // The buffer asked for holds the decoded envelope: plaintext + nonce + tag (+ padding).
+        assert!(asked >= len + 40 && asked <= len + 42, "{asked} for {len}");
     }
-    let mut buf = vec![0u8; 64];
+    let mut buf = vec![0u8; 128];
     let bad = format!("v2:{}", &FIXTURES[0].1[3..]);
-    let got =
-        psap_core::cipher::decrypt_with(&ring, bad.as_bytes(), &mut Vec::new(), |n| &mut buf[..n]);
+    let got = psap_core::cipher::decrypt_into(&ring, bad.as_bytes(), |n| Ok(&mut buf[..n]));
     assert_eq!(got, Err(CoreError::Authentication));
+}
+
+#[test]
+fn an_allocation_failure_is_an_error_not_an_abort() {
+    let ring = ring();
+    let oom = CoreError::OutOfMemory { bytes: 66 };
+    let got = psap_core::cipher::decrypt_into(&ring, FIXTURES[0].1.as_bytes(), |n| {
+        assert_eq!(n, 66);
+        Err(CoreError::OutOfMemory { bytes: n })
+    });
+    assert_eq!(got, Err(oom));
+    // A reservation the allocator cannot satisfy fails cleanly (no abort).
+    let mut v = Vec::<u8>::new();
+    let huge = format!("v1:{}", "A".repeat(8));
+    assert!(decrypt(&ring, huge.as_bytes(), &mut v).is_err());
+    assert!(v.is_empty());
+}
+
+#[test]
+fn envelope_length_limit() {
+    use psap_core::cipher::{envelope_len, MAX_VALUE_BYTES};
+    // v1: prefix 3 + base64 of (plaintext + 40).
+    assert_eq!(envelope_len(v(1), 0), Ok(3 + 56));
+    assert_eq!(envelope_len(v(1), 26), Ok(3 + 88));
+    assert_eq!(envelope_len(v(12), 26), Ok(4 + 88));
+    // The largest plaintext whose envelope still fits, and the first that does not.
+    let max_plain = (MAX_VALUE_BYTES - 3) / 4 * 3 - 40;
+    assert!(envelope_len(v(1), max_plain).unwrap() <= MAX_VALUE_BYTES);
+    assert!(matches!(
+        envelope_len(v(1), max_plain + 3),
+        Err(CoreError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        envelope_len(v(1), usize::MAX - 10),
+        Err(CoreError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn in_place_encoding_equals_plain_base64_at_every_length() {
+    use base64::Engine;
+    for len in (0..200).chain([3071, 3072, 3073, 6143, 6144, 6145, 100_001]) {
+        let sealed: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        for version in [v(1), v(10)] {
+            let mut out = Vec::new();
+            envelope::encode(version, &sealed, &mut out).unwrap();
+            let want = format!(
+                "{version}:{}",
+                base64::engine::general_purpose::STANDARD.encode(&sealed)
+            );
+            assert_eq!(String::from_utf8(out).unwrap(), want, "length {len}");
+        }
+    }
+}
+
+#[test]
+fn key_memory_is_locked_and_kept_out_of_core_files() {
+    assert!(sodium::init());
+    let k = Key::from_hex(KEY_HEX).unwrap();
+    let addr = k.bytes().as_ptr() as usize;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut flags = None;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((lo, hi)) = range.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&addr);
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(f) = line.strip_prefix("VmFlags:") {
+                flags = Some(f.split_whitespace().map(str::to_string).collect::<Vec<_>>());
+            }
+        }
+    }
+    let flags = flags.expect("the key's mapping is in /proc/self/smaps");
     assert!(
-        buf.iter().all(|&b| b == 0),
-        "a failed open leaves no bytes behind"
+        flags.iter().any(|f| f == "dd"),
+        "not excluded from core dumps: {flags:?}"
     );
+    // mlock can be refused by RLIMIT_MEMLOCK; here (8 MB) it is not.
+    assert!(flags.iter().any(|f| f == "lo"), "not locked: {flags:?}");
+}
+
+#[test]
+fn log_redaction_hides_keys_and_only_keys() {
+    use psap_core::redact::{has_hex_run, mentions_key_setting, redact};
+    let r = |s: &str| {
+        let mut b = s.as_bytes().to_vec();
+        redact(&mut b, false);
+        String::from_utf8(b).unwrap()
+    };
+    let in_key_context = |s: &str| {
+        let mut b = s.as_bytes().to_vec();
+        redact(&mut b, true);
+        String::from_utf8(b).unwrap()
+    };
+    let stars = "*".repeat(64);
+    // A key anywhere, however it got there.
+    assert_eq!(
+        r(&format!(
+            "statement: SELECT set_config('psap.' || 'key_v1', '{KEY_HEX}', false)"
+        )),
+        format!("statement: SELECT set_config('psap.' || 'key_v1', '{stars}', false)")
+    );
+    assert_eq!(r(&format!("x{KEY_HEX}y")), format!("x{stars}y"));
+    assert_eq!(r(&format!("{}", KEY_HEX.to_uppercase())), stars);
+    // 63 digits are not a key; other text stays.
+    let short = &KEY_HEX[..63];
+    assert_eq!(r(short), short);
+    assert_eq!(r("duration: 1.2 ms"), "duration: 1.2 ms");
+    // After a key setting's name, every literal is hidden (a malformed key, a cipher prefix).
+    assert_eq!(
+        r("statement: ALTER SYSTEM SET psap.key_v3 = 'not-a-key'"),
+        "statement: ALTER SYSTEM SET psap.key_v3 = '*********'"
+    );
+    assert_eq!(
+        r("SET PSAP.KEY_V1 TO 'abc' -- 'x"),
+        "SET PSAP.KEY_V1 TO '***' -- '*"
+    );
+    assert_eq!(
+        r("set 'x' before psap.key_v1"),
+        "set 'x' before psap.key_v1"
+    );
+    // An unquoted key in a key file: the parser quotes the token it stopped at.
+    assert_eq!(
+        r("syntax error in file \"/d/psap_keys.conf\" line 1, near token \"0a1b2c\""),
+        "syntax error in file \"/d/psap_keys.conf\" line 1, near token \"******\""
+    );
+    // About a statement that sets a key, shorter runs go too: the SQL parser quotes where it
+    // stopped inside an unquoted key. The setting's name stays readable.
+    assert_eq!(
+        in_key_context("syntax error at or near \"c3c3c3c3c3c3c3c3c3\""),
+        "syntax error at or near \"******************\""
+    );
+    assert_eq!(
+        r("syntax error at or near \"c3c3c3c3c3c3c3c3c3\""),
+        "syntax error at or near \"c3c3c3c3c3c3c3c3c3\""
+    );
+    assert_eq!(
+        in_key_context("parameter \"psap.key_v1\" cannot be changed now"),
+        "parameter \"psap.key_v1\" cannot be changed now"
+    );
+    assert!(mentions_key_setting(
+        b"parameter \"psap.key_v2\" cannot be changed now"
+    ));
+    assert!(!mentions_key_setting(b"psap.decrypt_passthrough"));
+    assert!(has_hex_run(KEY_HEX.as_bytes()) && !has_hex_run(short.as_bytes()));
 }

@@ -1,0 +1,105 @@
+//! Keeping key material out of server log lines: the pure text rules the extension's log hook
+//! applies, in place, to every message before PostgreSQL writes it.
+//!
+//! - a run of 64 or more hexadecimal digits (a key, as `openssl rand -hex 32` prints it) becomes
+//!   asterisks; in a message about a statement that sets a key (`key_context`), any run of 16 or
+//!   more does (the SQL parser quotes the part of a key it stopped at);
+//! - in a text that mentions a key setting (`psap.key_...`, any case), the content of every
+//!   single-quoted literal after the mention becomes asterisks (a malformed key, or one with a
+//!   cipher prefix);
+//! - in a configuration-file syntax error, the token quoted after `near token` becomes asterisks
+//!   (an unquoted key in a key file).
+//!
+//! Lengths never change and nothing is allocated, so the caller can rewrite a C string where it
+//! lies, inside error reporting.
+
+/// The shortest run of hex digits treated as key material.
+pub const MIN_HEX_RUN: usize = 64;
+/// The same, in a message about a statement that sets a key.
+pub const MIN_HEX_RUN_IN_KEY_CONTEXT: usize = 16;
+
+/// Whether `text` names a key setting (`psap.key_v1`, `PSAP.KEY_COMMAND`, ...).
+pub fn mentions_key_setting(text: &[u8]) -> bool {
+    find_ci(text, b"psap.key_").is_some()
+}
+
+/// Whether `text` holds a run of at least [`MIN_HEX_RUN`] hex digits.
+pub fn has_hex_run(text: &[u8]) -> bool {
+    hex_runs(text, MIN_HEX_RUN).next().is_some()
+}
+
+/// Applies every rule to `text` in place; returns whether anything changed. `key_context`: the
+/// text is about a statement that names a key setting or holds a key.
+pub fn redact(text: &mut [u8], key_context: bool) -> bool {
+    let min_run = if key_context {
+        MIN_HEX_RUN_IN_KEY_CONTEXT
+    } else {
+        MIN_HEX_RUN
+    };
+    let mut changed = false;
+    loop {
+        let Some((start, end)) = hex_runs(text, min_run).next() else {
+            break;
+        };
+        mask(&mut text[start..end]);
+        changed = true;
+    }
+    if let Some(at) = find_ci(text, b"psap.key_") {
+        let mut i = at;
+        while let Some(open) = text[i..].iter().position(|&b| b == b'\'').map(|p| p + i) {
+            let Some(close) = text[open + 1..]
+                .iter()
+                .position(|&b| b == b'\'')
+                .map(|p| p + open + 1)
+            else {
+                // An unterminated literal: hide the rest of the text.
+                changed |= mask(&mut text[open + 1..]);
+                break;
+            };
+            changed |= mask(&mut text[open + 1..close]);
+            i = close + 1;
+        }
+    }
+    if text.starts_with(b"syntax error in file") {
+        if let Some(at) = find_ci(text, b"near token \"") {
+            let start = at + b"near token \"".len();
+            let end = text[start..]
+                .iter()
+                .rposition(|&b| b == b'"')
+                .map_or(text.len(), |p| p + start);
+            changed |= mask(&mut text[start..end]);
+        }
+    }
+    changed
+}
+
+fn mask(bytes: &mut [u8]) -> bool {
+    let changed = bytes.iter().any(|&b| b != b'*');
+    bytes.fill(b'*');
+    changed
+}
+
+fn hex_runs(text: &[u8], min_run: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < text.len() {
+            if text[i].is_ascii_hexdigit() {
+                let start = i;
+                while i < text.len() && text[i].is_ascii_hexdigit() {
+                    i += 1;
+                }
+                if i - start >= min_run {
+                    return Some((start, i));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        None
+    })
+}
+
+fn find_ci(text: &[u8], needle: &[u8]) -> Option<usize> {
+    text.windows(needle.len())
+        .position(|w| w.eq_ignore_ascii_case(needle))
+}

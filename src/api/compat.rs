@@ -1,0 +1,69 @@
+//! The C functions that the 0.1.0 SQL objects name and the current SQL objects do not.
+//!
+//! A package upgrade installs the new library before the DBA runs `ALTER EXTENSION psap_encrypt
+//! UPDATE`: until then the 0.1.0 objects call into this library, so every symbol they name must
+//! exist with the signature they were created with (a missing one fails at call, a changed one
+//! would read arguments wrongly). Encryption and the census keep working through the unchanged
+//! functions; the 0.1.0 rotation entry points below refuse with a clear error, because their
+//! protocol (audit writers callable by operators, per-row functions without a run token) is the
+//! one 0.2.0 closed.
+
+use pgrx::prelude::*;
+use pgrx::PgRelation;
+
+use crate::api::target::{self, Access};
+use crate::{error, gucs, sandbox};
+
+/// 0.1.0's check behind psap_register_column: the column exists, is text, and the caller can
+/// read and update it. Unchanged.
+#[pg_extern(stable, sql = false)]
+fn _psap_check_column(tbl: PgRelation, col: &str) {
+    gucs::ensure_preloaded();
+    sandbox::with_safe_search_path(|| {
+        target::resolve(&tbl, col, Access::Rotate);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, sql = false)]
+fn _psap_rotate_begin(
+    _tbl: Option<PgRelation>,
+    _col: Option<&str>,
+    _mode: &str,
+    _batch: Option<i32>,
+    _from_version: Option<&str>,
+    _dry_run: Option<bool>,
+    _max_batches: Option<i32>,
+    _max_seconds: Option<f64>,
+    _pause_ms: Option<i32>,
+    _skip_undecryptable: Option<bool>,
+    _disable_triggers: Option<bool>,
+    _verify: Option<bool>,
+) -> i64 {
+    error::old_sql_objects()
+}
+
+#[pg_extern(volatile, sql = false)]
+fn _psap_rotate_step(_run_id: i64) -> bool {
+    error::old_sql_objects()
+}
+
+#[pg_extern(volatile, sql = false)]
+fn _psap_rotate_fail(_run_id: i64, _sqlstate: &str, _message: &str) {
+    error::old_sql_objects()
+}
+
+#[pg_extern(volatile, sql = false)]
+fn _psap_reraise(_sqlstate: &str, _message: &str, _detail: Option<&str>, _hint: Option<&str>) {
+    error::old_sql_objects()
+}
+
+#[pg_extern(volatile, strict, sql = false)]
+fn _psap_try_reencrypt(_value: &str, _target: i32) -> Option<String> {
+    error::old_sql_objects()
+}
+
+#[pg_extern(volatile, strict, sql = false)]
+fn _psap_try_encrypt(_value: &str, _target: i32) -> Option<String> {
+    error::old_sql_objects()
+}

@@ -1,0 +1,444 @@
+//! The audit log (CJIS): written only by this module, never through a SQL-callable writer.
+//!
+//! Every write runs as the owner of `psap_audit_log` (see [`sandbox::as_extension_owner`]) with
+//! a backend-local flag set that the table's guard trigger requires: no role, the table's owner
+//! included, can INSERT, UPDATE, DELETE or TRUNCATE it by hand, and the guard fills the identity
+//! columns (session role, backend, start time) itself on INSERT.
+//!
+//! Finished records are sealed into a hash chain: record number n gets
+//! `BLAKE2b-256(hash of record n-1 || canonical text of record n)`, and the chain's head is kept
+//! in `psap_audit_chain`. `psap_audit_verify()` recomputes the chain and names every record that
+//! was changed, removed or added by hand. The head of each sealing is also written to the server
+//! log, so a rewrite of the whole chain by a superuser is visible against the log.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::PgOid;
+
+use crate::api::target;
+use crate::{error, sandbox, spi};
+
+/// Counters a batch job reports.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Counts {
+    pub done: i64,
+    pub skipped: i64,
+    pub failed: i64,
+    pub batches: i64,
+}
+
+/// What a batch job records when it starts.
+pub struct Start<'a> {
+    pub operation: &'a str,
+    pub relation: &'a str,
+    pub column: &'a str,
+    pub from: Option<String>,
+    pub to: String,
+    pub from_fingerprints: Option<String>,
+    pub to_fingerprint: String,
+    pub batch: i64,
+    pub planned: i64,
+}
+
+thread_local! {
+    static WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// For the guard trigger: whether this backend's audit writer is writing now.
+#[pg_extern(volatile, parallel_restricted)]
+fn _psap_audit_writing() -> bool {
+    WRITING.with(|w| w.get())
+}
+
+/// The audit log of this database: where it is and who owns it.
+pub struct AuditLog {
+    ext: String,
+    owner: pg_sys::Oid,
+    progress_plan: Option<OwnedPreparedStatement>,
+}
+
+/// The chain's value before its first record.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+impl AuditLog {
+    pub fn open() -> AuditLog {
+        let ext = target::extension_schema();
+        let owner = spi::one::<pg_sys::Oid>(
+            &format!("SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) '{ext}.psap_audit_log'::pg_catalog.regclass"),
+            &[],
+        )
+        .unwrap_or_else(|| error::extension_missing());
+        AuditLog {
+            ext,
+            owner,
+            progress_plan: None,
+        }
+    }
+
+    /// Another handle on the same log (without this one's prepared statement).
+    pub fn handle(&self) -> AuditLog {
+        AuditLog {
+            ext: self.ext.clone(),
+            owner: self.owner,
+            progress_plan: None,
+        }
+    }
+
+    /// The owner of the extension's tables.
+    pub fn owner(&self) -> pg_sys::Oid {
+        self.owner
+    }
+
+    /// Runs `f` as the log's owner with the guard's flag set.
+    fn write<R>(&self, f: impl FnOnce() -> R) -> R {
+        sandbox::as_extension_owner(self.owner, || {
+            WRITING.with(|w| w.set(true));
+            let result = f();
+            WRITING.with(|w| w.set(false));
+            result
+        })
+    }
+
+    /// Starts the record of a batch job; returns its id.
+    pub fn begin(&self, s: Start) -> i64 {
+        let role = current_role();
+        let sql = format!(
+            "INSERT INTO {}.psap_audit_log
+                 (operation, relation, column_name, from_version, to_version, from_fingerprints,
+                  to_fingerprint, batch_size, rows_planned, run_as_role)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::pg_catalog.int4, $9, $10) RETURNING id",
+            self.ext
+        );
+        let args = [
+            s.operation.into(),
+            s.relation.into(),
+            s.column.into(),
+            s.from.into(),
+            s.to.into(),
+            s.from_fingerprints.into(),
+            s.to_fingerprint.into(),
+            s.batch.into(),
+            s.planned.into(),
+            role.into(),
+        ];
+        self.write(|| spi::one_mut::<i64>(&sql, &args))
+            .unwrap_or_else(|| error::extension_missing())
+    }
+
+    /// Records a batch's progress, in the batch's own transaction.
+    pub fn progress(&mut self, id: i64, c: Counts) {
+        let (ext, plan) = (&self.ext, &mut self.progress_plan);
+        sandbox::as_extension_owner(self.owner, || {
+            WRITING.with(|w| w.set(true));
+            let result = Spi::connect_mut(|client| {
+                if plan.is_none() {
+                    let sql = format!(
+                        "UPDATE {ext}.psap_audit_log
+                            SET rows_done = $2, rows_skipped = $3, batches = $4,
+                                updated_at = pg_catalog.clock_timestamp()
+                          WHERE id OPERATOR(pg_catalog.=) $1 AND status OPERATOR(pg_catalog.=) 'running'"
+                    );
+                    *plan = Some(
+                        client
+                            .prepare_mut(sql.as_str(), &[PgOid::from(pg_sys::INT8OID); 4])?
+                            .keep(),
+                    );
+                }
+                let args = [id.into(), c.done.into(), c.skipped.into(), c.batches.into()];
+                client
+                    .update(plan.as_ref().expect("prepared above"), None, &args)
+                    .map(|_| ())
+            });
+            WRITING.with(|w| w.set(false));
+            result.unwrap_or_else(|e| error::spi(e));
+        });
+    }
+
+    /// Ends the record of a batch job and seals it.
+    pub fn end(&self, id: i64, status: &str, c: Counts, error: Option<String>) {
+        let sql = format!(
+            "UPDATE {}.psap_audit_log
+                SET status = $2, error = $7, updated_at = pg_catalog.clock_timestamp(),
+                    ended_at = pg_catalog.clock_timestamp(),
+                    rows_done = pg_catalog.int8larger(rows_done, $3),
+                    rows_skipped = pg_catalog.int8larger(rows_skipped, $4),
+                    rows_failed = pg_catalog.int8larger(rows_failed, $5),
+                    batches = pg_catalog.int8larger(batches, $6)
+              WHERE id OPERATOR(pg_catalog.=) $1 AND status OPERATOR(pg_catalog.=) 'running'
+             RETURNING id",
+            self.ext
+        );
+        let args = [
+            id.into(),
+            status.into(),
+            c.done.into(),
+            c.skipped.into(),
+            c.failed.into(),
+            c.batches.into(),
+            error.into(),
+        ];
+        self.write(|| {
+            let ended = spi::rows_mut(&sql, &args, |r| Ok(r.get::<i64>(1)?.unwrap_or(0)));
+            self.seal(&ended);
+        });
+    }
+
+    /// A one-line, finished record of a change that is not a batch job (registry changes).
+    pub fn event(&self, operation: &str, relation: &str, column: &str) {
+        let role = current_role();
+        let sql = format!(
+            "INSERT INTO {}.psap_audit_log (operation, relation, column_name, run_as_role)
+             VALUES ($1, $2, $3, $4) RETURNING id",
+            self.ext
+        );
+        let args = [
+            operation.into(),
+            relation.into(),
+            column.into(),
+            role.into(),
+        ];
+        self.write(|| {
+            let added = spi::rows_mut(&sql, &args, |r| Ok(r.get::<i64>(1)?.unwrap_or(0)));
+            self.seal(&added);
+        });
+    }
+
+    /// Marks `interrupted` the records still `running` whose backend is gone, no longer executing
+    /// a statement, or is this one (a backend runs one job at a time: a record of it still
+    /// running belongs to a run that a cancel or error ended between two batches), and seals them.
+    pub fn close_interrupted(&self) {
+        let sql = format!(
+            "UPDATE {ext}.psap_audit_log
+                SET status = 'interrupted', ended_at = updated_at
+              WHERE status OPERATOR(pg_catalog.=) 'running'
+                AND (pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                     OR NOT {ext}._psap_backend_alive(pid, backend_start))
+             RETURNING id",
+            ext = self.ext
+        );
+        self.write(|| {
+            let mut closed = spi::rows_mut(&sql, &[], |r| Ok(r.get::<i64>(1)?.unwrap_or(0)));
+            closed.sort_unstable();
+            self.seal(&closed);
+        });
+    }
+
+    /// Seals the finished records written before sealing existed (0.1.0), in id order: called
+    /// once, by the upgrade script. Afterwards only records this writer finishes are sealed, so a
+    /// record added by hand stays unsealed, and psap_audit_verify() reports it.
+    pub fn seal_legacy(&self) {
+        let sql = format!(
+            "SELECT id FROM {}.psap_audit_log WHERE seal_seq IS NULL AND status OPERATOR(pg_catalog.<>) 'running' ORDER BY id",
+            self.ext
+        );
+        self.write(|| {
+            let ids = spi::rows(&sql, &[], |r| Ok(r.get::<i64>(1)?.unwrap_or(0)));
+            self.seal(&ids);
+        });
+    }
+
+    /// Seals `ids`, in that order, as the next records of the chain (the caller holds the flag).
+    fn seal(&self, ids: &[i64]) {
+        if ids.is_empty() {
+            return;
+        }
+        let ext = &self.ext;
+        spi::run(
+            &format!("INSERT INTO {ext}.psap_audit_chain (singleton, seq, hash) VALUES (true, 0, $1) ON CONFLICT DO NOTHING"),
+            &[GENESIS.into()],
+        );
+        // The head's row lock serializes sealing across sessions (only the owner can take it).
+        let head = spi::rows_mut(
+            &format!("SELECT seq, hash FROM {ext}.psap_audit_chain FOR UPDATE"),
+            &[],
+            |r| {
+                Ok((
+                    r.get::<i64>(1)?.unwrap_or(0),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                ))
+            },
+        );
+        let Some((mut seq, mut hash)) = head.into_iter().next() else {
+            return;
+        };
+        let set_seq = format!(
+            "UPDATE {ext}.psap_audit_log SET seal_seq = $2 WHERE id OPERATOR(pg_catalog.=) $1"
+        );
+        let set_hash = format!(
+            "UPDATE {ext}.psap_audit_log SET seal_hash = $2 WHERE id OPERATOR(pg_catalog.=) $1"
+        );
+        let mut last = 0;
+        for &id in ids {
+            seq += 1;
+            spi::run(&set_seq, &[id.into(), seq.into()]);
+            let text = spi::one::<String>(&canonical_sql(ext), &[id.into()]).unwrap_or_default();
+            hash = chain(&hash, &text);
+            spi::run(&set_hash, &[id.into(), hash.clone().into()]);
+            last = id;
+        }
+        spi::run(
+            &format!("UPDATE {ext}.psap_audit_chain SET seq = $1, hash = $2"),
+            &[seq.into(), hash.clone().into()],
+        );
+        // Half the hash: enough to compare, and never 64 hex digits (which log lines hide).
+        ereport!(
+            PgLogLevel::LOG,
+            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+            format!(
+                "psap_encrypt sealed audit records up to id {last} (number {seq}); chain {}",
+                &hash[..32]
+            )
+        );
+    }
+}
+
+/// The next link of the chain: BLAKE2b-256(previous hash || "\n" || canonical record), in hex.
+fn chain(previous: &str, canonical: &str) -> String {
+    hex_encode(&psap_core::sodium::blake2b_256(&[
+        previous.as_bytes(),
+        b"\n",
+        canonical.as_bytes(),
+    ]))
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The canonical text of a record (`$1`: its id): every column but the hash itself, in a form
+/// independent of the session's DateStyle and TimeZone, unambiguous (quote_nullable).
+fn canonical_sql(ext: &str) -> String {
+    let ts = |c: &str| {
+        format!("pg_catalog.quote_nullable(pg_catalog.to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'))")
+    };
+    let txt = |c: &str| format!("pg_catalog.quote_nullable({c}::pg_catalog.text)");
+    let fields = [
+        "l.id::pg_catalog.text".to_string(),
+        txt("l.operation"),
+        txt("l.relation"),
+        txt("l.column_name"),
+        txt("l.from_version"),
+        txt("l.to_version"),
+        txt("l.from_fingerprints"),
+        txt("l.to_fingerprint"),
+        txt("l.batch_size"),
+        txt("l.rows_planned"),
+        txt("l.rows_done"),
+        txt("l.rows_skipped"),
+        txt("l.rows_failed"),
+        txt("l.batches"),
+        txt("l.status"),
+        txt("l.error"),
+        ts("l.started_at"),
+        ts("l.updated_at"),
+        ts("l.ended_at"),
+        txt("l.session_role"),
+        txt("l.run_as_role"),
+        txt("l.pid"),
+        ts("l.backend_start"),
+        txt("l.seal_seq"),
+    ];
+    format!(
+        "SELECT pg_catalog.concat_ws('|', {}) FROM {ext}.psap_audit_log l WHERE l.id OPERATOR(pg_catalog.=) $1",
+        fields.join(", ")
+    )
+}
+
+/// The role the caller acts as (recorded as run_as_role).
+fn current_role() -> String {
+    spi::one::<String>("SELECT current_user::pg_catalog.text", &[]).unwrap_or_default()
+}
+
+/// Seals the finished records of a database upgraded from 0.1.0 (the upgrade script creates,
+/// calls and drops a function for this symbol; no SQL object keeps it).
+#[pg_extern(volatile, sql = false)]
+fn _psap_audit_seal_legacy() {
+    crate::gucs::ensure_preloaded();
+    sandbox::with_safe_search_path(|| AuditLog::open().seal_legacy());
+}
+
+/// Checks the audit log's hash chain. One row per problem (none when the log is intact):
+/// a record changed after it was sealed, a sealed record missing, records sealed out of order,
+/// or a chain head that does not match the last sealed record.
+#[pg_extern(stable)]
+fn psap_audit_verify() -> TableIterator<
+    'static,
+    (
+        name!(seal_seq, Option<i64>),
+        name!(id, Option<i64>),
+        name!(problem, String),
+    ),
+> {
+    crate::gucs::ensure_preloaded();
+    let problems = sandbox::with_safe_search_path(|| {
+        let log = AuditLog::open();
+        sandbox::as_extension_owner(log.owner, || verify(&log.ext))
+    });
+    TableIterator::new(problems)
+}
+
+fn verify(ext: &str) -> Vec<(Option<i64>, Option<i64>, String)> {
+    let records = spi::rows(
+        &format!("SELECT seal_seq, id, seal_hash FROM {ext}.psap_audit_log WHERE seal_seq IS NOT NULL ORDER BY seal_seq, id"),
+        &[],
+        |r| Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i64>(2)?.unwrap_or(0), r.get::<String>(3)?)),
+    );
+    let mut problems = Vec::new();
+    let mut previous = GENESIS.to_string();
+    let mut expected = 1;
+    for (seq, id, stored) in records {
+        if seq != expected {
+            let what = if seq < expected {
+                format!("sealed as number {seq} like another record")
+            } else {
+                format!("sealed records {expected} to {} are missing", seq - 1)
+            };
+            problems.push((Some(seq), Some(id), what));
+        }
+        let text = spi::one::<String>(&canonical_sql(ext), &[id.into()]).unwrap_or_default();
+        let computed = chain(&previous, &text);
+        match &stored {
+            Some(h) if *h == computed => {}
+            Some(_) => problems.push((Some(seq), Some(id), "changed after it was sealed".into())),
+            None => problems.push((Some(seq), Some(id), "sealed without a hash".into())),
+        }
+        // The next record was chained on the hash stored here: one changed record is reported once.
+        previous = stored.unwrap_or(computed);
+        expected = seq + 1;
+    }
+    let unsealed = spi::rows(
+        &format!("SELECT id FROM {ext}.psap_audit_log WHERE seal_seq IS NULL AND status OPERATOR(pg_catalog.<>) 'running' ORDER BY id"),
+        &[],
+        |r| Ok(r.get::<i64>(1)?.unwrap_or(0)),
+    );
+    for id in unsealed {
+        problems.push((
+            None,
+            Some(id),
+            "finished but never sealed: not written by psap_encrypt".into(),
+        ));
+    }
+    let head = spi::rows(
+        &format!("SELECT seq, hash FROM {ext}.psap_audit_chain"),
+        &[],
+        |r| {
+            Ok((
+                r.get::<i64>(1)?.unwrap_or(0),
+                r.get::<String>(2)?.unwrap_or_default(),
+            ))
+        },
+    );
+    let (head_seq, head_hash) = head.into_iter().next().unwrap_or((0, GENESIS.into()));
+    if head_seq != expected - 1 || head_hash != previous {
+        problems.push((
+            Some(head_seq),
+            None,
+            format!(
+                "the chain head says {head_seq} sealed records, but the log's records end at number {}",
+                expected - 1
+            ),
+        ));
+    }
+    problems
+}

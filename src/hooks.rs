@@ -1,0 +1,203 @@
+//! Server hooks that keep keys out of places other roles read:
+//!
+//! - the log hook rewrites, in place, every server log line with key material in it (the rules
+//!   are `psap_core::redact`), and drops the STATEMENT line of any message whose statement names a
+//!   key setting or holds a key (a refused `SET psap.key_v1 = '...'` would otherwise be logged
+//!   with the key under the default `log_min_error_statement`);
+//! - the utility hook refuses `ALTER SYSTEM SET psap.key_...`: it would write the key into
+//!   postgresql.auto.conf inside the data directory (and so into every base backup), and
+//!   `pg_stat_statements` keeps utility statements' text.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+use psap_core::redact;
+
+use crate::error;
+
+static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+/// Installs both hooks (from `_PG_init`, in every process that loads the library).
+pub fn install() {
+    // SAFETY: _PG_init runs once per process, before any query; the previous hooks are chained.
+    unsafe {
+        PREV_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(scrub_log_line);
+        PREV_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(utility);
+    }
+}
+
+/// The bytes of a C string in ErrorData, writable in place (palloc'd in ErrorContext).
+///
+/// # Safety
+/// `p` is null or a NUL-terminated string the caller may modify.
+unsafe fn c_bytes<'a>(p: *mut std::ffi::c_char) -> Option<&'a mut [u8]> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: as promised by the caller.
+    unsafe {
+        let len = CStr::from_ptr(p).to_bytes().len();
+        Some(std::slice::from_raw_parts_mut(p.cast::<u8>(), len))
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn scrub_log_line(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: PostgreSQL passes the ErrorData being emitted; its strings are ours to rewrite.
+    // Nothing here allocates or raises (an error inside error reporting would recurse).
+    unsafe {
+        if let Some(e) = edata.as_mut() {
+            let fields = [
+                e.message,
+                e.detail,
+                e.detail_log,
+                e.hint,
+                e.context,
+                e.internalquery,
+            ];
+            let statement = pg_sys::debug_query_string;
+            let statement_has_key = !statement.is_null() && {
+                let text = CStr::from_ptr(statement).to_bytes();
+                redact::mentions_key_setting(text) || redact::has_hex_run(text)
+            };
+            let key_context = statement_has_key
+                || fields
+                    .iter()
+                    .any(|&f| c_bytes(f).is_some_and(|t| redact::mentions_key_setting(t)));
+            for field in fields {
+                if let Some(text) = c_bytes(field) {
+                    redact::redact(text, key_context);
+                }
+            }
+            if key_context {
+                e.hide_stmt = true;
+            }
+        }
+        if let Some(prev) = PREV_EMIT_LOG {
+            prev(edata);
+        }
+    }
+}
+
+/// Refuses ALTER SYSTEM SET of a key setting (raising its ERROR from here, a guarded function).
+#[pg_guard]
+unsafe extern "C-unwind" fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
+    // SAFETY: utilityStmt of a utility PlannedStmt is a valid node; an AlterSystemStmt always has
+    // its setstmt.
+    unsafe {
+        let node = (*pstmt).utilityStmt;
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_AlterSystemStmt {
+            return;
+        }
+        let set = (*node.cast::<pg_sys::AlterSystemStmt>()).setstmt;
+        if set.is_null() || (*set).name.is_null() {
+            return;
+        }
+        let name = CStr::from_ptr((*set).name).to_bytes();
+        if (*set).kind == pg_sys::VariableSetKind::VAR_SET_VALUE && is_key_setting(name) {
+            error::raise(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "keys cannot be set with ALTER SYSTEM",
+                Some("ALTER SYSTEM writes the value into postgresql.auto.conf inside the data directory, which every base backup copies, and statement text can reach the server log and pg_stat_statements.".into()),
+                Some("Use psap.key_command, or a key file outside the data directory that postgresql.conf includes.".into()),
+            );
+        }
+    }
+}
+
+/// `psap.key_v<digits>`, in any case.
+fn is_key_setting(name: &[u8]) -> bool {
+    name.len() > 10
+        && name[..10].eq_ignore_ascii_case(b"psap.key_v")
+        && name[10..].iter().all(u8::is_ascii_digit)
+}
+
+// The utility hook itself is deliberately not #[pg_guard]ed, and calls the next hook through a
+// binding without pgrx's guard: an error raised by the statement (any utility statement of the
+// server, a CALL's included) must pass through unchanged. Caught and re-raised by a guard, it
+// would lose its CONTEXT and other fields. Its frame holds nothing that needs dropping.
+
+#[cfg(not(feature = "pg13"))]
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ProcessUtility"]
+    fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query: *const std::ffi::c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+#[cfg(not(feature = "pg13"))]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: arguments as PostgreSQL passes them, handed on unchanged.
+    unsafe {
+        check_utility(pstmt);
+        match PREV_UTILITY {
+            Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            None => standard_process_utility(
+                pstmt,
+                query,
+                read_only_tree,
+                context,
+                params,
+                env,
+                dest,
+                qc,
+            ),
+        }
+    }
+}
+
+#[cfg(feature = "pg13")]
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ProcessUtility"]
+    fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query: *const std::ffi::c_char,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+#[cfg(feature = "pg13")]
+unsafe extern "C-unwind" fn utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: as above.
+    unsafe {
+        check_utility(pstmt);
+        match PREV_UTILITY {
+            Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
+            None => standard_process_utility(pstmt, query, context, params, env, dest, qc),
+        }
+    }
+}

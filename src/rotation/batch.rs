@@ -1,0 +1,342 @@
+//! One batch per transaction: `_psap_run_step` walks the leaves in block ranges until a batch is
+//! full, records progress, and says whether more remain. The procedure runs each step in a
+//! PL/pgSQL EXCEPTION block (a subtransaction): a step that fails is rolled back whole and
+//! reported to `_psap_run_failed`, which records it; `_psap_run_end` raises it again once that
+//! record is committed.
+
+use pgrx::prelude::*;
+use pgrx::PgOid;
+
+use super::failure::{self, Failure};
+use super::plan::{notice, warning};
+use super::state::{self, InStep, Outcome, Status};
+use super::walk::Walk;
+use super::{sql, Run};
+use crate::{error, gucs, sandbox, spi};
+
+/// One batch of the run with this token. Returns whether the procedure should commit and call
+/// again.
+#[pg_extern(volatile)]
+fn _psap_run_step(run: i64) -> bool {
+    gucs::ensure_preloaded();
+    let token = run;
+    let Some(mut run) = state::take_running(token) else {
+        return false;
+    };
+    state::set_in_step(InStep {
+        token,
+        audit_id: run.audit_id,
+        audit: run.audit.handle(),
+        counts: run.counts,
+    });
+    error::forget_raised();
+    match sandbox::with_safe_search_path(|| step(&mut run)) {
+        None => {
+            state::set_running(run);
+            true
+        }
+        Some(status) => {
+            sandbox::with_safe_search_path(|| finish(*run, status, None));
+            false
+        }
+    }
+}
+
+/// Records that a step of the run with this token failed (its batch was rolled back): the audit
+/// record ends as cancelled or failed, and the error is kept for `_psap_run_end`. Does nothing
+/// unless a step of that run, in this backend, did fail. The audit log quotes the message only if
+/// psap_encrypt raised it; for anything else it records the SQLSTATE.
+#[pg_extern(volatile)]
+fn _psap_run_failed(
+    run: i64,
+    sqlstate: &str,
+    message: Option<&str>,
+    detail: Option<&str>,
+    hint: Option<&str>,
+) {
+    let Some(rec) = state::take_in_step(run) else {
+        return;
+    };
+    let code = error::code_of(sqlstate);
+    let message = message.unwrap_or_default();
+    let keep = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_string);
+    let failure = Failure {
+        code,
+        message: message.to_string(),
+        detail: keep(detail),
+        hint: keep(hint),
+        ours: error::raised_by_us(code, message),
+    };
+    let status = failure.status();
+    sandbox::with_safe_search_path(|| {
+        rec.audit.end(
+            rec.audit_id,
+            status.as_str(),
+            rec.counts,
+            Some(failure.audit_text()),
+        )
+    });
+    state::set_ended(
+        run,
+        Outcome {
+            status,
+            counts: rec.counts,
+            failure: Some(failure),
+        },
+    );
+}
+
+/// Raises the error the run with this token ended with, if any (after its audit record was
+/// committed by the procedure). Does nothing for a run that ended well.
+#[pg_extern(volatile)]
+fn _psap_run_end(run: i64) {
+    if let Some(Outcome {
+        failure: Some(f), ..
+    }) = state::take_outcome(run)
+    {
+        f.raise();
+    }
+}
+
+/// Records how a run ended and keeps the outcome for `_psap_run_end`.
+fn finish(run: Run, status: Status, failure: Option<Failure>) {
+    let error = failure.as_ref().map(Failure::audit_text);
+    run.audit
+        .end(run.audit_id, status.as_str(), run.counts, error);
+    state::set_ended(
+        run.token,
+        Outcome {
+            status,
+            counts: run.counts,
+            failure,
+        },
+    );
+}
+
+/// One batch; None if more remain, else how the run ended.
+fn step(run: &mut Run) -> Option<Status> {
+    if let Some(reason) = run.opts.limit_reached(run.counts.batches) {
+        let left = remaining(run);
+        if left == 0 {
+            done_notice(run, 0);
+            return Some(Status::Done);
+        }
+        notice(format!(
+            "stopping after {} batches ({reason}): {} {} rows, {left} left; call {} again to continue",
+            run.counts.batches,
+            run.opts.mode.past(),
+            run.counts.done,
+            run.opts.mode.procedure().name()
+        ));
+        return Some(Status::Stopped);
+    }
+    if run.stepped && !run.opts.pause.is_zero() {
+        spi::run(
+            "SELECT pg_catalog.pg_sleep($1)",
+            &[run.opts.pause.as_secs_f64().into()],
+        );
+    }
+    run.stepped = true;
+    if run.opts.disable_triggers {
+        spi::run("SET LOCAL session_replication_role = replica", &[]);
+    }
+    // A batch takes `batch` rows, walking as many block ranges (and leaves) as that needs.
+    let (mut locked_total, mut done, mut failed) = (0i64, 0i64, 0u64);
+    while locked_total < run.opts.batch {
+        if run.leaf >= run.target.leaves.len() {
+            if locked_total > 0 {
+                break; // commit what this batch has; the pass ends at the next step
+            }
+            // End of a pass over every leaf: rows updated by the application while we passed
+            // (moved behind the walk) or locked at the time are caught by another pass.
+            let left = remaining(run);
+            if left > 0 && run.pass_done > 0 {
+                run.pass_done = 0;
+                run.leaf = 0;
+                start_leaf(run);
+                continue;
+            }
+            done_notice(run, left);
+            return Some(Status::Done);
+        }
+        let want = run.opts.batch - locked_total;
+        let Some(range) = run.walk.next_range() else {
+            run.leaf += 1;
+            if run.leaf < run.target.leaves.len() {
+                start_leaf(run);
+            }
+            continue;
+        };
+        state::take_row_failures();
+        let (locked, changed, last_block) = run_batch(run, range, want);
+        let failed_here = state::take_row_failures();
+        if failed_here > 0 {
+            handle_failures(run, range);
+        }
+        locked_total += locked;
+        done += changed;
+        failed += failed_here;
+        run.walk.advance(range, locked, want, last_block);
+    }
+    run.counts.done += done;
+    run.counts.skipped = run.skipped_rows();
+    run.counts.batches += 1;
+    run.pass_done += done;
+    let planned = ((run.total + run.opts.batch - 1) / run.opts.batch).max(run.counts.batches);
+    let mut msg = format!(
+        "batch {}/{planned}: {} {done} rows",
+        run.counts.batches,
+        run.opts.mode.past()
+    );
+    if failed > 0 {
+        msg.push_str(&format!(", skipped {failed} undecryptable"));
+    }
+    notice(msg);
+    run.audit.progress(run.audit_id, run.counts);
+    None
+}
+
+/// Prepares the walk of the current leaf: its size, and ranges sized from its rows to do.
+pub fn start_leaf(run: &mut Run) {
+    run.batch_plan = None;
+    let leaf = &run.target.leaves[run.leaf];
+    let blocks = spi::one::<i64>(sql::LEAF_BLOCKS, &[leaf.oid.into()]).unwrap_or(0);
+    let rows = match run.counted.get_mut(run.leaf).and_then(Option::take) {
+        Some(n) => n,
+        None => leaf_rows(run, run.leaf),
+    };
+    // SAFETY: MyProcPid is set in every backend.
+    let pid = unsafe { pg_sys::MyProcPid }.unsigned_abs();
+    run.walk = Walk::new(blocks.max(0) as u64, rows, run.opts.batch, pid);
+}
+
+/// Rows of a leaf that still need work.
+fn leaf_rows(run: &Run, leaf: usize) -> i64 {
+    let sql = sql::leaf_rows(&run.target, leaf, &run.needs);
+    sandbox::as_table_owner(run.target.leaves[leaf].owner, || spi::one::<i64>(&sql, &[]))
+        .unwrap_or(0)
+}
+
+/// Rows that still need work (not counting those skipped as undecryptable).
+fn remaining(run: &Run) -> i64 {
+    let left: i64 = (0..run.target.leaves.len())
+        .map(|leaf| leaf_rows(run, leaf))
+        .sum();
+    (left - run.skipped_rows()).max(0)
+}
+
+fn done_notice(run: &Run, left: i64) {
+    let mut msg = format!(
+        "done: {} {} rows of {} to {} in {} batches",
+        run.opts.mode.past(),
+        run.counts.done,
+        run.what(),
+        run.to,
+        run.counts.batches
+    );
+    let skipped = run.skipped_rows();
+    if skipped > 0 {
+        msg.push_str(&format!("; {skipped} undecryptable rows skipped"));
+    }
+    if left > 0 {
+        msg.push_str(&format!(
+            "; {left} rows still to do (locked by other sessions or written meanwhile): call again"
+        ));
+    }
+    notice(msg);
+}
+
+/// Runs the batch statement over one block range, taking at most `limit` rows, as the leaf's
+/// owner. Returns rows locked, rows changed and the highest block a locked row was in.
+fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i64, u32) {
+    let leaf = &run.target.leaves[run.leaf];
+    if run.batch_plan.is_none() {
+        let sql = sql::batch(
+            &run.target,
+            run.leaf,
+            run.opts.mode,
+            &run.needs,
+            run.opts.skip_undecryptable,
+        );
+        let types = [
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::INT8OID,
+            pg_sys::TEXTARRAYOID,
+            pg_sys::INT8OID,
+        ]
+        .map(PgOid::from);
+        let plan =
+            Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|p| p.keep()))
+                .unwrap_or_else(|e| error::spi(e));
+        run.batch_plan = Some(plan);
+    }
+    let args = [
+        format!("({lo},0)").into(),
+        format!("({},0)", hi.unwrap_or(u32::MAX)).into(),
+        limit.into(),
+        run.skipped[run.leaf].clone().into(),
+        run.token.into(),
+    ];
+    let plan = run.batch_plan.as_ref().expect("planned above");
+    let row = sandbox::as_table_owner(leaf.owner, || {
+        Spi::connect_mut(|client| {
+            let table = client.update(plan, None, &args)?.first();
+            Ok::<_, pgrx::spi::Error>((
+                table.get::<i64>(1)?.unwrap_or(0),
+                table.get::<i64>(2)?.unwrap_or(0),
+                table.get::<i64>(3)?,
+            ))
+        })
+        .unwrap_or_else(|e| error::spi(e))
+    });
+    (
+        row.0,
+        row.1,
+        row.2.and_then(|b| u32::try_from(b).ok()).unwrap_or(lo),
+    )
+}
+
+/// Some values of the batch could not be decrypted (they were left unchanged). Find them; either
+/// stop with an error that names the first (the batch is rolled back), or skip and list them.
+fn handle_failures(run: &mut Run, (lo, hi): super::walk::Range) {
+    let filter = format!(
+        "{} AND {}{}",
+        sql::range(lo, hi),
+        run.needs,
+        sql::exclusion(&run.skipped[run.leaf])
+    );
+    let bad = failure::undecryptable_rows(&run.target, run.leaf, &filter, run.token);
+    let t = &run.target;
+    let leaf = &t.leaves[run.leaf];
+    if !run.opts.skip_undecryptable {
+        let outcome = match run.counts.done {
+            0 => "The batch was rolled back and no row of it was changed.".to_string(),
+            done => format!(
+                "The batch was rolled back and no row of it was changed; the {done} rows of earlier batches stay rotated."
+            ),
+        };
+        let count = (bad.len() as i64).max(1);
+        run.counts.failed = count;
+        state::note_failed_rows(count);
+        let first = bad.into_iter().next().unwrap_or(failure::BadRow {
+            ctid: "(?)".into(),
+            reason: "it could not be re-encrypted".into(),
+        });
+        failure::undecryptable(t, run.leaf, &first, count, &outcome).raise();
+    }
+    for row in bad {
+        warning(
+            format!(
+                "skipped row {} of {}",
+                failure::row_name(&row.ctid),
+                leaf.relation
+            ),
+            format!(
+                "Column \"{}\": {}. The row was left unchanged.",
+                t.column_name, row.reason
+            ),
+        );
+        run.skipped[run.leaf].push(row.ctid);
+    }
+}

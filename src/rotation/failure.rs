@@ -1,0 +1,123 @@
+//! Why a run stops: the error it ends with (kept to be raised after its audit record is
+//! committed), and the rows that cannot be decrypted (found, named by ctid, skipped or refused).
+//!
+//! Rows are named by their ctid only, never by a column value (a primary key can itself be
+//! encrypted, and the audit trail is read by auditors who cannot read the table).
+
+use pgrx::PgSqlErrorCode::{self, *};
+
+use super::sql;
+use super::state::Status;
+use crate::api::target::Target;
+use crate::error;
+
+/// An error a run ended with, to raise again once its audit record is committed.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: PgSqlErrorCode,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+    /// Raised by psap_encrypt itself, whose messages never contain a value: the audit log may
+    /// quote it. Errors raised by other code (a table's trigger or constraint, PostgreSQL)
+    /// can quote row values, so the audit log records only their SQLSTATE.
+    pub ours: bool,
+}
+
+impl Failure {
+    pub fn new(code: PgSqlErrorCode, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+            ours: true,
+        }
+    }
+
+    pub fn detail(mut self, d: impl Into<String>) -> Failure {
+        self.detail = Some(d.into());
+        self
+    }
+
+    pub fn hint(mut self, h: impl Into<String>) -> Failure {
+        self.hint = Some(h.into());
+        self
+    }
+
+    pub fn status(&self) -> Status {
+        if self.code == ERRCODE_QUERY_CANCELED {
+            Status::Cancelled
+        } else {
+            Status::Failed
+        }
+    }
+
+    /// What the audit log's `error` column says: psap_encrypt's own message, or for an error
+    /// of other code a fixed description of its SQLSTATE (a table's code can quote row values;
+    /// its message reaches the caller and the server log, not the audit trail).
+    pub fn audit_text(&self) -> String {
+        let state = error::sqlstate(self.code);
+        let what = match state.as_str() {
+            _ if self.ours => self.message.as_str(),
+            "57014" => "canceling statement (a cancel request or statement_timeout)",
+            "53200" => "out of memory",
+            "40P01" => "deadlock detected",
+            "40001" => "could not serialize access",
+            "55P03" => "lock not available",
+            s if s.starts_with("53") => "insufficient resources",
+            s if s.starts_with("57") => "operator intervention",
+            _ => "error raised by the table's code or the server (its message is in the server log, not here: it may quote row values)",
+        };
+        format!("{state}: {what}")
+    }
+
+    pub fn raise(self) -> ! {
+        error::raise(self.code, self.message, self.detail, self.hint)
+    }
+}
+
+/// A row of a leaf that cannot be decrypted.
+pub struct BadRow {
+    pub ctid: String,
+    pub reason: String,
+}
+
+/// `ctid (13,77)`: how messages name a row.
+pub fn row_name(ctid: &str) -> String {
+    format!("ctid {ctid}")
+}
+
+/// The rows of leaf `leaf` matching `filter` that cannot be decrypted, in ctid order (read as
+/// the leaf's owner; `token` opens the per-row function for the statement).
+pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str, token: i64) -> Vec<BadRow> {
+    let sql = sql::undecryptable_rows(t, leaf, filter);
+    crate::sandbox::as_table_owner(t.leaves[leaf].owner, || {
+        crate::spi::rows(&sql, &[token.into()], |r| {
+            Ok(BadRow {
+                ctid: r.get::<String>(1)?.unwrap_or_default(),
+                reason: r.get::<String>(2)?.unwrap_or_default(),
+            })
+        })
+    })
+}
+
+/// The refusal for undecryptable rows, naming the first.
+pub fn undecryptable(t: &Target, leaf: usize, row: &BadRow, count: i64, outcome: &str) -> Failure {
+    Failure::new(
+        ERRCODE_DATA_EXCEPTION,
+        format!(
+            "cannot decrypt row {} of {}",
+            row_name(&row.ctid),
+            t.leaves[leaf].relation
+        ),
+    )
+    .detail(format!(
+        "Column \"{}\": {}. Undecryptable rows found: {count}. {outcome}",
+        t.column_name, row.reason
+    ))
+    .hint(format!(
+        "Find the row with SELECT ... FROM {} WHERE ctid = '{}'. Fix or remove such values, configure the missing key, or call psap_rotate with skip_undecryptable => true to skip and list them.",
+        t.leaves[leaf].relation, row.ctid
+    ))
+}

@@ -1,0 +1,88 @@
+//! Batch jobs over a column, committed batch by batch: psap_rotate (re-encrypt old versions),
+//! psap_encrypt_column (encrypt plaintext) and psap_rotate_all (psap_rotate over the registry).
+//!
+//! # How a run is safe
+//!
+//! The procedures are PL/pgSQL (sql/rotate.sql) because only a procedure can COMMIT between
+//! batches. They call `_psap_run_begin` (every check, the count, the audit record, the plan),
+//! then `_psap_run_step` once per transaction until it says there is no more, then
+//! `_psap_run_end`, which raises the error the run ended with, if any, after its audit record
+//! is committed.
+//!
+//! - **No lost update, no double work.** A batch is one statement over a range of heap blocks
+//!   ([`walk`]): it locks up to `batch` rows that still need work with
+//!   `FOR NO KEY UPDATE SKIP LOCKED`, computes each new value from exactly the locked row version
+//!   and updates that version by ctid ([`sql::batch`]). Rows the application holds are skipped,
+//!   never waited for (no deadlock can reach the application); an application write made
+//!   meanwhile wins, because the predicate is re-checked on the locked version; a row already
+//!   written with the target key is no candidate, so two sessions never do a row twice.
+//! - **Nothing half-written.** Each step runs in a subtransaction (the procedure's EXCEPTION
+//!   block): an error or a cancel rolls back the whole batch, and is recorded in the audit log
+//!   ([`batch`]'s `_psap_run_failed`) before it is raised again.
+//!   With `verify` (the default) every candidate is decrypted once before the first write, and a
+//!   version without a key or an undecryptable value refuses the run with nothing written.
+//! - **Resume.** Every batch commits with its progress row; calling again finishes only what is
+//!   left, because the candidates are exactly the rows that still need work.
+//! - **No rights lent.** Every statement over the table runs as the table's owner under
+//!   SECURITY_RESTRICTED_OPERATION with a pinned search_path ([`sandbox::as_table_owner`]): the
+//!   table's triggers, index expressions, constraints and policies never run with the caller's
+//!   rights. The per-row functions work only inside the run's own statements: they need the
+//!   run's random token, which only those statements carry ([`state::gate`]).
+
+pub mod all;
+pub mod batch;
+pub mod failure;
+pub mod options;
+pub mod plan;
+pub mod rowfn;
+pub mod sql;
+pub mod state;
+pub mod walk;
+
+use pgrx::spi::OwnedPreparedStatement;
+use psap_core::Version;
+
+use crate::api::target::Target;
+use crate::audit::{AuditLog, Counts};
+
+pub use options::{Args, Mode, Options, Procedure};
+
+/// A run in progress: what it does, where its walk is, what it has done.
+pub struct Run {
+    /// The random token that opens the per-row functions for this run's statements.
+    pub token: i64,
+    pub audit_id: i64,
+    pub audit: AuditLog,
+    pub opts: Options,
+    pub target: Target,
+    pub to: Version,
+    /// SQL of "this row still needs work" ([`sql::needs`]).
+    pub needs: String,
+    /// Rows to do, from the count at the start.
+    pub total: i64,
+    pub counts: Counts,
+    /// Rows skipped as undecryptable, per leaf: their ctids (excluded from later batches).
+    pub skipped: Vec<Vec<String>>,
+    /// The leaf being walked, and where its walk is.
+    pub leaf: usize,
+    pub walk: walk::Walk,
+    /// Rows done in the current pass over every leaf.
+    pub pass_done: i64,
+    /// The batch statement of the current leaf, planned once per leaf (kept across commits).
+    pub batch_plan: Option<OwnedPreparedStatement>,
+    /// Rows to do per leaf as counted at the start, used (once) to size the first pass's ranges.
+    pub counted: Vec<Option<i64>>,
+    /// Whether a step has run (the pause comes between batches, not before the first).
+    pub stepped: bool,
+}
+
+impl Run {
+    /// `schema.table.column`, for messages.
+    pub fn what(&self) -> String {
+        format!("{}.{}", self.target.relation, self.target.column_name)
+    }
+
+    pub fn skipped_rows(&self) -> i64 {
+        self.skipped.iter().map(Vec::len).sum::<usize>() as i64
+    }
+}

@@ -1,0 +1,167 @@
+//! The options of a run, parsed and checked once from the procedure's arguments (the same code
+//! checks psap_rotate's, psap_encrypt_column's and psap_rotate_all's, so each refusal has one
+//! wording).
+
+use std::time::{Duration, Instant};
+
+use psap_core::Version;
+
+use crate::error;
+
+/// What a run does to each row.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// Re-encrypt envelopes whose version is not the target (and is `from`, when given).
+    Rotate { from: Option<Version> },
+    /// Encrypt values that are not envelopes.
+    Encrypt,
+}
+
+impl Mode {
+    /// The procedure a DBA calls for this mode.
+    pub fn procedure(self) -> Procedure {
+        match self {
+            Mode::Rotate { .. } => Procedure::Rotate,
+            Mode::Encrypt => Procedure::EncryptColumn,
+        }
+    }
+
+    /// "rotate" / "encrypt": the audit log's operation.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Mode::Rotate { .. } => "rotate",
+            Mode::Encrypt => "encrypt",
+        }
+    }
+
+    /// "rotated" / "encrypted": progress messages.
+    pub fn past(self) -> &'static str {
+        match self {
+            Mode::Rotate { .. } => "rotated",
+            Mode::Encrypt => "encrypted",
+        }
+    }
+
+    pub fn is_rotate(self) -> bool {
+        matches!(self, Mode::Rotate { .. })
+    }
+}
+
+/// The procedures whose arguments are checked here, for messages.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Procedure {
+    Rotate,
+    EncryptColumn,
+    RotateAll,
+}
+
+impl Procedure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Procedure::Rotate => "psap_rotate",
+            Procedure::EncryptColumn => "psap_encrypt_column",
+            Procedure::RotateAll => "psap_rotate_all",
+        }
+    }
+}
+
+/// The arguments as SQL passes them (NULL where SQL allows it).
+pub struct Args<'a> {
+    pub batch: Option<i32>,
+    pub from_version: Option<&'a str>,
+    pub dry_run: Option<bool>,
+    pub max_batches: Option<i32>,
+    pub max_seconds: Option<f64>,
+    pub pause_ms: Option<i32>,
+    pub skip_undecryptable: Option<bool>,
+    pub disable_triggers: Option<bool>,
+    pub verify: Option<bool>,
+}
+
+/// Checked options of a run (or of psap_rotate_all, which hands them to each column's run).
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub mode: Mode,
+    pub batch: i64,
+    pub dry_run: bool,
+    pub max_batches: Option<i64>,
+    pub deadline: Option<Instant>,
+    pub pause: Duration,
+    pub skip_undecryptable: bool,
+    pub disable_triggers: bool,
+    pub verify: bool,
+}
+
+impl Options {
+    /// Checks the arguments of `procedure`; `encrypt` selects psap_encrypt_column's mode.
+    pub fn parse(procedure: Procedure, a: &Args) -> Options {
+        let name = procedure.name();
+        let (
+            Some(batch),
+            Some(dry_run),
+            Some(pause_ms),
+            Some(skip_undecryptable),
+            Some(disable_triggers),
+            Some(verify),
+        ) = (
+            a.batch,
+            a.dry_run,
+            a.pause_ms,
+            a.skip_undecryptable,
+            a.disable_triggers,
+            a.verify,
+        )
+        else {
+            error::null_argument(name);
+        };
+        if batch <= 0 {
+            error::not_positive("batch");
+        }
+        if a.max_batches.is_some_and(|m| m <= 0) {
+            error::not_positive("max_batches");
+        }
+        if pause_ms < 0 {
+            error::invalid_argument("pause_ms must not be negative");
+        }
+        if a.max_seconds
+            .is_some_and(|s| s.is_nan() || s <= 0.0 || s.is_infinite())
+        {
+            error::invalid_argument("max_seconds must be a positive number of seconds");
+        }
+        if disable_triggers && !crate::sandbox::is_superuser() {
+            error::disable_triggers_needs_superuser();
+        }
+        let mode = match procedure {
+            Procedure::EncryptColumn => Mode::Encrypt,
+            Procedure::Rotate | Procedure::RotateAll => Mode::Rotate {
+                from: a
+                    .from_version
+                    .map(|f| Version::parse(f).unwrap_or_else(|| error::invalid_from_version(f))),
+            },
+        };
+        Options {
+            mode,
+            batch: i64::from(batch),
+            dry_run,
+            max_batches: a.max_batches.map(i64::from),
+            deadline: a
+                .max_seconds
+                .map(|s| Instant::now() + Duration::from_secs_f64(s)),
+            pause: Duration::from_millis(pause_ms as u64),
+            skip_undecryptable,
+            disable_triggers,
+            verify,
+        }
+    }
+
+    /// Whether a limit (max_batches, max_seconds) stops the run after `batches` batches.
+    pub fn limit_reached(&self, batches: i64) -> Option<&'static str> {
+        if self.max_batches.is_some_and(|m| batches >= m) {
+            return Some("max_batches");
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some("max_seconds");
+        }
+        None
+    }
+}

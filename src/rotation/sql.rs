@@ -1,0 +1,147 @@
+//! Every SQL statement a run executes, in one place. Names are quoted and schema-qualified,
+//! operators and functions written as `OPERATOR(pg_catalog.=)` and `pg_catalog.count`: nothing
+//! here is resolved through the caller's search_path (which is also pinned while they run).
+//! Values travel as parameters; the run token (`$n`) is what opens the per-row functions.
+
+use psap_core::Version;
+
+use super::options::Mode;
+use crate::api::target::Target;
+
+/// SQL for "this row still needs work". Reads only the first characters of the value, so
+/// TOASTed values are not fetched whole.
+pub fn needs(t: &Target, mode: Mode, to: Version) -> String {
+    let prefix = format!("pg_catalog.substr({}, 1, 4)", t.column);
+    match mode {
+        Mode::Rotate { from } => {
+            let from = from.map_or("NULL".to_string(), |f| f.get().to_string());
+            format!(
+                "{}._psap_needs_rotation({prefix}, {}, {from})",
+                t.ext,
+                to.get()
+            )
+        }
+        Mode::Encrypt => format!("{}._psap_is_plaintext({prefix})", t.ext),
+    }
+}
+
+/// Rows to do per version in one leaf (one group, "plaintext", when encrypting) and, with
+/// `verify`, how many of them cannot be decrypted. `$1` is the run token.
+pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify: bool) -> String {
+    let version = match mode {
+        Mode::Rotate { .. } => format!(
+            "{}._psap_envelope_version(pg_catalog.substr({}, 1, 4))",
+            t.ext, t.column
+        ),
+        Mode::Encrypt => "'plaintext'::pg_catalog.text".into(),
+    };
+    let bad = if verify {
+        format!(
+            "pg_catalog.count(*) FILTER (WHERE {}._psap_value_error({}, $1) IS NOT NULL)",
+            t.ext, t.column
+        )
+    } else {
+        "0::pg_catalog.int8".into()
+    };
+    format!(
+        "SELECT {version} AS v, pg_catalog.count(*), {bad} FROM ONLY {rel} WHERE {needs} GROUP BY 1",
+        rel = t.leaves[leaf].relation
+    )
+}
+
+/// Rows of a leaf that still need work.
+pub fn leaf_rows(t: &Target, leaf: usize, needs: &str) -> String {
+    format!(
+        "SELECT pg_catalog.count(*) FROM ONLY {} WHERE {needs}",
+        t.leaves[leaf].relation
+    )
+}
+
+/// A leaf's size in heap blocks (`$1`: its OID).
+pub const LEAF_BLOCKS: &str = "SELECT pg_catalog.pg_relation_size($1) OPERATOR(pg_catalog./) pg_catalog.current_setting('block_size')::pg_catalog.int8";
+
+/// `ctid` within blocks `[lo, hi)` (or from `lo` to the end).
+pub fn range(lo: u32, hi: Option<u32>) -> String {
+    let from = format!("ctid OPERATOR(pg_catalog.>=) '({lo},0)'::pg_catalog.tid");
+    match hi {
+        Some(hi) => format!("{from} AND ctid OPERATOR(pg_catalog.<) '({hi},0)'::pg_catalog.tid"),
+        None => from,
+    }
+}
+
+/// `ctid` not one of `skipped` (ctids as printed by tidout: digits, parentheses and a comma).
+pub fn exclusion(skipped: &[String]) -> String {
+    if skipped.is_empty() {
+        return String::new();
+    }
+    let list = skipped
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(" AND ctid OPERATOR(pg_catalog.<>) ALL ('{{{list}}}'::pg_catalog.tid[])")
+}
+
+/// The rows of a leaf matching `filter` that cannot be decrypted, with why. `$1`: run token.
+pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
+    format!(
+        "SELECT ctid::pg_catalog.text, err FROM (
+             SELECT ctid, {ext}._psap_value_error({col}, $1) AS err FROM ONLY {rel} WHERE {filter}) s
+          WHERE err IS NOT NULL ORDER BY ctid",
+        ext = t.ext,
+        col = t.column,
+        rel = t.leaves[leaf].relation,
+    )
+}
+
+/// The batch statement of a leaf. Parameters: `$1`, `$2` the block range as tids, `$3` the most
+/// rows to take, `$4` ctids to leave alone (skipped as undecryptable), `$5` the run token.
+/// Returns rows locked, rows changed and the highest block a locked row was in.
+///
+/// It locks the rows (skipping those others hold), then updates exactly those row versions by
+/// ctid, computing the new value from the version it holds locked. A value that cannot be
+/// transformed is counted by the per-row function: normally the caller then raises, rolling the
+/// whole batch back; with `skip` the statement leaves such rows untouched (a slightly slower
+/// form that computes the values before the UPDATE) and the caller lists them.
+pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool) -> String {
+    let transform = match mode {
+        Mode::Rotate { .. } => "_psap_rotate_value",
+        Mode::Encrypt => "_psap_encrypt_value",
+    };
+    let (rel, col, ext) = (&t.leaves[leaf].relation, &t.column, &t.ext);
+    let update = if skip {
+        format!(
+            "fresh AS (
+                 SELECT locked.id, {ext}.{transform}(r.{col}, $5) AS val
+                   FROM locked JOIN ONLY {rel} AS r ON r.ctid OPERATOR(pg_catalog.=) locked.id
+             ), changed AS (
+                 UPDATE ONLY {rel} AS t SET {col} = fresh.val FROM fresh
+                  WHERE t.ctid OPERATOR(pg_catalog.=) fresh.id AND fresh.val IS NOT NULL
+                 RETURNING 1
+             )"
+        )
+    } else {
+        format!(
+            "changed AS (
+                 UPDATE ONLY {rel} SET {col} = COALESCE({ext}.{transform}({col}, $5), {col})
+                  WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM locked)) AND {needs}
+                 RETURNING 1
+             )"
+        )
+    };
+    format!(
+        "WITH locked AS MATERIALIZED (
+             SELECT ctid AS id FROM ONLY {rel}
+              WHERE ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid
+                AND ctid OPERATOR(pg_catalog.<) $2::pg_catalog.tid
+                AND {needs}
+                AND ctid OPERATOR(pg_catalog.<>) ALL ($4::pg_catalog.tid[])
+              LIMIT $3
+                FOR NO KEY UPDATE SKIP LOCKED
+         ), {update}
+         SELECT (SELECT pg_catalog.count(*) FROM locked),
+                (SELECT pg_catalog.count(*) FROM changed),
+                (SELECT ((pg_catalog.max(id))::pg_catalog.text::pg_catalog.point)[0]::pg_catalog.int8
+                   FROM locked)"
+    )
+}

@@ -1,0 +1,196 @@
+//! The one piece of per-backend state of psap_encrypt's batch jobs: the run this backend is doing
+//! (it survives the procedure's COMMITs), and the gate that lets the per-row functions work only
+//! inside that run's own statements.
+
+use std::cell::{Cell, RefCell};
+
+use psap_core::Version;
+
+use super::failure::Failure;
+use super::options::Mode;
+use super::Run;
+use crate::audit::{AuditLog, Counts};
+
+/// How a run ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Status {
+    Done,
+    /// A limit (max_batches, max_seconds) stopped it; calling again continues.
+    Stopped,
+    Cancelled,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Done => "done",
+            Status::Stopped => "stopped",
+            Status::Cancelled => "cancelled",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// What a finished run leaves for `_psap_run_end` (and psap_rotate_all).
+pub struct Outcome {
+    pub status: Status,
+    pub counts: Counts,
+    /// Why it failed, raised by `_psap_run_end` after the audit record committed.
+    pub failure: Option<Failure>,
+}
+
+/// What is left of a run while one of its steps runs: if the step fails, its batch is rolled
+/// back, the Run itself is dropped with the error, and `_psap_run_failed` records the end from
+/// this (the counts as of the last committed batch).
+pub struct InStep {
+    pub token: i64,
+    pub audit_id: i64,
+    pub audit: AuditLog,
+    pub counts: Counts,
+}
+
+/// The run of this backend.
+pub enum RunState {
+    Idle,
+    Running(Box<Run>),
+    InStep(Box<InStep>),
+    Ended { token: i64, outcome: Outcome },
+}
+
+thread_local! {
+    static STATE: RefCell<RunState> = const { RefCell::new(RunState::Idle) };
+    static GATE: Cell<Gate> = const { Cell::new(Gate::CLOSED) };
+    static ROW_FAILURES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Takes the running run with this token out of the state (the step puts it back if more
+/// remain): no borrow is held while a step runs, so an error or cancel anywhere in it leaves the
+/// state usable.
+pub fn take_running(token: i64) -> Option<Box<Run>> {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        match &*s {
+            RunState::Running(run) if run.token == token => {
+                match std::mem::replace(&mut *s, RunState::Idle) {
+                    RunState::Running(run) => Some(run),
+                    _ => unreachable!(),
+                }
+            }
+            _ => None,
+        }
+    })
+}
+
+/// Notes, while a step runs, what the run has done so far.
+pub fn set_in_step(record: InStep) {
+    STATE.with(|s| *s.borrow_mut() = RunState::InStep(Box::new(record)));
+}
+
+/// Rows found undecryptable by the failing step (for the audit record).
+pub fn note_failed_rows(n: i64) {
+    STATE.with(|s| {
+        if let RunState::InStep(r) = &mut *s.borrow_mut() {
+            r.counts.failed = n;
+        }
+    });
+}
+
+/// Takes the record of the run with this token whose step failed.
+pub fn take_in_step(token: i64) -> Option<Box<InStep>> {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        match &*s {
+            RunState::InStep(r) if r.token == token => {
+                match std::mem::replace(&mut *s, RunState::Idle) {
+                    RunState::InStep(r) => Some(r),
+                    _ => unreachable!(),
+                }
+            }
+            _ => None,
+        }
+    })
+}
+
+pub fn set_running(run: Box<Run>) {
+    STATE.with(|s| *s.borrow_mut() = RunState::Running(run));
+}
+
+pub fn set_ended(token: i64, outcome: Outcome) {
+    close_gate();
+    STATE.with(|s| *s.borrow_mut() = RunState::Ended { token, outcome });
+}
+
+/// Takes the outcome of the ended run with this token (once).
+pub fn take_outcome(token: i64) -> Option<Outcome> {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        match &*s {
+            RunState::Ended { token: t, .. } if *t == token => {
+                match std::mem::replace(&mut *s, RunState::Idle) {
+                    RunState::Ended { outcome, .. } => Some(outcome),
+                    _ => unreachable!(),
+                }
+            }
+            _ => None,
+        }
+    })
+}
+
+/// Forgets any earlier run (a new one starts).
+pub fn reset() {
+    close_gate();
+    STATE.with(|s| *s.borrow_mut() = RunState::Idle);
+}
+
+/// What the per-row functions may do: transform values toward `to` for the run with `token`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Gate {
+    pub token: i64,
+    pub to: u32,
+    pub encrypt: bool,
+}
+
+impl Gate {
+    const CLOSED: Gate = Gate {
+        token: 0,
+        to: 0,
+        encrypt: false,
+    };
+}
+
+pub fn open_gate(token: i64, to: Version, mode: Mode) {
+    GATE.with(|g| {
+        g.set(Gate {
+            token,
+            to: to.get(),
+            encrypt: mode == Mode::Encrypt,
+        })
+    });
+}
+
+pub fn close_gate() {
+    GATE.with(|g| g.set(Gate::CLOSED));
+}
+
+/// The gate, if `token` opens it (tokens are never 0).
+pub fn gate(token: i64) -> Option<Gate> {
+    GATE.with(|g| Some(g.get()).filter(|g| g.token == token && token != 0))
+}
+
+/// Counts a value a per-row function could not transform (left unchanged).
+pub fn count_row_failure() {
+    ROW_FAILURES.with(|f| f.set(f.get() + 1));
+}
+
+/// Takes the count of failed values since the last call.
+pub fn take_row_failures() -> u64 {
+    ROW_FAILURES.with(|f| f.replace(0))
+}
+
+/// A fresh run token: 63 random bits, never 0, unguessable by other code in the session.
+pub fn new_token() -> i64 {
+    let mut bytes = [0u8; 8];
+    psap_core::sodium::random_bytes(&mut bytes);
+    (i64::from_le_bytes(bytes) & i64::MAX).max(1)
+}

@@ -1,0 +1,90 @@
+//! Under whose rights, and with which `search_path`, psap_encrypt's SQL runs.
+//!
+//! - [`with_safe_search_path`]: every Rust entry point that runs SQL does so with
+//!   `search_path = pg_catalog, pg_temp`, so a caller whose `search_path` puts another role's
+//!   schema first never runs that role's functions or operators in psap_encrypt's statements.
+//! - [`as_table_owner`]: every statement that reads or writes a user's table (counting,
+//!   verifying, rotating, census) runs as that table's owner under
+//!   `SECURITY_RESTRICTED_OPERATION`, with a fresh GUC nest level and the same pinned
+//!   `search_path` — what PostgreSQL does for VACUUM, CLUSTER, REINDEX and REFRESH MATERIALIZED
+//!   VIEW since CVE-2022-1552 (and PostgreSQL 17's search_path pinning). Triggers, index
+//!   expressions, constraints, domain checks and policies of the table therefore run with the
+//!   owner's rights, never the caller's: a superuser's rotation lends nothing to a table owner.
+//! - [`as_extension_owner`]: writes to the extension's own tables (audit log, registry) run as
+//!   their owner, so no role needs (or gets) privileges on them.
+
+use pgrx::pg_sys;
+
+/// What `search_path` is while psap_encrypt's own statements and a table's code run.
+const SAFE_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
+
+/// A GUC nest level with `search_path` pinned; the caller closes it with `AtEOXact_GUC`.
+fn open_nest_level() -> i32 {
+    // SAFETY: plain calls into PostgreSQL's GUC machinery from a backend in a transaction;
+    // GUC_ACTION_SAVE makes the setting revert when the nest level is closed.
+    unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            SAFE_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        nest
+    }
+}
+
+/// Runs `f` with `search_path = pg_catalog, pg_temp`. (On an error the enclosing (sub)transaction's
+/// abort closes the nest level.)
+pub fn with_safe_search_path<R>(f: impl FnOnce() -> R) -> R {
+    let nest = open_nest_level();
+    let result = f();
+    // SAFETY: closes the nest level opened above, reverting the search_path.
+    unsafe { pg_sys::AtEOXact_GUC(false, nest) };
+    result
+}
+
+/// Runs `f` as `owner` with `extra` security-context bits, the pinned search_path, and the GUC
+/// changes made inside rolled back afterwards.
+fn as_role<R>(owner: pg_sys::Oid, extra: u32, f: impl FnOnce() -> R) -> R {
+    let (mut saved_user, mut saved_context) = (pg_sys::Oid::INVALID, 0);
+    // SAFETY: reads and sets the backend's current user id and security context, as
+    // ExecRefreshMatView does; restored below (or by the (sub)transaction abort on error).
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(owner, saved_context | extra as i32);
+    }
+    let nest = open_nest_level();
+    let result = f();
+    // SAFETY: as above.
+    unsafe {
+        pg_sys::AtEOXact_GUC(false, nest);
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
+    }
+    result
+}
+
+/// Runs `f` as the owner of a user's table, under SECURITY_RESTRICTED_OPERATION (no SET ROLE, no
+/// temporary objects, no further privilege changes) with the pinned search_path.
+pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    as_role(owner, pg_sys::SECURITY_RESTRICTED_OPERATION, f)
+}
+
+/// Runs `f` as the owner of the extension's own tables (to write the audit log and registry).
+pub fn as_extension_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    as_role(
+        owner,
+        pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION,
+        f,
+    )
+}
+
+/// Whether the current role is a superuser.
+pub fn is_superuser() -> bool {
+    // SAFETY: a plain read of the current role's attributes.
+    unsafe { pg_sys::superuser() }
+}

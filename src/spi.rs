@@ -1,0 +1,70 @@
+//! Running psap_encrypt's own SQL through SPI: one place for the calls and for what a failure
+//! of SPI itself becomes (SQLSTATE 2F000, never the XX000 fallback). Errors raised by the
+//! statements (permissions, locks, a table's triggers) propagate with their own SQLSTATE.
+
+use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
+use pgrx::prelude::*;
+use pgrx::spi::SpiHeapTupleData;
+
+use crate::error;
+
+/// Rows of a read-only query, each mapped by `f`.
+pub fn rows<T>(
+    sql: &str,
+    args: &[DatumWithOid],
+    f: impl Fn(SpiHeapTupleData) -> Result<T, pgrx::spi::Error>,
+) -> Vec<T> {
+    Spi::connect(|client| {
+        client
+            .select(sql, None, args)?
+            .map(f)
+            .collect::<Result<Vec<T>, _>>()
+    })
+    .unwrap_or_else(|e| error::spi(e))
+}
+
+/// Rows of a statement that locks or writes (it needs a transaction id), each mapped by `f`.
+pub fn rows_mut<T>(
+    sql: &str,
+    args: &[DatumWithOid],
+    f: impl Fn(SpiHeapTupleData) -> Result<T, pgrx::spi::Error>,
+) -> Vec<T> {
+    Spi::connect_mut(|client| {
+        client
+            .update(sql, None, args)?
+            .map(f)
+            .collect::<Result<Vec<T>, _>>()
+    })
+    .unwrap_or_else(|e| error::spi(e))
+}
+
+/// Runs a statement that writes, ignoring any rows it returns.
+pub fn run(sql: &str, args: &[DatumWithOid]) {
+    Spi::connect_mut(|client| client.update(sql, None, args).map(|_| ()))
+        .unwrap_or_else(|e| error::spi(e))
+}
+
+/// The first column of the first row of a read-only query (NULL and no row both give None).
+/// Read-only on purpose: pgrx's `Spi::get_one` assigns a transaction id, which a standby refuses.
+pub fn one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
+    Spi::connect(|client| {
+        let table = client.select(sql, Some(1), args)?;
+        if table.is_empty() {
+            return Ok(None);
+        }
+        table.first().get_one::<T>()
+    })
+    .unwrap_or_else(|e| error::spi(e))
+}
+
+/// The first column of the first row a writing statement returns.
+pub fn one_mut<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
+    Spi::connect_mut(|client| {
+        let table = client.update(sql, Some(1), args)?;
+        if table.is_empty() {
+            return Ok(None);
+        }
+        table.first().get_one::<T>()
+    })
+    .unwrap_or_else(|e| error::spi(e))
+}

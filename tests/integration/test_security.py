@@ -1,0 +1,285 @@
+"""Attacks on psap_encrypt's privilege model, tried as a less trusted role would try them:
+a table owner's code run by a superuser's rotation, internal routines called directly, a forged or
+altered audit trail, a hostile search_path, column values in messages. Each test failed on 0.1.0."""
+import psycopg
+import pytest
+
+from conftest import KEY1, KEY2, sqlstate_of
+
+# Every way an UPDATE (or a read) of a table runs its owner's code. Each spy records the role it
+# ran as, and tries to make its owner a superuser when that role is one.
+MALLORY_SCHEMA = r"""
+CREATE TABLE mallory_s.seen (via text, as_role name, at timestamptz DEFAULT clock_timestamp());
+CREATE FUNCTION mallory_s.spy(via text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO mallory_s.seen (via, as_role) VALUES (via, current_user);
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        EXECUTE 'ALTER ROLE mallory SUPERUSER';
+    END IF;
+    RETURN true;
+END $$;
+-- Declared immutable (a lie) so that index expressions and generated columns may call it.
+CREATE FUNCTION mallory_s.spy_immutable(via text, v text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN PERFORM mallory_s.spy(via); RETURN left(v, 4); END $$;
+CREATE DOMAIN mallory_s.spied_text AS text CHECK (mallory_s.spy('domain check'));
+CREATE FUNCTION mallory_s.trg() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM mallory_s.spy('trigger'); RETURN NEW; END $$;
+CREATE TABLE mallory_s.calls (
+    id    int PRIMARY KEY,
+    title mallory_s.spied_text CHECK (mallory_s.spy('check constraint')),
+    tag   text GENERATED ALWAYS AS (mallory_s.spy_immutable('generated column', title)) STORED
+);
+CREATE INDEX ON mallory_s.calls (mallory_s.spy_immutable('index expression', title));
+CREATE INDEX ON mallory_s.calls (id) WHERE mallory_s.spy_immutable('partial index', title) IS NOT NULL;
+CREATE TRIGGER spy BEFORE UPDATE ON mallory_s.calls FOR EACH ROW EXECUTE FUNCTION mallory_s.trg();
+ALTER TABLE mallory_s.calls ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+CREATE POLICY spy ON mallory_s.calls USING (mallory_s.spy('row security policy'));
+"""
+EVERY_PATH = {"domain check", "check constraint", "generated column", "index expression",
+              "partial index", "trigger", "row security policy"}
+
+
+@pytest.fixture
+def mallory(cluster, db):
+    """An operator (psap_grant_operator) who owns a schema and a table full of traps."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS mallory")
+        c.execute("CREATE ROLE mallory LOGIN")
+        c.execute("CREATE SCHEMA mallory_s AUTHORIZATION mallory")
+        c.execute("SELECT psap_grant_operator('mallory')")
+        c.execute("GRANT EXECUTE ON FUNCTION psap_encrypt(text) TO mallory")
+    with cluster.connect(user="mallory", dbname=db) as c:
+        c.execute(MALLORY_SCHEMA)
+        c.execute("INSERT INTO mallory_s.calls (id, title) SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 300) g")
+        assert c.execute("SELECT psap_register_column('mallory_s.calls', 'title')").fetchone()[0] is True
+        c.execute("TRUNCATE mallory_s.seen")
+    with cluster.connect(dbname=db) as c:
+        c.execute("REVOKE EXECUTE ON FUNCTION psap_encrypt(text) FROM mallory")
+    yield "mallory"
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP SCHEMA mallory_s CASCADE")
+        c.execute("DROP OWNED BY mallory; DROP ROLE mallory")
+
+
+def seen(c):
+    return c.execute("SELECT via, as_role FROM mallory_s.seen").fetchall()
+
+
+def test_a_superusers_rotation_runs_a_table_owners_code_as_the_owner(cluster, db, mallory):
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        # What the DBA and the documented pg_cron job run, as a superuser.
+        c.execute("SELECT * FROM psap_status()").fetchall()
+        c.execute("SELECT * FROM psap_census('mallory_s.calls', 'title')").fetchall()
+        c.execute("CALL psap_rotate('mallory_s.calls', 'title', 100, dry_run => true)")
+        c.execute("CALL psap_rotate_all(100, max_batches => 1)")
+        c.execute("CALL psap_rotate('mallory_s.calls', 'title', 100, disable_triggers => true, max_batches => 1)")
+        c.execute("CALL psap_rotate_all(100)")
+        assert c.execute("SELECT count(*) FROM mallory_s.calls WHERE title LIKE 'v2:%'").fetchone()[0] == 300
+        assert c.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'").fetchone()[0] is False
+        rows = seen(c)
+        # Every kind of table code ran (the test would prove nothing otherwise), and only ever
+        # with the owner's rights.
+        assert {via for via, _ in rows} == EVERY_PATH
+        assert {role for _, role in rows} == {"mallory"}
+        # The audit trail still says who asked for the rotation.
+        assert c.execute("SELECT DISTINCT session_role, run_as_role FROM psap_audit WHERE operation = 'rotate'").fetchall() == [("postgres", "postgres")]
+
+
+def test_table_code_cannot_leave_the_restricted_operation(cluster, db, mallory):
+    """Under SECURITY_RESTRICTED_OPERATION the owner's trigger can neither take another role nor
+    leave objects behind: the batch fails, is rolled back, and is recorded."""
+    with cluster.connect(user="mallory", dbname=db) as c:
+        c.execute("""CREATE OR REPLACE FUNCTION mallory_s.trg() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN SET ROLE postgres; RETURN NEW; END $$""")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('mallory_s.calls', 'title', 100)")
+        assert state == "42501" and "security-restricted operation" in msg, (state, msg)
+        assert c.execute("SELECT count(*) FROM mallory_s.calls WHERE title LIKE 'v2:%'").fetchone()[0] == 0
+        status, error = c.execute("SELECT status, error FROM psap_audit WHERE operation = 'rotate' ORDER BY id DESC LIMIT 1").fetchone()
+        # The table's own error message is not copied into the audit trail (it could quote data).
+        assert status == "failed" and error.startswith("42501: error raised by the table's code")
+
+
+def test_per_row_functions_refuse_even_inside_a_run(cluster, db, mallory):
+    """During a superuser's rotation the owner's trigger tries to have ciphertext forged for it."""
+    with cluster.connect(user="mallory", dbname=db) as c:
+        c.execute("CREATE TABLE mallory_s.loot (what text, state text)")
+        c.execute(r"""CREATE OR REPLACE FUNCTION mallory_s.trg() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE t bigint;
+            BEGIN
+                FOR t IN SELECT g FROM generate_series(0, 20) g UNION ALL SELECT 9223372036854775807 LOOP
+                    BEGIN
+                        INSERT INTO mallory_s.loot VALUES (public._psap_encrypt_value('FORGED: unit 9 cancelled', t), 'ok');
+                    EXCEPTION WHEN OTHERS THEN
+                        INSERT INTO mallory_s.loot VALUES (NULL, SQLSTATE);
+                    END;
+                END LOOP;
+                RETURN NEW;
+            END $$""")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        c.execute("CALL psap_rotate('mallory_s.calls', 'title', 300, max_batches => 1)")
+        states = c.execute("SELECT state, count(*) FROM mallory_s.loot GROUP BY 1").fetchall()
+        assert states == [("42501", 22 * 300)]
+
+
+def test_operators_get_the_documented_api_and_internals_refuse(cluster, db, mallory):
+    allowed = {"psap_rotate", "psap_encrypt_column", "psap_rotate_all", "psap_register_column",
+               "psap_unregister_column", "psap_status", "psap_census", "psap_verify", "psap_keys",
+               "psap_audit_verify", "_psap_run", "_psap_run_begin", "_psap_run_step", "_psap_run_failed",
+               "_psap_run_end", "_psap_all_begin", "_psap_all_next", "_psap_all_failed", "_psap_all_end"}
+    public = {"_psap_needs_rotation", "_psap_is_plaintext", "_psap_envelope_version", "_psap_backend_alive",
+              "_psap_rotate_value", "_psap_encrypt_value", "_psap_value_error"}
+    with cluster.connect(dbname=db) as c:
+        routines = c.execute("SELECT routine::text, name, has_function_privilege('mallory', routine, 'EXECUTE') FROM _psap_routines()").fetchall()
+        granted = {name for _, name, ok in routines if ok}
+        assert granted == allowed | public, granted ^ (allowed | public)
+        audit_before = c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0]
+        env = c.execute("SELECT title FROM mallory_s.calls LIMIT 1").fetchone()[0]
+    with cluster.connect(user="mallory", dbname=db) as c:
+        for sql, args in [("SELECT _psap_encrypt_value('FORGED', 1)", None),
+                          ("SELECT _psap_rotate_value(%s, 1)", (env,)),
+                          ("SELECT _psap_value_error(%s, 9223372036854775807)", (env,)),
+                          ("INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role) VALUES ('rotate', 'x', 'y', 'postgres')", None),
+                          ("UPDATE psap_audit_log SET status = 'done'", None),
+                          ("SELECT psap_decrypt(%s)", (env,))]:
+            assert sqlstate_of(c, sql, args)[0] == "42501", sql
+        # Steps, failures and ends of runs that are not this backend's do nothing: no record
+        # is written or ended by hand.
+        assert c.execute("SELECT _psap_run_step(1), _psap_all_next(1)").fetchone() == (False, None)
+        c.execute("SELECT _psap_run_failed(1, '57014', 'forged', NULL, NULL), _psap_all_failed(1, '57014', 'forged')")
+        c.execute("SELECT _psap_run_end(1), _psap_all_end(1)")
+    with cluster.connect(dbname=db) as c:
+        assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == audit_before
+
+
+def test_audit_log_writes_only_through_psap_encrypt_and_tampering_is_detected(cluster, db, mallory):
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        c.execute("CALL psap_rotate_all(100, dry_run => true)")
+        c.execute("CALL psap_rotate_all(100)")
+        c.execute("SELECT psap_unregister_column('mallory_s.calls', 'title')")
+        assert c.execute("SELECT count(*) FROM psap_audit_log WHERE seal_hash IS NOT NULL").fetchone()[0] == 4
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+        # Even the superuser who owns it cannot change or remove a record...
+        for sql in ["UPDATE psap_audit_log SET rows_done = 1000000", "DELETE FROM psap_audit_log",
+                    "TRUNCATE psap_audit_log", "UPDATE psap_audit_chain SET seq = 0", "DELETE FROM psap_audit_chain"]:
+            state, msg, _, _ = sqlstate_of(c, sql)
+            assert state == "42501" and msg.endswith("is append-only"), sql
+        # ... and what one does after disabling the guard shows in the chain.
+        ids = [r[0] for r in c.execute("SELECT id FROM psap_audit_log ORDER BY seal_seq")]
+        c.execute("ALTER TABLE psap_audit_log DISABLE TRIGGER USER")
+        c.execute("UPDATE psap_audit_log SET rows_done = 1000000 WHERE id = %s", (ids[1],))
+        c.execute("DELETE FROM psap_audit_log WHERE id = %s", (ids[2],))
+        c.execute("INSERT INTO psap_audit_log (operation, relation, column_name, status, run_as_role) "
+                  "VALUES ('rotate', 'public.fake', 'x', 'done', 'postgres')")
+        c.execute("ALTER TABLE psap_audit_log ENABLE TRIGGER USER")
+        problems = c.execute("SELECT id, problem FROM psap_audit_verify()").fetchall()
+        assert (ids[1], "changed after it was sealed") in problems
+        assert any(p.startswith("sealed records 3 to 3 are missing") for _, p in problems)
+        assert any(p.startswith("finished but never sealed") for _, p in problems)
+
+
+def test_an_encrypted_primary_key_never_reaches_a_message_or_the_audit_log(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE people (name text PRIMARY KEY, note text)")
+        c.execute("INSERT INTO people SELECT psap_encrypt('person ' || g), 'note' FROM generate_series(1, 50) g")
+        good = c.execute("SELECT name FROM people LIMIT 1").fetchone()[0]
+        damaged = good[:-8] + "AAAAAAA="  # still canonical base64, no longer authentic
+        c.execute("UPDATE people SET name = %s WHERE name = %s", (damaged, good))
+    log_start = len(cluster.log_text())
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        warnings = []
+        c.add_notice_handler(lambda d: warnings.append(" ".join(filter(None, (d.message_primary, d.message_detail)))))
+        state, msg, detail, hint = sqlstate_of(c, "CALL psap_rotate('people', 'name')")
+        c.execute("CALL psap_rotate('people', 'name', dry_run => true)")
+        c.execute("CALL psap_rotate('people', 'name', skip_undecryptable => true)")
+        shown = " ".join(filter(None, (msg, detail, hint, *warnings)))
+        errors = " ".join(e or "" for (e,) in c.execute("SELECT error FROM psap_audit"))
+    assert state == "22000" and "cannot decrypt row ctid" in msg and "cannot decrypt row ctid" in errors
+    for where in (shown, errors, cluster.log_text()[log_start:]):
+        assert damaged[3:24] not in where and damaged[-24:-8] not in where
+
+
+HOSTILE_SCHEMA = r"""
+CREATE SCHEMA evil;
+CREATE TABLE evil.calls (what text);
+GRANT ALL ON SCHEMA evil TO PUBLIC;
+GRANT ALL ON evil.calls TO PUBLIC;
+CREATE FUNCTION evil.log(what text) RETURNS void LANGUAGE sql AS $$ INSERT INTO evil.calls VALUES (what) $$;
+CREATE FUNCTION evil.eq_text(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('=(text)'); RETURN a OPERATOR(pg_catalog.=) b; END $$;
+CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq_text);
+CREATE FUNCTION evil.eq_oid(a oid, b oid) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('=(oid)'); RETURN a OPERATOR(pg_catalog.=) b; END $$;
+CREATE OPERATOR evil.= (LEFTARG = oid, RIGHTARG = oid, FUNCTION = evil.eq_oid);
+CREATE FUNCTION evil.le_int(a integer, b integer) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('<=(int)'); RETURN a OPERATOR(pg_catalog.<=) b; END $$;
+CREATE OPERATOR evil.<= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.le_int);
+CREATE FUNCTION evil.gt_int(a integer, b integer) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('>(int)'); RETURN a OPERATOR(pg_catalog.>) b; END $$;
+CREATE OPERATOR evil.> (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.gt_int);
+CREATE FUNCTION evil.ge_tid(a tid, b tid) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('>=(tid)'); RETURN a OPERATOR(pg_catalog.>=) b; END $$;
+CREATE OPERATOR evil.>= (LEFTARG = tid, RIGHTARG = tid, FUNCTION = evil.ge_tid);
+CREATE FUNCTION evil.minus(a bigint, b bigint) RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('-(bigint)'); RETURN a OPERATOR(pg_catalog.-) b; END $$;
+CREATE OPERATOR evil.- (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = evil.minus);
+CREATE FUNCTION evil.substr(t text, a integer, b integer) RETURNS text LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('substr'); RETURN pg_catalog.substr(t, a, b); END $$;
+CREATE FUNCTION evil.format(f text, VARIADIC a text[]) RETURNS text LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('format'); RETURN f; END $$;
+CREATE FUNCTION evil.current_setting(t text) RETURNS text LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('current_setting'); RETURN pg_catalog.current_setting(t); END $$;
+CREATE FUNCTION evil.count_step(s bigint) RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('count'); RETURN s OPERATOR(pg_catalog.+) 1; END $$;
+CREATE AGGREGATE evil.count(*) (SFUNC = evil.count_step, STYPE = bigint, INITCOND = '0');
+"""
+
+
+def test_a_hostile_search_path_runs_nothing_of_its_schema(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        c.execute(HOSTILE_SCHEMA)
+        c.execute("CREATE TABLE incidents (id int PRIMARY KEY, title text)")
+        c.execute("INSERT INTO incidents SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 700) g")
+        c.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        c.execute("INSERT INTO notes SELECT g, 'plain ' || g FROM generate_series(1, 300) g")
+        c.execute("SELECT psap_register_column('notes', 'body')")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        c.execute("SET search_path = evil, public, pg_catalog")
+        assert c.execute("SELECT 'a' = 'a'").fetchone()[0] is True
+        assert c.execute("SELECT count(*) FROM evil.calls").fetchone()[0] == 1  # the trap works
+        c.execute("TRUNCATE evil.calls")
+        c.execute("SELECT psap_register_column('incidents', 'title')")
+        c.execute("CALL psap_rotate('incidents', 'title', 100, dry_run => true)")
+        c.execute("CALL psap_rotate('incidents', 'title', 100, max_batches => 2, pause_ms => 1)")
+        c.execute("CALL psap_encrypt_column('notes', 'body', 100)")
+        c.execute("CALL psap_rotate_all(100, max_seconds => 60)")
+        c.execute("SELECT * FROM psap_status()").fetchall()
+        c.execute("SELECT * FROM psap_census('incidents', 'title')").fetchall()
+        c.execute("SELECT * FROM psap_keys()").fetchall()
+        c.execute("SELECT * FROM psap_audit_verify()").fetchall()
+        c.execute("SELECT * FROM psap_audit").fetchall()
+        c.execute("SELECT psap_unregister_column('notes', 'body')")
+        c.execute("DROP ROLE IF EXISTS hostile_op; CREATE ROLE hostile_op")
+        c.execute("SELECT psap_grant_operator('hostile_op')")
+        c.execute("DROP OWNED BY hostile_op; DROP ROLE hostile_op")
+        calls = c.execute("SELECT what, count(*) FROM evil.calls GROUP BY 1").fetchall()
+        assert calls == [], calls
+        c.execute("RESET search_path")
+        assert c.execute("SELECT count(*) FROM incidents WHERE psap_decrypt(title) <> 'Incident ' || id").fetchone()[0] == 0
+
+
+def test_rotate_all_rotates_every_other_column_when_one_fails(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        for t in ("a_calls", "b_notes", "c_xml"):
+            c.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v text)")
+            c.execute(f"INSERT INTO {t} SELECT g, psap_encrypt('{t} ' || g) FROM generate_series(1, 200) g")
+            c.execute(f"SELECT psap_register_column('{t}', 'v')")
+        c.execute("UPDATE b_notes SET v = 'v1:' || repeat('A', 64) WHERE id = 7")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        warnings = []
+        c.add_notice_handler(lambda d: warnings.append(d.message_primary) if d.severity == "WARNING" else None)
+        state, msg, detail, _ = sqlstate_of(c, "CALL psap_rotate_all(50)")
+        assert (state, msg) == ("22000", "psap_rotate_all could not rotate 1 of 3 columns")
+        assert detail.startswith("public.b_notes.v: cannot decrypt row ctid")
+        assert warnings == ["could not rotate public.b_notes.v"]
+        done = dict(c.execute("SELECT relation, status FROM psap_audit WHERE operation = 'rotate'").fetchall())
+        assert done == {"public.a_calls": "done", "public.b_notes": "failed", "public.c_xml": "done"}
+        for t, n in (("a_calls", 200), ("b_notes", 0), ("c_xml", 200)):
+            assert c.execute(f"SELECT count(*) FROM {t} WHERE v LIKE 'v2:%'").fetchone()[0] == n
