@@ -103,7 +103,7 @@ fn warn_keys_in_data_directory() {
     let mut found: Vec<(String, String)> = Vec::new();
     for (name, file) in setting_sources() {
         let inside = file.starts_with(&format!("{}/", data_dir.trim_end_matches('/')));
-        if inside && name.starts_with("psap.key_v") {
+        if inside && is_key_setting(name.as_bytes()) {
             found.push((name, file));
         }
     }
@@ -121,6 +121,13 @@ fn warn_keys_in_data_directory() {
         .set_hint("Use psap.key_command, or keep the key file outside the data directory.")
         .report(PgLogLevel::WARNING);
     }
+}
+
+/// Whether a setting's name is that of a key (`psap.key_v<digits>`, in any case).
+pub fn is_key_setting(name: &[u8]) -> bool {
+    name.len() > 10
+        && name[..10].eq_ignore_ascii_case(b"psap.key_v")
+        && name[10..].iter().all(u8::is_ascii_digit)
 }
 
 /// (name, source file) of every setting that was read from a configuration file.

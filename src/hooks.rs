@@ -15,7 +15,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 use psap_core::redact;
 
-use crate::error;
+use crate::{error, gucs};
 
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
 static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
@@ -99,7 +99,7 @@ unsafe extern "C-unwind" fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
             return;
         }
         let name = CStr::from_ptr((*set).name).to_bytes();
-        if (*set).kind == pg_sys::VariableSetKind::VAR_SET_VALUE && is_key_setting(name) {
+        if (*set).kind == pg_sys::VariableSetKind::VAR_SET_VALUE && gucs::is_key_setting(name) {
             error::raise(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
                 "keys cannot be set with ALTER SYSTEM",
@@ -108,13 +108,6 @@ unsafe extern "C-unwind" fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
             );
         }
     }
-}
-
-/// `psap.key_v<digits>`, in any case.
-fn is_key_setting(name: &[u8]) -> bool {
-    name.len() > 10
-        && name[..10].eq_ignore_ascii_case(b"psap.key_v")
-        && name[10..].iter().all(u8::is_ascii_digit)
 }
 
 // The utility hook itself is deliberately not #[pg_guard]ed, and calls the next hook through a

@@ -1,11 +1,16 @@
 """Key settings: nobody reads a key back, malformed keys are reported without their value, and
 the library refuses to work unless it is preloaded."""
+import os
+import signal
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from conftest import KEY1, KEY2, KEY3, Cluster, sqlstate_of
+from conftest import BIN, KEY1, KEY2, KEY3, Cluster, sqlstate_of
 
 SECRETS = [KEY1, KEY2, KEY1.upper(), KEY2.upper()]
 
@@ -141,4 +146,64 @@ def test_without_preload_everything_refuses(tmp_path):
             for sql in ["SELECT psap_encrypt('x')", "SELECT psap_decrypt('v1:AAAA')", "SELECT * FROM psap_keys()"]:
                 assert sqlstate_of(conn, sql)[0] == "55000"
     finally:
+        c.destroy()
+
+
+def test_core_files_of_backends_and_the_postmaster_hold_no_key(tmp_path):
+    """A core file written into the data directory (core_pattern 'core', as here) by a crashing
+    backend, and by the postmaster, holds no key: keys live in memory excluded from core dumps.
+    The same core holds what the backend was doing (the control that proves the search works)."""
+    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    if pattern.startswith("|") or "/" in pattern:
+        pytest.skip(f"core files do not go to the data directory here (core_pattern {pattern!r})")
+    d = Path("/tmp") / f"psap-core-{os.getpid()}"
+    c = Cluster(d, 5489)
+    c.destroy()
+    c.start()
+    c.stop()
+    key = "5e1f" + os.urandom(30).hex()
+    c.set_keys({"v1": key}, "v1", reload=False)
+    # sudo leaves core files disallowed; setpriv keeps the limit, and pg_ctl -c lifts the soft one.
+    subprocess.run(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
+                    "env", "-u", "RUST_BACKTRACE", BIN / "pg_ctl", "-D", d, "-l", d / "server.log", "-c", "-w", "start"],
+                   check=True, capture_output=True)
+    try:
+        c.wait_ready()
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION psap_encrypt")
+        marker = "CORE-MARKER-" + os.urandom(6).hex()
+        sleeper = threading.Thread(target=lambda: c.psql(f"SELECT psap_encrypt('{marker}'), pg_sleep(20)", check=False))
+        sleeper.start()
+        with c.connect() as conn:
+            for _ in range(100):
+                row = conn.execute("SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT psap_encrypt(%%'").fetchone()
+                if row:
+                    break
+                time.sleep(0.1)
+        os.kill(row[0], signal.SIGSEGV)
+        sleeper.join()
+        cores = {}
+        for who, pid in (("backend", row[0]), ("postmaster", int((d / "postmaster.pid").read_text().split()[0]))):
+            if who == "postmaster":
+                c.wait_ready()
+                os.kill(pid, signal.SIGSEGV)
+            deadline, size = time.time() + 30, -1
+            while not (d / "core").exists() or (d / "core").stat().st_size != size:
+                assert time.time() < deadline, f"no core file from the {who}"
+                size = (d / "core").stat().st_size if (d / "core").exists() else -1
+                time.sleep(0.5)
+            cores[who] = (d / "core").read_bytes()
+            (d / "core").rename(d / f"core.{who}")
+        raw = bytes.fromhex(key)
+        for who, core in cores.items():
+            for form in (key.encode(), key.upper().encode(), raw, raw[:12], key[4:24].encode()):
+                found = form in core
+                assert not found, f"key material in the {who}'s core file"
+        assert marker.encode() in cores["backend"]  # the search works: the query is there
+        # The key file is inside the data directory: said at start, without the key.
+        log = c.log_text()
+        assert "psap_encrypt keys are read from a file inside the data directory" in log
+        assert f'psap.key_v1 come from "{d}/psap_keys.conf"' in log and key not in log
+    finally:
+        subprocess.run(["sudo", "-u", "postgres", BIN / "pg_ctl", "-D", d, "-m", "immediate", "stop"], capture_output=True)
         c.destroy()
