@@ -2,7 +2,7 @@
 # Runs every test, from a fresh Debian 12 machine as root (set-up included). Exits non-zero if
 # anything fails. Layers, fastest first:
 #   1. cargo fmt --check and clippy -D warnings
-#   2. unit tests of the pure core            cargo test -p psap_core
+#   2. unit tests of the pure core            cargo test -p psap_core (and psap_keys, with SoftHSM2)
 #   3. tests inside a real server             cargo pgrx test pg15 (src/tests.rs)
 #   4. what a DBA sees in psql                tests/pg_regress (pg_regress, expected output)
 #   5. integration, several real sessions     tests/integration (pytest + psycopg + PyNaCl)
@@ -18,8 +18,9 @@ step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 
-step "unit tests (psap_core)"
+step "unit tests (psap_core) and the key tool against SoftHSM2 (psap_keys)"
 cargo test -p psap_core --quiet
+cargo test -p psap_keys --quiet
 
 step "tests inside PostgreSQL (cargo pgrx test)"
 rm -rf /tmp/psap-pgtest

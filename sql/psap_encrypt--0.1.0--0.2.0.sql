@@ -9,6 +9,10 @@
 -- routines, and every batch statement runs as the table's owner.
 \echo Use "ALTER EXTENSION psap_encrypt UPDATE" to load this file. \quit
 
+-- psap_keys() says more: cipher, source, load time, module (a new result type, so a new
+-- function; 0.1.0's C symbol stays in the library for databases not yet updated).
+DROP FUNCTION @extschema@.psap_keys();
+
 -- New C functions (the definitions pgrx generates for 0.2.0).
 CREATE  FUNCTION "_psap_audit_writing"() RETURNS bool /* bool */
 STRICT VOLATILE PARALLEL RESTRICTED
@@ -144,6 +148,22 @@ CREATE  FUNCTION "psap_unregister_column"(
 STRICT VOLATILE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'psap_unregister_column_wrapper';
+
+CREATE  FUNCTION "psap_keys"() RETURNS TABLE (
+	"version" TEXT,  /* Option < String > */
+	"cipher" TEXT,  /* Option < & '_ str > */
+	"fingerprint" TEXT,  /* Option < String > */
+	"is_current" bool,  /* Option < bool > */
+	"status" TEXT,  /* String */
+	"source" TEXT,  /* Option < & '_ str > */
+	"loaded_at" timestamp with time zone,  /* Option < pgrx :: datum :: TimestampWithTimeZone > */
+	"module" TEXT,  /* Option < String > */
+	"fips_validated" bool,  /* Option < bool > */
+	"note" TEXT  /* Option < String > */
+)
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'key_table_wrapper';
 
 -- The audit log: a guard that admits only the library's writer, a hash chain over finished
 -- records, and 'interrupted' as a status psap_encrypt records.

@@ -44,6 +44,23 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Why the key command left this server without keys at start (set by the key ring's refresh),
+/// for the error of a version that has no key.
+static KEY_COMMAND_FAILURE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+pub fn set_key_command_failure(reason: Option<String>) {
+    *KEY_COMMAND_FAILURE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = reason;
+}
+
+fn key_command_failure() -> Option<String> {
+    KEY_COMMAND_FAILURE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 /// Forgets the last error raised (a step starts).
 pub fn forget_raised() {
     LAST_RAISED.with(|l| l.borrow_mut().take());
@@ -90,12 +107,18 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
         CoreError::Envelope(inner) => {
             (ERRCODE_INVALID_TEXT_REPRESENTATION, "malformed ciphertext envelope".into(), Some(sentence(&inner.to_string())), None)
         }
+        CoreError::KeyNotConfigured(n) if key_command_failure().is_some() => (
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("no key is available for version v{n}: psap.key_command failed"),
+            key_command_failure().map(|r| sentence(&format!("the key command failed at server start: {r}"))),
+            Some("Fix the key command (the server log says more) and reload the configuration with SELECT pg_reload_conf().".into()),
+        ),
         CoreError::KeyNotConfigured(n) => (
             ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("no key is configured for version v{n}"),
             None,
             Some(format!(
-                "Set psap.key_v{n} in the server configuration (postgresql.conf or an included file) and reload it."
+                "Give version v{n} a key through psap.key_command, or set psap.key_v{n} in the server configuration, and reload it."
             )),
         ),
         CoreError::KeyMalformed(n, _) => (
@@ -120,6 +143,12 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
             ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             "encrypted value would be too large".into(),
             Some(format!("The envelope would be {bytes} bytes; a value can hold at most {} bytes.", psap_core::cipher::MAX_VALUE_BYTES)),
+            None,
+        ),
+        CoreError::CipherUnavailable(c) => (
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("cipher {c} is not available"),
+            Some(format!("Key versions configured for {c} cannot be used by this build of psap_encrypt.")),
             None,
         ),
         CoreError::OutOfMemory { bytes } => (

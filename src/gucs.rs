@@ -25,11 +25,11 @@ use psap_core::key::{Slot, MAX_VERSION};
 use psap_core::sodium::{NonceSource, NONCE_BYTES};
 use psap_core::{KeyRing, Version};
 
-use crate::error;
+use crate::{error, keysource};
 
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
-static KEYRING: LazyLock<Mutex<KeyRing>> = LazyLock::new(|| Mutex::new(KeyRing::default()));
+static KEYS: LazyLock<Mutex<Keys>> = LazyLock::new(|| Mutex::new(Keys::default()));
 static NONCES: LazyLock<Mutex<NonceSource>> = LazyLock::new(|| Mutex::new(NonceSource::default()));
 
 /// GUC-owned storage for each key setting (PostgreSQL writes the pointer; we never read it
@@ -53,9 +53,13 @@ pub fn init() {
         return;
     }
     PRELOADED.store(true, Ordering::Relaxed);
+    if keysource::is_postmaster() {
+        keysource::create_table();
+    }
     for version in Version::all() {
         define_key_setting(version);
     }
+    define_key_command_settings();
     // SAFETY: arguments are static C strings and a static variable; hooks match the GUC signatures.
     unsafe {
         pg_sys::DefineCustomStringVariable(
@@ -283,11 +287,11 @@ unsafe extern "C-unwind" fn check_key<const N: usize>(
             Slot::Rejected(e) => {
                 // Recorded in the ring where there is no key, so that using the version reports
                 // the malformed setting; a key already in effect (a reload) stays.
-                let mut ring = keyring();
-                if !matches!(ring.slot(version), Slot::Key(_)) {
-                    ring.set(version, Slot::Rejected(e));
-                }
-                drop(ring);
+                with_settings(|ring| {
+                    if !matches!(ring.slot(version), Slot::Key(_)) {
+                        ring.set(version, Slot::Rejected(e));
+                    }
+                });
                 set_check_message(
                     &format!("invalid value for key setting \"psap.key_v{N}\""),
                     &format!(
@@ -343,19 +347,20 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
             // A parallel worker first resets every setting the leader sends to its default (which
             // unsets the key it inherited from the postmaster), then applies the leader's stored
             // value, the mask: take the inherited key back.
-            let mut ring = keyring();
-            if !matches!(ring.slot(version), Slot::Key(_)) {
-                let stashed = std::mem::take(
-                    PENDING
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .slot_mut(version),
-                );
-                ring.set(version, stashed);
-            }
+            with_settings(|ring| {
+                if !matches!(ring.slot(version), Slot::Key(_)) {
+                    let stashed = std::mem::take(
+                        PENDING
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .slot_mut(version),
+                    );
+                    ring.set(version, stashed);
+                }
+            });
         }
         KeyChange::Unset => {
-            let old = std::mem::take(keyring().slot_mut(version));
+            let old = with_settings(|ring| ring.take(version));
             // SAFETY: ParallelWorkerNumber is set before a parallel worker restores its settings.
             if unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
                 PENDING
@@ -373,7 +378,8 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
                     .slot_mut(version),
             );
             if matches!(slot, Slot::Key(_)) {
-                keyring().set(version, slot);
+                with_settings(|ring| ring.set(version, slot));
+                keys().setting_loaded_at[version.get() as usize] = keysource::now_micros();
             }
         }
     }
@@ -382,9 +388,11 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
 /// Show hook of `psap.key_vN`: what SHOW, current_setting() and pg_settings display.
 #[pg_guard]
 unsafe extern "C-unwind" fn show_key<const N: usize>() -> *const c_char {
-    match Version::new(N as u32).map(|v| matches!(keyring().slot(v), Slot::Unset)) {
-        Some(false) => c"(set, hidden)".as_ptr(),
-        _ => c"".as_ptr(),
+    let set =
+        Version::new(N as u32).is_some_and(|v| !matches!(keys().settings.slot(v), Slot::Unset));
+    match set {
+        true => c"(set, hidden)".as_ptr(),
+        false => c"".as_ptr(),
     }
 }
 
@@ -470,18 +478,214 @@ pub fn is_preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
 }
 
-/// The backend's key ring (filled by the assign hooks). Its keys are in locked memory that no
-/// core file contains; a forked backend, which inherits the memory but not the lock, locks it
-/// again the first time it uses the ring.
-pub fn keyring() -> MutexGuard<'static, KeyRing> {
-    static LOCKED_BY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-    let ring = KEYRING.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: MyProcPid is set by PostgreSQL in every process before any query runs.
-    let pid = unsafe { pg_sys::MyProcPid };
-    if LOCKED_BY.swap(pid, Ordering::Relaxed) != pid {
-        ring.relock();
+/// Where a version's key comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Source {
+    #[default]
+    None,
+    Setting,
+    Command,
+    /// Both configure the version: it is refused (Slot::Conflict).
+    Both,
+}
+
+impl Source {
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Source::None => None,
+            Source::Setting => Some("setting"),
+            Source::Command => Some("command"),
+            Source::Both => Some("setting and command"),
+        }
     }
-    ring
+}
+
+/// The backend's keys: those of the psap.key_vN settings (filled by their hooks), those of the
+/// key command (copied from the postmaster's table), and the ring used, merged from the two.
+struct Keys {
+    settings: KeyRing,
+    command: KeyRing,
+    command_state: Option<keysource::Snapshot>,
+    seen: u64,
+    effective: KeyRing,
+    sources: Vec<Source>,
+    /// When each setting's key was last applied (Unix microseconds).
+    setting_loaded_at: [i64; MAX_VERSION as usize + 1],
+    dirty: bool,
+    locked_by: i32,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys {
+            settings: KeyRing::default(),
+            command: KeyRing::default(),
+            command_state: None,
+            seen: 0,
+            effective: KeyRing::default(),
+            sources: Vec::new(),
+            setting_loaded_at: [0; MAX_VERSION as usize + 1],
+            dirty: false,
+            locked_by: 0,
+        }
+    }
+}
+
+impl Keys {
+    /// Brings the ring up to date: locks key memory again after a fork, copies a changed
+    /// command table, and merges.
+    fn refresh(&mut self) {
+        // SAFETY: MyProcPid is set by PostgreSQL in every process before any query runs.
+        let pid = unsafe { pg_sys::MyProcPid };
+        if self.locked_by != pid {
+            self.locked_by = pid;
+            self.settings.relock();
+            self.command.relock();
+            self.effective.relock();
+        }
+        if let Some(mut snap) = keysource::Snapshot::read_if_changed(&mut self.seen) {
+            self.command = KeyRing::default();
+            for (v, k) in snap.keys.drain(..) {
+                self.command.set(v, Slot::Key(k));
+            }
+            let failure =
+                matches!(snap.state, keysource::State::Failed).then(|| snap.reason.clone());
+            error::set_key_command_failure(failure);
+            self.command_state = Some(snap);
+            self.dirty = true;
+        }
+        if self.dirty || self.sources.is_empty() {
+            self.merge();
+        }
+    }
+
+    /// A version configured by both sources is refused rather than one of them picked.
+    fn merge(&mut self) {
+        let mut ring = KeyRing::default();
+        let mut sources = vec![Source::None; MAX_VERSION as usize + 1];
+        for v in Version::all() {
+            let (slot, source) = match (self.settings.slot(v), self.command.slot(v)) {
+                (Slot::Unset, Slot::Unset) => (Slot::Unset, Source::None),
+                (s, Slot::Unset) => (copy(s), Source::Setting),
+                (Slot::Unset, c) => (copy(c), Source::Command),
+                _ => (Slot::Conflict, Source::Both),
+            };
+            ring.set(v, slot);
+            sources[v.get() as usize] = source;
+        }
+        self.effective = ring;
+        self.sources = sources;
+        self.dirty = false;
+    }
+}
+
+fn copy(slot: &Slot) -> Slot {
+    match slot {
+        Slot::Key(k) => k.try_clone().map_or_else(Slot::Rejected, Slot::Key),
+        Slot::Rejected(e) => Slot::Rejected(*e),
+        Slot::Conflict => Slot::Conflict,
+        Slot::Unset => Slot::Unset,
+    }
+}
+
+fn keys() -> MutexGuard<'static, Keys> {
+    KEYS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Changes the keys of the psap.key_vN settings (their hooks).
+fn with_settings<R>(f: impl FnOnce(&mut KeyRing) -> R) -> R {
+    let mut k = keys();
+    k.dirty = true;
+    f(&mut k.settings)
+}
+
+/// The backend's key ring: keys from the settings and the key command, merged, up to date. Keys
+/// are in locked memory that no core file contains.
+pub struct KeyringGuard(MutexGuard<'static, Keys>);
+
+impl std::ops::Deref for KeyringGuard {
+    type Target = KeyRing;
+    fn deref(&self) -> &KeyRing {
+        &self.0.effective
+    }
+}
+
+pub fn keyring() -> KeyringGuard {
+    let mut k = keys();
+    k.refresh();
+    KeyringGuard(k)
+}
+
+/// Each version's source and when its key was loaded, and what the key command's last run left.
+pub struct KeySources {
+    pub sources: Vec<Source>,
+    pub loaded_at: Vec<Option<i64>>,
+    pub command: Option<(keysource::State, Option<i64>, Option<i64>, String)>,
+}
+
+pub fn key_sources() -> KeySources {
+    let mut k = keys();
+    k.refresh();
+    let command_at = k.command_state.as_ref().and_then(|s| s.loaded_at);
+    let loaded_at = (0..=MAX_VERSION as usize)
+        .map(|i| match k.sources.get(i) {
+            Some(Source::Setting) => Some(k.setting_loaded_at[i]).filter(|&t| t != 0),
+            Some(Source::Command) => command_at,
+            _ => None,
+        })
+        .collect();
+    KeySources {
+        sources: k.sources.clone(),
+        loaded_at,
+        command: k
+            .command_state
+            .as_ref()
+            .map(|s| (s.state, s.loaded_at, s.failed_at, s.reason.clone())),
+    }
+}
+
+static mut KEY_COMMAND_VAR: *mut c_char = std::ptr::null_mut();
+static KEY_COMMAND_TIMEOUT: pgrx::GucSetting<i32> = pgrx::GucSetting::<i32>::new(10);
+
+/// psap.key_command and psap.key_command_timeout (see keysource.rs).
+fn define_key_command_settings() {
+    pgrx::GucRegistry::define_int_guc(
+        c"psap.key_command_timeout",
+        c"How long psap.key_command may run before it is killed.",
+        c"A hung secrets manager must not hang the server: after this many seconds the command and the processes it started are killed, and the run counts as failed.",
+        &KEY_COMMAND_TIMEOUT,
+        1,
+        600,
+        pgrx::GucContext::Sighup,
+        pgrx::GucFlags::UNIT_S,
+    );
+    // SAFETY: as in init(); the hooks match the GUC signatures.
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            c"psap.key_command".as_ptr(),
+            c"Shell command that prints psap_encrypt's keys, one version per line; run by the postmaster at start and reload.".as_ptr(),
+            c"Each output line is: version, cipher, 64 hexadecimal digits (v2 aes-256-gcm 0a1b...). Runs as the server's OS user with stdin from /dev/null.".as_ptr(),
+            &raw mut KEY_COMMAND_VAR,
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_SIGHUP,
+            pg_sys::GUC_SUPERUSER_ONLY as i32,
+            None,
+            Some(assign_key_command),
+            None,
+        );
+    }
+}
+
+/// Runs the command in the postmaster, at start and at every reload that reads this setting.
+#[pg_guard]
+unsafe extern "C-unwind" fn assign_key_command(newval: *const c_char, _extra: *mut c_void) {
+    if keysource::is_postmaster() {
+        keysource::load(setting_text(newval).unwrap_or(""), key_command_timeout());
+    }
+}
+
+pub fn key_command_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(KEY_COMMAND_TIMEOUT.get().max(1) as u64)
 }
 
 /// The version `psap.key_version` names (the check hook admits only valid spellings).

@@ -3,7 +3,8 @@
 //! Where things live:
 //! - `crates/psap_core`: the envelope format, keys and libsodium, log redaction (no pgrx;
 //!   `cargo test -p psap_core`);
-//! - [`gucs`]: every setting, the key ring they fill, nonces;
+//! - [`gucs`]: every setting, the key ring they fill (merged with the key command's), nonces;
+//! - [`keysource`]: the key command, run by the postmaster, and its table shared with backends;
 //! - [`error`]: every error and its SQLSTATE;
 //! - [`sandbox`]: under whose rights and with which search_path psap_encrypt's SQL runs;
 //! - [`hooks`]: the log and utility hooks that keep keys out of logs and the data directory;
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod error;
 pub mod gucs;
 pub mod hooks;
+pub mod keysource;
 pub mod rotation;
 pub mod sandbox;
 pub mod spi;

@@ -67,3 +67,32 @@ fn _psap_try_reencrypt(_value: &str, _target: i32) -> Option<String> {
 fn _psap_try_encrypt(_value: &str, _target: i32) -> Option<String> {
     error::old_sql_objects()
 }
+
+/// 0.1.0's psap_keys(): version, fingerprint, is_current, status. Unchanged rows.
+#[pg_extern(stable, parallel_safe, sql = false)]
+fn psap_keys() -> TableIterator<
+    'static,
+    (
+        name!(version, String),
+        name!(fingerprint, Option<String>),
+        name!(is_current, bool),
+        name!(status, &'static str),
+    ),
+> {
+    gucs::ensure_preloaded();
+    let current = gucs::current_version();
+    let ring = gucs::keyring();
+    let mut rows = Vec::new();
+    for v in psap_core::Version::all() {
+        let (fingerprint, status) = match ring.slot(v) {
+            psap_core::key::Slot::Key(k) => (Some(k.fingerprint()), "ok"),
+            psap_core::key::Slot::Rejected(_) | psap_core::key::Slot::Conflict => {
+                (None, "malformed")
+            }
+            psap_core::key::Slot::Unset if v == current => (None, "missing"),
+            psap_core::key::Slot::Unset => continue,
+        };
+        rows.push((v.to_string(), fingerprint, v == current, status));
+    }
+    TableIterator::new(rows)
+}

@@ -225,31 +225,125 @@ fn psap_decrypt_bytea(ciphertext: &str) -> PallocBytea {
     PallocBytea(decrypt_to_varlena(ciphertext.as_bytes()))
 }
 
-/// One row per configured key version, plus the current version if it has no key:
-/// its fingerprint (never the key), whether new ciphertext uses it, and its state.
-#[pg_extern(stable, parallel_safe)]
-fn psap_keys() -> TableIterator<
+/// One row per configured key version, plus the current version if it has no key: its cipher,
+/// fingerprint (never the key), whether new ciphertext uses it, its state, where it comes from
+/// and when it was loaded, and the cryptographic module behind it. When the key command's last
+/// run failed, one more row (version NULL) says why.
+#[allow(clippy::type_complexity)]
+#[pg_extern(name = "psap_keys", stable, parallel_safe)]
+fn key_table() -> TableIterator<
     'static,
     (
-        name!(version, String),
+        name!(version, Option<String>),
+        name!(cipher, Option<&'static str>),
         name!(fingerprint, Option<String>),
-        name!(is_current, bool),
-        name!(status, &'static str),
+        name!(is_current, Option<bool>),
+        name!(status, String),
+        name!(source, Option<&'static str>),
+        name!(loaded_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(module, Option<String>),
+        name!(fips_validated, Option<bool>),
+        name!(note, Option<String>),
     ),
 > {
     gucs::ensure_preloaded();
     let current = gucs::current_version();
+    let sources = gucs::key_sources();
     let ring = gucs::keyring();
     let mut rows = Vec::new();
     for v in Version::all() {
-        let (fingerprint, status) = match ring.slot(v) {
-            Slot::Key(k) => (Some(k.fingerprint()), "ok"),
-            Slot::Rejected(_) => (None, "malformed"),
-            Slot::Conflict => (None, "conflict"),
-            Slot::Unset if v == current => (None, "missing"),
+        let i = v.get() as usize;
+        let source = sources.sources.get(i).and_then(|s| s.name());
+        let at = sources
+            .loaded_at
+            .get(i)
+            .copied()
+            .flatten()
+            .and_then(timestamp);
+        let row = match ring.slot(v) {
+            Slot::Key(k) => {
+                let (module, fips) = module_of(k.cipher());
+                (
+                    Some(k.cipher().name()),
+                    Some(k.fingerprint()),
+                    "ok".to_string(),
+                    module,
+                    fips,
+                    None,
+                )
+            }
+            Slot::Rejected(e) => (
+                None,
+                None,
+                "malformed".into(),
+                None,
+                None,
+                Some(e.to_string()),
+            ),
+            Slot::Conflict => (
+                None,
+                None,
+                "conflict".into(),
+                None,
+                None,
+                Some(format!(
+                    "psap.key_v{i} and psap.key_command both configure {v}; neither key is used"
+                )),
+            ),
+            Slot::Unset if v == current => (None, None, "missing".into(), None, None, None),
             Slot::Unset => continue,
         };
-        rows.push((v.to_string(), fingerprint, v == current, status));
+        let (cipher, fingerprint, status, module, fips, note) = row;
+        rows.push((
+            Some(v.to_string()),
+            cipher,
+            fingerprint,
+            Some(v == current),
+            status,
+            source,
+            at,
+            module,
+            fips,
+            note,
+        ));
+    }
+    if let Some((state, _, failed_at, reason)) = &sources.command {
+        use crate::keysource::State;
+        if matches!(state, State::Failed | State::ReloadFailed) {
+            let note = match state {
+                State::Failed => format!("{reason}; no keys from it"),
+                _ => format!("{reason}; the keys it gave before stay in effect"),
+            };
+            rows.push((
+                None,
+                None,
+                None,
+                None,
+                "key command failed".into(),
+                Some("command"),
+                failed_at.and_then(timestamp),
+                None,
+                None,
+                Some(note),
+            ));
+        }
     }
     TableIterator::new(rows)
+}
+
+/// The module behind a cipher, and whether it is FIPS 140-3 validated.
+fn module_of(cipher: psap_core::Cipher) -> (Option<String>, Option<bool>) {
+    match cipher {
+        psap_core::Cipher::Secretbox => (
+            Some(format!("libsodium {}", psap_core::sodium::version())),
+            Some(false),
+        ),
+        psap_core::Cipher::Aes256Gcm => (None, None),
+    }
+}
+
+/// Unix microseconds as a timestamptz.
+fn timestamp(unix_micros: i64) -> Option<pgrx::datum::TimestampWithTimeZone> {
+    const PG_EPOCH_OFFSET: i64 = 946_684_800_000_000;
+    pgrx::datum::TimestampWithTimeZone::try_from(unix_micros - PG_EPOCH_OFFSET).ok()
 }

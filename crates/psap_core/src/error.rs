@@ -25,6 +25,8 @@ pub enum KeyError {
     WrongLength { chars: usize },
     /// 64 characters, but not all hexadecimal digits.
     NotHex,
+    /// A cipher name that is not `secretbox` or `aes-256-gcm`.
+    UnknownCipher,
     /// No locked memory could be allocated for it.
     OutOfMemory,
 }
@@ -49,6 +51,8 @@ pub enum CoreError {
     OutOfMemory {
         bytes: usize,
     },
+    /// The version's cipher cannot be used here.
+    CipherUnavailable(crate::key::Cipher),
 }
 
 impl fmt::Display for EnvelopeError {
@@ -78,6 +82,10 @@ impl fmt::Display for KeyError {
                 )
             }
             KeyError::NotHex => write!(f, "a key must consist of hexadecimal digits only"),
+            KeyError::UnknownCipher => write!(
+                f,
+                "the cipher before the colon must be \"secretbox\" or \"aes-256-gcm\""
+            ),
             KeyError::OutOfMemory => write!(f, "no locked memory could be allocated for the key"),
         }
     }
@@ -93,6 +101,7 @@ impl fmt::Display for CoreError {
             CoreError::Authentication => write!(f, "wrong key or corrupt data"),
             CoreError::TooLarge { bytes } => write!(f, "result of {bytes} bytes is too large"),
             CoreError::OutOfMemory { bytes } => write!(f, "out of memory allocating {bytes} bytes"),
+            CoreError::CipherUnavailable(c) => write!(f, "the cipher {c} is not available"),
         }
     }
 }

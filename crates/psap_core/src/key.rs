@@ -47,39 +47,102 @@ impl fmt::Display for Version {
     }
 }
 
-/// A 32-byte key in locked memory excluded from core files. Never printed (its Debug shows only
-/// the fingerprint); wiped when dropped.
-pub struct Key(Secret<KEY_BYTES>);
+/// The cipher a key version uses. A version's cipher is part of its key's configuration (the
+/// setting's `aes-256-gcm:` prefix, or the key command's cipher field): one version never means
+/// two ciphers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cipher {
+    /// libsodium's crypto_secretbox (XSalsa20-Poly1305): the application's existing format.
+    Secretbox,
+    /// AES-256-GCM from a FIPS 140-3 validated module.
+    Aes256Gcm,
+}
+
+impl Cipher {
+    pub const ALL: [Cipher; 2] = [Cipher::Secretbox, Cipher::Aes256Gcm];
+
+    /// The name used in settings, the key command's output, and psap_keys().
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::Secretbox => "secretbox",
+            Cipher::Aes256Gcm => "aes-256-gcm",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Cipher> {
+        Cipher::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+impl fmt::Display for Cipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A 32-byte key and the cipher it is for, in locked memory excluded from core files. Never
+/// printed (its Debug shows only the fingerprint); wiped when dropped.
+pub struct Key {
+    secret: Secret<KEY_BYTES>,
+    cipher: Cipher,
+}
 
 impl Key {
     /// Parses 64 hex digits (either case, surrounding whitespace ignored), decoding straight into
     /// locked memory. The error says what is wrong without repeating any of the value.
-    pub fn from_hex(text: &str) -> Result<Key, KeyError> {
+    pub fn from_hex(text: &str, cipher: Cipher) -> Result<Key, KeyError> {
         let text = text.trim();
         if text.len() != 2 * KEY_BYTES {
             return Err(KeyError::WrongLength {
                 chars: text.chars().count(),
             });
         }
-        let mut key = Key(Secret::zeroed().ok_or(KeyError::OutOfMemory)?);
-        hex::decode_to_slice(text, key.0.bytes_mut()).map_err(|_| KeyError::NotHex)?;
+        let mut key = Key::zeroed(cipher)?;
+        hex::decode_to_slice(text, key.secret.bytes_mut()).map_err(|_| KeyError::NotHex)?;
         Ok(key)
+    }
+
+    /// Parses a key setting's value: 64 hex digits, optionally after a cipher name and a colon
+    /// (`aes-256-gcm:…`, `secretbox:…`); without one the cipher is secretbox.
+    pub fn from_setting(text: &str) -> Result<Key, KeyError> {
+        let text = text.trim();
+        match text.split_once(':') {
+            Some((name, hex)) => {
+                let cipher = Cipher::parse(name.trim()).ok_or(KeyError::UnknownCipher)?;
+                Key::from_hex(hex, cipher)
+            }
+            None => Key::from_hex(text, Cipher::Secretbox),
+        }
     }
 
     /// A key from raw bytes (which the caller wipes).
-    pub fn from_bytes(bytes: &[u8; KEY_BYTES]) -> Result<Key, KeyError> {
-        let mut key = Key(Secret::zeroed().ok_or(KeyError::OutOfMemory)?);
-        key.0.bytes_mut().copy_from_slice(bytes);
+    pub fn from_bytes(bytes: &[u8; KEY_BYTES], cipher: Cipher) -> Result<Key, KeyError> {
+        let mut key = Key::zeroed(cipher)?;
+        key.secret.bytes_mut().copy_from_slice(bytes);
         Ok(key)
     }
 
+    fn zeroed(cipher: Cipher) -> Result<Key, KeyError> {
+        let secret = Secret::zeroed().ok_or(KeyError::OutOfMemory)?;
+        Ok(Key { secret, cipher })
+    }
+
+    /// Another copy of the key, in locked memory of its own.
+    pub fn try_clone(&self) -> Result<Key, KeyError> {
+        Key::from_bytes(self.bytes(), self.cipher)
+    }
+
     pub fn bytes(&self) -> &[u8; KEY_BYTES] {
-        self.0.bytes()
+        self.secret.bytes()
+    }
+
+    pub fn cipher(&self) -> Cipher {
+        self.cipher
     }
 
     /// Locks the key's memory again in a forked process (see [`Secret::relock`]).
     pub fn relock(&self) -> bool {
-        self.0.relock()
+        self.secret.relock()
     }
 
     /// A 16-hex-digit fingerprint that identifies the key without revealing it:
@@ -120,7 +183,7 @@ impl Slot {
     pub fn from_setting(text: Option<&str>) -> Slot {
         match text.map(str::trim) {
             None | Some("") => Slot::Unset,
-            Some(t) => match Key::from_hex(t) {
+            Some(t) => match Key::from_setting(t) {
                 Ok(k) => Slot::Key(k),
                 Err(e) => Slot::Rejected(e),
             },

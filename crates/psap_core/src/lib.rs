@@ -5,6 +5,7 @@
 //! - [`envelope`]: the application's ciphertext format, `v<N>:` + base64(nonce || secretbox);
 //! - [`key`]: keys in locked memory parsed from hex, their fingerprints, and the [`key::KeyRing`]
 //!   of versions;
+//! - [`keylines`]: the key command's output, one key version per line;
 //! - [`sodium`]: the libsodium calls (secretbox seal/open, random nonces, locked memory), every
 //!   length checked first;
 //! - [`redact`]: the rules that keep key material out of server log lines;
@@ -17,10 +18,11 @@ pub mod cipher;
 pub mod envelope;
 pub mod error;
 pub mod key;
+pub mod keylines;
 pub mod limits;
 pub mod redact;
 pub mod sodium;
 
 pub use cipher::{decrypt, encrypt, reencrypt};
 pub use error::{CoreError, EnvelopeError, KeyError};
-pub use key::{Key, KeyRing, Version};
+pub use key::{Cipher, Key, KeyRing, Version};

@@ -21,6 +21,14 @@ pub fn init() -> bool {
     *OK.get_or_init(|| unsafe { ffi::sodium_init() } >= 0)
 }
 
+/// libsodium's version, as it reports it (`1.0.20`).
+pub fn version() -> String {
+    // SAFETY: sodium_version_string returns a static NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(ffi::sodium_version_string()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Seals `msg` under `key` and `nonce` into `out` (`tag || ciphertext`, exactly
 /// `msg.len() + TAG_BYTES` bytes; the caller places the nonce). Returns false if `out` has
 /// another length.

@@ -5,7 +5,7 @@ use psap_core::envelope::{self, Envelope};
 use psap_core::key::{Slot, MAX_VERSION};
 use psap_core::sodium::{self, NonceSource, NONCE_BYTES};
 use psap_core::{
-    decrypt, encrypt, reencrypt, CoreError, EnvelopeError, Key, KeyError, KeyRing, Version,
+    decrypt, encrypt, reencrypt, Cipher, CoreError, EnvelopeError, Key, KeyError, KeyRing, Version,
 };
 
 const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -201,34 +201,34 @@ fn every_single_bit_flip_is_rejected() {
 #[test]
 fn key_parsing_never_echoes_the_value() {
     assert_eq!(
-        Key::from_hex(&KEY_HEX[..63]).unwrap_err(),
+        Key::from_hex(&KEY_HEX[..63], Cipher::Secretbox).unwrap_err(),
         KeyError::WrongLength { chars: 63 }
     );
     assert_eq!(
-        Key::from_hex(&KEY_HEX.replace('0', "g")).unwrap_err(),
+        Key::from_hex(&KEY_HEX.replace('0', "g"), Cipher::Secretbox).unwrap_err(),
         KeyError::NotHex
     );
-    assert!(Key::from_hex(&KEY_HEX.to_uppercase()).is_ok());
-    assert!(Key::from_hex(&format!(" {KEY_HEX}\n")).is_ok());
+    assert!(Key::from_hex(&KEY_HEX.to_uppercase(), Cipher::Secretbox).is_ok());
+    assert!(Key::from_hex(&format!(" {KEY_HEX}\n"), Cipher::Secretbox).is_ok());
     let bad = "zz".repeat(32);
     for e in [
-        Key::from_hex(&bad).unwrap_err(),
-        Key::from_hex("abc").unwrap_err(),
+        Key::from_hex(&bad, Cipher::Secretbox).unwrap_err(),
+        Key::from_hex("abc", Cipher::Secretbox).unwrap_err(),
     ] {
         assert!(
             !e.to_string().contains("zz") && !e.to_string().contains("abc"),
             "{e}"
         );
     }
-    let k = Key::from_hex(KEY_HEX).unwrap();
+    let k = Key::from_hex(KEY_HEX, Cipher::Secretbox).unwrap();
     assert!(!format!("{k:?}").contains("0001020304"));
 }
 
 #[test]
 fn fingerprint_is_stable_distinct_and_reproducible() {
     assert!(sodium::init());
-    let k1 = Key::from_hex(KEY_HEX).unwrap();
-    let k2 = Key::from_hex(OTHER_HEX).unwrap();
+    let k1 = Key::from_hex(KEY_HEX, Cipher::Secretbox).unwrap();
+    let k2 = Key::from_hex(OTHER_HEX, Cipher::Secretbox).unwrap();
     // Python: hashlib.blake2b(b"psap_encrypt key fingerprint:" + bytes.fromhex(KEY_HEX), digest_size=32).hexdigest()[:16]
     assert_eq!(k1.fingerprint(), "83eeb49b32ed8578");
     assert_ne!(k1.fingerprint(), k2.fingerprint());
@@ -360,7 +360,7 @@ fn in_place_encoding_equals_plain_base64_at_every_length() {
 #[test]
 fn key_memory_is_locked_and_kept_out_of_core_files() {
     assert!(sodium::init());
-    let k = Key::from_hex(KEY_HEX).unwrap();
+    let k = Key::from_hex(KEY_HEX, Cipher::Secretbox).unwrap();
     let addr = k.bytes().as_ptr() as usize;
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
     let mut flags = None;
@@ -455,4 +455,101 @@ fn log_redaction_hides_keys_and_only_keys() {
     ));
     assert!(!mentions_key_setting(b"psap.decrypt_passthrough"));
     assert!(has_hex_run(KEY_HEX.as_bytes()) && !has_hex_run(short.as_bytes()));
+}
+
+#[test]
+fn key_settings_name_their_cipher() {
+    assert!(sodium::init());
+    let k = Key::from_setting(KEY_HEX).unwrap();
+    assert_eq!(k.cipher(), Cipher::Secretbox);
+    let k = Key::from_setting(&format!("aes-256-gcm:{KEY_HEX}")).unwrap();
+    assert_eq!(k.cipher(), Cipher::Aes256Gcm);
+    assert_eq!(
+        k.fingerprint(),
+        "83eeb49b32ed8578",
+        "the fingerprint is the key's, whatever the cipher"
+    );
+    assert_eq!(
+        Key::from_setting(&format!(" secretbox : {KEY_HEX} "))
+            .unwrap()
+            .cipher(),
+        Cipher::Secretbox
+    );
+    assert_eq!(
+        Key::from_setting(&format!("aes-128-gcm:{KEY_HEX}")).unwrap_err(),
+        KeyError::UnknownCipher
+    );
+    assert_eq!(
+        Key::from_setting("aes-256-gcm:abc").unwrap_err(),
+        KeyError::WrongLength { chars: 3 }
+    );
+    let e = Key::from_setting("rot13:zz").unwrap_err().to_string();
+    assert!(!e.contains("rot13") && !e.contains("zz"), "{e}");
+    assert_eq!(Cipher::parse("aes-256-gcm"), Some(Cipher::Aes256Gcm));
+    assert_eq!(Cipher::parse("AES-256-GCM"), None);
+    assert_eq!(Cipher::Secretbox.to_string(), "secretbox");
+    let c = k.try_clone().unwrap();
+    assert_eq!((c.bytes(), c.cipher()), (k.bytes(), k.cipher()));
+}
+
+#[test]
+fn key_command_output_is_parsed_strictly_and_never_echoed() {
+    use psap_core::keylines::{parse, LineError, Problem, MAX_OUTPUT};
+    assert!(sodium::init());
+    let ok = format!("# from the HSM\n\nv1 secretbox {KEY_HEX}\nv12\taes-256-gcm\t{OTHER_HEX}\r\n");
+    let keys = parse(ok.as_bytes()).unwrap();
+    assert_eq!(keys.len(), 2);
+    assert_eq!((keys[0].0, keys[0].1.cipher()), (v(1), Cipher::Secretbox));
+    assert_eq!((keys[1].0, keys[1].1.cipher()), (v(12), Cipher::Aes256Gcm));
+    assert_eq!(keys[0].1.fingerprint(), "83eeb49b32ed8578");
+    assert!(parse(b"").unwrap().is_empty());
+    let err = |text: String| parse(text.as_bytes()).unwrap_err();
+    let at = |line, problem| LineError { line, problem };
+    assert_eq!(
+        err(format!("v1 secretbox {KEY_HEX} extra")),
+        at(1, Problem::Fields { found: 4 })
+    );
+    assert_eq!(
+        err(format!("\nv1 {KEY_HEX}")),
+        at(2, Problem::Fields { found: 2 })
+    );
+    assert_eq!(
+        err(format!("v0 secretbox {KEY_HEX}")),
+        at(1, Problem::Version)
+    );
+    assert_eq!(
+        err(format!("v100 secretbox {KEY_HEX}")),
+        at(1, Problem::Version)
+    );
+    assert_eq!(
+        err(format!("1 secretbox {KEY_HEX}")),
+        at(1, Problem::Version)
+    );
+    assert_eq!(err(format!("v1 chacha {KEY_HEX}")), at(1, Problem::Cipher));
+    assert_eq!(
+        err("v1 secretbox abc".into()),
+        at(1, Problem::Key(KeyError::WrongLength { chars: 3 }))
+    );
+    assert_eq!(
+        err(format!("v1 secretbox {}", "zz".repeat(32))),
+        at(1, Problem::Key(KeyError::NotHex))
+    );
+    assert_eq!(
+        err(format!(
+            "v2 secretbox {KEY_HEX}\nv2 aes-256-gcm {OTHER_HEX}"
+        )),
+        at(2, Problem::Repeated)
+    );
+    assert_eq!(
+        parse(b"v1 secretbox \xff").unwrap_err(),
+        at(0, Problem::NotText)
+    );
+    assert_eq!(
+        parse(&vec![b'#'; MAX_OUTPUT + 1]).unwrap_err(),
+        at(0, Problem::TooLong)
+    );
+    // The message says where and what, never the line.
+    let shown = err(format!("v1 secretbox {}", &KEY_HEX[..60])).to_string();
+    assert_eq!(shown, "line 1 has no valid key: a key must be 64 hexadecimal characters (32 bytes), but this one has 60");
+    assert!(!shown.contains(&KEY_HEX[..8]));
 }

@@ -1,0 +1,189 @@
+"""Keys from a key command (psap.key_command), run by the postmaster at start and at every
+reload: success, every way it can fail, a new version reaching sessions already open, a version
+configured twice, a standby running its own command, and base backups without keys."""
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import BIN, KEY1, KEY2, KEY3, Cluster, as_postgres, sqlstate_of
+
+HERE = Path("/tmp") / f"psap-kc-{os.getpid()}"
+
+
+def fingerprint(key_hex):
+    import hashlib
+    return hashlib.blake2b(b"psap_encrypt key fingerprint:" + bytes.fromhex(key_hex), digest_size=32).hexdigest()[:16]
+
+
+def script(name, body):
+    """An executable shell script outside any data directory, readable only by postgres."""
+    HERE.mkdir(exist_ok=True)
+    os.chmod(HERE, 0o755)
+    path = HERE / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    shutil.chown(path, "postgres", "postgres")
+    os.chmod(path, 0o700)
+    return path
+
+
+def emitting(*lines, name="emit.sh"):
+    return script(name, "cat <<'EOF'\n" + "\n".join(lines) + "\nEOF")
+
+
+@pytest.fixture(scope="module")
+def kc():
+    d = Path("/tmp") / f"psap-kcc-{os.getpid()}"
+    c = Cluster(d, 5487, ["log_min_messages = warning", "wal_level = replica", "max_wal_senders = 4"])
+    c.destroy()
+    c.start()
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION psap_encrypt")
+    yield c
+    c.destroy()
+    shutil.rmtree(HERE, ignore_errors=True)
+
+
+def use_command(c, command, extra="", restart=False, version="v1"):
+    c.write_conf("psap_keys.conf", f"psap.key_command = '{command}'\npsap.key_version = '{version}'\n{extra}")
+    if restart:
+        c.restart()
+    else:
+        c.reload()
+        time.sleep(0.3)
+
+
+def keys(conn):
+    return {r[0]: r[1:] for r in conn.execute(
+        "SELECT version, cipher, fingerprint, status, source, loaded_at IS NOT NULL, note FROM psap_keys()")}
+
+
+def test_keys_come_from_the_command_at_start_and_reach_open_sessions_at_reload(kc):
+    use_command(kc, emitting(f"# v1 and v2", f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}"), restart=True)
+    with kc.connect() as c:
+        k = keys(c)
+        assert k["v1"] == ("secretbox", fingerprint(KEY1), "ok", "command", True, None)
+        assert k["v2"][1:4] == (fingerprint(KEY2), "ok", "command")
+        env = c.execute("SELECT psap_encrypt('from the HSM')").fetchone()[0]
+        assert env.startswith("v1:") and c.execute("SELECT psap_decrypt(%s)", (env,)).fetchone()[0] == "from the HSM"
+    # A session opened before the reload sees the version the reload adds, at its next use.
+    with kc.connect() as open_session:
+        open_session.execute("SELECT psap_encrypt('warm up')")
+        use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}", f"v3 aes-256-gcm {KEY3}", name="emit3.sh"))
+        assert keys(open_session)["v3"][:4] == ("aes-256-gcm", fingerprint(KEY3), "ok", "command")
+        open_session.execute("SET psap.key_version = 'v2'")
+        assert open_session.execute("SELECT psap_encrypt('x')").fetchone()[0].startswith("v2:")
+    log = kc.log_text()
+    assert "psap_encrypt loaded 3 keys from psap.key_command: v1 (secretbox), v2 (secretbox), v3 (aes-256-gcm)" in log
+    for key in (KEY1, KEY2, KEY3):
+        assert key not in log
+
+
+@pytest.mark.parametrize("body, why", [
+    ("echo 'not yet' >&2; exit 3", "it exited with status 3"),
+    ("echo hello", "its output was rejected: line 1 has 1 fields instead of 3"),
+    (f"echo 'v100 secretbox {KEY1}'", "its output was rejected: line 1 does not start with a key version v1 to v99"),
+    (f"echo 'v1 secretbox {KEY1}'; echo 'v1 secretbox {KEY2}'", "its output was rejected: line 2 repeats a version"),
+    (f"echo 'v1 secretbox {KEY1[:40]}'", "its output was rejected: line 1 has no valid key: a key must be 64 hexadecimal characters"),
+    ("kill -9 0", "it was terminated by signal 9"),
+])
+def test_a_failing_command_at_start_leaves_the_server_up_without_keys(kc, body, why):
+    use_command(kc, script("failing.sh", body), restart=True)
+    with kc.connect() as c:
+        state, msg, detail, hint = sqlstate_of(c, "SELECT psap_encrypt('x')")
+        assert (state, msg) == ("55000", "no key is available for version v1: psap.key_command failed")
+        assert why in detail and "pg_reload_conf" in hint
+        row = [r for r in c.execute("SELECT status, source, note FROM psap_keys() WHERE version IS NULL")]
+        assert row and row[0][0] == "key command failed" and why in row[0][2]
+        assert c.execute("SELECT count(*) FROM psap_keys() WHERE status = 'ok'").fetchone()[0] == 0
+    log = kc.log_text()
+    assert f"psap.key_command failed: {why}" in log
+    assert KEY1 not in log and KEY2 not in log and "hello" not in log.split("psap.key_command failed")[-1]
+
+
+def test_a_hung_command_is_killed_with_everything_it_started(kc):
+    started = time.time()
+    use_command(kc, script("hung.sh", "sleep 300 & sleep 300"), extra="psap.key_command_timeout = 2\n", restart=True)
+    assert time.time() - started < 30  # the server did not wait for the command
+    assert "it did not finish within psap.key_command_timeout (2 s) and was killed" in kc.log_text()
+    left = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout.split()
+    assert left == [], "the command's processes were left running"
+
+
+def test_a_failure_at_reload_keeps_the_keys_in_effect(kc):
+    use_command(kc, emitting(f"v1 secretbox {KEY1}"), restart=True)
+    with kc.connect() as c:
+        env = c.execute("SELECT psap_encrypt('kept')").fetchone()[0]
+    log_at = kc.log_size()
+    use_command(kc, script("broken.sh", "echo 'vault: permission denied' >&2; exit 2"))
+    with kc.connect() as c:
+        assert c.execute("SELECT psap_decrypt(%s)", (env,)).fetchone()[0] == "kept"
+        note = c.execute("SELECT note FROM psap_keys() WHERE version IS NULL").fetchone()[0]
+        assert note == "it exited with status 2; the keys it gave before stay in effect"
+        assert keys(c)["v1"][2:4] == ("ok", "command")
+    log = kc.log_text_from(log_at)
+    assert "psap.key_command failed: it exited with status 2" in log
+    assert "psap.key_command: vault: permission denied" in log  # its stderr, in the log
+
+
+def test_a_version_from_both_sources_is_refused(kc):
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}"),
+                extra=f"psap.key_v2 = '{KEY2}'\n", restart=True)
+    with kc.connect() as c:
+        k = keys(c)
+        assert k["v2"][2:4] == ("conflict", "setting and command")
+        assert k["v1"][2:4] == ("ok", "command")
+        env = c.execute("SELECT psap_encrypt('x')").fetchone()[0]
+        state, msg, _, _ = sqlstate_of(c, "SELECT psap_decrypt(%s)", ("v2:" + env[3:],))
+        assert (state, msg) == ("F0000", "version v2 has a key from two sources")
+
+
+def key_bytes_in_tree(root: Path, key_hex: str):
+    forms = [key_hex.encode(), key_hex.upper().encode(), bytes.fromhex(key_hex)]
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            hits += [str(p) for f in forms if f in data]
+    return hits
+
+
+def test_a_base_backup_holds_no_key_with_the_command_and_a_standby_runs_its_own(kc):
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}"), version="v2", restart=True)
+    with kc.connect() as c:
+        c.execute("CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY, x text)")
+        c.execute("TRUNCATE t")
+        c.execute("INSERT INTO t SELECT g, psap_encrypt('row ' || g) FROM generate_series(1, 100) g")
+        primary_fps = sorted(c.execute("SELECT version, fingerprint FROM psap_keys() WHERE version IS NOT NULL").fetchall())
+    backup = Path("/tmp") / f"psap-kcb-{os.getpid()}"
+    subprocess.run(["rm", "-rf", backup], check=True)
+    as_postgres(BIN / "pg_basebackup", "-h", kc.dir, "-p", kc.port, "-U", "postgres", "-D", backup, "-R", "-X", "stream")
+    try:
+        assert key_bytes_in_tree(backup, KEY1) == [] and key_bytes_in_tree(backup, KEY2) == []
+        # The standby is a server of its own: its own port, its own run of the command.
+        auto = backup / "postgresql.conf"
+        as_postgres("sh", "-c", f"sed -i -e 's/^port = .*/port = 5486/' -e \"s|^unix_socket_directories = .*|unix_socket_directories = '{backup}'|\" {auto}")
+        standby = Cluster(backup, 5486)
+        as_postgres(BIN / "pg_ctl", "-D", backup, "-l", backup / "server.log", "-w", "start")
+        standby.wait_ready()
+        with standby.connect() as s:
+            assert sorted(s.execute("SELECT version, fingerprint FROM psap_keys() WHERE version IS NOT NULL").fetchall()) == primary_fps
+            assert s.execute("SELECT count(*) FROM t WHERE psap_decrypt(x) = 'row ' || id").fetchone()[0] == 100
+        assert "psap_encrypt loaded 2 keys from psap.key_command" in standby.log_text()
+    finally:
+        subprocess.run(["sudo", "-u", "postgres", BIN / "pg_ctl", "-D", backup, "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(["rm", "-rf", backup])
+    # The same check finds the keys when they are in a key file in the data directory (the
+    # development layout): it can fail.
+    kc.write_conf("psap_keys.conf", f"psap.key_v1 = '{KEY1}'\npsap.key_version = 'v1'\n")
+    kc.restart()
+    as_postgres(BIN / "pg_basebackup", "-h", kc.dir, "-p", kc.port, "-U", "postgres", "-D", backup, "-X", "none")
+    try:
+        assert key_bytes_in_tree(backup, KEY1) != []
+    finally:
+        subprocess.run(["rm", "-rf", backup])
