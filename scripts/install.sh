@@ -16,6 +16,9 @@ cargo pgrx install $profile --pg-config "$PG_CONFIG" ${SUDO:+--sudo} 2>&1 \
     | grep -E "^error|warning: unused|Finished installing" || true
 extdir="$($PG_CONFIG --sharedir)/extension"
 test -f "$($PG_CONFIG --pkglibdir)/psap_encrypt.so"
+# The operator's key tool (docs/key-tool.md).
+cargo build -q --release -p psap_keys
+$SUDO install -m 755 target/release/psap-keys /usr/local/bin/psap-keys
 for script in sql/psap_encrypt--*.sql; do
     case "$(basename "$script")" in
         *--*--*) ;;  # upgrade scripts: installed by cargo pgrx install

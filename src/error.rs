@@ -13,6 +13,7 @@
 //! | a required argument is NULL                       | 22004    |
 //! | no key configured for a version                   | 55000    |
 //! | key setting malformed                             | F0000    |
+//! | encryption with a revoked version                 | 55000    |
 //! | a version has keys from two sources               | F0000    |
 //! | wrong key or modified ciphertext                  | 39000    |
 //! | decrypted bytes are not valid text                | 22021    |
@@ -191,6 +192,16 @@ pub fn not_utf8_database() -> ! {
         "psap_encrypt requires a database with UTF8 encoding",
         Some("Decrypted text must be valid in the database encoding, and the application encrypts UTF-8.".into()),
         None,
+    )
+}
+
+/// Encryption asked of a version in psap.revoked_versions.
+pub fn revoked(version: psap_core::Version) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("key version {version} is revoked"),
+        Some(format!("{version} is in psap.revoked_versions: it still decrypts, but no new ciphertext is made with it.")),
+        Some("Set psap.key_version to a version that is not revoked and reload the configuration; then rotate the revoked version's rows away with psap_rotate(..., from_version => ...).".into()),
     )
 }
 

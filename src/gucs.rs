@@ -8,6 +8,10 @@
 //!   keys are wiped. A malformed value is rejected with a message that names the setting and
 //!   never prints the value; on reload the previous key stays in effect.
 //! - `psap.key_version`: the version new ciphertext uses (`v2`). SUSET: superusers may set it per session.
+//! - `psap.revoked_versions`: versions that no longer encrypt (a compromised key): they still
+//!   decrypt, until psap_rotate has moved their rows away. SIGHUP, visible to everyone.
+//! - `psap.key_command`, `psap.key_command_timeout`: keys from an HSM or a secrets manager
+//!   (see keysource.rs). SIGHUP, superuser-only.
 //! - `psap.decrypt_passthrough` (off): psap_decrypt returns values that are not envelopes unchanged,
 //!   so application views keep working while psap_encrypt_column migrates a column. USERSET.
 //!
@@ -41,6 +45,10 @@ static mut KEY_VERSION_VAR: *mut c_char = std::ptr::null_mut();
 /// The version named by `psap.key_version`, parsed once per change by its assign hook.
 static CURRENT_VERSION: Mutex<Option<Version>> = Mutex::new(None);
 
+/// `psap.revoked_versions`, parsed once per change: bit N set for a revoked vN.
+static REVOKED: Mutex<u128> = Mutex::new(0);
+static mut REVOKED_VAR: *mut c_char = std::ptr::null_mut();
+
 /// `psap.decrypt_passthrough`: psap_decrypt returns values without an envelope prefix unchanged.
 static DECRYPT_PASSTHROUGH: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
 
@@ -60,6 +68,21 @@ pub fn init() {
         define_key_setting(version);
     }
     define_key_command_settings();
+    // SAFETY: as for psap.key_version.
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            c"psap.revoked_versions".as_ptr(),
+            c"Key versions that no longer encrypt, such as v1 after a compromise; they still decrypt.".as_ptr(),
+            c"A comma-separated list (v1, v3). psap_encrypt refuses to encrypt with a revoked version (psap.key_version must name another); psap_rotate moves their rows away.".as_ptr(),
+            &raw mut REVOKED_VAR,
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_SIGHUP,
+            0,
+            Some(check_revoked),
+            Some(assign_revoked),
+            None,
+        );
+    }
     // SAFETY: arguments are static C strings and a static variable; hooks match the GUC signatures.
     unsafe {
         pg_sys::DefineCustomStringVariable(
@@ -686,6 +709,54 @@ unsafe extern "C-unwind" fn assign_key_command(newval: *const c_char, _extra: *m
 
 pub fn key_command_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(KEY_COMMAND_TIMEOUT.get().max(1) as u64)
+}
+
+/// Parses `v1, v3` (empty: none) into a bit set.
+fn parse_versions(text: &str) -> Option<u128> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .try_fold(0u128, |set, t| {
+            Some(set | 1u128 << Version::parse(t)?.get())
+        })
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_revoked(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    if parse_versions(setting_text(*newval).unwrap_or("")).is_some() {
+        return true;
+    }
+    set_check_message(
+        "invalid value for parameter \"psap.revoked_versions\"",
+        &format!(
+            "A comma-separated list of key versions, v1 to v{MAX_VERSION}, such as \"v1, v3\"."
+        ),
+    );
+    false
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn assign_revoked(newval: *const c_char, _extra: *mut c_void) {
+    let set = parse_versions(setting_text(newval).unwrap_or("")).unwrap_or(0);
+    *REVOKED.lock().unwrap_or_else(|e| e.into_inner()) = set;
+}
+
+/// Whether a version is in psap.revoked_versions.
+pub fn is_revoked(version: Version) -> bool {
+    *REVOKED.lock().unwrap_or_else(|e| e.into_inner()) & (1u128 << version.get()) != 0
+}
+
+/// The version new ciphertext uses, refusing a revoked one.
+pub fn encryption_version() -> Version {
+    let v = current_version();
+    if is_revoked(v) {
+        error::revoked(v);
+    }
+    v
 }
 
 /// The version `psap.key_version` names (the check hook admits only valid spellings).

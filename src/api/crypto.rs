@@ -97,7 +97,7 @@ unsafe impl pgrx::callconv::BoxRet for PallocBytea {
 
 /// Encrypts under the current key version (`psap.key_version`) into a palloc'd envelope.
 pub(crate) fn encrypt_to_varlena(plaintext: &[u8]) -> Varlena {
-    encrypt_as(gucs::current_version(), plaintext).unwrap_or_else(|e| error::core(e))
+    encrypt_as(gucs::encryption_version(), plaintext).unwrap_or_else(|e| error::core(e))
 }
 
 /// Encrypts under `version` into a palloc'd envelope.
@@ -263,13 +263,20 @@ fn key_table() -> TableIterator<
         let row = match ring.slot(v) {
             Slot::Key(k) => {
                 let (module, fips) = module_of(k.cipher());
+                let (status, note) = if gucs::is_revoked(v) {
+                    let note = "decrypts only, until psap_rotate has moved its rows away";
+                    ("revoked", Some(note.to_string()))
+                } else {
+                    ("ok", None)
+                };
+                let cipher = Some(k.cipher().name());
                 (
-                    Some(k.cipher().name()),
+                    cipher,
                     Some(k.fingerprint()),
-                    "ok".to_string(),
+                    status.to_string(),
                     module,
                     fips,
-                    None,
+                    note,
                 )
             }
             Slot::Rejected(e) => (

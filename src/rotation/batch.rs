@@ -115,6 +115,10 @@ fn finish(run: Run, status: Status, failure: Option<Failure>) {
 
 /// One batch; None if more remain, else how the run ended.
 fn step(run: &mut Run) -> Option<Status> {
+    if gucs::is_revoked(run.to) {
+        // Revoked by a reload during the run: no further batch toward it.
+        error::revoked(run.to);
+    }
     if let Some(reason) = run.opts.limit_reached(run.counts.batches) {
         let left = remaining(run);
         if left == 0 {

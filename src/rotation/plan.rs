@@ -76,7 +76,7 @@ pub fn check_context(procedure: Procedure) {
 /// failure raised by `_psap_run_end` once the record is committed.
 pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     state::reset();
-    let to = gucs::current_version();
+    let to = gucs::encryption_version();
     let to_fingerprint = gucs::keyring()
         .key(to)
         .map(|k| k.fingerprint())

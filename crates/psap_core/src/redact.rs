@@ -4,9 +4,9 @@
 //! - a run of 64 or more hexadecimal digits (a key, as `openssl rand -hex 32` prints it) becomes
 //!   asterisks; in a message about a statement that sets a key (`key_context`), any run of 16 or
 //!   more does (the SQL parser quotes the part of a key it stopped at);
-//! - in a text that mentions a key setting (`psap.key_...`, any case), the content of every
-//!   single-quoted literal after the mention becomes asterisks (a malformed key, or one with a
-//!   cipher prefix);
+//! - in a text that mentions a key setting (`psap.key_v1` .. `psap.key_v99`, any case), the
+//!   content of every single-quoted literal after the mention becomes asterisks (a malformed key,
+//!   or one with a cipher prefix);
 //! - in a configuration-file syntax error, the token quoted after `near token` becomes asterisks
 //!   (an unquoted key in a key file).
 //!
@@ -18,9 +18,22 @@ pub const MIN_HEX_RUN: usize = 64;
 /// The same, in a message about a statement that sets a key.
 pub const MIN_HEX_RUN_IN_KEY_CONTEXT: usize = 16;
 
-/// Whether `text` names a key setting (`psap.key_v1`, `PSAP.KEY_COMMAND`, ...).
+/// Whether `text` names a key setting (`psap.key_v1` .. `psap.key_v99`, in any case).
 pub fn mentions_key_setting(text: &[u8]) -> bool {
-    find_ci(text, b"psap.key_").is_some()
+    key_setting_at(text).is_some()
+}
+
+/// Where the first `psap.key_v<digit>` starts.
+fn key_setting_at(text: &[u8]) -> Option<usize> {
+    let needle = b"psap.key_v";
+    let mut from = 0;
+    while let Some(at) = find_ci(&text[from..], needle).map(|p| p + from) {
+        if text.get(at + needle.len()).is_some_and(u8::is_ascii_digit) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 /// Whether `text` holds a run of at least [`MIN_HEX_RUN`] hex digits.
@@ -44,7 +57,7 @@ pub fn redact(text: &mut [u8], key_context: bool) -> bool {
         mask(&mut text[start..end]);
         changed = true;
     }
-    if let Some(at) = find_ci(text, b"psap.key_") {
+    if let Some(at) = key_setting_at(text) {
         let mut i = at;
         while let Some(open) = text[i..].iter().position(|&b| b == b'\'').map(|p| p + i) {
             let Some(close) = text[open + 1..]

@@ -454,6 +454,10 @@ fn log_redaction_hides_keys_and_only_keys() {
         b"parameter \"psap.key_v2\" cannot be changed now"
     ));
     assert!(!mentions_key_setting(b"psap.decrypt_passthrough"));
+    // Other psap.key_ settings are not keys; prose with apostrophes after them stays readable.
+    let hint = "Set psap.key_version to a version that is not revoked; then rotate the revoked version's rows";
+    assert_eq!(r(hint), hint);
+    assert!(!mentions_key_setting(b"psap.key_command failed"));
     assert!(has_hex_run(KEY_HEX.as_bytes()) && !has_hex_run(short.as_bytes()));
 }
 

@@ -15,7 +15,7 @@ SELECT psap_decrypt('v1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXux6Es8jM3wE7Zv2XqAHv1g2L
 SELECT psap_decrypt(psap_encrypt('Ünïcödé — 火災 🚒')) AS round_trip, left(psap_encrypt('x'), 3) AS prefix;
 SELECT length(psap_encrypt('')) AS empty_envelope_length, psap_decrypt(psap_encrypt('')) = '' AS empty_ok;
 SELECT psap_decrypt(NULL) IS NULL AS strict;
-SELECT * FROM psap_keys();
+SELECT version, cipher, fingerprint, is_current, status, source, loaded_at IS NOT NULL AS loaded, module, fips_validated FROM psap_keys();
 SHOW psap.key_v1;
 SHOW psap.key_v3;
 SHOW psap.key_version;
