@@ -1,6 +1,7 @@
 """Key settings: nobody reads a key back, malformed keys are reported without their value, and
 the library refuses to work unless it is preloaded."""
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -149,7 +150,8 @@ def test_without_preload_everything_refuses(tmp_path):
         c.destroy()
 
 
-def test_core_files_of_backends_and_the_postmaster_hold_no_key(tmp_path):
+@pytest.mark.parametrize("layout", ["setting", "command"])
+def test_core_files_of_backends_and_the_postmaster_hold_no_key(tmp_path, layout):
     """A core file written into the data directory (core_pattern 'core', as here) by a crashing
     backend, and by the postmaster, holds no key: keys live in memory excluded from core dumps.
     The same core holds what the backend was doing (the control that proves the search works)."""
@@ -162,7 +164,15 @@ def test_core_files_of_backends_and_the_postmaster_hold_no_key(tmp_path):
     c.start()
     c.stop()
     key = "5e1f" + os.urandom(30).hex()
-    c.set_keys({"v1": key}, "v1", reload=False)
+    if layout == "setting":
+        c.set_keys({"v1": key}, "v1", reload=False)
+    else:
+        # Keys from a key command come through the postmaster's shared table.
+        cmd = d.parent / f"psap-core-cmd-{os.getpid()}.sh"
+        cmd.write_text(f"#!/bin/sh\necho 'v1 secretbox {key}'\n")
+        shutil.chown(cmd, "postgres", "postgres")
+        os.chmod(cmd, 0o700)
+        c.write_conf("psap_keys.conf", f"psap.key_command = '{cmd}'\npsap.key_version = 'v1'\n")
     # sudo leaves core files disallowed; setpriv keeps the limit, and pg_ctl -c lifts the soft one.
     subprocess.run(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
                     "env", "-u", "RUST_BACKTRACE", BIN / "pg_ctl", "-D", d, "-l", d / "server.log", "-c", "-w", "start"],
@@ -200,10 +210,14 @@ def test_core_files_of_backends_and_the_postmaster_hold_no_key(tmp_path):
                 found = form in core
                 assert not found, f"key material in the {who}'s core file"
         assert marker.encode() in cores["backend"]  # the search works: the query is there
-        # The key file is inside the data directory: said at start, without the key.
         log = c.log_text()
-        assert "psap_encrypt keys are read from a file inside the data directory" in log
-        assert f'psap.key_v1 come from "{d}/psap_keys.conf"' in log and key not in log
+        assert key not in log
+        if layout == "setting":
+            # The key file is inside the data directory: said at start, without the key.
+            assert "psap_encrypt keys are read from a file inside the data directory" in log
+            assert f'psap.key_v1 come from "{d}/psap_keys.conf"' in log
+        else:
+            assert "psap_encrypt loaded 1 keys from psap.key_command" in log
     finally:
         subprocess.run(["sudo", "-u", "postgres", BIN / "pg_ctl", "-D", d, "-m", "immediate", "stop"], capture_output=True)
         c.destroy()
