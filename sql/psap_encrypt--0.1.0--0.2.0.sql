@@ -9,9 +9,12 @@
 -- routines, and every batch statement runs as the table's owner.
 \echo Use "ALTER EXTENSION psap_encrypt UPDATE" to load this file. \quit
 
--- psap_keys() says more: cipher, source, load time, module (a new result type, so a new
--- function; 0.1.0's C symbol stays in the library for databases not yet updated).
+-- psap_keys() says more (cipher, source, load time, module) and psap_census() gives each version's
+-- cipher: new result types, so new functions (0.1.0's C symbols stay in the library for databases
+-- not yet updated). psap_status() is rebuilt on the new census below.
 DROP FUNCTION @extschema@.psap_keys();
+DROP FUNCTION @extschema@.psap_status();
+DROP FUNCTION @extschema@.psap_census(regclass, text);
 
 -- New C functions (the definitions pgrx generates for 0.2.0).
 CREATE  FUNCTION "_psap_audit_writing"() RETURNS bool /* bool */
@@ -165,6 +168,36 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'key_table_wrapper';
 
+CREATE  FUNCTION "psap_census"(
+	"tbl" regclass, /* PgRelation */
+	"col" TEXT /* & str */
+) RETURNS TABLE (
+	"state" TEXT,  /* String */
+	"version" TEXT,  /* Option < String > */
+	"rows" bigint,  /* i64 */
+	"key_configured" bool,  /* Option < bool > */
+	"cipher" TEXT  /* Option < & '_ str > */
+)
+STRICT STABLE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'census_wrapper';
+
+CREATE  FUNCTION "psap_encrypt"(
+	"plaintext" TEXT, /* & str */
+	"context" TEXT /* & str */
+) RETURNS text /* PallocText */
+STRICT VOLATILE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'psap_encrypt_bound_wrapper';
+
+CREATE  FUNCTION "psap_decrypt"(
+	"ciphertext" TEXT, /* & str */
+	"context" TEXT /* & str */
+) RETURNS text /* PallocText */
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'psap_decrypt_bound_wrapper';
+
 -- The audit log: a guard that admits only the library's writer, a hash chain over finished
 -- records, and 'interrupted' as a status psap_encrypt records.
 ALTER TABLE @extschema@.psap_audit_log
@@ -265,19 +298,68 @@ DROP FUNCTION @extschema@._psap_rotate_begin(regclass, text, text, integer, text
 DROP PROCEDURE @extschema@._psap_run(bigint, integer);
 
 -- The registry: written by the library (psap_register_column / psap_unregister_column above,
--- which take the column as text); psap_status with a pinned search_path.
+-- which take the column as text); psap_status with a pinned search_path and each version's
+-- cipher; psap_compliance for CJIS audits.
 DROP FUNCTION @extschema@.psap_register_column(regclass, name);
 DROP FUNCTION @extschema@.psap_unregister_column(regclass, name);
-CREATE OR REPLACE FUNCTION @extschema@.psap_status()
+CREATE FUNCTION @extschema@.psap_status()
 RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
-               key_configured boolean, is_current boolean)
+               key_configured boolean, is_current boolean, cipher text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT r.relid, r.column_name, c.state, c.version, c.rows, c.key_configured,
-           c.version = pg_catalog.current_setting('psap.key_version')
+           c.version = pg_catalog.current_setting('psap.key_version'), c.cipher
       FROM @extschema@.psap_encrypted_columns r,
            LATERAL @extschema@.psap_census(r.relid, r.column_name::text) c
      ORDER BY r.relid::text, r.column_name, c.state, pg_catalog.length(c.version), c.version
+$$;
+
+-- A CJIS audit in one query: per registered column, the key versions and ciphers its rows use,
+-- how many rows are outside FIPS 140-3 validated cryptography, where the keys come from, and the
+-- last completed rotation (from the audit trail, as the caller reads it). docs/compliance.md maps the columns to the
+-- CJIS Security Policy's SC-12, SC-13 and SC-28.
+CREATE FUNCTION @extschema@.psap_compliance()
+RETURNS TABLE (relation regclass, column_name name, versions text[], ciphers text[],
+               encrypted_rows bigint, non_fips_rows bigint, plaintext_rows bigint,
+               key_sources text[], fips_module text, last_rotation timestamptz,
+               last_rotation_to text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH s AS (
+        SELECT st.relation, st.column_name, st.state, st.version, st.rows, st.cipher
+          FROM @extschema@.psap_status() st
+    ), k AS (
+        SELECT kk.version, kk.source, kk.module, kk.fips_validated FROM @extschema@.psap_keys() kk
+         WHERE kk.version IS NOT NULL
+    )
+    SELECT r.relid,
+           r.column_name,
+           (SELECT array_agg(DISTINCT s.version ORDER BY s.version) FROM s
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
+           (SELECT array_agg(DISTINCT coalesce(s.cipher, 'unknown')) FROM s
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
+           (SELECT coalesce(sum(s.rows), 0)::bigint FROM s
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'encrypted'),
+           (SELECT coalesce(sum(s.rows), 0)::bigint FROM s LEFT JOIN k ON k.version = s.version
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'encrypted'
+               AND NOT coalesce(k.fips_validated, false)),
+           (SELECT coalesce(sum(s.rows), 0)::bigint FROM s
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'not encrypted'),
+           (SELECT array_agg(DISTINCT coalesce(k.source, 'none')) FROM s LEFT JOIN k ON k.version = s.version
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
+           (SELECT min(k.module) FROM k WHERE k.fips_validated),
+           a.ended_at,
+           a.to_version
+      FROM @extschema@.psap_encrypted_columns r
+      JOIN pg_catalog.pg_class c ON c.oid = r.relid
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN LATERAL (
+          SELECT l.ended_at, l.to_version FROM @extschema@.psap_audit l
+           WHERE l.operation IN ('rotate', 'encrypt') AND l.status = 'done'
+             AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
+             AND l.column_name = r.column_name
+           ORDER BY l.ended_at DESC LIMIT 1) a ON true
+     ORDER BY r.relid::text, r.column_name
 $$;
 
 -- The batch procedures, now thin loops over the library's begin/step/end.
@@ -412,7 +494,7 @@ BEGIN
         SELECT routine FROM @extschema@._psap_routines()
          WHERE name IN ('psap_rotate', 'psap_encrypt_column', 'psap_rotate_all',
                         'psap_register_column', 'psap_unregister_column', 'psap_status',
-                        'psap_census', 'psap_verify', 'psap_keys', 'psap_audit_verify',
+                        'psap_census', 'psap_verify', 'psap_keys', 'psap_audit_verify', 'psap_compliance',
                         '_psap_run', '_psap_run_begin', '_psap_run_step', '_psap_run_failed',
                         '_psap_run_end', '_psap_all_begin', '_psap_all_next', '_psap_all_failed',
                         '_psap_all_end')
@@ -451,7 +533,7 @@ BEGIN
     FOR r IN
         SELECT DISTINCT a.grantee::regrole
           FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
-         WHERE p.oid = '@extschema@.psap_status()'::pg_catalog.regprocedure
+         WHERE p.oid = '@extschema@.psap_rotate(regclass, name, integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean)'::pg_catalog.regprocedure
            AND a.grantee <> p.proowner AND a.grantee <> 0
     LOOP
         FOR f IN

@@ -50,15 +50,64 @@ CREATE EVENT TRIGGER psap_registry_follow_drop ON sql_drop
     EXECUTE FUNCTION @extschema@._psap_registry_follow_drop();
 
 -- Per registered column: rows per version, NULLs and plaintext, whether each version's key is
--- configured and whether it is current. No row with version = 'v1' means the v1 key can go.
+-- configured, whether it is current, and its cipher. No row with version = 'v1' means the v1
+-- key can go.
 CREATE FUNCTION @extschema@.psap_status()
 RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
-               key_configured boolean, is_current boolean)
+               key_configured boolean, is_current boolean, cipher text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT r.relid, r.column_name, c.state, c.version, c.rows, c.key_configured,
-           c.version = pg_catalog.current_setting('psap.key_version')
+           c.version = pg_catalog.current_setting('psap.key_version'), c.cipher
       FROM @extschema@.psap_encrypted_columns r,
            LATERAL @extschema@.psap_census(r.relid, r.column_name::text) c
      ORDER BY r.relid::text, r.column_name, c.state, pg_catalog.length(c.version), c.version
+$$;
+
+-- A CJIS audit in one query: per registered column, the key versions and ciphers its rows use,
+-- how many rows are outside FIPS 140-3 validated cryptography, where the keys come from, and the
+-- last completed rotation (from the audit trail, as the caller reads it). docs/compliance.md maps the columns to the
+-- CJIS Security Policy's SC-12, SC-13 and SC-28.
+CREATE FUNCTION @extschema@.psap_compliance()
+RETURNS TABLE (relation regclass, column_name name, versions text[], ciphers text[],
+               encrypted_rows bigint, non_fips_rows bigint, plaintext_rows bigint,
+               key_sources text[], fips_module text, last_rotation timestamptz,
+               last_rotation_to text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH s AS (
+        SELECT st.relation, st.column_name, st.state, st.version, st.rows, st.cipher
+          FROM @extschema@.psap_status() st
+    ), k AS (
+        SELECT kk.version, kk.source, kk.module, kk.fips_validated FROM @extschema@.psap_keys() kk
+         WHERE kk.version IS NOT NULL
+    )
+    SELECT r.relid,
+           r.column_name,
+           (SELECT array_agg(DISTINCT s.version ORDER BY s.version) FROM s
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
+           (SELECT array_agg(DISTINCT coalesce(s.cipher, 'unknown')) FROM s
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
+           (SELECT coalesce(sum(s.rows), 0)::bigint FROM s
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'encrypted'),
+           (SELECT coalesce(sum(s.rows), 0)::bigint FROM s LEFT JOIN k ON k.version = s.version
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'encrypted'
+               AND NOT coalesce(k.fips_validated, false)),
+           (SELECT coalesce(sum(s.rows), 0)::bigint FROM s
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'not encrypted'),
+           (SELECT array_agg(DISTINCT coalesce(k.source, 'none')) FROM s LEFT JOIN k ON k.version = s.version
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
+           (SELECT min(k.module) FROM k WHERE k.fips_validated),
+           a.ended_at,
+           a.to_version
+      FROM @extschema@.psap_encrypted_columns r
+      JOIN pg_catalog.pg_class c ON c.oid = r.relid
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN LATERAL (
+          SELECT l.ended_at, l.to_version FROM @extschema@.psap_audit l
+           WHERE l.operation IN ('rotate', 'encrypt') AND l.status = 'done'
+             AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
+             AND l.column_name = r.column_name
+           ORDER BY l.ended_at DESC LIMIT 1) a ON true
+     ORDER BY r.relid::text, r.column_name
 $$;

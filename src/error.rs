@@ -14,6 +14,8 @@
 //! | no key configured for a version                   | 55000    |
 //! | key setting malformed                             | F0000    |
 //! | encryption with a revoked version                 | 55000    |
+//! | AES module not in FIPS mode; psap.require_fips    | 55000    |
+//! | a context with a cipher that cannot bind one      | 0A000    |
 //! | a version has keys from two sources               | F0000    |
 //! | wrong key or modified ciphertext                  | 39000    |
 //! | decrypted bytes are not valid text                | 22021    |
@@ -146,10 +148,16 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
             Some(format!("The envelope would be {bytes} bytes; a value can hold at most {} bytes.", psap_core::cipher::MAX_VALUE_BYTES)),
             None,
         ),
+        CoreError::ContextNeedsAead(c) => (
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("cipher {c} cannot bind a context"),
+            Some("Only an AEAD cipher (aes-256-gcm) authenticates a context with the value.".into()),
+            Some("Use a key version whose cipher is aes-256-gcm for values bound to a context.".into()),
+        ),
         CoreError::CipherUnavailable(c) => (
             ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("cipher {c} is not available"),
-            Some(format!("Key versions configured for {c} cannot be used by this build of psap_encrypt.")),
+            Some(format!("The {c} module refused the operation.")),
             None,
         ),
         CoreError::OutOfMemory { bytes } => (
@@ -202,6 +210,36 @@ pub fn revoked(version: psap_core::Version) -> ! {
         format!("key version {version} is revoked"),
         Some(format!("{version} is in psap.revoked_versions: it still decrypts, but no new ciphertext is made with it.")),
         Some("Set psap.key_version to a version that is not revoked and reload the configuration; then rotate the revoked version's rows away with psap_rotate(..., from_version => ...).".into()),
+    )
+}
+
+/// An AES-256-GCM version while AWS-LC's module is not in FIPS mode.
+pub fn module_not_fips(version: psap_core::Version) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("key version {version} cannot be used: the AES-256-GCM module is not in FIPS mode"),
+        Some("AWS-LC's FIPS module did not report FIPS mode when psap_encrypt was loaded; the server log says more.".into()),
+        None,
+    )
+}
+
+/// Encryption with a non-FIPS cipher under psap.require_fips.
+pub fn fips_required_to_encrypt(version: psap_core::Version, cipher: psap_core::Cipher) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("psap.require_fips forbids encrypting with key version {version} ({cipher})"),
+        Some(format!("{cipher} is not a FIPS 140-3 validated cipher; with psap.require_fips on, new ciphertext uses aes-256-gcm only.")),
+        Some("Set psap.key_version to an aes-256-gcm version and reload the configuration.".into()),
+    )
+}
+
+/// Decryption of a non-FIPS cipher under psap.require_fips, outside a rotation.
+pub fn fips_required_to_decrypt(version: psap_core::Version, cipher: psap_core::Cipher) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("psap.require_fips forbids decrypting {cipher} ciphertext (key version {version})"),
+        Some(format!("With psap.require_fips on, {cipher} ciphertext is only read by psap_rotate, to re-encrypt it with an aes-256-gcm version.")),
+        Some(format!("Rotate it away: CALL psap_rotate_all(from_version => '{version}').")),
     )
 }
 

@@ -49,6 +49,12 @@ static CURRENT_VERSION: Mutex<Option<Version>> = Mutex::new(None);
 static REVOKED: Mutex<u128> = Mutex::new(0);
 static mut REVOKED_VAR: *mut c_char = std::ptr::null_mut();
 
+/// `psap.require_fips`: encryption only with FIPS-validated ciphers; non-FIPS ciphertext decrypts
+/// only to be rotated away.
+static REQUIRE_FIPS: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
+/// Whether AWS-LC's module reported FIPS mode when the library was loaded.
+static FIPS_OK: AtomicBool = AtomicBool::new(false);
+
 /// `psap.decrypt_passthrough`: psap_decrypt returns values without an envelope prefix unchanged.
 static DECRYPT_PASSTHROUGH: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
 
@@ -68,6 +74,15 @@ pub fn init() {
         define_key_setting(version);
     }
     define_key_command_settings();
+    FIPS_OK.store(psap_core::aes::fips_mode().is_ok(), Ordering::Relaxed);
+    pgrx::GucRegistry::define_bool_guc(
+        c"psap.require_fips",
+        c"Allows new ciphertext only with a FIPS 140-3 validated cipher (aes-256-gcm).",
+        c"When on, encrypting with a secretbox version is refused, and psap_decrypt refuses secretbox ciphertext: it can only be rotated away (psap_rotate reads it to re-encrypt it with an AES-256-GCM version).",
+        &REQUIRE_FIPS,
+        pgrx::GucContext::Sighup,
+        pgrx::GucFlags::default(),
+    );
     // SAFETY: as for psap.key_version.
     unsafe {
         pg_sys::DefineCustomStringVariable(
@@ -709,6 +724,37 @@ unsafe extern "C-unwind" fn assign_key_command(newval: *const c_char, _extra: *m
 
 pub fn key_command_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(KEY_COMMAND_TIMEOUT.get().max(1) as u64)
+}
+
+/// Whether a cipher comes from a FIPS 140-3 validated module running in FIPS mode here.
+pub fn is_fips(cipher: psap_core::Cipher) -> bool {
+    cipher == psap_core::Cipher::Aes256Gcm && FIPS_OK.load(Ordering::Relaxed)
+}
+
+pub fn fips_mode_ok() -> bool {
+    FIPS_OK.load(Ordering::Relaxed)
+}
+
+/// Refuses to encrypt with a version whose cipher cannot be used, or that psap.require_fips
+/// forbids.
+pub fn allow_encrypt(version: Version, cipher: psap_core::Cipher) {
+    if cipher == psap_core::Cipher::Aes256Gcm && !fips_mode_ok() {
+        error::module_not_fips(version);
+    }
+    if REQUIRE_FIPS.get() && !is_fips(cipher) {
+        error::fips_required_to_encrypt(version, cipher);
+    }
+}
+
+/// Refuses to decrypt with a version whose cipher cannot be used; under psap.require_fips, a
+/// non-FIPS version decrypts only for a rotation (`rotating`), which moves it away.
+pub fn allow_decrypt(version: Version, cipher: psap_core::Cipher, rotating: bool) {
+    if cipher == psap_core::Cipher::Aes256Gcm && !fips_mode_ok() {
+        error::module_not_fips(version);
+    }
+    if REQUIRE_FIPS.get() && !is_fips(cipher) && !rotating {
+        error::fips_required_to_decrypt(version, cipher);
+    }
 }
 
 /// Parses `v1, v3` (empty: none) into a bit set.

@@ -73,7 +73,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/registry.sql",
     name = "registry",
-    requires = ["audit", api::census::psap_census]
+    requires = ["audit", api::census::census, api::crypto::key_table]
 );
 extension_sql_file!(
     "../sql/rotate.sql",

@@ -46,7 +46,7 @@ fn psap_verify(value: &str) -> Option<String> {
 /// into a scratch buffer and wiped; running out of memory is an error, not a reason.
 pub fn decrypt_error(value: &[u8]) -> Option<String> {
     let mut plain = Vec::new();
-    let result = cipher::decrypt(&gucs::keyring(), value, &mut plain);
+    let result = cipher::decrypt(&gucs::keyring(), value, &[], &mut plain);
     psap_core::sodium::memzero(&mut plain);
     match result {
         Err(e @ psap_core::CoreError::OutOfMemory { .. }) => crate::error::core(e),
@@ -54,11 +54,13 @@ pub fn decrypt_error(value: &[u8]) -> Option<String> {
     }
 }
 
-/// Rows of a column per envelope version, plus NULLs and values that are not envelopes.
-/// `v1:` never counts as `v10:`. Reads only the first characters of each value, as the table's
-/// owner (its row-level security policies never run with the caller's rights).
-#[pg_extern(stable)]
-fn psap_census(
+/// Rows of a column per envelope version, plus NULLs and values that are not envelopes, with
+/// each version's cipher as configured here. `v1:` never counts as `v10:`. Reads only the first
+/// characters of each value, as the table's owner (its row-level security policies never run
+/// with the caller's rights).
+#[allow(clippy::type_complexity)]
+#[pg_extern(name = "psap_census", stable)]
+fn census(
     tbl: PgRelation,
     col: &str,
 ) -> TableIterator<
@@ -68,11 +70,32 @@ fn psap_census(
         name!(version, Option<String>),
         name!(rows, i64),
         name!(key_configured, Option<bool>),
+        name!(cipher, Option<&'static str>),
     ),
 > {
+    let rows = census_rows(&tbl, col)
+        .into_iter()
+        .map(|(state, v, n, configured, cipher)| {
+            (state, v, n, configured, cipher.map(|c| c.name()))
+        })
+        .collect::<Vec<_>>();
+    TableIterator::new(rows)
+}
+
+/// A census row: state, version, rows, whether the version's key is configured, its cipher.
+pub type CensusRow = (
+    String,
+    Option<String>,
+    i64,
+    Option<bool>,
+    Option<psap_core::Cipher>,
+);
+
+/// The census of a column.
+pub fn census_rows(tbl: &PgRelation, col: &str) -> Vec<CensusRow> {
     gucs::ensure_preloaded();
     let rows = sandbox::with_safe_search_path(|| {
-        let t = target::resolve(&tbl, col, Access::Read);
+        let t = target::resolve(tbl, col, Access::Read);
         let sql = format!(
             "SELECT CASE WHEN {col} IS NULL THEN 'null'
                          WHEN v IS NULL THEN 'not encrypted' ELSE 'encrypted' END, v, pg_catalog.count(*)
@@ -93,15 +116,12 @@ fn psap_census(
         })
     });
     let ring = gucs::keyring();
-    let out: Vec<_> = rows
-        .into_iter()
+    rows.into_iter()
         .map(|(state, v, n)| {
-            let configured = v
-                .as_deref()
-                .and_then(Version::parse)
-                .map(|v| ring.key(v).is_ok());
-            (state, v, n, configured)
+            let key = v.as_deref().and_then(Version::parse).map(|v| ring.key(v));
+            let configured = key.as_ref().map(|k| k.is_ok());
+            let cipher = key.and_then(|k| k.ok().map(|k| k.cipher()));
+            (state, v, n, configured, cipher)
         })
-        .collect();
-    TableIterator::new(out)
+        .collect()
 }

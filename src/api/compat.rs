@@ -96,3 +96,24 @@ fn psap_keys() -> TableIterator<
     }
     TableIterator::new(rows)
 }
+
+/// 0.1.0's psap_census(): state, version, rows, key_configured.
+#[pg_extern(stable, sql = false)]
+fn psap_census(
+    tbl: PgRelation,
+    col: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(state, String),
+        name!(version, Option<String>),
+        name!(rows, i64),
+        name!(key_configured, Option<bool>),
+    ),
+> {
+    let rows = crate::api::census::census_rows(&tbl, col)
+        .into_iter()
+        .map(|(state, v, n, configured, _)| (state, v, n, configured))
+        .collect::<Vec<_>>();
+    TableIterator::new(rows)
+}

@@ -7,7 +7,7 @@
 
 use pgrx::prelude::*;
 use psap_core::key::Slot;
-use psap_core::{cipher, CoreError, Version};
+use psap_core::{cipher, CoreError, KeyRing, Version};
 
 use crate::{error, gucs};
 
@@ -96,19 +96,24 @@ unsafe impl pgrx::callconv::BoxRet for PallocBytea {
 }
 
 /// Encrypts under the current key version (`psap.key_version`) into a palloc'd envelope.
-pub(crate) fn encrypt_to_varlena(plaintext: &[u8]) -> Varlena {
-    encrypt_as(gucs::encryption_version(), plaintext).unwrap_or_else(|e| error::core(e))
+pub(crate) fn encrypt_to_varlena(context: &[u8], plaintext: &[u8]) -> Varlena {
+    encrypt_as(gucs::encryption_version(), context, plaintext).unwrap_or_else(|e| error::core(e))
 }
 
-/// Encrypts under `version` into a palloc'd envelope.
-pub(crate) fn encrypt_as(version: Version, plaintext: &[u8]) -> Result<Varlena, CoreError> {
+/// Encrypts under `version` into a palloc'd envelope, bound to `context` (empty: none).
+pub(crate) fn encrypt_as(
+    version: Version,
+    context: &[u8],
+    plaintext: &[u8],
+) -> Result<Varlena, CoreError> {
     gucs::ensure_preloaded();
     let ring = gucs::keyring();
-    ring.key(version)?;
-    let out = Varlena::alloc(cipher::envelope_len(version, plaintext.len())?);
+    gucs::allow_encrypt(version, ring.key(version)?.cipher());
+    let out = Varlena::alloc(cipher::envelope_len_for(&ring, version, plaintext.len())?);
     let nonce = gucs::next_nonce();
     // SAFETY: `out` is ours until returned.
-    match cipher::encrypt_into(&ring, version, &nonce, plaintext, unsafe { out.data_mut() }) {
+    let data = unsafe { out.data_mut() };
+    match cipher::encrypt_into(&ring, version, &nonce, context, plaintext, data) {
         Ok(()) => Ok(out),
         Err(e) => {
             out.discard();
@@ -117,11 +122,23 @@ pub(crate) fn encrypt_as(version: Version, plaintext: &[u8]) -> Result<Varlena, 
     }
 }
 
-/// Decrypts an envelope under the key its prefix names, into a palloc'd value.
-pub(crate) fn decrypt_to_varlena(envelope: &[u8]) -> Varlena {
+/// Checks the policy for decrypting `envelope` (its version's cipher may be refused).
+fn allow_decrypt(ring: &KeyRing, envelope: &[u8], rotating: bool) {
+    if let Ok((version, _)) = psap_core::envelope::parse_prefix(envelope) {
+        if let Ok(key) = ring.key(version) {
+            gucs::allow_decrypt(version, key.cipher(), rotating);
+        }
+    }
+}
+
+/// Decrypts an envelope under the key its prefix names, into a palloc'd value; `context` must be
+/// the one it was bound to (empty: none).
+pub(crate) fn decrypt_to_varlena(envelope: &[u8], context: &[u8]) -> Varlena {
     gucs::ensure_preloaded();
+    let ring = gucs::keyring();
+    allow_decrypt(&ring, envelope, false);
     let mut out: Option<Varlena> = None;
-    let result = cipher::decrypt_into(&gucs::keyring(), envelope, |n| {
+    let result = cipher::decrypt_into(&ring, envelope, context, |n| {
         let v = Varlena::alloc(n);
         // SAFETY: the slice is used only by decrypt_into, before `out` is read below.
         let data = unsafe { v.data_mut() };
@@ -148,16 +165,18 @@ pub(crate) fn reencrypt_text(envelope: &[u8], to: Version) -> Result<PallocText,
     gucs::ensure_preloaded();
     let nonce = gucs::next_nonce();
     let ring = gucs::keyring();
+    allow_decrypt(&ring, envelope, true);
     let mut out: Option<Varlena> = None;
     let result = SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        let result = cipher::reencrypt_into(&ring, to, &nonce, envelope, &mut scratch, |n| {
-            let v = Varlena::alloc(n);
-            // SAFETY: as in decrypt_to_varlena.
-            let data = unsafe { v.data_mut() };
-            out = Some(v);
-            Ok(data)
-        });
+        let result =
+            cipher::reencrypt_into(&ring, to, &nonce, envelope, &[], &[], &mut scratch, |n| {
+                let v = Varlena::alloc(n);
+                // SAFETY: as in decrypt_to_varlena.
+                let data = unsafe { v.data_mut() };
+                out = Some(v);
+                Ok(data)
+            });
         release_if_large(&mut scratch);
         result
     });
@@ -186,10 +205,23 @@ fn release_if_large(buffer: &mut Vec<u8>) {
     }
 }
 
-/// Encrypts text with the current key version; returns `v<N>:` + base64(nonce || secretbox).
+/// Encrypts text with the current key version; returns `v<N>:` + base64 of the sealed value.
 #[pg_extern(volatile, strict, parallel_safe)]
 fn psap_encrypt(plaintext: &str) -> PallocText {
-    PallocText(encrypt_to_varlena(plaintext.as_bytes()))
+    PallocText(encrypt_to_varlena(&[], plaintext.as_bytes()))
+}
+
+/// Encrypts text bound to a context (`'incidents.title:' || id`): the value decrypts only with
+/// the same context. The current version's cipher must be an AEAD (aes-256-gcm).
+#[pg_extern(name = "psap_encrypt", volatile, strict, parallel_safe)]
+fn psap_encrypt_bound(plaintext: &str, context: &str) -> PallocText {
+    PallocText(encrypt_to_varlena(context.as_bytes(), plaintext.as_bytes()))
+}
+
+/// Decrypts an envelope bound to `context`.
+#[pg_extern(name = "psap_decrypt", stable, strict, parallel_safe)]
+fn psap_decrypt_bound(ciphertext: &str, context: &str) -> PallocText {
+    decrypt_text(ciphertext, context.as_bytes())
 }
 
 /// Decrypts an envelope, choosing the key from its version prefix. With
@@ -204,7 +236,11 @@ fn psap_decrypt(ciphertext: &str) -> PallocText {
         unsafe { v.data_mut() }.copy_from_slice(ciphertext.as_bytes());
         return PallocText(v);
     }
-    let v = decrypt_to_varlena(ciphertext.as_bytes());
+    decrypt_text(ciphertext, &[])
+}
+
+fn decrypt_text(ciphertext: &str, context: &[u8]) -> PallocText {
+    let v = decrypt_to_varlena(ciphertext.as_bytes(), context);
     let plain = v.data();
     if plain.contains(&0) || std::str::from_utf8(plain).is_err() {
         v.discard();
@@ -216,13 +252,13 @@ fn psap_decrypt(ciphertext: &str) -> PallocText {
 /// Encrypts binary data with the current key version.
 #[pg_extern(volatile, strict, parallel_safe)]
 fn psap_encrypt_bytea(plaintext: &[u8]) -> PallocText {
-    PallocText(encrypt_to_varlena(plaintext))
+    PallocText(encrypt_to_varlena(&[], plaintext))
 }
 
 /// Decrypts an envelope to binary data.
 #[pg_extern(stable, strict, parallel_safe)]
 fn psap_decrypt_bytea(ciphertext: &str) -> PallocBytea {
-    PallocBytea(decrypt_to_varlena(ciphertext.as_bytes()))
+    PallocBytea(decrypt_to_varlena(ciphertext.as_bytes(), &[]))
 }
 
 /// One row per configured key version, plus the current version if it has no key: its cipher,
@@ -345,7 +381,9 @@ fn module_of(cipher: psap_core::Cipher) -> (Option<String>, Option<bool>) {
             Some(format!("libsodium {}", psap_core::sodium::version())),
             Some(false),
         ),
-        psap_core::Cipher::Aes256Gcm => (None, None),
+        psap_core::Cipher::Aes256Gcm => {
+            (Some(psap_core::aes::module()), Some(gucs::fips_mode_ok()))
+        }
     }
 }
 

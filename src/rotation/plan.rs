@@ -77,10 +77,11 @@ pub fn check_context(procedure: Procedure) {
 pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     state::reset();
     let to = gucs::encryption_version();
-    let to_fingerprint = gucs::keyring()
+    let (to_fingerprint, to_cipher) = gucs::keyring()
         .key(to)
-        .map(|k| k.fingerprint())
+        .map(|k| (k.fingerprint(), k.cipher()))
         .unwrap_or_else(|e| error::core(e));
+    gucs::allow_encrypt(to, to_cipher);
     let target = target::resolve(tbl, col, Access::Rotate);
     let needs = sql::needs(&target, opts.mode, to);
     let token = state::new_token();

@@ -37,7 +37,7 @@ fn _psap_rotate_value(value: &str, run: i64) -> Option<PallocText> {
 #[pg_extern(volatile, strict, parallel_unsafe)]
 fn _psap_encrypt_value(value: &str, run: i64) -> PallocText {
     let (_, to) = gate(run, true);
-    match crypto::encrypt_as(to, value.as_bytes()) {
+    match crypto::encrypt_as(to, &[], value.as_bytes()) {
         Ok(v) => PallocText::from(v),
         Err(e) => error::cannot_encrypt_value("the column", e),
     }

@@ -44,7 +44,7 @@ fn main() {
     assert_eq!(title.len(), 80);
     let nonce = [7u8; NONCE_BYTES];
     let mut env = Vec::new();
-    cipher::encrypt(&ring, v1, &nonce, title, &mut env).unwrap();
+    cipher::encrypt(&ring, v1, &nonce, &[], title, &mut env).unwrap();
     let mut sealed = Vec::new();
     envelope::decode_body(&env[3..], &mut sealed).unwrap();
 
@@ -54,7 +54,7 @@ fn main() {
         // For callgrind: the decrypt path alone, `iters` times.
         for _ in 0..iters {
             out.clear();
-            decrypt(&ring, black_box(&env), &mut out).unwrap();
+            decrypt(&ring, black_box(&env), &[], &mut out).unwrap();
         }
         return;
     }
@@ -84,7 +84,7 @@ fn main() {
     });
     let full_decrypt = time_ns(iters, || {
         out.clear();
-        decrypt(&ring, black_box(&env), &mut out).unwrap();
+        decrypt(&ring, black_box(&env), &[], &mut out).unwrap();
     });
     let full_reencrypt = time_ns(iters, || {
         out.clear();

@@ -1,23 +1,40 @@
-//! Whole-value encrypt, decrypt and re-encrypt in the application's envelope format.
+//! Whole-value encrypt, decrypt and re-encrypt in the application's envelope format, with the
+//! cipher of the version's key: libsodium's secretbox (`nonce(24) || tag(16) || ciphertext`) or
+//! AES-256-GCM from AWS-LC's FIPS module (`nonce(12) || ciphertext || tag(16)`).
 //!
 //! The `_into` forms write into a buffer the caller allocates (PostgreSQL's palloc'd result, so
 //! that an allocation failure is PostgreSQL's ERROR, never an abort) and hold each value at most
 //! once besides its input: sealing goes straight to the end of the output buffer and is base64
 //! encoded in place; decoding goes straight into the output buffer and is opened in place.
 //! Every buffer sized by an input is reserved fallibly ([`CoreError::OutOfMemory`]).
+//!
+//! A context (associated data) binds a value to where it belongs: AES-256-GCM authenticates it,
+//! so a value copied elsewhere no longer decrypts. Secretbox cannot; asking it to is an error.
 
 use crate::envelope;
 use crate::error::CoreError;
-use crate::key::{KeyRing, Version};
+use crate::key::{Cipher, Key, KeyRing, Version};
 pub use crate::limits::MAX_VALUE_BYTES;
-use crate::limits::{NONCE_BYTES, OVERHEAD};
-use crate::sodium;
+use crate::limits::NONCE_BYTES;
+use crate::{aes, sodium};
 
-/// Length of the envelope that encrypts `plaintext_len` bytes under `version`, or TooLarge when
-/// it would not fit in a PostgreSQL value.
-pub fn envelope_len(version: Version, plaintext_len: usize) -> Result<usize, CoreError> {
+/// Bytes a sealed value has beyond its plaintext under `cipher`.
+pub fn overhead(cipher: Cipher) -> usize {
+    match cipher {
+        Cipher::Secretbox => sodium::OVERHEAD,
+        Cipher::Aes256Gcm => aes::OVERHEAD,
+    }
+}
+
+/// Length of the envelope that encrypts `plaintext_len` bytes under `version` with `cipher`, or
+/// TooLarge when it would not fit in a PostgreSQL value.
+pub fn envelope_len(
+    version: Version,
+    cipher: Cipher,
+    plaintext_len: usize,
+) -> Result<usize, CoreError> {
     let total = plaintext_len
-        .checked_add(OVERHEAD)
+        .checked_add(overhead(cipher))
         .and_then(|sealed| sealed.div_ceil(3).checked_mul(4))
         .and_then(|body| body.checked_add(envelope::prefix_len(version)));
     match total {
@@ -28,29 +45,56 @@ pub fn envelope_len(version: Version, plaintext_len: usize) -> Result<usize, Cor
     }
 }
 
-/// Encrypts `plaintext` under `version`'s key with `nonce` into `out`, which must be exactly
-/// [`envelope_len`] bytes.
+/// The length of the envelope `encrypt_into` writes for this plaintext under `version`'s key.
+pub fn envelope_len_for(
+    ring: &KeyRing,
+    version: Version,
+    plaintext_len: usize,
+) -> Result<usize, CoreError> {
+    envelope_len(version, ring.key(version)?.cipher(), plaintext_len)
+}
+
+fn no_context(key: &Key, context: &[u8]) -> Result<(), CoreError> {
+    if context.is_empty() || key.cipher() != Cipher::Secretbox {
+        Ok(())
+    } else {
+        Err(CoreError::ContextNeedsAead(key.cipher()))
+    }
+}
+
+/// Encrypts `plaintext` under `version`'s key into `out`, which must be exactly
+/// [`envelope_len_for`] bytes. `nonce` is used by secretbox (AES-256-GCM makes its own inside the
+/// module); `context` is bound by AES-256-GCM and must be empty for secretbox.
 pub fn encrypt_into(
     ring: &KeyRing,
     version: Version,
     nonce: &[u8; NONCE_BYTES],
+    context: &[u8],
     plaintext: &[u8],
     out: &mut [u8],
 ) -> Result<(), CoreError> {
     let key = ring.key(version)?;
-    secretbox_only(key)?;
-    let total = envelope_len(version, plaintext.len())?;
+    no_context(key, context)?;
+    let total = envelope_len(version, key.cipher(), plaintext.len())?;
     assert_eq!(out.len(), total, "buffer sized by envelope_len");
-    let sealed_len = plaintext.len() + OVERHEAD;
+    let sealed_len = plaintext.len() + overhead(key.cipher());
     let start = total - sealed_len;
-    out[start..start + NONCE_BYTES].copy_from_slice(nonce);
-    let ok = sodium::seal_into(
-        key.bytes(),
-        nonce,
-        plaintext,
-        &mut out[start + NONCE_BYTES..],
-    );
-    assert!(ok, "seal_into got a buffer of the right length");
+    let sealed = &mut out[start..];
+    let ok = match key.cipher() {
+        Cipher::Secretbox => {
+            sealed[..NONCE_BYTES].copy_from_slice(nonce);
+            sodium::seal_into(key.bytes(), nonce, plaintext, &mut sealed[NONCE_BYTES..])
+        }
+        Cipher::Aes256Gcm => {
+            let body = aes::NONCE_BYTES..aes::NONCE_BYTES + plaintext.len();
+            sealed[body].copy_from_slice(plaintext);
+            aes::seal_in_place(key.bytes(), context, sealed)
+        }
+    };
+    if !ok {
+        sodium::memzero(out);
+        return Err(CoreError::CipherUnavailable(key.cipher()));
+    }
     envelope::encode_in_place(version, out, sealed_len);
     Ok(())
 }
@@ -60,14 +104,14 @@ pub fn encrypt(
     ring: &KeyRing,
     version: Version,
     nonce: &[u8; NONCE_BYTES],
+    context: &[u8],
     plaintext: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), CoreError> {
-    ring.key(version)?;
-    let len = envelope_len(version, plaintext.len())?;
+    let len = envelope_len_for(ring, version, plaintext.len())?;
     let at = out.len();
     grow(out, len)?;
-    let result = encrypt_into(ring, version, nonce, plaintext, &mut out[at..]);
+    let result = encrypt_into(ring, version, nonce, context, plaintext, &mut out[at..]);
     if result.is_err() {
         out.truncate(at);
     }
@@ -81,28 +125,39 @@ pub fn encrypt(
 pub fn decrypt_into<'a>(
     ring: &KeyRing,
     input: &[u8],
+    context: &[u8],
     alloc: impl FnOnce(usize) -> Result<&'a mut [u8], CoreError>,
 ) -> Result<(Version, usize), CoreError> {
     let env = envelope::parse(input)?;
     // Look the key up before decoding: a missing key is reported even for a damaged body.
     let key = ring.key(env.version)?;
-    secretbox_only(key)?;
+    no_context(key, context)?;
     let cap = envelope::decoded_capacity(env.body)?;
     let buf = alloc(cap)?;
-    let decoded = envelope::decode_body_into(env.body, &mut buf[..cap])?;
-    // The nonce must not stay in the buffer the plaintext is written to.
-    let mut nonce = [0u8; NONCE_BYTES];
-    nonce.copy_from_slice(&buf[..NONCE_BYTES]);
-    let plain = sodium::open_in_place(key.bytes(), &nonce, &mut buf[..decoded], NONCE_BYTES);
+    let decoded = envelope::decode_body_into(env.body, &mut buf[..cap], overhead(key.cipher()))?;
+    let plain = match key.cipher() {
+        Cipher::Secretbox => {
+            // The nonce must not stay in the buffer the plaintext is written to.
+            let mut nonce = [0u8; NONCE_BYTES];
+            nonce.copy_from_slice(&buf[..NONCE_BYTES]);
+            sodium::open_in_place(key.bytes(), &nonce, &mut buf[..decoded], NONCE_BYTES)
+        }
+        Cipher::Aes256Gcm => aes::open_in_place(key.bytes(), context, &mut buf[..decoded]),
+    };
     plain
         .map(|n| (env.version, n))
         .ok_or(CoreError::Authentication)
 }
 
 /// Decrypts an envelope, appending the plaintext to `out`; returns the envelope's version.
-pub fn decrypt(ring: &KeyRing, input: &[u8], out: &mut Vec<u8>) -> Result<Version, CoreError> {
+pub fn decrypt(
+    ring: &KeyRing,
+    input: &[u8],
+    context: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<Version, CoreError> {
     let at = out.len();
-    let result = decrypt_into(ring, input, |n| {
+    let result = decrypt_into(ring, input, context, |n| {
         grow(out, n)?;
         Ok(&mut out[at..])
     });
@@ -121,19 +176,24 @@ pub fn decrypt(ring: &KeyRing, input: &[u8], out: &mut Vec<u8>) -> Result<Versio
 
 /// Re-encrypts an envelope under `to` into a buffer the caller provides: `alloc(n)` returns
 /// exactly `n` bytes for the new envelope. `scratch` holds the plaintext in between (reused from
-/// call to call; wiped before this returns). Returns the version the value had.
+/// call to call; wiped before this returns). The value is decrypted with context `from_context`
+/// and encrypted with `to_context` (a rotation can add or change a column's binding). Returns the
+/// version the value had.
+#[allow(clippy::too_many_arguments)]
 pub fn reencrypt_into<'a>(
     ring: &KeyRing,
     to: Version,
     nonce: &[u8; NONCE_BYTES],
     input: &[u8],
+    from_context: &[u8],
+    to_context: &[u8],
     scratch: &mut Vec<u8>,
     alloc: impl FnOnce(usize) -> Result<&'a mut [u8], CoreError>,
 ) -> Result<Version, CoreError> {
     scratch.clear();
-    let result = decrypt(ring, input, scratch).and_then(|from| {
-        let out = alloc(envelope_len(to, scratch.len())?)?;
-        encrypt_into(ring, to, nonce, scratch, out)?;
+    let result = decrypt(ring, input, from_context, scratch).and_then(|from| {
+        let out = alloc(envelope_len_for(ring, to, scratch.len())?)?;
+        encrypt_into(ring, to, nonce, to_context, scratch, out)?;
         Ok(from)
     });
     sodium::memzero(scratch);
@@ -141,7 +201,7 @@ pub fn reencrypt_into<'a>(
     result
 }
 
-/// Re-encrypts an envelope under `to`, appending the new envelope to `out`.
+/// Re-encrypts an envelope under `to` (no context on either side), appending the new envelope.
 pub fn reencrypt(
     ring: &KeyRing,
     to: Version,
@@ -150,7 +210,7 @@ pub fn reencrypt(
     out: &mut Vec<u8>,
 ) -> Result<Version, CoreError> {
     let at = out.len();
-    let result = reencrypt_into(ring, to, nonce, input, &mut Vec::new(), |n| {
+    let result = reencrypt_into(ring, to, nonce, input, &[], &[], &mut Vec::new(), |n| {
         grow(out, n)?;
         Ok(&mut out[at..])
     });
@@ -158,15 +218,6 @@ pub fn reencrypt(
         out.truncate(at);
     }
     result
-}
-
-/// Until the AES-256-GCM module is wired in, a key of another cipher is refused, never used
-/// with secretbox.
-fn secretbox_only(key: &crate::key::Key) -> Result<(), CoreError> {
-    match key.cipher() {
-        crate::key::Cipher::Secretbox => Ok(()),
-        other => Err(CoreError::CipherUnavailable(other)),
-    }
 }
 
 /// Appends `n` zero bytes to `v`, failing with OutOfMemory rather than aborting.

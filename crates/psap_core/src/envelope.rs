@@ -15,7 +15,7 @@ use base64::Engine;
 
 use crate::error::{CoreError, EnvelopeError};
 use crate::key::Version;
-use crate::limits::{MAX_VERSION, OVERHEAD};
+use crate::limits::MAX_VERSION;
 
 const _: () = assert!(
     MAX_VERSION < 100,
@@ -68,25 +68,29 @@ pub fn decoded_capacity(body: &[u8]) -> Result<usize, EnvelopeError> {
 }
 
 /// Decodes an envelope body into `out` (at least [`decoded_capacity`] bytes); returns how many
-/// bytes it decoded to (`nonce || tag || ciphertext`), at least [`OVERHEAD`].
-pub fn decode_body_into(body: &[u8], out: &mut [u8]) -> Result<usize, EnvelopeError> {
+/// bytes it decoded to, at least `min` (the cipher's nonce and tag).
+pub fn decode_body_into(body: &[u8], out: &mut [u8], min: usize) -> Result<usize, EnvelopeError> {
     let n = STANDARD
         .decode_slice(body, out)
         .map_err(|_| EnvelopeError::BadBase64)?;
-    if n < OVERHEAD {
-        return Err(EnvelopeError::TooShort { decoded: n });
+    if n < min {
+        return Err(EnvelopeError::TooShort {
+            decoded: n,
+            needed: min,
+        });
     }
     Ok(n)
 }
 
-/// Decodes an envelope body into `out` (cleared first). Fails with OutOfMemory rather than abort.
+/// Decodes an envelope body into `out` (cleared first), whatever its length. Fails with
+/// OutOfMemory rather than abort.
 pub fn decode_body(body: &[u8], out: &mut Vec<u8>) -> Result<(), CoreError> {
     let cap = decoded_capacity(body)?;
     out.clear();
     out.try_reserve_exact(cap)
         .map_err(|_| CoreError::OutOfMemory { bytes: cap })?;
     out.resize(cap, 0);
-    let n = decode_body_into(body, out)?;
+    let n = decode_body_into(body, out, 0)?;
     out.truncate(n);
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::limits::{MAX_VERSION, OVERHEAD};
+use crate::limits::MAX_VERSION;
 
 /// Why a value is not a well-formed `v<N>:` envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,8 +14,8 @@ pub enum EnvelopeError {
     BadVersion,
     /// The body is not standard padded base64 (RFC 4648), canonical form.
     BadBase64,
-    /// Decoded body shorter than nonce + tag.
-    TooShort { decoded: usize },
+    /// Decoded body shorter than the cipher's nonce + tag.
+    TooShort { decoded: usize, needed: usize },
 }
 
 /// Why a key cannot be used.
@@ -53,6 +53,8 @@ pub enum CoreError {
     },
     /// The version's cipher cannot be used here.
     CipherUnavailable(crate::key::Cipher),
+    /// A context (associated data) was given for a cipher that cannot bind one (secretbox).
+    ContextNeedsAead(crate::key::Cipher),
 }
 
 impl fmt::Display for EnvelopeError {
@@ -64,9 +66,9 @@ impl fmt::Display for EnvelopeError {
                 "the version prefix is not v1 to v{MAX_VERSION} written without leading zeros"
             ),
             EnvelopeError::BadBase64 => write!(f, "the text after the version prefix is not canonical padded base64"),
-            EnvelopeError::TooShort { decoded } => write!(
+            EnvelopeError::TooShort { decoded, needed } => write!(
                 f,
-                "the decoded ciphertext is {decoded} bytes, shorter than the {OVERHEAD} bytes of nonce and tag"
+                "the decoded ciphertext is {decoded} bytes, shorter than the {needed} bytes of nonce and tag"
             ),
         }
     }
@@ -102,6 +104,7 @@ impl fmt::Display for CoreError {
             CoreError::TooLarge { bytes } => write!(f, "result of {bytes} bytes is too large"),
             CoreError::OutOfMemory { bytes } => write!(f, "out of memory allocating {bytes} bytes"),
             CoreError::CipherUnavailable(c) => write!(f, "the cipher {c} is not available"),
+            CoreError::ContextNeedsAead(c) => write!(f, "the cipher {c} cannot bind a context"),
         }
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! Everything here is plain Rust over libsodium and is tested with `cargo test -p psap_core`:
 //! - [`limits`]: the format's sizes and limits;
-//! - [`envelope`]: the application's ciphertext format, `v<N>:` + base64(nonce || secretbox);
+//! - [`envelope`]: the application's ciphertext format, `v<N>:` + base64(sealed value);
 //! - [`key`]: keys in locked memory parsed from hex, their fingerprints, and the [`key::KeyRing`]
 //!   of versions;
 //! - [`keylines`]: the key command's output, one key version per line;
+//! - [`aes`]: AES-256-GCM from AWS-LC's FIPS module (the only module that calls AWS-LC);
 //! - [`sodium`]: the libsodium calls (secretbox seal/open, random nonces, locked memory), every
 //!   length checked first;
 //! - [`redact`]: the rules that keep key material out of server log lines;
@@ -14,6 +15,7 @@
 //!
 //! The PostgreSQL extension (`src/` at the top of the repository) only translates between SQL and this crate.
 
+pub mod aes;
 pub mod cipher;
 pub mod envelope;
 pub mod error;

@@ -35,7 +35,7 @@ fn fixed_nonce() -> [u8; NONCE_BYTES] {
 
 fn dec(ring: &KeyRing, input: &str) -> Result<String, CoreError> {
     let mut out = Vec::new();
-    decrypt(ring, input.as_bytes(), &mut out)?;
+    decrypt(ring, input.as_bytes(), &[], &mut out)?;
     Ok(String::from_utf8(out).unwrap())
 }
 
@@ -52,7 +52,7 @@ fn encrypts_byte_for_byte_like_pynacl() {
     let ring = ring();
     for (plain, env) in FIXTURES {
         let mut out = Vec::new();
-        encrypt(&ring, v(1), &fixed_nonce(), plain.as_bytes(), &mut out).unwrap();
+        encrypt(&ring, v(1), &fixed_nonce(), &[], plain.as_bytes(), &mut out).unwrap();
         assert_eq!(std::str::from_utf8(&out).unwrap(), *env);
     }
 }
@@ -65,10 +65,10 @@ fn round_trips_multi_megabyte_values_and_two_digit_versions() {
         .map(|i| b"<cad>xml</cad>"[i as usize % 14])
         .collect();
     let mut out = Vec::new();
-    encrypt(&ring, v(42), &fixed_nonce(), &big, &mut out).unwrap();
+    encrypt(&ring, v(42), &fixed_nonce(), &[], &big, &mut out).unwrap();
     assert!(out.starts_with(b"v42:"));
     let mut plain = Vec::new();
-    assert_eq!(decrypt(&ring, &out, &mut plain).unwrap(), v(42));
+    assert_eq!(decrypt(&ring, &out, &[], &mut plain).unwrap(), v(42));
     assert_eq!(plain, big);
 }
 
@@ -150,11 +150,17 @@ fn malformed_envelopes_are_rejected_with_the_reason() {
         ),
         (
             "v1:QUJD".into(),
-            CoreError::Envelope(EnvelopeError::TooShort { decoded: 3 }),
+            CoreError::Envelope(EnvelopeError::TooShort {
+                decoded: 3,
+                needed: 40,
+            }),
         ),
         (
             "v1:".into(),
-            CoreError::Envelope(EnvelopeError::TooShort { decoded: 0 }),
+            CoreError::Envelope(EnvelopeError::TooShort {
+                decoded: 0,
+                needed: 40,
+            }),
         ),
         (format!("v3:{body}"), CoreError::KeyNotConfigured(3)),
         (format!("v2:{body}"), CoreError::Authentication),
@@ -190,7 +196,7 @@ fn every_single_bit_flip_is_rejected() {
         envelope::encode(v(1), &flipped, &mut env).unwrap();
         let mut out = Vec::new();
         assert_eq!(
-            decrypt(&ring, &env, &mut out),
+            decrypt(&ring, &env, &[], &mut out),
             Err(CoreError::Authentication),
             "bit {i}"
         );
@@ -288,7 +294,7 @@ fn decrypt_into_writes_into_the_callers_buffer() {
     for (plain, env) in FIXTURES {
         let mut buf = vec![0xAAu8; 128];
         let mut asked = 0;
-        let (v, len) = psap_core::cipher::decrypt_into(&ring, env.as_bytes(), |n| {
+        let (v, len) = psap_core::cipher::decrypt_into(&ring, env.as_bytes(), &[], |n| {
             asked = n;
             Ok(&mut buf[..n])
         })
@@ -300,7 +306,7 @@ fn decrypt_into_writes_into_the_callers_buffer() {
     }
     let mut buf = vec![0u8; 128];
     let bad = format!("v2:{}", &FIXTURES[0].1[3..]);
-    let got = psap_core::cipher::decrypt_into(&ring, bad.as_bytes(), |n| Ok(&mut buf[..n]));
+    let got = psap_core::cipher::decrypt_into(&ring, bad.as_bytes(), &[], |n| Ok(&mut buf[..n]));
     assert_eq!(got, Err(CoreError::Authentication));
 }
 
@@ -308,7 +314,7 @@ fn decrypt_into_writes_into_the_callers_buffer() {
 fn an_allocation_failure_is_an_error_not_an_abort() {
     let ring = ring();
     let oom = CoreError::OutOfMemory { bytes: 66 };
-    let got = psap_core::cipher::decrypt_into(&ring, FIXTURES[0].1.as_bytes(), |n| {
+    let got = psap_core::cipher::decrypt_into(&ring, FIXTURES[0].1.as_bytes(), &[], |n| {
         assert_eq!(n, 66);
         Err(CoreError::OutOfMemory { bytes: n })
     });
@@ -316,7 +322,7 @@ fn an_allocation_failure_is_an_error_not_an_abort() {
     // A reservation the allocator cannot satisfy fails cleanly (no abort).
     let mut v = Vec::<u8>::new();
     let huge = format!("v1:{}", "A".repeat(8));
-    assert!(decrypt(&ring, huge.as_bytes(), &mut v).is_err());
+    assert!(decrypt(&ring, huge.as_bytes(), &[], &mut v).is_err());
     assert!(v.is_empty());
 }
 
@@ -324,18 +330,18 @@ fn an_allocation_failure_is_an_error_not_an_abort() {
 fn envelope_length_limit() {
     use psap_core::cipher::{envelope_len, MAX_VALUE_BYTES};
     // v1: prefix 3 + base64 of (plaintext + 40).
-    assert_eq!(envelope_len(v(1), 0), Ok(3 + 56));
-    assert_eq!(envelope_len(v(1), 26), Ok(3 + 88));
-    assert_eq!(envelope_len(v(12), 26), Ok(4 + 88));
+    assert_eq!(envelope_len(v(1), Cipher::Secretbox, 0), Ok(3 + 56));
+    assert_eq!(envelope_len(v(1), Cipher::Secretbox, 26), Ok(3 + 88));
+    assert_eq!(envelope_len(v(12), Cipher::Secretbox, 26), Ok(4 + 88));
     // The largest plaintext whose envelope still fits, and the first that does not.
     let max_plain = (MAX_VALUE_BYTES - 3) / 4 * 3 - 40;
-    assert!(envelope_len(v(1), max_plain).unwrap() <= MAX_VALUE_BYTES);
+    assert!(envelope_len(v(1), Cipher::Secretbox, max_plain).unwrap() <= MAX_VALUE_BYTES);
     assert!(matches!(
-        envelope_len(v(1), max_plain + 3),
+        envelope_len(v(1), Cipher::Secretbox, max_plain + 3),
         Err(CoreError::TooLarge { .. })
     ));
     assert!(matches!(
-        envelope_len(v(1), usize::MAX - 10),
+        envelope_len(v(1), Cipher::Secretbox, usize::MAX - 10),
         Err(CoreError::TooLarge { .. })
     ));
 }

@@ -102,7 +102,7 @@ fn decrypt_never_accepts_a_modified_envelope() {
             let v = Version::new([1, 2, 12][i % 3]).unwrap();
             let nonce: [u8; 24] = std::array::from_fn(|j| (i * 31 + j) as u8);
             let mut out = Vec::new();
-            encrypt(&ring, v, &nonce, p, &mut out).unwrap();
+            encrypt(&ring, v, &nonce, &[], p, &mut out).unwrap();
             out
         })
         .collect();
@@ -112,7 +112,7 @@ fn decrypt_never_accepts_a_modified_envelope() {
         let i = rng.below(envelopes.len());
         let input = mutate(&mut rng, &envelopes[i], &envelopes);
         out.clear();
-        match decrypt(&ring, &input, &mut out) {
+        match decrypt(&ring, &input, &[], &mut out) {
             Ok(_) => {
                 let j = envelopes
                     .iter()
@@ -139,14 +139,14 @@ fn corpus_cases_are_rejected() {
         )),
     );
     let fixture = b"v1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXKP2CzXOGxUcaJNitKlJbbg==";
-    assert_eq!(decrypt(&ring, fixture, &mut Vec::new()), Ok(v1));
+    assert_eq!(decrypt(&ring, fixture, &[], &mut Vec::new()), Ok(v1));
     let corpus = include_str!("corpus.txt");
     let mut n = 0;
     for line in corpus.lines().filter(|l| !l.starts_with('#')) {
         let input = line.replace("\\n", "\n").replace("\\0", "\0");
         let mut out = Vec::new();
         assert!(
-            decrypt(&ring, input.as_bytes(), &mut out).is_err(),
+            decrypt(&ring, input.as_bytes(), &[], &mut out).is_err(),
             "accepted: {line}"
         );
         n += 1;
