@@ -51,6 +51,24 @@ def site():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def application_reads(c, hsm):
+    """The PHP application (clients/php) decrypting a row of each version present, with the keys
+    its deployment would get from the same HSM. Returns the envelope prefixes it read."""
+    lines = hsm.keys("emit").stdout.split("\n")
+    env = {**os.environ}
+    for line in filter(None, lines):
+        version, cipher, key = line.split()
+        name = "LIBSODIUM_ENCRYPTION_KEY" if version == "v1" else f"LIBSODIUM_ENCRYPTION_KEY_{version.upper()}"
+        env[name] = key if cipher == "secretbox" else f"{cipher}:{key}"
+    with c.connect() as conn:
+        rows = conn.execute("SELECT DISTINCT ON (left(title, 3)) title, psap_decrypt(title) FROM incidents ORDER BY left(title, 3), id").fetchall()
+    p = subprocess.run(["php", ROOT / "clients" / "php" / "bin" / "psap-php", "decrypt"], input="".join(t + "\n" for t, _ in rows),
+                       text=True, capture_output=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[:-1] == [plain for _, plain in rows]
+    return {t[:3] for t, _ in rows}
+
+
 def test_runbook_end_to_end(site):
     c, hsm, base, sock, keys = site
     with c.connect() as conn:
@@ -69,6 +87,7 @@ def test_runbook_end_to_end(site):
         "KEY_COMMAND": f"sudo -n -u {KEY_USER} {base / 'emit'}",
     }
     outputs = []
+    php_reads = []
     for kind, code in blocks(RUNBOOK.read_text()):
         if kind == "sql":
             cmd, script = ["psql", "-X", "-v", "ON_ERROR_STOP=1"], code
@@ -77,6 +96,8 @@ def test_runbook_end_to_end(site):
         p = subprocess.run(cmd, input=script, text=True, capture_output=True, env=env)
         assert p.returncode == 0, f"runbook {kind} block failed:\n{code}\n{p.stdout}\n{p.stderr}"
         outputs.append((code, p.stdout + p.stderr))
+        if "max_batches => 2" in code:  # the slice of step 3 of the FIPS move
+            php_reads.append(application_reads(c, hsm))
     text = "\n".join(o for _, o in outputs)
     assert "rotation complete: 3 columns, 3244 rows rotated" in text
     assert re.search(r"v1_rows_left\s*\n-+\s*\n\s*0\b", text)
@@ -89,10 +110,18 @@ def test_runbook_end_to_end(site):
     assert re.search(r"\b2847 \|\s+2847\b", step8)
     assert re.search(r"psap\.key_v[0-9]", (c.dir / "psap_keys.conf").read_text()) is None
     # The quarterly restore test says every version of the store is in the backup.
-    assert "OK" in outputs[-1][1]
+    restore = next(o for code, o in outputs if "verify-backup" in code)
+    assert "OK" in restore
+    # Mid-move, the PHP application read rows of both ciphers, as the database does.
+    (formats,) = php_reads
+    assert formats == {"v3:", "v4:"}
+    # The move ended on AES-256-GCM, locked.
+    final = outputs[-1][1]
+    assert re.search(r"v4 .*\| aes-256-gcm .*\| t ", final) and "secretbox" not in final
     with c.connect() as conn:
         ops = conn.execute("SELECT operation, relation, status FROM psap_audit WHERE operation LIKE 'rotate%' ORDER BY id").fetchall()
         assert ("rotate dry run", "public.incidents", "done") in ops and ("rotate", "public.cfs_incidents", "done") in ops
         assert conn.execute("SELECT count(*) FROM psap_status() WHERE version IN ('v1', 'v2')").fetchone()[0] == 0
-        assert conn.execute("SELECT version, source FROM psap_keys() WHERE status = 'ok'").fetchall() == [("v3", "command")]
+        assert conn.execute("SELECT version, source FROM psap_keys() WHERE status = 'ok'").fetchall() == [("v4", "command")]
+        assert conn.execute("SELECT sum(non_fips_rows) FROM psap_compliance()").fetchone()[0] == 0
         assert conn.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
