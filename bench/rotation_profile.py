@@ -77,8 +77,8 @@ class Perf:
 PHASES = [
     ("batch statements: lock, re-encrypt, update", "WITH locked AS%"),
     ("counting and verification scan before the first batch", "%_psap_envelope_version(%"),
-    ("count of what is left, after the last batch", "SELECT count(*) FROM ONLY%"),
-    ("audit progress row, once per batch", "SELECT %._psap_log_progress(%"),
+    ("count of what is left, after the last batch", "SELECT pg_catalog.count(*) FROM ONLY%"),
+    ("audit progress row, once per batch", "UPDATE %psap_audit_log%"),
 ]
 
 
@@ -90,7 +90,7 @@ def phases(c, rows):
                        (pattern,)).fetchone()[0]
         out[name] = ms * 1000 / rows
     fn = dict(c.execute("SELECT funcname, self_time FROM pg_stat_user_functions").fetchall())
-    out["of the batch statements: the re-encryption function"] = fn.get("_psap_try_reencrypt", 0) * 1000 / rows
+    out["of the batch statements: the re-encryption function"] = fn.get("_psap_rotate_value", 0) * 1000 / rows
     out["procedure loop: a COMMIT and a subtransaction per batch"] = fn.get("_psap_run", 0) * 1000 / rows
     return out
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
-from conftest import KEY1, KEY2, Cluster  # noqa: E402
+from conftest import KEY1, KEY2, KEY3, Cluster  # noqa: E402
 from rotation_profile import profile_rotation, profile_two_sessions  # noqa: E402
 
 # Production durability (the test clusters run with fsync off): every batch's COMMIT flushes WAL.
@@ -77,7 +77,7 @@ def callgrind_split():
 
 def build_data(c, n, xml_rows, pgc_rows):
     log(f"  building {n} title rows, {xml_rows} CAD XML rows, {pgc_rows} pgcrypto rows")
-    c.execute("DROP TABLE IF EXISTS titles_base, xml_base, pgc")
+    c.execute("DROP TABLE IF EXISTS titles_base, titles_gcm, xml_base, pgc")
     c.execute("SET psap.key_version = 'v1'")
     c.execute("CREATE TABLE titles_base AS SELECT g::bigint AS id, "
               "psap_encrypt(left(repeat(md5(g::text), 4), 40 + g %% 81)) AS title FROM generate_series(1, %s) g", (n,))
@@ -85,7 +85,11 @@ def build_data(c, n, xml_rows, pgc_rows):
     c.execute("CREATE TABLE xml_base AS SELECT g AS id, psap_encrypt(left(repeat('<note>caller update ' || g || '</note>', 2000), "
               "10000 + (g * 7919) %% 40000)) AS raw_xml FROM generate_series(1, %s) g", (xml_rows,))
     c.execute("CREATE TABLE pgc AS SELECT id, pgp_sym_encrypt(psap_decrypt(title), 'bench passphrase') AS t FROM titles_base WHERE id <= %s", (pgc_rows,))
-    c.execute("VACUUM ANALYZE titles_base, xml_base, pgc")
+    # The same titles under v3, AES-256-GCM (AWS-LC's FIPS module).
+    c.execute("SET psap.key_version = 'v3'")
+    c.execute("CREATE TABLE titles_gcm AS SELECT id, psap_encrypt(psap_decrypt(title)) AS title FROM titles_base")
+    c.execute("RESET psap.key_version")
+    c.execute("VACUUM ANALYZE titles_base, titles_gcm, xml_base, pgc")
     c.execute("CHECKPOINT")
 
 
@@ -94,6 +98,10 @@ def bench_read(c, n, xml_rows, pgc_rows, runs):
     queries = {
         "scan": ("SELECT sum(length(title)) FROM titles_base", n),
         "psap_decrypt": ("SELECT sum(length(psap_decrypt(title))) FROM titles_base", n),
+        "psap_decrypt, AES-256-GCM": ("SELECT sum(length(psap_decrypt(title))) FROM titles_gcm", n),
+        "count(*)": ("SELECT count(*) FROM titles_base", n),
+        "count(title)": ("SELECT count(title) FROM titles_base", n),
+        "psap_census": ("SELECT sum(rows) FROM psap_census('titles_base', 'title')", n),
         "pgcrypto pgp_sym_decrypt": ("SELECT sum(length(pgp_sym_decrypt(t, 'bench passphrase'))) FROM pgc", pgc_rows),
         "xml scan": ("SELECT sum(length(raw_xml)) FROM xml_base", xml_rows),
         "xml psap_decrypt": ("SELECT sum(length(psap_decrypt(raw_xml))) FROM xml_base", xml_rows),
@@ -149,10 +157,10 @@ class RssSampler(threading.Thread):
             time.sleep(0.01)
 
 
-def rotate_psap(cluster, db, n, sessions=1, measure_memory=False, options=""):
+def rotate_psap(cluster, db, n, sessions=1, measure_memory=False, options="", to="v2"):
     conns = [cluster.connect(dbname=db) for _ in range(sessions)]
     for c in conns:
-        c.execute("SET psap.key_version = 'v2'")
+        c.execute(f"SET psap.key_version = '{to}'")
     sampler = RssSampler(backend_pid(conns[0])) if measure_memory else None
     if sampler:
         def on_notice(d, s=sampler):
@@ -198,7 +206,25 @@ END $$"""
 
 
 CRYPTO_PROC = PLAIN_PROC.replace("bench_plain_rotate", "bench_crypto_rotate").replace(
-    "'v2:' || substr(title, 4)", "public._psap_try_reencrypt(title, 2)")
+    "'v2:' || substr(title, 4)", "psap_encrypt(psap_decrypt(title))")
+
+# What a DBA can write by hand with the public functions: a keyset loop taking 500 rows a batch
+# with FOR UPDATE SKIP LOCKED (so the application is not blocked), re-encrypting in the UPDATE.
+DBA_PROC = """
+CREATE OR REPLACE PROCEDURE bench_dba_rotate(batch int) LANGUAGE plpgsql AS $$
+DECLARE last bigint := 0; hi bigint;
+BEGIN
+    LOOP
+        WITH b AS (SELECT id FROM t WHERE id > last AND title LIKE 'v1:%'
+                    ORDER BY id LIMIT batch FOR UPDATE SKIP LOCKED),
+             u AS (UPDATE t SET title = psap_encrypt(psap_decrypt(t.title)) FROM b
+                    WHERE t.id = b.id RETURNING t.id)
+        SELECT max(id) INTO hi FROM u;
+        EXIT WHEN hi IS NULL;
+        COMMIT;
+        last := hi;
+    END LOOP;
+END $$"""
 
 
 def rotate_plain(c):
@@ -210,7 +236,14 @@ def rotate_crypto_no_lock(c):
     """The ceiling's loop with psap's re-encryption in the UPDATE: no row locks, no census,
     no verification pass, no audit. Separates the cost of the crypto from the rest."""
     c.execute(CRYPTO_PROC)
+    c.execute("SET psap.key_version = 'v2'")
     return timed(c, f"CALL bench_crypto_rotate({BATCH})")
+
+
+def rotate_dba(c):
+    c.execute(DBA_PROC)
+    c.execute("SET psap.key_version = 'v2'")
+    return timed(c, f"CALL bench_dba_rotate({BATCH})")
 
 
 def rotate_php(cluster, db):
@@ -229,8 +262,9 @@ def bench_rotate(cluster, db, n, runs, php):
     res = {}
     with cluster.connect(dbname=db) as c:
         c.execute("SET client_min_messages = warning")
-        methods = ["psap_rotate", "psap_rotate, verify => false", "batched UPDATE, no crypto",
-                   "batched UPDATE + re-encrypt, no locks"] + (["PHP client (app's way)"] if php else [])
+        methods = ["psap_rotate", "psap_rotate, verify => false", "psap_rotate to AES-256-GCM",
+                   "batched UPDATE, no crypto", "batched UPDATE + re-encrypt, no locks",
+                   "DBA's loop: SKIP LOCKED + psap_encrypt(psap_decrypt())"] + (["PHP client (app's way)"] if php else [])
         times = {m: [] for m in methods}
         mem = []
         for r in range(runs):
@@ -243,13 +277,18 @@ def bench_rotate(cluster, db, n, runs, php):
                         assert v.execute("SELECT count(*) FROM t WHERE psap_decrypt(title) IS NULL").fetchone()[0] == 0
                 elif m == "psap_rotate, verify => false":
                     e, _ = rotate_psap(cluster, db, n, options=", verify => false")
+                elif m == "psap_rotate to AES-256-GCM":
+                    e, _ = rotate_psap(cluster, db, n, to="v3")
+                elif m.startswith("DBA's loop"):
+                    e = rotate_dba(c)
                 elif m == "batched UPDATE, no crypto":
                     e = rotate_plain(c)
                 elif m.startswith("batched UPDATE + re-encrypt"):
                     e = rotate_crypto_no_lock(c)
                 else:
                     e = rotate_php(cluster, db)
-                check_rotated(c, n)
+                check_rotated(c, n, "v3:" if m.endswith("AES-256-GCM") else "v2:")
+                c.execute("RESET psap.key_version")
                 times[m].append(e)
                 log(f"  rotate {n} rows, {m:28s} {n / e:10.0f} rows/s")
         for m in methods:
@@ -278,7 +317,7 @@ def main():
     cluster = Cluster(Path("/tmp/psap-bench"), 5497, SETTINGS)
     cluster.destroy()
     cluster.start()
-    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY3}, "v1")
     db = "bench"
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")},

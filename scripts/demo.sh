@@ -2,7 +2,12 @@
 # The runbook, end to end, on a throwaway local cluster (set-up included):
 #   v1 key configured -> the application's rows are v1 -> add v2 and make it current (reload)
 #   -> both versions decrypt, psap_keys() shows them -> dry run -> rotate in batches
-#   -> census shows no v1 left -> v1 key removed -> everything still decrypts.
+#   -> census shows no v1 left -> v1 key removed -> everything still decrypts
+#   -> the move to FIPS 140-3: an AES-256-GCM version v3, every column rotated onto it,
+#      psap.require_fips on, psap_compliance() shows no non-FIPS row.
+# Keys come from the development key settings (a postgres-owned file included by
+# postgresql.conf); production takes them from an HSM through psap.key_command, which
+# docs/runbook.md walks through (and tests/integration/test_runbook.py runs against SoftHSM2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE
@@ -25,6 +30,7 @@ keys() {  # writes the key file as a DBA would (postgres-owned, mode 600) and re
 
 V1=$(openssl rand -hex 32 2>/dev/null || python3 -c 'import secrets; print(secrets.token_hex(32))')
 V2=$(openssl rand -hex 32 2>/dev/null || python3 -c 'import secrets; print(secrets.token_hex(32))')
+V3=$(openssl rand -hex 32 2>/dev/null || python3 -c 'import secrets; print(secrets.token_hex(32))')
 
 say "Step 0: the application's key v1 (LIBSODIUM_ENCRYPTION_KEY -> psap.key_v1)"
 keys "psap.key_v1 = '$V1'" "psap.key_version = 'v1'"
@@ -75,4 +81,22 @@ SELECT count(*) AS rows, count(*) FILTER (WHERE psap_decrypt(title) LIKE '%unit%
   FROM incidents;
 SELECT count(*) AS cad_documents, sum(length(psap_decrypt(raw_xml))) AS plaintext_bytes FROM cfs_incidents;
 SQL
-say "Demo complete."
+
+say "Move to FIPS 140-3: v3 is AES-256-GCM from AWS-LC's FIPS module (the 'aes-256-gcm:' prefix), current"
+keys "psap.key_v2 = '$V2'" "psap.key_v3 = 'aes-256-gcm:$V3'" "psap.key_version = 'v3'"
+psql <<'SQL'
+SELECT version, cipher, module, fips_validated, status FROM psap_keys();
+CALL psap_rotate('incidents', 'title', 1000, from_version => 'v2');
+CALL psap_rotate('cfs_incidents', 'raw_xml', 10, from_version => 'v2');
+SELECT * FROM psap_census('incidents', 'title');
+SQL
+
+say "Lock it: psap.require_fips = on, v2 retired; one query answers the CJIS audit"
+keys "psap.key_v3 = 'aes-256-gcm:$V3'" "psap.key_version = 'v3'" "psap.require_fips = on"
+psql <<'SQL'
+SELECT psap_register_column('incidents', 'title'), psap_register_column('cfs_incidents', 'raw_xml');
+SELECT relation, column_name, versions, ciphers, non_fips_rows, last_rotation_to FROM psap_compliance();
+SELECT count(*) AS rows, count(*) FILTER (WHERE psap_decrypt(title) LIKE '%unit%' OR psap_decrypt(title) LIKE 'New call%') AS decrypted
+  FROM incidents;
+SQL
+say "Demo complete: the database is on AES-256-GCM."

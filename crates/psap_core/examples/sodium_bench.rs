@@ -1,5 +1,6 @@
-//! The physical limit psap_decrypt and psap_rotate are measured against: libsodium alone on the
-//! benchmark's value sizes, in this process, on this machine. Prints one JSON object (ns per op).
+//! The physical limit psap_decrypt and psap_rotate are measured against: libsodium alone, and
+//! AWS-LC's FIPS module alone, on the benchmark's value sizes, in this process, on this machine.
+//! Prints one JSON object (ns per op).
 //!
 //!     cargo run --release -p psap_core --example sodium_bench -- [iterations]
 
@@ -8,7 +9,7 @@ use std::time::Instant;
 
 use psap_core::key::Slot;
 use psap_core::sodium::{self, NonceSource, NONCE_BYTES};
-use psap_core::{cipher, decrypt, envelope, reencrypt, KeyRing, Version};
+use psap_core::{aes, cipher, decrypt, envelope, reencrypt, KeyRing, Version};
 
 fn time_ns(iters: u32, mut f: impl FnMut()) -> f64 {
     for _ in 0..iters / 10 {
@@ -36,6 +37,11 @@ fn main() {
     let v2 = Version::new(2).unwrap();
     ring.set(v1, Slot::from_setting(Some(&"11".repeat(32))));
     ring.set(v2, Slot::from_setting(Some(&"22".repeat(32))));
+    let v3 = Version::new(3).unwrap();
+    ring.set(
+        v3,
+        Slot::from_setting(Some(&format!("aes-256-gcm:{}", "33".repeat(32)))),
+    );
     let Slot::Key(key) = ring.slot(v1) else {
         unreachable!()
     };
@@ -90,10 +96,48 @@ fn main() {
         out.clear();
         reencrypt(&ring, v2, &nonces.next(1), black_box(&env), &mut out).unwrap();
     });
+
+    // AWS-LC's FIPS module: its own open (copy back + open in place, the key given as bytes, as
+    // the product calls it), and the product's whole decrypt of a `v3:` AES-256-GCM envelope.
+    let aes_key = [0x33u8; 32];
+    let mut gcm = vec![0u8; aes::OVERHEAD + title.len()];
+    gcm[aes::NONCE_BYTES..aes::NONCE_BYTES + title.len()].copy_from_slice(title);
+    assert!(aes::seal_in_place(&aes_key, &[], &mut gcm));
+    let mut gbuf = gcm.clone();
+    let aes_open = time_ns(iters, || {
+        gbuf.copy_from_slice(black_box(&gcm));
+        assert!(aes::open_in_place(&aes_key, &[], &mut gbuf).is_some());
+    });
+    // The same with the key schedule prepared once: the module's floor, which the product does
+    // not use (it keeps no expanded key outside the locked key memory).
+    let prepared = {
+        use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+        let k = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &aes_key).unwrap());
+        let n: [u8; aes::NONCE_BYTES] = gcm[..aes::NONCE_BYTES].try_into().unwrap();
+        time_ns(iters, || {
+            gbuf.copy_from_slice(black_box(&gcm));
+            let nonce = Nonce::assume_unique_for_key(n);
+            assert!(k
+                .open_within(nonce, Aad::empty(), &mut gbuf, aes::NONCE_BYTES..)
+                .is_ok());
+        })
+    };
+    let mut genv = Vec::new();
+    cipher::encrypt(&ring, v3, &nonce, &[], title, &mut genv).unwrap();
+    let gcm_decrypt = time_ns(iters, || {
+        out.clear();
+        decrypt(&ring, black_box(&genv), &[], &mut out).unwrap();
+    });
+    let gcm_reencrypt = time_ns(iters, || {
+        out.clear();
+        reencrypt(&ring, v3, &nonces.next(1), black_box(&env), &mut out).unwrap();
+    });
     println!(
         "{{\"plaintext_bytes\": {}, \"open_ns\": {open:.1}, \"seal_ns\": {seal:.1}, \"os_random_nonce_ns\": {random_nonce:.1}, \
          \"pooled_nonce_ns\": {pooled_nonce:.1}, \"base64_decode_ns\": {b64:.1}, \"core_decrypt_ns\": {full_decrypt:.1}, \
-         \"core_reencrypt_ns\": {full_reencrypt:.1}}}",
+         \"core_reencrypt_ns\": {full_reencrypt:.1}, \"aes_gcm_open_ns\": {aes_open:.1}, \
+         \"aes_gcm_open_prepared_key_ns\": {prepared:.1}, \
+         \"core_gcm_decrypt_ns\": {gcm_decrypt:.1}, \"core_reencrypt_to_gcm_ns\": {gcm_reencrypt:.1}}}",
         title.len()
     );
 }

@@ -27,7 +27,13 @@ pub fn fips_mode() -> Result<(), &'static str> {
 pub fn module() -> String {
     // SAFETY: awslc_version_string returns a static NUL-terminated string.
     let v = unsafe { std::ffi::CStr::from_ptr(aws_lc_fips_sys::awslc_version_string()) };
-    format!("AWS-LC FIPS {}", v.to_string_lossy())
+    // It reads "AWS-LC FIPS 4.2.0" in the FIPS build; name the module if a build does not.
+    let v = v.to_string_lossy();
+    if v.starts_with("AWS-LC") {
+        v.into_owned()
+    } else {
+        format!("AWS-LC FIPS {v}")
+    }
 }
 
 /// Seals the plaintext that the caller put at `out[NONCE_BYTES..out.len() - TAG_BYTES]`, in
