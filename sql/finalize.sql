@@ -49,7 +49,8 @@ BEGIN
     FOR f IN
         SELECT routine FROM @extschema@._psap_routines()
          WHERE name IN ('psap_rotate', 'psap_encrypt_column', 'psap_rotate_all',
-                        'psap_register_column', 'psap_unregister_column', 'psap_status',
+                        'psap_register_column', 'psap_unregister_column', 'psap_set_column_context',
+                        'psap_status',
                         'psap_census', 'psap_verify', 'psap_keys', 'psap_audit_verify', 'psap_compliance',
                         '_psap_run', '_psap_run_begin', '_psap_run_step', '_psap_run_failed',
                         '_psap_run_end', '_psap_all_begin', '_psap_all_next', '_psap_all_failed',

@@ -104,26 +104,29 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_psap_all_end_wrapper';
 
 CREATE  FUNCTION "_psap_rotate_value"(
-	"value" TEXT, /* & str */
-	"run" bigint /* i64 */
+	"value" TEXT, /* Option < & str > */
+	"context" TEXT, /* Option < & str > */
+	"run" bigint /* Option < i64 > */
 ) RETURNS text /* Option < PallocText > */
-STRICT VOLATILE PARALLEL UNSAFE
+VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_psap_rotate_value_wrapper';
 
 CREATE  FUNCTION "_psap_encrypt_value"(
-	"value" TEXT, /* & str */
-	"run" bigint /* i64 */
-) RETURNS text /* PallocText */
-STRICT VOLATILE PARALLEL UNSAFE
+	"value" TEXT, /* Option < & str > */
+	"context" TEXT, /* Option < & str > */
+	"run" bigint /* Option < i64 > */
+) RETURNS text /* Option < PallocText > */
+VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_psap_encrypt_value_wrapper';
 
 CREATE  FUNCTION "_psap_value_error"(
-	"value" TEXT, /* & str */
-	"run" bigint /* i64 */
+	"value" TEXT, /* Option < & str > */
+	"context" TEXT, /* Option < & str > */
+	"run" bigint /* Option < i64 > */
 ) RETURNS TEXT /* Option < String > */
-STRICT VOLATILE PARALLEL UNSAFE
+VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_psap_value_error_wrapper';
 
@@ -151,6 +154,15 @@ CREATE  FUNCTION "psap_unregister_column"(
 STRICT VOLATILE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'psap_unregister_column_wrapper';
+
+CREATE  FUNCTION "psap_set_column_context"(
+	"tbl" regclass, /* Option < PgRelation > */
+	"col" TEXT, /* Option < & str > */
+	"context" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'psap_set_column_context_wrapper';
 
 CREATE  FUNCTION "psap_keys"() RETURNS TABLE (
 	"version" TEXT,  /* Option < String > */
@@ -245,7 +257,7 @@ BEGIN
         NEW.updated_at := NEW.started_at;
         NEW.seal_seq := NULL;
         NEW.seal_hash := NULL;
-        IF NEW.operation IN ('register', 'unregister') THEN
+        IF NEW.operation IN ('register', 'unregister', 'set context', 'remove context') THEN
             NEW.status := 'done';
             NEW.ended_at := NEW.started_at;
         ELSE
@@ -298,10 +310,12 @@ DROP FUNCTION @extschema@._psap_rotate_begin(regclass, text, text, integer, text
 DROP PROCEDURE @extschema@._psap_run(bigint, integer);
 
 -- The registry: written by the library (psap_register_column / psap_unregister_column above,
--- which take the column as text); psap_status with a pinned search_path and each version's
--- cipher; psap_compliance for CJIS audits.
+-- which take the column as text); a column's context expression (psap_set_column_context);
+-- psap_status with a pinned search_path and each version's cipher; psap_compliance for CJIS
+-- audits.
 DROP FUNCTION @extschema@.psap_register_column(regclass, name);
 DROP FUNCTION @extschema@.psap_unregister_column(regclass, name);
+ALTER TABLE @extschema@.psap_encrypted_columns ADD COLUMN context text;
 CREATE FUNCTION @extschema@.psap_status()
 RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
                key_configured boolean, is_current boolean, cipher text)
@@ -321,8 +335,8 @@ $$;
 CREATE FUNCTION @extschema@.psap_compliance()
 RETURNS TABLE (relation regclass, column_name name, versions text[], ciphers text[],
                encrypted_rows bigint, non_fips_rows bigint, plaintext_rows bigint,
-               key_sources text[], fips_module text, last_rotation timestamptz,
-               last_rotation_to text)
+               key_sources text[], fips_module text, context text,
+               last_rotation timestamptz, last_rotation_to text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     WITH s AS (
@@ -348,6 +362,7 @@ AS $$
            (SELECT array_agg(DISTINCT coalesce(k.source, 'none')) FROM s LEFT JOIN k ON k.version = s.version
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
            (SELECT min(k.module) FROM k WHERE k.fips_validated),
+           r.context,
            a.ended_at,
            a.to_version
       FROM @extschema@.psap_encrypted_columns r
@@ -493,7 +508,8 @@ BEGIN
     FOR f IN
         SELECT routine FROM @extschema@._psap_routines()
          WHERE name IN ('psap_rotate', 'psap_encrypt_column', 'psap_rotate_all',
-                        'psap_register_column', 'psap_unregister_column', 'psap_status',
+                        'psap_register_column', 'psap_unregister_column', 'psap_set_column_context',
+                        'psap_status',
                         'psap_census', 'psap_verify', 'psap_keys', 'psap_audit_verify', 'psap_compliance',
                         '_psap_run', '_psap_run_begin', '_psap_run_step', '_psap_run_failed',
                         '_psap_run_end', '_psap_all_begin', '_psap_all_next', '_psap_all_failed',

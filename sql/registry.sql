@@ -9,12 +9,16 @@ CREATE TABLE @extschema@.psap_encrypted_columns (
     attnum        smallint    NOT NULL,
     registered_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     registered_by name        NOT NULL,
+    -- A SQL expression over the row whose text each value is bound to (AES-256-GCM's associated
+    -- data), set with psap_set_column_context; NULL: the values are not bound.
+    context       text,
     PRIMARY KEY (relid, column_name)
 );
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.psap_encrypted_columns', '');
 
--- Registering and unregistering are psap_register_column / psap_unregister_column (Rust,
--- src/api/registry.rs): they check the caller's privileges and write as the registry's owner.
+-- Registering, unregistering and setting a context are psap_register_column,
+-- psap_unregister_column and psap_set_column_context (Rust, src/api/registry.rs): they check the
+-- caller's privileges and write as the registry's owner.
 
 -- Keeps column names in step with renames, and forgets dropped tables and columns.
 CREATE FUNCTION @extschema@._psap_registry_follow_ddl() RETURNS event_trigger
@@ -71,8 +75,8 @@ $$;
 CREATE FUNCTION @extschema@.psap_compliance()
 RETURNS TABLE (relation regclass, column_name name, versions text[], ciphers text[],
                encrypted_rows bigint, non_fips_rows bigint, plaintext_rows bigint,
-               key_sources text[], fips_module text, last_rotation timestamptz,
-               last_rotation_to text)
+               key_sources text[], fips_module text, context text,
+               last_rotation timestamptz, last_rotation_to text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     WITH s AS (
@@ -98,6 +102,7 @@ AS $$
            (SELECT array_agg(DISTINCT coalesce(k.source, 'none')) FROM s LEFT JOIN k ON k.version = s.version
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
            (SELECT min(k.module) FROM k WHERE k.fips_validated),
+           r.context,
            a.ended_at,
            a.to_version
       FROM @extschema@.psap_encrypted_columns r

@@ -33,7 +33,7 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{PgSqlErrorCode, PgSqlErrorCode::*};
-use psap_core::{CoreError, EnvelopeError};
+use psap_core::{Cipher, CoreError, EnvelopeError, Version};
 
 /// The origin every psap_encrypt error carries (ErrorData's funcname): how a caught error is
 /// known to be one of ours.
@@ -272,6 +272,55 @@ pub fn null_argument(procedure: &str) -> ! {
     )
 }
 
+pub fn not_registered(relation: &str, column: &str) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("column \"{column}\" of {relation} is not registered"),
+        None,
+        Some("Register it first with psap_register_column.".into()),
+    )
+}
+
+pub fn context_not_owner(relation: &str) -> ! {
+    raise(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("must be owner of table {relation} to set a column's context"),
+        Some("The context expression is evaluated with the table owner's rights when its rows are rotated.".into()),
+        None,
+    )
+}
+
+pub fn context_not_expression() -> ! {
+    raise(
+        ERRCODE_SYNTAX_ERROR,
+        "a column's context must be a single SQL expression",
+        Some("The expression is computed from each row, for example 'incidents.title:' || id.".into()),
+        Some("Write one expression over the table's columns, with no FROM, WHERE or other clause; qualify any function that is not in pg_catalog.".into()),
+    )
+}
+
+pub fn context_in_use(relation: &str, column: &str, rows: i64) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("cannot change the context of column \"{column}\" of {relation}: it holds AES-256-GCM rows"),
+        Some(format!("{rows} rows are encrypted with a cipher that binds a context; they decrypt only with the context they were written with.")),
+        Some("Change the context while the column holds only secretbox rows (before it moves to AES-256-GCM), or rotate it to a secretbox version first.".into()),
+    )
+}
+
+pub fn context_needs_aead(relation: &str, column: &str, version: Version, cipher: Cipher) -> ! {
+    raise(
+        ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("column \"{column}\" of {relation} is bound to a context, which {version} ({cipher}) cannot bind"),
+        Some("Values of a column with a context are written only with a cipher that authenticates it.".into()),
+        Some("Make an aes-256-gcm version current (psap.key_version) before rotating or encrypting this column.".into()),
+    )
+}
+
+pub fn context_null() -> String {
+    "its context expression is NULL for this row".into()
+}
+
 pub fn not_positive(argument: &str) -> ! {
     invalid_argument(&format!("{argument} must be greater than zero"))
 }
@@ -337,6 +386,15 @@ pub fn cannot_encrypt_value(what: &str, e: CoreError) -> ! {
         format!("cannot encrypt a value of {what}"),
         detail.map(|d| format!("{d} The batch was rolled back.")),
         None,
+    )
+}
+
+pub fn cannot_encrypt_null_context() -> ! {
+    raise(
+        ERRCODE_NULL_VALUE_NOT_ALLOWED,
+        "cannot encrypt a value of the column: its context expression is NULL for the row",
+        Some("The batch was rolled back.".into()),
+        Some("The column's context expression (psap_set_column_context) must yield a value for every row.".into()),
     )
 }
 

@@ -39,14 +39,17 @@ fn _psap_envelope_version(prefix: &str) -> Option<String> {
 #[pg_extern(stable, strict, parallel_safe)]
 fn psap_verify(value: &str) -> Option<String> {
     gucs::ensure_preloaded();
-    decrypt_error(value.as_bytes())
+    decrypt_error(value.as_bytes(), &[])
 }
 
-/// Why `value` cannot be decrypted with this backend's keys, or None. The plaintext is decrypted
-/// into a scratch buffer and wiped; running out of memory is an error, not a reason.
-pub fn decrypt_error(value: &[u8]) -> Option<String> {
+/// Why `value` (of a column bound to `context`, or to nothing) cannot be decrypted with this
+/// backend's keys, or None. The plaintext is decrypted into a scratch buffer and wiped; running
+/// out of memory is an error, not a reason.
+pub fn decrypt_error(value: &[u8], context: &[u8]) -> Option<String> {
     let mut plain = Vec::new();
-    let result = cipher::decrypt(&gucs::keyring(), value, &[], &mut plain);
+    let ring = gucs::keyring();
+    let context = cipher::context_for(&ring, value, context);
+    let result = cipher::decrypt(&ring, value, context, &mut plain);
     psap_core::sodium::memzero(&mut plain);
     match result {
         Err(e @ psap_core::CoreError::OutOfMemory { .. }) => crate::error::core(e),

@@ -161,22 +161,35 @@ pub(crate) fn decrypt_to_varlena(envelope: &[u8], context: &[u8]) -> Varlena {
 
 /// Re-encrypts an envelope under version `to` into a palloc'd text (a rotation's new value).
 /// The plaintext in between lives in a buffer reused from row to row and wiped after each.
-pub(crate) fn reencrypt_text(envelope: &[u8], to: Version) -> Result<PallocText, CoreError> {
+pub(crate) fn reencrypt_text(
+    envelope: &[u8],
+    to: Version,
+    context: &[u8],
+) -> Result<PallocText, CoreError> {
     gucs::ensure_preloaded();
     let nonce = gucs::next_nonce();
     let ring = gucs::keyring();
     allow_decrypt(&ring, envelope, true);
+    let from_context = cipher::context_for(&ring, envelope, context);
     let mut out: Option<Varlena> = None;
     let result = SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        let result =
-            cipher::reencrypt_into(&ring, to, &nonce, envelope, &[], &[], &mut scratch, |n| {
+        let result = cipher::reencrypt_into(
+            &ring,
+            to,
+            &nonce,
+            envelope,
+            from_context,
+            context,
+            &mut scratch,
+            |n| {
                 let v = Varlena::alloc(n);
                 // SAFETY: as in decrypt_to_varlena.
                 let data = unsafe { v.data_mut() };
                 out = Some(v);
                 Ok(data)
-            });
+            },
+        );
         release_if_large(&mut scratch);
         result
     });

@@ -23,6 +23,8 @@ pub struct Target {
     pub leaves: Vec<Leaf>,
     /// The extension's own schema, quoted, to call its functions whatever the search_path.
     pub ext: String,
+    /// The column's context expression (from the registry), whose text each value is bound to.
+    pub context: Option<String>,
 }
 
 pub struct Leaf {
@@ -89,6 +91,7 @@ pub fn resolve(tbl: &PgRelation, col: &str, access: Access) -> Target {
         column_name: col.to_string(),
         leaves,
         ext,
+        context: None,
     }
 }
 

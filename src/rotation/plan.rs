@@ -3,13 +3,14 @@
 
 use pgrx::prelude::*;
 use pgrx::PgRelation;
-use psap_core::Version;
+use psap_core::{Cipher, Version};
 
 use super::failure::{self, Failure};
 use super::options::{Args, Mode, Options, Procedure};
 use super::state::{self, Outcome, Status};
 use super::walk::Walk;
 use super::{sql, Run};
+use crate::api::registry;
 use crate::api::target::{self, Access, Target};
 use crate::audit::{AuditLog, Counts, Start};
 use crate::{error, gucs, sandbox, spi};
@@ -82,10 +83,14 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         .map(|k| (k.fingerprint(), k.cipher()))
         .unwrap_or_else(|e| error::core(e));
     gucs::allow_encrypt(to, to_cipher);
-    let target = target::resolve(tbl, col, Access::Rotate);
+    let mut target = target::resolve(tbl, col, Access::Rotate);
+    target.context = registry::context_of(tbl.oid(), col).flatten();
+    if target.context.is_some() && to_cipher == Cipher::Secretbox {
+        error::context_needs_aead(&target.relation, &target.column_name, to, to_cipher);
+    }
     let needs = sql::needs(&target, opts.mode, to);
     let token = state::new_token();
-    state::open_gate(token, to, opts.mode);
+    state::open_gate(token, to, opts.mode, target.context.is_some());
     let audit = AuditLog::open();
     audit.close_interrupted();
 

@@ -25,6 +25,15 @@ pub fn needs(t: &Target, mode: Mode, to: Version) -> String {
     }
 }
 
+/// The text each value of the row is bound to: the column's context expression (checked as one
+/// expression when it was set, see `psap_set_column_context`), or NULL.
+pub fn context(t: &Target) -> String {
+    match &t.context {
+        Some(expr) => format!("(({expr})::pg_catalog.text)"),
+        None => "NULL::pg_catalog.text".into(),
+    }
+}
+
 /// Rows to do per version in one leaf (one group, "plaintext", when encrypting) and, with
 /// `verify`, how many of them cannot be decrypted. `$1` is the run token.
 pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify: bool) -> String {
@@ -37,8 +46,10 @@ pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify
     };
     let bad = if verify {
         format!(
-            "pg_catalog.count(*) FILTER (WHERE {}._psap_value_error({}, $1) IS NOT NULL)",
-            t.ext, t.column
+            "pg_catalog.count(*) FILTER (WHERE {}._psap_value_error({}, {}, $1) IS NOT NULL)",
+            t.ext,
+            t.column,
+            context(t)
         )
     } else {
         "0::pg_catalog.int8".into()
@@ -86,10 +97,11 @@ pub fn exclusion(skipped: &[String]) -> String {
 pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
     format!(
         "SELECT ctid::pg_catalog.text, err FROM (
-             SELECT ctid, {ext}._psap_value_error({col}, $1) AS err FROM ONLY {rel} WHERE {filter}) s
+             SELECT ctid, {ext}._psap_value_error({col}, {ctx}, $1) AS err FROM ONLY {rel} WHERE {filter}) s
           WHERE err IS NOT NULL ORDER BY ctid",
         ext = t.ext,
         col = t.column,
+        ctx = context(t),
         rel = t.leaves[leaf].relation,
     )
 }
@@ -108,12 +120,15 @@ pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool) -> St
         Mode::Rotate { .. } => "_psap_rotate_value",
         Mode::Encrypt => "_psap_encrypt_value",
     };
-    let (rel, col, ext) = (&t.leaves[leaf].relation, &t.column, &t.ext);
+    let (rel, col, ext, ctx) = (&t.leaves[leaf].relation, &t.column, &t.ext, context(t));
+    // The context expression names the table's columns unqualified: `fresh` reads the table
+    // alone, so they cannot resolve to anything else.
     let update = if skip {
         format!(
             "fresh AS (
-                 SELECT locked.id, {ext}.{transform}(r.{col}, $5) AS val
-                   FROM locked JOIN ONLY {rel} AS r ON r.ctid OPERATOR(pg_catalog.=) locked.id
+                 SELECT ctid AS id, {ext}.{transform}({col}, {ctx}, $5) AS val
+                   FROM ONLY {rel}
+                  WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM locked))
              ), changed AS (
                  UPDATE ONLY {rel} AS t SET {col} = fresh.val FROM fresh
                   WHERE t.ctid OPERATOR(pg_catalog.=) fresh.id AND fresh.val IS NOT NULL
@@ -123,7 +138,7 @@ pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool) -> St
     } else {
         format!(
             "changed AS (
-                 UPDATE ONLY {rel} SET {col} = COALESCE({ext}.{transform}({col}, $5), {col})
+                 UPDATE ONLY {rel} SET {col} = COALESCE({ext}.{transform}({col}, {ctx}, $5), {col})
                   WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM locked)) AND {needs}
                  RETURNING 1
              )"

@@ -149,6 +149,8 @@ pub struct Gate {
     pub token: i64,
     pub to: u32,
     pub encrypt: bool,
+    /// The column has a context expression: every row must yield one.
+    pub bound: bool,
 }
 
 impl Gate {
@@ -156,15 +158,17 @@ impl Gate {
         token: 0,
         to: 0,
         encrypt: false,
+        bound: false,
     };
 }
 
-pub fn open_gate(token: i64, to: Version, mode: Mode) {
+pub fn open_gate(token: i64, to: Version, mode: Mode, bound: bool) {
     GATE.with(|g| {
         g.set(Gate {
             token,
             to: to.get(),
             encrypt: mode == Mode::Encrypt,
+            bound,
         })
     });
 }

@@ -23,7 +23,7 @@ def setup_tables(c):
 
 
 def status(c):
-    return {(str(r), col, v): n for r, col, s, v, n, _, _ in c.execute("SELECT * FROM psap_status()") if s == "encrypted"}
+    return {(str(r), col, v): n for r, col, s, v, n, *_ in c.execute("SELECT * FROM psap_status()") if s == "encrypted"}
 
 
 def test_rotate_all_status_and_audit(cluster, db):
@@ -133,7 +133,7 @@ def test_encrypt_column_migrates_plaintext_with_passthrough_for_views(cluster, d
         c.execute("CALL psap_encrypt_column('notes', 'body', 500)")
         assert "encrypting 1000 plaintext rows of public.notes.body with v1 (batch=500)" in notices
         c.execute("RESET psap.decrypt_passthrough")
-        census = {(s, v): n for s, v, n, _ in c.execute("SELECT * FROM psap_census('notes', 'body')")}
+        census = {(s, v): n for s, v, n, *_ in c.execute("SELECT * FROM psap_census('notes', 'body')")}
         assert census == {("encrypted", "v1"): 2002, ("null", None): 1}
         assert c.execute("SELECT count(*) FROM notes_plain WHERE id <= 2000 AND body = 'Call note ' || id").fetchone()[0] == 2000
         # The envelope-looking plaintext was left alone and is reported, not encrypted twice.
@@ -175,9 +175,9 @@ def test_least_privilege_roles(cluster, db):
                         # the per-row functions outside a run, no registry change on a table
                         # the operator could not rotate.
                         "INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role) VALUES ('rotate', 'x', 'y', 'postgres')",
-                        "SELECT _psap_encrypt_value('FORGED', 1)",
-                        "SELECT _psap_rotate_value(title, 1) FROM incidents LIMIT 1",
-                        "SELECT _psap_value_error(title, 1) FROM incidents LIMIT 1",
+                        "SELECT _psap_encrypt_value('FORGED', NULL, 1)",
+                        "SELECT _psap_rotate_value(title, NULL, 1) FROM incidents LIMIT 1",
+                        "SELECT _psap_value_error(title, NULL, 1) FROM incidents LIMIT 1",
                         "SELECT psap_register_column('secret_notes', 'body')"]:
                 assert sqlstate_of(c, sql)[0] == "42501", sql
         with cluster.connect(user="auditor", dbname=db) as c:

@@ -23,7 +23,7 @@ def fill(c, n, table="incidents", extra_cols="", pk=True):
 
 
 def census(c, table="incidents", col="title"):
-    return {(s, v): n for s, v, n, _ in c.execute(f"SELECT * FROM psap_census('{table}', '{col}')")}
+    return {(s, v): n for s, v, n, *_ in c.execute(f"SELECT * FROM psap_census('{table}', '{col}')")}
 
 
 def check_all(c, table="incidents", prefix="Incident "):

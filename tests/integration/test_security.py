@@ -111,7 +111,7 @@ def test_per_row_functions_refuse_even_inside_a_run(cluster, db, mallory):
             BEGIN
                 FOR t IN SELECT g FROM generate_series(0, 20) g UNION ALL SELECT 9223372036854775807 LOOP
                     BEGIN
-                        INSERT INTO mallory_s.loot VALUES (public._psap_encrypt_value('FORGED: unit 9 cancelled', t), 'ok');
+                        INSERT INTO mallory_s.loot VALUES (public._psap_encrypt_value('FORGED: unit 9 cancelled', NULL, t), 'ok');
                     EXCEPTION WHEN OTHERS THEN
                         INSERT INTO mallory_s.loot VALUES (NULL, SQLSTATE);
                     END;
@@ -127,7 +127,8 @@ def test_per_row_functions_refuse_even_inside_a_run(cluster, db, mallory):
 
 def test_operators_get_the_documented_api_and_internals_refuse(cluster, db, mallory):
     allowed = {"psap_rotate", "psap_encrypt_column", "psap_rotate_all", "psap_register_column",
-               "psap_unregister_column", "psap_status", "psap_census", "psap_verify", "psap_keys",
+               "psap_unregister_column", "psap_set_column_context", "psap_status", "psap_census",
+               "psap_verify", "psap_keys", "psap_compliance",
                "psap_audit_verify", "_psap_run", "_psap_run_begin", "_psap_run_step", "_psap_run_failed",
                "_psap_run_end", "_psap_all_begin", "_psap_all_next", "_psap_all_failed", "_psap_all_end"}
     public = {"_psap_needs_rotation", "_psap_is_plaintext", "_psap_envelope_version", "_psap_backend_alive",
@@ -139,9 +140,9 @@ def test_operators_get_the_documented_api_and_internals_refuse(cluster, db, mall
         audit_before = c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0]
         env = c.execute("SELECT title FROM mallory_s.calls LIMIT 1").fetchone()[0]
     with cluster.connect(user="mallory", dbname=db) as c:
-        for sql, args in [("SELECT _psap_encrypt_value('FORGED', 1)", None),
-                          ("SELECT _psap_rotate_value(%s, 1)", (env,)),
-                          ("SELECT _psap_value_error(%s, 9223372036854775807)", (env,)),
+        for sql, args in [("SELECT _psap_encrypt_value('FORGED', NULL, 1)", None),
+                          ("SELECT _psap_rotate_value(%s, NULL, 1)", (env,)),
+                          ("SELECT _psap_value_error(%s, 'ctx', 9223372036854775807)", (env,)),
                           ("INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role) VALUES ('rotate', 'x', 'y', 'postgres')", None),
                           ("UPDATE psap_audit_log SET status = 'done'", None),
                           ("SELECT psap_decrypt(%s)", (env,))]:

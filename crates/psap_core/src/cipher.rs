@@ -201,6 +201,15 @@ pub fn reencrypt_into<'a>(
     result
 }
 
+/// The context to open `envelope` with, for a column whose values are bound to `context`:
+/// secretbox values were written unbound (the cipher cannot bind one), AEAD values bound.
+pub fn context_for<'a>(ring: &KeyRing, envelope: &[u8], context: &'a [u8]) -> &'a [u8] {
+    match envelope::parse_prefix(envelope).map(|(v, _)| ring.key(v)) {
+        Ok(Ok(key)) if key.cipher() == Cipher::Secretbox => &[],
+        _ => context,
+    }
+}
+
 /// Re-encrypts an envelope under `to` (no context on either side), appending the new envelope.
 pub fn reencrypt(
     ring: &KeyRing,

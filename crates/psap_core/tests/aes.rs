@@ -219,3 +219,45 @@ fn a_short_gcm_value_names_its_own_minimum() {
         }))
     );
 }
+
+#[test]
+fn a_bound_column_opens_secretbox_values_unbound_and_aead_values_bound() {
+    let mut ring = ring_with(3, &"5a".repeat(32));
+    ring.set(
+        v(1),
+        Slot::Key(Key::from_hex(&"11".repeat(32), Cipher::Secretbox).unwrap()),
+    );
+    let nonce = [9u8; 24];
+    let (mut sb, mut gcm) = (Vec::new(), Vec::new());
+    cipher::encrypt(&ring, v(1), &nonce, b"", b"old", &mut sb).unwrap();
+    cipher::encrypt(&ring, v(3), &nonce, b"t:1", b"new", &mut gcm).unwrap();
+    assert_eq!(cipher::context_for(&ring, &sb, b"t:1"), b"");
+    assert_eq!(cipher::context_for(&ring, &gcm, b"t:1"), b"t:1");
+    // A version without a key, or no envelope at all: the context stays (decrypting fails anyway).
+    assert_eq!(cipher::context_for(&ring, b"v7:AAAA", b"t:1"), b"t:1");
+    assert_eq!(cipher::context_for(&ring, b"plain", b"t:1"), b"t:1");
+    // Re-encrypting to AES-256-GCM with each side's context: the secretbox value gains the
+    // binding, the bound value keeps it.
+    for (input, plain) in [(&sb, &b"old"[..]), (&gcm, &b"new"[..])] {
+        let from = cipher::context_for(&ring, input, b"t:1");
+        let mut out = Vec::new();
+        cipher::reencrypt_into(
+            &ring,
+            v(3),
+            &nonce,
+            input,
+            from,
+            b"t:1",
+            &mut Vec::new(),
+            |n| {
+                out.resize(n, 0);
+                Ok(&mut out[..])
+            },
+        )
+        .unwrap();
+        let mut back = Vec::new();
+        cipher::decrypt(&ring, &out, b"t:1", &mut back).unwrap();
+        assert_eq!(back, plain);
+        assert!(cipher::decrypt(&ring, &out, b"t:2", &mut Vec::new()).is_err());
+    }
+}
