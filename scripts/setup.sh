@@ -9,7 +9,7 @@ PGRX_VERSION=0.18.1   # must equal the pgrx pin in Cargo.toml
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-15-cron postgresql-15-pgaudit
           libclang-dev clang pkg-config sudo python3-venv openssl valgrind php8.2-cli php8.2-pgsql
-          linux-perf softhsm2 cmake golang-go lintian gdb)
+          linux-perf softhsm2 cmake golang-go lintian dpkg-dev binutils gdb)
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 
 step() { printf '\n== %s\n' "$*"; }

@@ -6,6 +6,7 @@
 #   3. tests inside a real server             cargo pgrx test pg15 (src/tests.rs)
 #   4. what a DBA sees in psql                tests/pg_regress (pg_regress, expected output)
 #   5. integration, several real sessions     tests/integration (pytest + psycopg + PyNaCl)
+#   6. the Debian package                     tests/package/run.sh (build, lintian, dpkg -i, rotate, dpkg -r)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE   # a backtrace in an error DETAIL would change the output tests compare
@@ -33,3 +34,6 @@ tests/pg_regress/run.sh
 
 step "integration tests"
 .venv/bin/pytest tests/integration -q -p no:cacheprovider
+
+step "the Debian package"
+tests/package/run.sh
