@@ -290,12 +290,41 @@ pub fn context_not_owner(relation: &str) -> ! {
     )
 }
 
-pub fn context_not_expression() -> ! {
+pub fn context_invalid(reason: &str) -> ! {
     raise(
         ERRCODE_SYNTAX_ERROR,
-        "a column's context must be a single SQL expression",
-        Some("The expression is computed from each row, for example 'incidents.title:' || id.".into()),
-        Some("Write one expression over the table's columns, with no FROM, WHERE or other clause; qualify any function that is not in pg_catalog.".into()),
+        "invalid context expression",
+        Some(sentence(reason)),
+        Some("A context is 'constants' and column names joined by ||, for example 'incidents.title:' || id.".into()),
+    )
+}
+
+pub fn context_column_missing(relation: &str, column: &str) -> ! {
+    raise(
+        ERRCODE_UNDEFINED_COLUMN,
+        format!("column \"{column}\" of {relation} does not exist"),
+        Some("A column's context names columns of the same row.".into()),
+        Some("If the column was renamed or dropped, set the context again with psap_set_column_context.".into()),
+    )
+}
+
+pub fn context_column_refused(relation: &str, column: &str, why: &str) -> ! {
+    raise(
+        ERRCODE_INVALID_COLUMN_REFERENCE,
+        format!("column \"{column}\" of {relation} cannot be part of a context"),
+        Some(format!(
+            "A context must stay the same while the row exists; {why}."
+        )),
+        Some("Use columns that identify the row, such as its primary key.".into()),
+    )
+}
+
+pub fn context_column_type(relation: &str, column: &str, typ: &str) -> ! {
+    raise(
+        ERRCODE_DATATYPE_MISMATCH,
+        format!("column \"{column}\" of {relation} is of type {typ}, which a context cannot use"),
+        Some("The text of that type can depend on settings such as TimeZone or DateStyle.".into()),
+        Some("Use integer, numeric, uuid or character columns.".into()),
     )
 }
 
@@ -314,6 +343,27 @@ pub fn context_needs_aead(relation: &str, column: &str, version: Version, cipher
         format!("column \"{column}\" of {relation} is bound to a context, which {version} ({cipher}) cannot bind"),
         Some("Values of a column with a context are written only with a cipher that authenticates it.".into()),
         Some("Make an aes-256-gcm version current (psap.key_version) before rotating or encrypting this column.".into()),
+    )
+}
+
+pub fn needs_read_committed(what: &str) -> ! {
+    raise(
+        ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("{what} cannot run in a REPEATABLE READ or SERIALIZABLE transaction"),
+        Some("Each of its steps must see what other sessions committed while it waited.".into()),
+        Some(
+            "Run it at READ COMMITTED (SET default_transaction_isolation = 'read committed')."
+                .into(),
+        ),
+    )
+}
+
+pub fn context_changed(relation: &str, column: &str) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("the context of column \"{column}\" of {relation} changed during the rotation"),
+        Some("The rows of earlier batches keep the context they were written with.".into()),
+        Some("Call the procedure again: it starts with the context now set.".into()),
     )
 }
 

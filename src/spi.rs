@@ -57,6 +57,25 @@ pub fn one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option
     .unwrap_or_else(|e| error::spi(e))
 }
 
+/// Runs `f` under a new snapshot: its queries see every transaction committed so far, also those
+/// that committed while the calling statement waited for a lock. (At READ COMMITTED; the callers
+/// refuse the isolation levels that keep one snapshot per transaction.)
+pub fn with_fresh_snapshot<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: pushes a snapshot taken now and pops it; on an error the (sub)transaction's abort
+    // resets the active snapshot stack.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let result = f();
+    unsafe { pg_sys::PopActiveSnapshot() };
+    result
+}
+
+/// Whether this transaction sees the database through one snapshot taken at its start
+/// (REPEATABLE READ or SERIALIZABLE).
+pub fn one_snapshot_per_transaction() -> bool {
+    // SAFETY: a plain read of the transaction's isolation level.
+    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
+}
+
 /// The first column of the first row a writing statement returns.
 pub fn one_mut<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
     Spi::connect_mut(|client| {

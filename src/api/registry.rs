@@ -6,6 +6,8 @@
 use pgrx::prelude::*;
 use pgrx::PgRelation;
 
+use psap_core::context::{self, ContextExpr};
+
 use crate::api::census;
 use crate::api::target::{self, Access};
 use crate::audit::AuditLog;
@@ -57,6 +59,10 @@ fn psap_unregister_column(tbl: PgRelation, col: &str) -> bool {
         if !can_update {
             error::permission_denied(&relation, "UPDATE", col);
         }
+        // Taking a column out forgets its context: that is the owner's decision, as setting it.
+        if let Some(Some(_)) = registered_context(tbl.oid(), col) {
+            require_owner(&target::resolve(&tbl, col, Access::Rotate));
+        }
         let log = AuditLog::open();
         let ext = target::extension_schema();
         let removed = sandbox::as_extension_owner(log.owner(), || {
@@ -78,12 +84,13 @@ fn psap_unregister_column(tbl: PgRelation, col: &str) -> bool {
     })
 }
 
-/// Binds a registered column's values to a context: `context` is a SQL expression over the row
-/// (`'incidents.title:' || id`) whose text AES-256-GCM authenticates with each value, so a value
-/// copied into another row or column no longer decrypts. psap_rotate and psap_encrypt_column
-/// evaluate it per row; NULL removes it. Only the table's owner (or a superuser) may set it, as
-/// it runs with the owner's rights, and only while the column holds no AES-256-GCM rows (they
-/// are bound to the context they were written with).
+/// Binds a registered column's values to a context: `context` is an expression over the row, in
+/// the small language of `psap_core::context` (`'incidents.title:' || id`), whose text
+/// AES-256-GCM authenticates with each value, so a value copied into another row or column no
+/// longer decrypts. psap_rotate and psap_encrypt_column compute it per row; NULL removes it.
+/// Only the owner of the table and of each of its partitions (or a superuser) may set it, and
+/// only while the column holds no AES-256-GCM rows (they are bound to the context they were
+/// written with). The table is locked (SHARE) meanwhile, so no batch writes under the old one.
 #[pg_extern(volatile)]
 fn psap_set_column_context(tbl: Option<PgRelation>, col: Option<&str>, context: Option<&str>) {
     gucs::ensure_preloaded();
@@ -92,19 +99,27 @@ fn psap_set_column_context(tbl: Option<PgRelation>, col: Option<&str>, context: 
     };
     sandbox::with_safe_search_path(|| {
         let t = target::resolve(&tbl, col, Access::Rotate);
-        if !owns(t.owner) {
-            error::context_not_owner(&t.relation);
-        }
-        let current = context_of(tbl.oid(), col)
+        require_owner(&t);
+        let current = registered_context(tbl.oid(), col)
             .unwrap_or_else(|| error::not_registered(&t.relation, &t.column_name));
-        let context = context.map(str::trim).filter(|c| !c.is_empty());
-        if current.as_deref() == context {
+        let context = context
+            .filter(|c| !c.trim().is_empty())
+            .map(|c| validate(&t, c).canonical());
+        if current == context {
             return;
         }
-        if let Some(expr) = context {
-            check_expression(&t, expr);
+        if spi::one_snapshot_per_transaction() {
+            error::needs_read_committed("psap_set_column_context");
         }
-        let bound: i64 = census::census_rows(&tbl, col)
+        // Batches of a running rotation hold ROW EXCLUSIVE on the table while they write: wait
+        // for them, and keep new ones out until this commits (they read the context after
+        // taking that lock: see rotation::batch).
+        for leaf in &t.leaves {
+            // SAFETY: a heavyweight lock on an existing relation, released at transaction end.
+            unsafe { pg_sys::LockRelationOid(leaf.oid, pg_sys::ShareLock as pg_sys::LOCKMODE) };
+        }
+        // Counted under a snapshot taken after the lock: rows of batches that just committed count.
+        let bound: i64 = spi::with_fresh_snapshot(|| census::census_rows(&tbl, col))
             .iter()
             .filter(|(state, _, _, _, cipher)| {
                 state == "encrypted" && *cipher != Some(psap_core::Cipher::Secretbox)
@@ -124,7 +139,7 @@ fn psap_set_column_context(tbl: Option<PgRelation>, col: Option<&str>, context: 
                      RETURNING 1::pg_catalog.int8",
                     t.ext
                 ),
-                &[tbl.oid().into(), col.into(), context.into()],
+                &[tbl.oid().into(), col.into(), context.clone().into()],
             )
         });
         let operation = if context.is_some() {
@@ -138,7 +153,7 @@ fn psap_set_column_context(tbl: Option<PgRelation>, col: Option<&str>, context: 
 
 /// The context expression of a registered column: None if the column is not registered,
 /// Some(None) if it is registered without one.
-pub fn context_of(rel: pg_sys::Oid, col: &str) -> Option<Option<String>> {
+fn registered_context(rel: pg_sys::Oid, col: &str) -> Option<Option<String>> {
     let ext = target::extension_schema();
     spi::rows(
         &format!(
@@ -153,68 +168,117 @@ pub fn context_of(rel: pg_sys::Oid, col: &str) -> Option<Option<String>> {
     .next()
 }
 
-/// Whether the current role has the rights of `owner` (superusers have every role's).
-fn owns(owner: pg_sys::Oid) -> bool {
-    // SAFETY: plain catalog lookups for the current role.
-    unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner) }
+/// The context the values of `col` of table `rel` are bound to: the one set for the table, or
+/// else for its nearest registered ancestor (a partition rotated on its own is bound as its
+/// parent is). Checked again as it was when set (a restored or hand-edited registry, a dropped
+/// or retyped column): invalid, it stops the run.
+pub fn context_for(t: &target::Target, rel: pg_sys::Oid, col: &str) -> Option<ContextExpr> {
+    context_text(rel, col).map(|text| validate(t, &text))
 }
 
-/// Checks that `expr` is one SQL expression over a row of the table, usable where the batch
-/// statements put it: it is spliced into their text in parentheses, so it must parse alone as
-/// exactly one expression (nothing that closes the parenthesis and goes on), and it must be
-/// valid in a WHERE clause over the table (no aggregate, window or set-returning function),
-/// planned as the table's owner with the pinned search_path the rotation uses.
-fn check_expression(t: &target::Target, expr: &str) {
-    if !single_expression(expr) {
-        error::context_not_expression();
-    }
-    for leaf in &t.leaves {
-        let sql = format!(
-            "SELECT 1 FROM ONLY {} WHERE (({expr})::pg_catalog.text) IS NULL LIMIT 0",
-            leaf.relation
-        );
-        sandbox::as_table_owner(leaf.owner, || spi::run(&sql, &[]));
+/// The stored text of that context (what a running batch compares with its own).
+pub fn context_text(rel: pg_sys::Oid, col: &str) -> Option<String> {
+    let ext = target::extension_schema();
+    spi::one::<String>(
+        &format!(
+            "SELECT r.context FROM {ext}.psap_encrypted_columns r
+               JOIN (SELECT $1 AS relid, 0::pg_catalog.int8 AS depth
+                     UNION ALL   -- a partition's ancestors, itself first (none for other tables)
+                     SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS a(relid, depth)
+                 ON a.relid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
+              WHERE r.column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name AND r.context IS NOT NULL
+              ORDER BY a.depth LIMIT 1"
+        ),
+        &[rel.into(), col.into()],
+    )
+}
+
+/// Whether the caller may decide what a column's values are bound to: it must have the rights
+/// of the owner of the table and of each partition (the owners under whose rights the batches
+/// run).
+fn require_owner(t: &target::Target) {
+    let owners = std::iter::once((t.owner, &t.relation))
+        .chain(t.leaves.iter().map(|l| (l.owner, &l.relation)));
+    for (owner, relation) in owners {
+        // SAFETY: plain catalog lookups for the current role.
+        if !unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner) } {
+            error::context_not_owner(relation);
+        }
     }
 }
 
-/// Whether `SELECT (expr)` parses as one plain SELECT of exactly one target and nothing else.
-fn single_expression(expr: &str) -> bool {
-    let Ok(sql) = std::ffi::CString::new(format!("SELECT ({expr})")) else {
-        return false;
+/// Parses a context expression and checks each column it names, in the table and every
+/// partition: a user column (not a system column, not the encrypted column itself nor another
+/// registered one) whose text is the same under any setting (integers, numeric, uuid and
+/// character types, or domains over them).
+fn validate(t: &target::Target, text: &str) -> ContextExpr {
+    let expr = context::parse(text).unwrap_or_else(|e| error::context_invalid(&e.to_string()));
+    for column in expr.columns() {
+        for leaf in &t.leaves {
+            check_context_column(t, leaf.oid, &leaf.relation, column);
+        }
+    }
+    expr
+}
+
+fn check_context_column(t: &target::Target, rel: pg_sys::Oid, relation: &str, column: &str) {
+    let ext = &t.ext;
+    let row = spi::rows(
+        &format!(
+            "WITH RECURSIVE a AS (
+                 SELECT attnum, atttypid FROM pg_catalog.pg_attribute
+                  WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attname OPERATOR(pg_catalog.=) $2::pg_catalog.name
+                    AND NOT attisdropped
+             ), base(typ, depth) AS (
+                 SELECT atttypid, 0 FROM a
+                 UNION ALL
+                 SELECT ty.typbasetype, b.depth OPERATOR(pg_catalog.+) 1
+                   FROM base b JOIN pg_catalog.pg_type ty ON ty.oid OPERATOR(pg_catalog.=) b.typ
+                  WHERE ty.typtype OPERATOR(pg_catalog.=) 'd')
+             SELECT a.attnum::pg_catalog.int4,
+                    (SELECT b.typ::pg_catalog.regtype::pg_catalog.text FROM base b ORDER BY b.depth DESC LIMIT 1),
+                    EXISTS (SELECT FROM {ext}.psap_encrypted_columns r
+                             WHERE r.column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name
+                               AND r.relid::pg_catalog.oid IN (SELECT $1 UNION SELECT * FROM pg_catalog.pg_partition_ancestors($1)))
+               FROM a"
+        ),
+        &[rel.into(), column.into()],
+        |r| {
+            Ok((
+                r.get::<i32>(1)?.unwrap_or(0),
+                r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<bool>(3)?.unwrap_or(false),
+            ))
+        },
+    );
+    let Some((attnum, base, encrypted)) = row.into_iter().next() else {
+        error::context_column_missing(relation, column);
     };
-    // SAFETY: the raw parser reads the string and returns a palloc'd parse tree (or raises a
-    // syntax error); the nodes are read according to their tags.
-    unsafe {
-        #[cfg(feature = "pg13")]
-        let list = pg_sys::raw_parser(sql.as_ptr());
-        #[cfg(not(feature = "pg13"))]
-        let list = pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
-        let stmts = pgrx::PgList::<pg_sys::RawStmt>::from_pg(list);
-        if stmts.len() != 1 {
-            return false;
-        }
-        let Some(raw) = stmts.get_ptr(0) else {
-            return false;
-        };
-        let node = (*raw).stmt;
-        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_SelectStmt {
-            return false;
-        }
-        let s = &*(node as *const pg_sys::SelectStmt);
-        pgrx::PgList::<pg_sys::Node>::from_pg(s.targetList).len() == 1
-            && s.op == pg_sys::SetOperation::SETOP_NONE
-            && s.fromClause.is_null()
-            && s.distinctClause.is_null()
-            && s.intoClause.is_null()
-            && s.whereClause.is_null()
-            && s.groupClause.is_null()
-            && s.havingClause.is_null()
-            && s.windowClause.is_null()
-            && s.valuesLists.is_null()
-            && s.sortClause.is_null()
-            && s.limitOffset.is_null()
-            && s.limitCount.is_null()
-            && s.lockingClause.is_null()
-            && s.withClause.is_null()
+    if attnum <= 0 {
+        error::context_column_refused(
+            relation,
+            column,
+            "it is a system column, which changes when the row is updated",
+        );
+    }
+    if column == t.column_name || encrypted {
+        error::context_column_refused(
+            relation,
+            column,
+            "it is an encrypted column, whose text changes at every rotation",
+        );
+    }
+    const STABLE_TEXT: [&str; 8] = [
+        "smallint",
+        "integer",
+        "bigint",
+        "numeric",
+        "uuid",
+        "text",
+        "character varying",
+        "character",
+    ];
+    if !STABLE_TEXT.contains(&base.as_str()) {
+        error::context_column_type(relation, column, &base);
     }
 }

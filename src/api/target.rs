@@ -12,6 +12,7 @@ use crate::spi;
 
 /// A column ready to be used in generated SQL. Every name here is already quoted.
 pub struct Target {
+    pub oid: pg_sys::Oid,
     /// `schema.table`, quoted where needed.
     pub relation: String,
     /// The table's owner: its code runs with this role's rights.
@@ -24,7 +25,7 @@ pub struct Target {
     /// The extension's own schema, quoted, to call its functions whatever the search_path.
     pub ext: String,
     /// The column's context expression (from the registry), whose text each value is bound to.
-    pub context: Option<String>,
+    pub context: Option<psap_core::context::ContextExpr>,
 }
 
 pub struct Leaf {
@@ -85,6 +86,7 @@ pub fn resolve(tbl: &PgRelation, col: &str, access: Access) -> Target {
     }
     let leaves = leaves(tbl.oid(), col, access);
     Target {
+        oid: tbl.oid(),
         relation,
         owner,
         column: quote_identifier(col),

@@ -12,6 +12,7 @@ use super::plan::{notice, warning};
 use super::state::{self, InStep, Outcome, Status};
 use super::walk::Walk;
 use super::{sql, Run};
+use crate::api::registry;
 use crate::{error, gucs, sandbox, spi};
 
 /// One batch of the run with this token. Returns whether the procedure should commit and call
@@ -141,6 +142,7 @@ fn step(run: &mut Run) -> Option<Status> {
         );
     }
     run.stepped = true;
+    check_context_unchanged(run);
     if run.opts.disable_triggers {
         spi::run("SET LOCAL session_replication_role = replica", &[]);
     }
@@ -198,6 +200,20 @@ fn step(run: &mut Run) -> Option<Status> {
     notice(msg);
     run.audit.progress(run.audit_id, run.counts);
     None
+}
+
+/// Stops the run if the column's context changed since it started (psap_set_column_context
+/// commits only when no batch is writing: this takes the lock that waits for it, then reads).
+fn check_context_unchanged(run: &Run) {
+    let t = &run.target;
+    for leaf in &t.leaves {
+        // SAFETY: the lock this batch's UPDATE takes anyway, on an existing relation.
+        unsafe { pg_sys::LockRelationOid(leaf.oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+    }
+    let now = spi::with_fresh_snapshot(|| registry::context_text(t.oid, &t.column_name));
+    if now != t.context.as_ref().map(|c| c.canonical()) {
+        error::context_changed(&t.relation, &t.column_name);
+    }
 }
 
 /// Prepares the walk of the current leaf: its size, and ranges sized from its rows to do.

@@ -69,6 +69,11 @@ pub fn check_context(procedure: Procedure) {
     if unsafe { pg_sys::RecoveryInProgress() } {
         error::on_standby(procedure.name());
     }
+    // Each batch must see rows committed while it waited (the application's writes, a context
+    // set meanwhile): one snapshot per transaction would write under stale facts.
+    if spi::one_snapshot_per_transaction() {
+        error::needs_read_committed(procedure.name());
+    }
 }
 
 /// Starts a run over `col` of `tbl` with checked options (the caller ran [`check_context`]);
@@ -84,7 +89,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         .unwrap_or_else(|e| error::core(e));
     gucs::allow_encrypt(to, to_cipher);
     let mut target = target::resolve(tbl, col, Access::Rotate);
-    target.context = registry::context_of(tbl.oid(), col).flatten();
+    target.context = registry::context_for(&target, tbl.oid(), col);
     if target.context.is_some() && to_cipher == Cipher::Secretbox {
         error::context_needs_aead(&target.relation, &target.column_name, to, to_cipher);
     }

@@ -25,11 +25,11 @@ pub fn needs(t: &Target, mode: Mode, to: Version) -> String {
     }
 }
 
-/// The text each value of the row is bound to: the column's context expression (checked as one
-/// expression when it was set, see `psap_set_column_context`), or NULL.
+/// The text each value of the row is bound to: the column's context expression, written out by
+/// psap_core::context from its parsed form (constants and quoted column names), or NULL.
 pub fn context(t: &Target) -> String {
     match &t.context {
-        Some(expr) => format!("(({expr})::pg_catalog.text)"),
+        Some(expr) => expr.to_sql(),
         None => "NULL::pg_catalog.text".into(),
     }
 }

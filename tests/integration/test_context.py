@@ -10,6 +10,7 @@ from test_fips import php
 GCM3 = "aes-256-gcm:" + KEY3
 GCM4 = "aes-256-gcm:" + "4d" * 32
 CTX = "'incidents.title:' || id"
+STORED = "'incidents.title:' || \"id\""
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def plaintexts(c):
 def test_rotation_binds_a_column_and_a_swapped_value_no_longer_decrypts(cluster, bound):
     with cluster.connect(dbname=bound) as c:
         c.execute("SET client_min_messages = warning")
-        assert c.execute("SELECT context FROM psap_compliance()").fetchone()[0] == CTX
+        assert c.execute("SELECT context FROM psap_compliance()").fetchone()[0] == STORED
         # secretbox -> AES-256-GCM adds the binding.
         c.execute("SET psap.key_version = 'v3'")
         c.execute("CALL psap_rotate('incidents', 'title', 50)")
@@ -110,22 +111,31 @@ def test_the_context_cannot_change_under_bound_rows(cluster, bound):
         for new in ["'x:' || id", None]:
             state, msg, detail, hint = sqlstate_of(c, "SELECT psap_set_column_context('incidents', 'title', %s)", (new,))
             assert state == "55000" and "AES-256-GCM rows" in msg and "200 rows" in detail
-        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == CTX
+        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == STORED
         # Unregistered columns have no context to set.
         state, msg, _, hint = sqlstate_of(c, "SELECT psap_set_column_context('incidents', 'note', %s)", (CTX,))
         assert state == "55000" and "not registered" in msg and "psap_register_column" in hint
 
 
 HOSTILE = [
+    # Anything but 'constants' and column names joined by || is refused by psap_encrypt's own
+    # parser, before PostgreSQL sees it: no way to close a parenthesis, add a clause or call code.
     ("id) FROM pg_catalog.pg_authid --", "42601"),
     ("1; DROP TABLE incidents", "42601"),
     ("id), (pg_catalog.pg_sleep(1)", "42601"),
     ("(SELECT 1) UNION SELECT (2", "42601"),
-    ("id)::text FROM incidents WHERE (true", "42601"),
-    ("pg_catalog.count(*)", "42803"),
-    ("pg_catalog.generate_series(1, id)", "0A000"),
+    ("pg_catalog.count(*)", "42601"),
+    ("evil_tag(id)", "42601"),
+    ("id || $5", "42601"),
+    ("'x' || public.steal(id)", "42601"),
+    # With standard_conforming_strings off PostgreSQL would read this as one string and a comment;
+    # with it on, as a call handing the run's token to the caller's function.
+    ("'\\' || app.steal($5) || ' -- '\n|| ''", "42601"),
+    ("'only a constant'", "42601"),
     ("no_such_column", "42703"),
-    ("evil_tag(id)", "42883"),        # the caller's search_path is not the expression's
+    ("'x:' || ctid", "42P10"),        # changes when the row is updated
+    ("'x:' || title", "42P10"),       # the encrypted column itself
+    ("'x:' || reported_at", "42804"), # timestamptz: its text follows TimeZone and DateStyle
     ("", None),                       # empty: the same as NULL, no context
 ]
 
@@ -133,17 +143,114 @@ HOSTILE = [
 @pytest.mark.parametrize("expr,state", HOSTILE)
 def test_hostile_expressions_are_refused(cluster, bound, expr, state):
     with cluster.connect(dbname=bound) as c:
+        c.execute("ALTER TABLE incidents ADD COLUMN reported_at timestamptz DEFAULT now()")
         c.execute("CREATE SCHEMA evil")
         c.execute("CREATE FUNCTION evil.evil_tag(int) RETURNS text LANGUAGE sql AS $$ SELECT 'x' $$")
         c.execute("SET search_path = evil, public")
+        c.execute("SET standard_conforming_strings = off")
         if state is None:
             c.execute("SELECT psap_set_column_context('incidents', 'title', %s)", (expr,))
             assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] is None
             return
         got = sqlstate_of(c, "SELECT psap_set_column_context('incidents', 'title', %s)", (expr,))[0]
         assert got == state, (expr, got)
-        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == CTX
+        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == STORED
         assert c.execute("SELECT count(*) FROM incidents").fetchone()[0] == 200
+
+
+def test_the_stored_context_is_psap_encrypts_own_writing(cluster, bound):
+    with cluster.connect(dbname=bound) as c:
+        c.execute("SELECT psap_set_column_context('incidents', 'title', %s)", ("'It''s:'||ID",))
+        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == "'It''s:' || \"id\""
+        # A registry edited by hand (or restored) is checked again when a run starts.
+        c.execute("UPDATE psap_encrypted_columns SET context = 'pg_catalog.now()::text || id'")
+        c.execute("SET psap.key_version = 'v3'")
+        state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 50)")
+        assert (state, msg) == ("42601", "invalid context expression")
+        assert c.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v1:%'").fetchone()[0] == 200
+
+
+def test_a_partition_rotated_alone_is_bound_as_its_parent(cluster, db):
+    cluster.set_keys({"v1": KEY1, "v3": GCM3}, "v1")
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.execute("SET client_min_messages = warning")
+            c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
+            c.execute("CREATE TABLE calls_a PARTITION OF calls FOR VALUES FROM (0) TO (100)")
+            c.execute("CREATE TABLE calls_b PARTITION OF calls FOR VALUES FROM (100) TO (200)")
+            c.execute("INSERT INTO calls SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 199) g")
+            c.execute("SELECT psap_register_column('calls', 'title')")
+            c.execute("SELECT psap_set_column_context('calls', 'title', %s)", ("'calls.title:' || id",))
+            c.execute("SET psap.key_version = 'v3'")
+            c.execute("CALL psap_rotate('calls_a', 'title', 50)")
+            got = c.execute("SELECT count(*) FROM calls_a WHERE psap_decrypt(title, 'calls.title:' || id) = 'Call ' || id").fetchone()[0]
+            assert got == 99
+    finally:
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+
+
+def test_the_owner_of_a_partition_decides_too(cluster, db):
+    """The batches run as each partition's owner: the parent's owner alone cannot bind them."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS calls_owner")
+        c.execute("CREATE ROLE calls_owner")
+        c.execute("GRANT EXECUTE ON FUNCTION psap_set_column_context(regclass, text, text) TO calls_owner")
+        c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
+        c.execute("ALTER TABLE calls OWNER TO calls_owner")
+        c.execute("CREATE TABLE calls_a PARTITION OF calls FOR VALUES FROM (0) TO (100)")  # owned by postgres
+        c.execute("GRANT SELECT, UPDATE ON calls_a TO calls_owner")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        c.execute("SET ROLE calls_owner")
+        state, msg, _, _ = sqlstate_of(c, "SELECT psap_set_column_context('calls', 'title', %s)", ("'c:' || id",))
+        assert state == "42501" and "calls_a" in msg
+        c.execute("RESET ROLE")
+        c.execute("DROP TABLE calls")
+        c.execute("REVOKE ALL ON FUNCTION psap_set_column_context(regclass, text, text) FROM calls_owner")
+        c.execute("DROP ROLE calls_owner")
+
+
+def test_a_context_set_while_a_rotation_runs_stops_it(cluster, bound):
+    """A batch cannot write under a context that a concurrent psap_set_column_context replaces."""
+    import threading
+    with cluster.connect(dbname=bound) as setter, cluster.connect(dbname=bound) as rotator:
+        setter.execute("SELECT psap_set_column_context('incidents', 'title', NULL)")
+        setter.execute("BEGIN")
+        setter.execute("SELECT psap_set_column_context('incidents', 'title', %s)", (CTX,))
+        rotator.execute("SET client_min_messages = warning")
+        rotator.execute("SET psap.key_version = 'v3'")
+        result = {}
+        def rotate():
+            try:
+                rotator.execute("CALL psap_rotate('incidents', 'title', 50, verify => false)")
+                result["ok"] = True
+            except Exception as e:  # noqa: BLE001
+                result["error"] = (e.sqlstate, str(e))
+        th = threading.Thread(target=rotate)
+        th.start()
+        th.join(2)
+        assert th.is_alive(), "the batch did not wait for the context change to commit"
+        setter.execute("COMMIT")
+        th.join(30)
+        assert result.get("error", ("",))[0] == "55000" and "changed during the rotation" in result["error"][1], result
+        # Nothing was written unbound: every row is still secretbox, and binding works now.
+        assert setter.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v1:%'").fetchone()[0] == 200
+        rotator.execute("CALL psap_rotate('incidents', 'title', 50)")
+        assert plaintexts(setter) == [(i, f"Incident {i}") for i in range(1, 201)]
+
+
+def test_only_the_owner_unregisters_a_bound_column(cluster, bound):
+    with cluster.connect(dbname=bound) as c:
+        c.execute("DROP ROLE IF EXISTS ctx_op2")
+        c.execute("CREATE ROLE ctx_op2")
+        c.execute("SELECT psap_grant_operator('ctx_op2')")
+        c.execute("GRANT SELECT, UPDATE ON incidents TO ctx_op2")
+        c.execute("SET ROLE ctx_op2")
+        assert sqlstate_of(c, "SELECT psap_unregister_column('incidents', 'title')")[0] == "42501"
+        c.execute("RESET ROLE")
+        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == STORED
+        c.execute("REVOKE ALL ON incidents FROM ctx_op2")
+        c.execute("DROP OWNED BY ctx_op2")
+        c.execute("DROP ROLE ctx_op2")
 
 
 def test_only_the_owner_sets_a_context(cluster, bound):
@@ -155,10 +262,19 @@ def test_only_the_owner_sets_a_context(cluster, bound):
         c.execute("SET ROLE ctx_operator")
         # An operator who could rotate the column cannot make the owner run its expression.
         state, msg, detail, _ = sqlstate_of(c, "SELECT psap_set_column_context('incidents', 'title', %s)",
-                                            ("pg_catalog.current_user::text",))
+                                            ("'x:' || id",))
         assert state == "42501" and "owner" in msg and "owner's rights" in detail
         c.execute("RESET ROLE")
-        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == CTX
+        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == STORED
         c.execute("REVOKE ALL ON incidents FROM ctx_operator")
         c.execute("DROP OWNED BY ctx_operator")
         c.execute("DROP ROLE ctx_operator")
+
+
+def test_batches_and_context_changes_refuse_one_snapshot_per_transaction(cluster, bound):
+    with cluster.connect(dbname=bound) as c:
+        c.execute("SET default_transaction_isolation = 'repeatable read'")
+        for sql in ["CALL psap_rotate('incidents', 'title', 50)",
+                    "SELECT psap_set_column_context('incidents', 'title', NULL)"]:
+            state, msg, _, hint = sqlstate_of(c, sql)
+            assert state == "0A000" and "REPEATABLE READ" in msg and "read committed" in hint, sql

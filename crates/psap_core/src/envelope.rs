@@ -123,11 +123,14 @@ pub fn encode_in_place(version: Version, buf: &mut [u8], sealed_len: usize) {
     let prefix = prefix_len(version);
     let start = buf.len() - sealed_len;
     let n = version.get();
+    // "v", one or two digits, ":".
+    let digits: &[u8] = if n >= 10 {
+        &[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]
+    } else {
+        &[b'0' + n as u8]
+    };
     buf[0] = b'v';
-    if n >= 10 {
-        buf[1] = b'0' + (n / 10) as u8;
-    }
-    buf[prefix - 2] = b'0' + (n % 10) as u8;
+    buf[1..prefix - 1].copy_from_slice(digits);
     buf[prefix - 1] = b':';
     const CHUNK: usize = 3 * 1024;
     let mut chunk = [0u8; CHUNK];

@@ -25,12 +25,9 @@ impl Version {
 
     /// Parses the `v<N>` spelling used by `psap.key_version` and the SQL API (`"v2"`).
     pub fn parse(s: &str) -> Option<Version> {
+        // Digits only (no sign, no space), no leading zero; the range is Version::new's.
         let digits = s.strip_prefix('v')?;
-        if digits.is_empty()
-            || digits.len() > 2
-            || digits.starts_with('0')
-            || !digits.bytes().all(|b| b.is_ascii_digit())
-        {
+        if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         Version::new(digits.parse().ok()?)

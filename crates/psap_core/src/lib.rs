@@ -17,6 +17,7 @@
 
 pub mod aes;
 pub mod cipher;
+pub mod context;
 pub mod envelope;
 pub mod error;
 pub mod key;

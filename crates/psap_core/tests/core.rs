@@ -563,3 +563,230 @@ fn key_command_output_is_parsed_strictly_and_never_echoed() {
     assert_eq!(shown, "line 1 has no valid key: a key must be 64 hexadecimal characters (32 bytes), but this one has 60");
     assert!(!shown.contains(&KEY_HEX[..8]));
 }
+
+// ---- Tests that kill what mutation testing found unguarded (docs/reliability.md, Mutants) ----
+
+#[test]
+fn redaction_says_whether_it_changed_anything() {
+    use psap_core::redact::redact;
+    let changed = |s: &str, ctx: bool| redact(&mut s.as_bytes().to_vec(), ctx);
+    // Only a literal after a key setting, only an unterminated one, only a config token.
+    assert!(changed("SET psap.key_v3 = 'not-a-key'", false));
+    assert!(changed("SET psap.key_v3 = 'not-a-k", false));
+    assert!(changed(
+        "syntax error in file \"/d/k.conf\" line 1, near token \"zz\"",
+        false
+    ));
+    // Already hidden, or nothing to hide: unchanged.
+    assert!(!changed("SET psap.key_v3 = '*********'", false));
+    assert!(!changed(
+        "syntax error in file \"/d/k.conf\" line 1, near token \"**\"",
+        false
+    ));
+    assert!(!changed("duration: 1.2 ms", true));
+    // The digit that makes a key setting is the one after "psap.key_v", not one before it.
+    let mut b = b"0123456789psap.key_version = 'abc'".to_vec();
+    assert!(!redact(&mut b, false));
+    assert_eq!(b, b"0123456789psap.key_version = 'abc'");
+}
+
+#[test]
+fn envelope_prefixes_of_one_and_two_digit_versions() {
+    for (n, prefix) in [
+        (1, "v1:"),
+        (9, "v9:"),
+        (10, "v10:"),
+        (42, "v42:"),
+        (99, "v99:"),
+    ] {
+        let v = Version::new(n).unwrap();
+        let mut out = Vec::new();
+        envelope::encode(v, &[7u8; 40], &mut out).unwrap();
+        assert!(out.starts_with(prefix.as_bytes()), "{n}");
+        assert_eq!(envelope::parse_prefix(&out).unwrap().0, v);
+    }
+    for bad in ["", "v", "v0", "v01", "v100", "v+1", "v 1", "1", "v1x", "v٣"] {
+        assert_eq!(Version::parse(bad), None, "{bad:?}");
+    }
+    assert_eq!(Version::parse("v99").map(Version::get), Some(99));
+}
+
+#[test]
+fn the_largest_value_is_postgresqls() {
+    // 1 GiB - 1 (MaxAllocSize) less the 4-byte varlena header.
+    assert_eq!(psap_core::cipher::MAX_VALUE_BYTES, (1 << 30) - 1 - 4);
+}
+
+#[test]
+fn key_command_output_is_read_up_to_64_kib() {
+    assert!(sodium::init());
+    use psap_core::keylines::{parse, Problem, MAX_OUTPUT};
+    assert_eq!(MAX_OUTPUT, 65536);
+    let line = format!("v1 secretbox {}\n", "ab".repeat(32));
+    // Exactly the limit (the key line padded with a comment) is read; one byte more is not.
+    let mut out = line.clone().into_bytes();
+    out.push(b'#');
+    out.resize(MAX_OUTPUT - 1, b'x');
+    out.push(b'\n');
+    assert_eq!(parse(&out).unwrap().len(), 1);
+    out.insert(0, b'\n');
+    assert_eq!(parse(&out).unwrap_err().problem, Problem::TooLong);
+}
+
+#[test]
+fn every_error_says_what_happened() {
+    let e = |e: CoreError| e.to_string();
+    assert_eq!(e(CoreError::Authentication), "wrong key or corrupt data");
+    assert!(e(CoreError::KeyNotConfigured(3)).contains("v3"));
+    assert!(e(CoreError::KeyConflict(4)).contains("v4"));
+    assert!(e(CoreError::TooLarge { bytes: 7 }).contains('7'));
+    assert!(e(CoreError::OutOfMemory { bytes: 9 }).contains("out of memory"));
+    assert_eq!(
+        e(CoreError::ContextNeedsAead(Cipher::Secretbox)),
+        "the cipher secretbox cannot bind a context"
+    );
+    assert!(e(CoreError::CipherUnavailable(Cipher::Aes256Gcm)).contains("aes-256-gcm"));
+    let env = EnvelopeError::TooShort {
+        decoded: 3,
+        needed: 40,
+    };
+    assert!(env.to_string().contains("40"));
+    assert!(!e(CoreError::Envelope(env)).is_empty());
+    assert!(e(CoreError::KeyMalformed(2, KeyError::NotHex)).contains("v2"));
+    for err in [
+        EnvelopeError::NoPrefix,
+        EnvelopeError::BadVersion,
+        EnvelopeError::BadBase64,
+    ] {
+        assert!(!err.to_string().is_empty(), "{err:?}");
+    }
+}
+
+#[test]
+fn a_key_shows_only_its_fingerprint() {
+    assert!(sodium::init());
+    let key = Key::from_hex(&"3c".repeat(32), Cipher::Secretbox).unwrap();
+    let shown = format!("{key:?}");
+    assert_eq!(shown, format!("Key(fingerprint {})", key.fingerprint()));
+    assert!(!shown.contains("3c3c"));
+}
+
+#[test]
+fn taking_a_slot_leaves_the_version_unset() {
+    assert!(sodium::init());
+    let mut ring = KeyRing::default();
+    let v = Version::new(5).unwrap();
+    ring.set(v, Slot::from_setting(Some(&"11".repeat(32))));
+    assert!(matches!(ring.take(v), Slot::Key(_)));
+    assert!(matches!(ring.slot(v), Slot::Unset));
+    assert!(matches!(ring.take(v), Slot::Unset));
+    // relock reaches every key (mlock is allowed here: see keys_live_in_locked_memory...).
+    ring.set(v, Slot::from_setting(Some(&"11".repeat(32))));
+    assert!(ring.relock());
+    assert!(matches!(ring.slot_mut(v), Slot::Key(k) if k.relock()));
+}
+
+#[test]
+fn libsodium_reports_its_version() {
+    let v = psap_core::sodium::version();
+    assert!(v.starts_with("1.0."), "{v}");
+}
+
+#[test]
+fn memzero_zeroes() {
+    let mut b = [0xa5u8; 100];
+    psap_core::sodium::memzero(&mut b[10..90]);
+    assert!(b[..10].iter().all(|&x| x == 0xa5) && b[90..].iter().all(|&x| x == 0xa5));
+    assert!(b[10..90].iter().all(|&x| x == 0));
+}
+
+/// Mappings of this process (each sodium_malloc is a mapping of its own, with guard pages).
+fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn dropped_secrets_are_unmapped() {
+    use psap_core::sodium::Secret;
+    assert!(sodium::init());
+    let before = mappings();
+    for _ in 0..2000 {
+        let s = Secret::<32>::zeroed().unwrap();
+        assert!(s.relock());
+        drop(s);
+    }
+    // Freed, each one: the process does not keep 2000 locked mappings.
+    assert!(mappings() < before + 100, "{before} -> {}", mappings());
+}
+
+#[test]
+fn a_nonce_buffer_is_used_only_by_the_process_that_filled_it() {
+    use psap_core::sodium::NonceSource;
+    let mut parent = NonceSource::default();
+    parent.next(100);
+    // A fork copies the buffer: the child (another PID) must not hand out the parent's next
+    // nonces, which the parent will hand out itself.
+    let mut child = parent.clone();
+    let from_parent: Vec<_> = (0..5).map(|_| parent.clone().next(100)).collect();
+    let from_child = child.next(200);
+    assert!(!from_parent.contains(&from_child));
+    // Within one process the buffer is used, nonce after nonce, without a system call each: a
+    // copy with the same owner hands out the same next nonce (which is why the owner matters).
+    assert_eq!(parent.clone().next(100), parent.clone().next(100));
+    // And it is refilled when used up: 128 per block, all distinct over several blocks.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..1000 {
+        assert!(seen.insert(parent.next(100)));
+    }
+}
+
+#[test]
+fn a_forked_child_never_hands_out_its_parents_nonces() {
+    // What PostgreSQL does: a process fills the buffer, then forks; the child names itself by
+    // its own PID (as the extension does with MyProcPid).
+    let mut source = NonceSource::default();
+    let parent_pid = i64::from(std::process::id());
+    source.next(parent_pid);
+    let mut fds = [0i32; 2];
+    // SAFETY: a pipe and a fork in a test process; the child only computes, writes and exits.
+    unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        let pid = libc::fork();
+        assert!(pid >= 0);
+        if pid == 0 {
+            // No allocation in the child of a multi-threaded process.
+            let mut child = source.clone();
+            let mut nonces = [0u8; 200 * NONCE_BYTES];
+            for chunk in nonces.chunks_mut(NONCE_BYTES) {
+                chunk.copy_from_slice(&child.next(i64::from(libc::getpid())));
+            }
+            libc::write(fds[1], nonces.as_ptr().cast(), nonces.len());
+            libc::_exit(0);
+        }
+        libc::close(fds[1]);
+        let mut from_child = vec![0u8; 200 * NONCE_BYTES];
+        let mut got = 0;
+        while got < from_child.len() {
+            let n = libc::read(
+                fds[0],
+                from_child[got..].as_mut_ptr().cast(),
+                from_child.len() - got,
+            );
+            assert!(n > 0, "the child wrote {got} bytes");
+            got += n as usize;
+        }
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+        libc::close(fds[0]);
+        let parents: std::collections::HashSet<_> =
+            (0..200).map(|_| source.next(parent_pid)).collect();
+        for nonce in from_child.chunks(NONCE_BYTES) {
+            assert!(
+                !parents.contains(nonce),
+                "a nonce of the parent's buffer was used in the child"
+            );
+        }
+    }
+}
