@@ -25,7 +25,7 @@ from conftest import KEY1, KEY2, KEY3, Cluster  # noqa: E402
 from rotation_profile import profile_rotation, profile_two_sessions  # noqa: E402
 
 # Production durability (the test clusters run with fsync off): every batch's COMMIT flushes WAL.
-# pg_stat_statements is loaded for the profile run only (bench/profile.py); it tracks nothing elsewhere.
+# pg_stat_statements is loaded for the profile run only (bench/rotation_profile.py); it tracks nothing elsewhere.
 SETTINGS = ["fsync = on", "shared_buffers = '2GB'", "max_wal_size = '20GB'", "checkpoint_timeout = '1h'",
             "autovacuum = off", "work_mem = '64MB'",
             "shared_preload_libraries = 'psap_encrypt,pg_stat_statements'", "pg_stat_statements.track = 'none'"]

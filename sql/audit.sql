@@ -131,10 +131,18 @@ SELECT l.id, l.operation, l.relation, l.column_name, l.from_version, l.to_versio
        l.session_role, l.run_as_role, l.pid
   FROM @extschema@.psap_audit_log l;
 
--- Rotations and column encryptions only, for watching progress.
+-- Rotations and column encryptions only, for watching progress: the average rate since the
+-- start and, while running, the time left at that rate.
 CREATE VIEW @extschema@.psap_rotation_progress AS
 SELECT id, operation, relation, column_name, from_version, to_version, status, rows_planned,
        rows_done, rows_skipped, batches, percent, started_at, updated_at, ended_at, error,
-       session_role, pid
-  FROM @extschema@.psap_audit
+       session_role, pid, r.rows_per_s,
+       CASE WHEN status = 'running' AND r.rows_per_s > 0 AND rows_planned > rows_done
+            THEN pg_catalog.make_interval(secs => pg_catalog.round((rows_planned - rows_done) / r.rows_per_s))
+       END AS time_left
+  FROM @extschema@.psap_audit,
+       LATERAL (SELECT CASE WHEN rows_done > 0 AND COALESCE(ended_at, updated_at) > started_at
+                            THEN pg_catalog.round(rows_done / pg_catalog.date_part('epoch',
+                                     COALESCE(ended_at, updated_at) - started_at)::numeric)
+                       END AS rows_per_s) r
  WHERE operation IN ('rotate', 'rotate dry run', 'encrypt', 'encrypt dry run');

@@ -1,3 +1,5 @@
+-- The last step of the install script: privileges, then descriptions.
+--
 -- Privileges. Nothing that touches keys, rows or the audit log is executable by PUBLIC: a
 -- superuser grants what each role needs (README, "Roles"). Left to PUBLIC are only functions
 -- that are harmless to everyone: pure helpers that read a value's first characters, the
@@ -63,3 +65,57 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION @extschema@.psap_grant_operator(regrole) FROM PUBLIC;
+
+-- Descriptions: one line for every object of the extension, in PostgreSQL's own style (what
+-- \dx+, \df+, \dv+ and \dt+ show). tests/integration/test_docs.py fails when an object has none.
+
+COMMENT ON FUNCTION @extschema@.psap_encrypt(text) IS 'encrypt text with the current key version (psap.key_version), as the application does';
+COMMENT ON FUNCTION @extschema@.psap_encrypt(text, text) IS 'encrypt text bound to a context (AES-256-GCM associated data)';
+COMMENT ON FUNCTION @extschema@.psap_decrypt(text) IS 'decrypt an envelope with the key its version prefix names';
+COMMENT ON FUNCTION @extschema@.psap_decrypt(text, text) IS 'decrypt an envelope bound to a context';
+COMMENT ON FUNCTION @extschema@.psap_encrypt_bytea(bytea) IS 'encrypt binary data with the current key version';
+COMMENT ON FUNCTION @extschema@.psap_decrypt_bytea(text) IS 'decrypt an envelope of binary data';
+COMMENT ON FUNCTION @extschema@.psap_verify(text) IS 'why an envelope cannot be decrypted, or NULL if it can';
+COMMENT ON FUNCTION @extschema@.psap_keys() IS 'configured key versions: cipher, fingerprint, status, source, module (never a key)';
+COMMENT ON FUNCTION @extschema@.psap_census(regclass, text) IS 'rows of a column per envelope version and cipher, NULLs and plaintext';
+COMMENT ON FUNCTION @extschema@.psap_status() IS 'census of every registered column, with a verdict per column';
+COMMENT ON FUNCTION @extschema@.psap_compliance() IS 'per registered column: versions, ciphers, rows outside FIPS 140-3, key sources, last rotation';
+COMMENT ON FUNCTION @extschema@.psap_register_column(regclass, text) IS 'register an encrypted column (psap_rotate_all and psap_status cover it)';
+COMMENT ON FUNCTION @extschema@.psap_unregister_column(regclass, text) IS 'take a column out of the registry';
+COMMENT ON FUNCTION @extschema@.psap_set_column_context(regclass, text, text) IS 'bind a registered column''s values to a context computed from the row';
+COMMENT ON FUNCTION @extschema@.psap_audit_verify() IS 'check the audit log''s hash chain; no rows: intact';
+COMMENT ON FUNCTION @extschema@.psap_grant_operator(regrole) IS 'grant a role what operating key rotation needs (not decryption)';
+COMMENT ON PROCEDURE @extschema@.psap_rotate(regclass, name, integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean) IS 're-encrypt a column''s envelopes with the current key, in committed batches';
+COMMENT ON PROCEDURE @extschema@.psap_encrypt_column(regclass, name, integer, boolean, integer, double precision, integer, boolean) IS 'encrypt a column''s plaintext values with the current key, in committed batches';
+COMMENT ON PROCEDURE @extschema@.psap_rotate_all(integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean) IS 'psap_rotate on every registered column, with one budget (what a pg_cron job runs)';
+
+COMMENT ON PROCEDURE @extschema@._psap_run(bigint) IS 'internal: the batch loop of a started run (one COMMIT per batch)';
+COMMENT ON FUNCTION @extschema@._psap_run_begin(regclass, text, text, integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean) IS 'internal: check, count and plan a run; returns its token';
+COMMENT ON FUNCTION @extschema@._psap_run_step(bigint) IS 'internal: one batch of a run';
+COMMENT ON FUNCTION @extschema@._psap_run_failed(bigint, text, text, text, text) IS 'internal: record that a batch of a run failed';
+COMMENT ON FUNCTION @extschema@._psap_run_end(bigint) IS 'internal: raise the error a run ended with, once recorded';
+COMMENT ON FUNCTION @extschema@._psap_all_begin(integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean) IS 'internal: start psap_rotate_all';
+COMMENT ON FUNCTION @extschema@._psap_all_next(bigint) IS 'internal: start psap_rotate_all''s run of its next column';
+COMMENT ON FUNCTION @extschema@._psap_all_failed(bigint, text, text) IS 'internal: record a column psap_rotate_all could not start';
+COMMENT ON FUNCTION @extschema@._psap_all_end(bigint) IS 'internal: end psap_rotate_all with its summary';
+COMMENT ON FUNCTION @extschema@._psap_rotate_value(text, text, bigint) IS 'internal: re-encrypt one value, for its run''s batch statement only';
+COMMENT ON FUNCTION @extschema@._psap_encrypt_value(text, text, bigint) IS 'internal: encrypt one value, for its run''s batch statement only';
+COMMENT ON FUNCTION @extschema@._psap_value_error(text, text, bigint) IS 'internal: why one value cannot be decrypted, for its run''s statements only';
+COMMENT ON FUNCTION @extschema@._psap_needs_rotation(text, integer, integer) IS 'internal: whether a value''s prefix needs rotating';
+COMMENT ON FUNCTION @extschema@._psap_is_plaintext(text) IS 'internal: whether a value''s prefix is not an envelope''s';
+COMMENT ON FUNCTION @extschema@._psap_envelope_version(text) IS 'internal: the version an envelope''s prefix names';
+COMMENT ON FUNCTION @extschema@._psap_backend_alive(integer, timestamp with time zone) IS 'internal: whether the backend of an audit record still runs it';
+COMMENT ON FUNCTION @extschema@._psap_audit_writing() IS 'internal: whether psap_encrypt itself is writing the audit log';
+COMMENT ON FUNCTION @extschema@._psap_audit_guard() IS 'internal: keeps psap_audit_log append-only';
+COMMENT ON FUNCTION @extschema@._psap_routines() IS 'internal: the extension''s functions and procedures, for grants';
+COMMENT ON FUNCTION @extschema@._psap_registry_follow_ddl() IS 'internal: keeps the registry''s column names in step with renames';
+COMMENT ON FUNCTION @extschema@._psap_registry_follow_drop() IS 'internal: forgets dropped tables and columns in the registry';
+
+COMMENT ON TABLE @extschema@.psap_encrypted_columns IS 'registry of encrypted columns, with each one''s context';
+COMMENT ON TABLE @extschema@.psap_audit_log IS 'append-only record of every rotation, column encryption, dry run and registry change';
+COMMENT ON TABLE @extschema@.psap_audit_chain IS 'head of the audit log''s hash chain';
+COMMENT ON SEQUENCE @extschema@.psap_audit_log_id_seq IS 'ids of psap_audit_log';
+COMMENT ON VIEW @extschema@.psap_audit IS 'the audit log, with runs whose backend is gone shown as interrupted';
+COMMENT ON VIEW @extschema@.psap_rotation_progress IS 'rotations and column encryptions: progress, rate and time left';
+COMMENT ON EVENT TRIGGER psap_registry_follow_ddl IS 'keeps psap_encrypted_columns in step with column renames';
+COMMENT ON EVENT TRIGGER psap_registry_follow_drop IS 'removes dropped tables and columns from psap_encrypted_columns';

@@ -54,18 +54,45 @@ CREATE EVENT TRIGGER psap_registry_follow_drop ON sql_drop
     EXECUTE FUNCTION @extschema@._psap_registry_follow_drop();
 
 -- Per registered column: rows per version, NULLs and plaintext, whether each version's key is
--- configured, whether it is current, and its cipher. No row with version = 'v1' means the v1
--- key can go.
+-- configured, whether it is current, its cipher, and the verdict a person reads first (the same
+-- on each row of the column): what needs a key the server lacks, then what is still on another
+-- version or not encrypted, else "all on vN". No row with version = 'v1' means the v1 key can go.
 CREATE FUNCTION @extschema@.psap_status()
 RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
-               key_configured boolean, is_current boolean, cipher text)
+               key_configured boolean, is_current boolean, cipher text, verdict text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT r.relid, r.column_name, c.state, c.version, c.rows, c.key_configured,
-           c.version = pg_catalog.current_setting('psap.key_version'), c.cipher
-      FROM @extschema@.psap_encrypted_columns r,
-           LATERAL @extschema@.psap_census(r.relid, r.column_name::text) c
-     ORDER BY r.relid::text, r.column_name, c.state, pg_catalog.length(c.version), c.version
+    WITH c AS (
+        SELECT r.relid, r.column_name, c.state, c.version, c.rows, c.key_configured,
+               c.version = current_setting('psap.key_version') AS is_current, c.cipher
+          FROM @extschema@.psap_encrypted_columns r,
+               LATERAL @extschema@.psap_census(r.relid, r.column_name::text) c
+    ), per_column AS (
+        SELECT c.relid, c.column_name,
+               sum(c.rows) FILTER (WHERE c.state = 'encrypted' AND NOT c.key_configured) AS keyless,
+               string_agg(c.version, ', ' ORDER BY length(c.version), c.version)
+                   FILTER (WHERE c.state = 'encrypted' AND NOT c.key_configured) AS keyless_versions,
+               sum(c.rows) FILTER (WHERE c.state = 'encrypted' AND c.key_configured AND NOT c.is_current) AS behind,
+               string_agg(c.version, ', ' ORDER BY length(c.version), c.version)
+                   FILTER (WHERE c.state = 'encrypted' AND c.key_configured AND NOT c.is_current) AS behind_versions,
+               sum(c.rows) FILTER (WHERE c.state = 'not encrypted') AS plain,
+               sum(c.rows) FILTER (WHERE c.state = 'encrypted') AS encrypted
+          FROM c GROUP BY c.relid, c.column_name
+    )
+    SELECT c.relid, c.column_name, c.state, c.version, c.rows, c.key_configured, c.is_current, c.cipher,
+           concat_ws('; ',
+               CASE WHEN v.keyless > 0 THEN v.keyless || CASE WHEN v.keyless = 1 THEN ' row needs' ELSE ' rows need' END
+                                        || ' a key the server lacks (' || v.keyless_versions || ')' END,
+               CASE WHEN v.behind > 0
+                    THEN v.behind || CASE WHEN v.behind = 1 THEN ' row' ELSE ' rows' END
+                         || ' still on ' || v.behind_versions END,
+               CASE WHEN v.plain > 0 THEN v.plain || CASE WHEN v.plain = 1 THEN ' row' ELSE ' rows' END
+                                       || ' not encrypted' END,
+               CASE WHEN v.encrypted > 0 AND v.keyless IS NULL AND v.behind IS NULL AND v.plain IS NULL
+                    THEN 'all on ' || current_setting('psap.key_version') END,
+               CASE WHEN v.encrypted IS NULL AND v.plain IS NULL THEN 'no encrypted rows' END)
+      FROM c JOIN per_column v ON v.relid = c.relid AND v.column_name = c.column_name
+     ORDER BY c.relid::text, c.column_name, c.state, length(c.version), c.version
 $$;
 
 -- A CJIS audit in one query: per registered column, the key versions and ciphers its rows use,

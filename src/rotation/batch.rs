@@ -4,6 +4,8 @@
 //! reported to `_psap_run_failed`, which records it; `_psap_run_end` raises it again once that
 //! record is committed.
 
+use std::time::Instant;
+
 use pgrx::prelude::*;
 use pgrx::PgOid;
 
@@ -190,14 +192,23 @@ fn step(run: &mut Run) -> Option<Status> {
     run.pass_done += done;
     let planned = ((run.total + run.opts.batch - 1) / run.opts.batch).max(run.counts.batches);
     let mut msg = format!(
-        "batch {}/{planned}: {} {done} rows",
+        "[{}] batch {}/{planned} — {} {done} rows",
+        run.what(),
         run.counts.batches,
         run.opts.mode.past()
     );
     if failed > 0 {
         msg.push_str(&format!(", skipped {failed} undecryptable"));
     }
-    notice(msg);
+    let rows_planned = run.total.max(run.counts.done);
+    if let Some(time) = run.progress.batch(
+        Instant::now(),
+        run.counts.batches,
+        run.counts.done,
+        rows_planned,
+    ) {
+        notice(msg + &time);
+    }
     run.audit.progress(run.audit_id, run.counts);
     None
 }
@@ -247,12 +258,18 @@ fn remaining(run: &Run) -> i64 {
 
 fn done_notice(run: &Run, left: i64) {
     let mut msg = format!(
-        "done: {} {} rows of {} to {} in {} batches",
+        "[{}] done — {} {} rows to {} in {} {}{}",
+        run.what(),
         run.opts.mode.past(),
         run.counts.done,
-        run.what(),
         run.to,
-        run.counts.batches
+        run.counts.batches,
+        if run.counts.batches == 1 {
+            "batch"
+        } else {
+            "batches"
+        },
+        run.progress.summary(Instant::now(), run.counts.done)
     );
     let skipped = run.skipped_rows();
     if skipped > 0 {

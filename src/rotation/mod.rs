@@ -34,6 +34,7 @@ pub mod batch;
 pub mod failure;
 pub mod options;
 pub mod plan;
+pub mod progress;
 pub mod rowfn;
 pub mod sql;
 pub mod state;
@@ -74,6 +75,8 @@ pub struct Run {
     pub counted: Vec<Option<i64>>,
     /// Whether a step has run (the pause comes between batches, not before the first).
     pub stepped: bool,
+    /// What the progress lines say of time (rate, time left, elapsed).
+    pub progress: progress::Progress,
 }
 
 impl Run {

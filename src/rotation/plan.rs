@@ -171,6 +171,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         pass_done: 0,
         batch_plan: None,
         stepped: false,
+        progress: Default::default(),
         opts,
     };
     if let Some((failure, rows)) = refusal {

@@ -77,6 +77,45 @@ def test_nonces_differ_between_calls_and_backends(cluster, db):
                 seen.add(nonce)
 
 
+# docs/reliability.md publishes these; test_reliability_doc keeps the two in step.
+NONCE_SESSIONS = 50
+NONCES_PER_SESSION = 1000
+
+
+@pytest.mark.parametrize("cipher", ["secretbox", "aes-256-gcm"])
+def test_nonces_are_unique_across_many_concurrent_backends(cluster, db, cipher):
+    """Every backend is forked from the postmaster: none may hand out a nonce another one did,
+    nor one of its own twice (secretbox: psap_encrypt's pooled OS randomness, named by PID;
+    AES-256-GCM: drawn inside the FIPS module)."""
+    import threading
+    version, nonce_bytes = ("v1", 24) if cipher == "secretbox" else ("v3", 12)
+    if cipher != "secretbox":
+        cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY3}, "v1")
+    conns = [cluster.connect(dbname=db) for _ in range(NONCE_SESSIONS)]
+    try:
+        pids = {c.execute("SELECT pg_backend_pid()").fetchone()[0] for c in conns}
+        assert len(pids) == NONCE_SESSIONS
+        out = [None] * NONCE_SESSIONS
+        start = threading.Barrier(NONCE_SESSIONS)
+        def work(i, c):
+            c.execute(f"SET psap.key_version = '{version}'")
+            start.wait()
+            out[i] = c.execute("SELECT psap_encrypt('same') FROM generate_series(1, %s)", (NONCES_PER_SESSION,)).fetchall()
+        threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(conns)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        nonces = [base64.b64decode(env[3:])[:nonce_bytes] for rows in out for (env,) in rows]
+        assert len(nonces) == NONCE_SESSIONS * NONCES_PER_SESSION
+        assert all(env.startswith(f"{version}:") for rows in out for (env,) in rows)
+        assert len(set(nonces)) == len(nonces)
+    finally:
+        for c in conns:
+            c.close()
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+
+
 def test_function_properties(cluster, db):
     with cluster.connect(dbname=db) as c:
         props = dict(

@@ -351,8 +351,10 @@ def test_reliability_doc():
     from conftest import ROOT
 
     doc = (ROOT / "docs" / "reliability.md").read_text()
+    from test_crypto import NONCE_SESSIONS, NONCES_PER_SESSION
     for figure in [f"| {FUZZ_INPUTS} inputs |", f"| {BIT_FLIPS} flips |", f"| {RANDOM_CANCELS} |",
-                   f"rotation of a {LOAD_ROWS}-row table", f"| {LOAD_WRITERS} sessions |"]:
+                   f"rotation of a {LOAD_ROWS}-row table", f"| {LOAD_WRITERS} sessions |",
+                   f"| {NONCE_SESSIONS} sessions x {NONCES_PER_SESSION} encryptions, each cipher |"]:
         assert figure in doc, figure
 
 

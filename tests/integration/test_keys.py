@@ -62,7 +62,7 @@ def test_no_role_reads_a_key_back(cluster, db, roles):
         text = probe(c)
         assert "(set, hidden)" in text
         # pg_file_settings is superuser-only and shows the configuration file's text: this is the
-        # one place a superuser sees keys, as they could read the file itself (docs/security).
+        # one place a superuser sees keys, as they could read the file itself (README, Security notes).
         shown = c.execute("SHOW psap.key_v1").fetchone()[0]
         assert shown == "(set, hidden)"
         assert c.execute("SELECT count(*) FROM pg_settings WHERE name ~ '^psap[.]key_v[0-9]'").fetchone()[0] == 0

@@ -40,7 +40,7 @@ def rotate(cluster, db, sql="CALL psap_rotate('incidents', 'title', 100)", notic
         c.execute(sql)
 
 
-def test_runbook_end_to_end(cluster, db):
+def test_runbook_steps_in_sql(cluster, db):
     with cluster.connect(dbname=db) as c:
         fill(c, 2847)
         c.execute("INSERT INTO incidents VALUES (9001, NULL, 'x'), (9002, 'not encrypted yet', 'x')")
@@ -52,8 +52,8 @@ def test_runbook_end_to_end(cluster, db):
     notices = []
     rotate(cluster, db, "CALL psap_rotate('incidents', 'title', 500, from_version => 'v1')", notices)
     assert notices[0] == "rotating 2847 rows of public.incidents.title from v1 to v2 (batch=500)"
-    assert notices[1] == "batch 1/6: rotated 500 rows"
-    assert notices[-1].startswith("done: rotated 2847 rows of public.incidents.title to v2")
+    assert notices[1] == "[public.incidents.title] batch 1/6 — rotated 500 rows"
+    assert notices[-1].startswith("[public.incidents.title] done — rotated 2847 rows to v2")
     with cluster.connect(dbname=db) as c:
         assert census(c) == {("encrypted", "v2"): 2847, ("null", None): 1, ("not encrypted", None): 1}
         c.execute("DELETE FROM incidents WHERE id > 9000")
