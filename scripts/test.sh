@@ -3,7 +3,7 @@
 # anything fails. Layers, fastest first:
 #   1. cargo fmt --check and clippy -D warnings
 #   2. unit tests of the pure core            cargo test -p psap_core (and psap_keys, with SoftHSM2)
-#   3. tests inside a real server             cargo pgrx test pg15 (src/tests.rs)
+#   3. tests inside a real server             cargo pgrx test pg15 (src/pg_tests.rs, unit tests)
 #   4. what a DBA sees in psql                tests/pg_regress (pg_regress, expected output)
 #   5. integration, several real sessions     tests/integration (pytest + psycopg + PyNaCl)
 #   6. the Debian package                     tests/package/run.sh (build, lintian, dpkg -i, rotate, dpkg -r)

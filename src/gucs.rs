@@ -216,12 +216,14 @@ unsafe fn guc_variables() -> (*mut *mut pg_sys::config_generic, usize) {
 
 #[cfg(any(feature = "pg13", feature = "pg14"))]
 unsafe fn reserve_prefix() {
-    pg_sys::EmitWarningsOnPlaceholders(c"psap".as_ptr());
+    // SAFETY: called once from _PG_init with a static prefix.
+    unsafe { pg_sys::EmitWarningsOnPlaceholders(c"psap".as_ptr()) };
 }
 
 #[cfg(not(any(feature = "pg13", feature = "pg14")))]
 unsafe fn reserve_prefix() {
-    pg_sys::MarkGUCPrefixReserved(c"psap".as_ptr());
+    // SAFETY: called once from _PG_init with a static prefix.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"psap".as_ptr()) };
 }
 
 fn define_key_setting(version: Version) {
@@ -317,7 +319,8 @@ unsafe extern "C-unwind" fn check_key<const N: usize>(
     let Some(version) = Version::new(N as u32) else {
         return false;
     };
-    let text = setting_text(*newval);
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value (a C string or NULL).
+    let text = setting_text(unsafe { *newval });
     let change = if text == MASK.to_str().ok() {
         KeyChange::Keep
     } else {
@@ -330,13 +333,16 @@ unsafe extern "C-unwind" fn check_key<const N: usize>(
                         ring.set(version, Slot::Rejected(e));
                     }
                 });
-                set_check_message(
-                    &format!("invalid value for key setting \"psap.key_v{N}\""),
-                    &format!(
-                        "{} The value is not shown.",
-                        error::sentence(&e.to_string())
-                    ),
-                );
+                // SAFETY: inside a check hook, where PostgreSQL reads these messages.
+                unsafe {
+                    set_check_message(
+                        &format!("invalid value for key setting \"psap.key_v{N}\""),
+                        &format!(
+                            "{} The value is not shown.",
+                            error::sentence(&e.to_string())
+                        ),
+                    )
+                };
                 return false;
             }
             Slot::Unset | Slot::Conflict => KeyChange::Unset,
@@ -349,22 +355,28 @@ unsafe extern "C-unwind" fn check_key<const N: usize>(
             }
         }
     };
-    if change != KeyChange::Keep {
-        let mask = guc_alloc(MASK.to_bytes_with_nul().len()).cast::<c_char>();
-        std::ptr::copy_nonoverlapping(MASK.as_ptr(), mask, MASK.to_bytes_with_nul().len());
-        let old = *newval;
-        if !old.is_null() {
-            psap_core::sodium::memzero(std::slice::from_raw_parts_mut(
-                old.cast::<u8>(),
-                CStr::from_ptr(old).to_bytes().len(),
-            ));
-            guc_release(old.cast());
+    // SAFETY: the check hook protocol: `*newval` is a GUC-allocated C string this hook may
+    // replace with another GUC allocation (freeing the old one), and `*extra` receives a GUC
+    // allocation that PostgreSQL hands to the assign hook and frees. The mask is copied with its
+    // NUL; the old value is wiped over exactly its length before it is freed.
+    unsafe {
+        if change != KeyChange::Keep {
+            let mask = guc_alloc(MASK.to_bytes_with_nul().len()).cast::<c_char>();
+            std::ptr::copy_nonoverlapping(MASK.as_ptr(), mask, MASK.to_bytes_with_nul().len());
+            let old = *newval;
+            if !old.is_null() {
+                psap_core::sodium::memzero(std::slice::from_raw_parts_mut(
+                    old.cast::<u8>(),
+                    CStr::from_ptr(old).to_bytes().len(),
+                ));
+                guc_release(old.cast());
+            }
+            *newval = mask;
         }
-        *newval = mask;
+        let marker = guc_alloc(1).cast::<u8>();
+        *marker = change as u8;
+        *extra = marker.cast();
     }
-    let marker = guc_alloc(1).cast::<u8>();
-    *marker = change as u8;
-    *extra = marker.cast();
     true
 }
 
@@ -375,7 +387,8 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
     let Some(version) = Version::new(N as u32) else {
         return;
     };
-    let change = match extra.cast::<u8>().as_ref() {
+    // SAFETY: `extra` is the one-byte marker check_key allocated (or NULL).
+    let change = match unsafe { extra.cast::<u8>().as_ref() } {
         Some(0) => KeyChange::Unset,
         Some(1) => KeyChange::Set,
         _ => KeyChange::Keep,
@@ -440,7 +453,8 @@ unsafe fn guc_alloc(size: usize) -> *mut c_void {
     extern "C" {
         fn malloc(size: usize) -> *mut c_void;
     }
-    let p = malloc(size);
+    // SAFETY: plain malloc; the result is checked below.
+    let p = unsafe { malloc(size) };
     if p.is_null() {
         error::raise(
             pgrx::PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
@@ -457,17 +471,20 @@ unsafe fn guc_release(p: *mut c_void) {
     extern "C" {
         fn free(p: *mut c_void);
     }
-    free(p)
+    // SAFETY: `p` came from guc_alloc (malloc) and is freed once.
+    unsafe { free(p) }
 }
 
 #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
 unsafe fn guc_alloc(size: usize) -> *mut c_void {
-    pg_sys::guc_malloc(pg_sys::ERROR as i32, size)
+    // SAFETY: guc_malloc raises an ERROR instead of returning NULL.
+    unsafe { pg_sys::guc_malloc(pg_sys::ERROR as i32, size) }
 }
 
 #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
 unsafe fn guc_release(p: *mut c_void) {
-    pg_sys::guc_free(p)
+    // SAFETY: `p` came from guc_alloc and is freed once.
+    unsafe { pg_sys::guc_free(p) }
 }
 
 #[pg_guard]
@@ -476,14 +493,18 @@ unsafe extern "C-unwind" fn check_key_version(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    let text = setting_text(*newval).unwrap_or("");
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
+    let text = setting_text(unsafe { *newval }).unwrap_or("");
     if Version::parse(text).is_some() {
         return true;
     }
-    set_check_message(
-        "invalid value for parameter \"psap.key_version\"",
-        &format!("Key versions are written v1 to v{MAX_VERSION}, as in the envelope prefix."),
-    );
+    // SAFETY: inside a check hook.
+    unsafe {
+        set_check_message(
+            "invalid value for parameter \"psap.key_version\"",
+            &format!("Key versions are written v1 to v{MAX_VERSION}, as in the envelope prefix."),
+        )
+    };
     false
 }
 
@@ -495,14 +516,18 @@ unsafe extern "C-unwind" fn assign_key_version(newval: *const c_char, _extra: *m
 
 /// Sets the message and detail PostgreSQL reports for a rejected value.
 unsafe fn set_check_message(msg: &str, detail: &str) {
-    pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
-    pg_sys::GUC_check_errmsg_string = pg_strdup(msg);
-    pg_sys::GUC_check_errdetail_string = pg_strdup(detail);
+    // SAFETY: the check-hook message globals, set as GUC_check_errmsg does, with palloc'd copies.
+    unsafe {
+        pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
+        pg_sys::GUC_check_errmsg_string = pg_strdup(msg);
+        pg_sys::GUC_check_errdetail_string = pg_strdup(detail);
+    }
 }
 
 unsafe fn pg_strdup(s: &str) -> *mut c_char {
     let c = CString::new(s.replace('\0', "")).unwrap_or_default();
-    pg_sys::pstrdup(c.as_ptr())
+    // SAFETY: copies a valid C string into the current memory context.
+    unsafe { pg_sys::pstrdup(c.as_ptr()) }
 }
 
 /// Raises a clear error unless the library was loaded through `shared_preload_libraries`.
@@ -773,15 +798,19 @@ unsafe extern "C-unwind" fn check_revoked(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    if parse_versions(setting_text(*newval).unwrap_or("")).is_some() {
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value.
+    if parse_versions(setting_text(unsafe { *newval }).unwrap_or("")).is_some() {
         return true;
     }
-    set_check_message(
-        "invalid value for parameter \"psap.revoked_versions\"",
-        &format!(
-            "A comma-separated list of key versions, v1 to v{MAX_VERSION}, such as \"v1, v3\"."
-        ),
-    );
+    // SAFETY: inside a check hook.
+    unsafe {
+        set_check_message(
+            "invalid value for parameter \"psap.revoked_versions\"",
+            &format!(
+                "A comma-separated list of key versions, v1 to v{MAX_VERSION}, such as \"v1, v3\"."
+            ),
+        )
+    };
     false
 }
 

@@ -1,8 +1,8 @@
 //! psap_encrypt: field-level encryption with in-database key rotation for PostgreSQL.
 //!
 //! Where things live:
-//! - `crates/psap_core`: the envelope format, keys and libsodium, log redaction (no pgrx;
-//!   `cargo test -p psap_core`);
+//! - `crates/psap_core`: the envelope format, keys, the ciphers (libsodium, AWS-LC's FIPS
+//!   module), the context language, log redaction (no pgrx; `cargo test -p psap_core`);
 //! - [`gucs`]: every setting, the key ring they fill (merged with the key command's), nonces;
 //! - [`keysource`]: the key command, run by the postmaster, and its table shared with backends;
 //! - [`error`]: every error and its SQLSTATE;
@@ -15,6 +15,8 @@
 //! - [`rotation`]: the batch jobs (psap_rotate, psap_encrypt_column, psap_rotate_all);
 //! - `sql/`: hand-written SQL (the procedures, the audit log, the registry, privileges) and the
 //!   released install and upgrade scripts.
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 use pgrx::prelude::*;
 
@@ -93,10 +95,7 @@ extension_sql_file!(
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests {
-    include!("tests.rs");
-}
+mod pg_tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

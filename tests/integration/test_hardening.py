@@ -352,9 +352,12 @@ def test_reliability_doc():
 
     doc = (ROOT / "docs" / "reliability.md").read_text()
     from test_crypto import NONCE_SESSIONS, NONCES_PER_SESSION
+    corpus = (ROOT / "crates" / "psap_core" / "tests" / "corpus.txt").read_text().splitlines()
+    corpus_cases = sum(1 for line in corpus if line and not line.startswith("#"))
     for figure in [f"| {FUZZ_INPUTS} inputs |", f"| {BIT_FLIPS} flips |", f"| {RANDOM_CANCELS} |",
                    f"rotation of a {LOAD_ROWS}-row table", f"| {LOAD_WRITERS} sessions |",
-                   f"| {NONCE_SESSIONS} sessions x {NONCES_PER_SESSION} encryptions, each cipher |"]:
+                   f"| {NONCE_SESSIONS} sessions x {NONCES_PER_SESSION} encryptions, each cipher |",
+                   f"| {corpus_cases} cases |"]:
         assert figure in doc, figure
 
 

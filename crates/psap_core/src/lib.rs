@@ -11,9 +11,12 @@
 //!   length checked first;
 //! - [`redact`]: the rules that keep key material out of server log lines;
 //! - [`cipher`]: encrypt/decrypt/re-encrypt of whole values, joining the three, in caller-provided
-//!   buffers and with fallible allocation.
+//!   buffers and with fallible allocation;
+//! - [`context`]: the language of a column's context expression (constants and column names).
 //!
 //! The PostgreSQL extension (`src/` at the top of the repository) only translates between SQL and this crate.
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod aes;
 pub mod cipher;

@@ -1,7 +1,7 @@
 //! A mutation fuzzer for the pure core (runs under `cargo test`, deterministic seed): decrypt
 //! must end in the right plaintext or an error for every input, never panic, and never accept an
 //! envelope that differs from one the encoder wrote. `corpus.txt` keeps interesting cases
-//! (one per line) as regression inputs; each must be rejected.
+//! (one per line) as regression inputs; each must be rejected, for the reason written next to it.
 //! (A coverage-guided cargo-fuzz/libFuzzer target is not set up: cargo-fuzz builds with
 //! nightly-only compiler flags by default, and this project pins stable Rust 1.95.)
 
@@ -142,13 +142,22 @@ fn corpus_cases_are_rejected() {
     assert_eq!(decrypt(&ring, fixture, &[], &mut Vec::new()), Ok(v1));
     let corpus = include_str!("corpus.txt");
     let mut n = 0;
-    for line in corpus.lines().filter(|l| !l.starts_with('#')) {
-        let input = line.replace("\\n", "\n").replace("\\0", "\0");
+    for line in corpus
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (expected, input) = line.split_once('\t').expect("reason<TAB>input");
+        let input = input.replace("\\n", "\n").replace("\\0", "\0");
         let mut out = Vec::new();
-        assert!(
-            decrypt(&ring, input.as_bytes(), &[], &mut out).is_err(),
-            "accepted: {line}"
-        );
+        let got = decrypt(&ring, input.as_bytes(), &[], &mut out).expect_err(line);
+        // The variant's name: `Envelope(TooShort { .. })` is TooShort.
+        let debug = format!("{got:?}");
+        let name = debug
+            .trim_start_matches("Envelope(")
+            .split(|c: char| !c.is_alphanumeric())
+            .next()
+            .unwrap_or_default();
+        assert_eq!(name, expected, "{line}");
         n += 1;
     }
     assert!(n >= 20);

@@ -1,0 +1,110 @@
+//! Tests inside a real server (`cargo pgrx test pg15`): the SQL surface, with the keys from
+//! `pg_test::postgresql_conf_options()` in lib.rs (v1, v2 current, and a malformed v5).
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    const FIXTURE: &str = "v1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXux6Es8jM3wE7Zv2XqAHv1g2LSjqkvtdi3hzpVxrqZrdjl2aS7UxRz0TW";
+
+    fn one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(sql: &str) -> Option<T> {
+        Spi::get_one::<T>(sql).expect("query failed")
+    }
+
+    #[pg_test]
+    fn decrypts_application_ciphertext() {
+        let got = one::<String>(&format!("SELECT psap_decrypt('{FIXTURE}')"));
+        assert_eq!(got.as_deref(), Some("Structure fire, 12 Main St"));
+    }
+
+    #[pg_test]
+    fn encrypts_with_the_current_version_and_round_trips() {
+        let env = one::<String>("SELECT psap_encrypt('Ünïcödé 🚒')").unwrap();
+        assert!(env.starts_with("v2:"), "{env}");
+        assert_eq!(
+            one::<String>(&format!("SELECT psap_decrypt('{env}')")).as_deref(),
+            Some("Ünïcödé 🚒")
+        );
+        assert_eq!(
+            one::<String>("SELECT psap_decrypt(psap_encrypt(''))").as_deref(),
+            Some("")
+        );
+    }
+
+    #[pg_test]
+    fn keys_show_fingerprints_and_the_malformed_setting() {
+        let rows = one::<String>("SELECT string_agg(version || ':' || coalesce(fingerprint, '-') || ':' || is_current || ':' || status, ' ' ORDER BY version) FROM psap_keys()");
+        assert_eq!(
+            rows.as_deref(),
+            Some("v1:83eeb49b32ed8578:false:ok v2:1d04a979771e18e3:true:ok v5:-:false:malformed")
+        );
+    }
+
+    #[pg_test]
+    fn key_settings_are_masked() {
+        assert_eq!(
+            one::<String>("SELECT current_setting('psap.key_v1')").as_deref(),
+            Some("(set, hidden)")
+        );
+        assert_eq!(
+            one::<String>("SELECT current_setting('psap.key_v9')").as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pg_settings WHERE name ~ '^psap[.]key_v[0-9]'"),
+            Some(0)
+        );
+    }
+
+    #[pg_test(error = "malformed ciphertext envelope")]
+    fn rejects_a_value_without_prefix() {
+        one::<String>("SELECT psap_decrypt('hello')");
+    }
+
+    #[pg_test(error = "wrong key or corrupt data")]
+    fn rejects_ciphertext_under_another_key() {
+        one::<String>(&format!("SELECT psap_decrypt('v2:{}')", &FIXTURE[3..]));
+    }
+
+    #[pg_test(error = "key setting \"psap.key_v5\" is malformed")]
+    fn reports_the_malformed_key_at_use() {
+        one::<String>(&format!("SELECT psap_decrypt('v5:{}')", &FIXTURE[3..]));
+    }
+
+    #[pg_test(error = "no key is configured for version v9")]
+    fn reports_a_missing_key() {
+        one::<String>(&format!("SELECT psap_decrypt('v9:{}')", &FIXTURE[3..]));
+    }
+
+    #[pg_test]
+    fn census_counts_versions_nulls_and_plaintext() {
+        Spi::run("CREATE TABLE t (x text); INSERT INTO t VALUES (psap_encrypt('a')), (NULL), ('plain'), ('v10:zz')").unwrap();
+        let got = one::<String>("SELECT string_agg(state || '/' || coalesce(version, '-') || '/' || rows, ' ') FROM psap_census('t', 'x')");
+        assert_eq!(
+            got.as_deref(),
+            Some("encrypted/v2/1 encrypted/v10/1 not encrypted/-/1 null/-/1")
+        );
+    }
+
+    #[pg_test]
+    fn needs_rotation_reads_the_prefix_exactly() {
+        assert_eq!(
+            one::<bool>("SELECT _psap_needs_rotation('v1:x', 2, NULL)"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT _psap_needs_rotation('v10:', 2, 1)"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>("SELECT _psap_needs_rotation('v2:x', 2, NULL)"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>("SELECT _psap_needs_rotation('plain', 2, NULL)"),
+            Some(false)
+        );
+    }
+}
