@@ -30,6 +30,10 @@ if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
     step "installing cargo-pgrx $PGRX_VERSION (about 4 minutes)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --quiet
 fi
+if ! cargo fuzz --version 2>/dev/null | grep -q " 0.13.2\$"; then
+    step "installing cargo-fuzz 0.13.2 (about a minute)"
+    cargo install cargo-fuzz --version 0.13.2 --locked --quiet
+fi
 if ! grep -qs '^pg15' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
     step "registering the system PostgreSQL 15 with pgrx"
     cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null

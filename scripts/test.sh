@@ -3,6 +3,7 @@
 # anything fails. Layers, fastest first:
 #   1. cargo fmt --check and clippy -D warnings
 #   2. unit tests of the pure core            cargo test -p psap_core (and psap_keys, with SoftHSM2)
+#      and coverage-guided fuzzing of its parsers (scripts/fuzz.sh: 30 s each, saved crashes first)
 #   3. tests inside a real server             cargo pgrx test pg15 (src/pg_tests.rs, unit tests)
 #   4. what a DBA sees in psql                tests/pg_regress (pg_regress, expected output)
 #   5. integration, several real sessions     tests/integration (pytest + psycopg + PyNaCl)
@@ -22,6 +23,9 @@ cargo clippy --all-targets --quiet -- -D warnings
 step "unit tests (psap_core) and the key tool against SoftHSM2 (psap_keys)"
 cargo test -p psap_core --quiet
 cargo test -p psap_keys --quiet
+
+step "coverage-guided fuzzing of the core's parsers"
+scripts/fuzz.sh 30
 
 step "tests inside PostgreSQL (cargo pgrx test)"
 rm -rf /tmp/psap-pgtest

@@ -96,7 +96,12 @@ pub fn parse(s: &str) -> Result<ContextExpr, ContextError> {
     if !terms.iter().any(|t| matches!(t, Term::Column(_))) {
         return Err(ContextError::NoColumn);
     }
-    Ok(ContextExpr { terms })
+    let expr = ContextExpr { terms };
+    // What is stored (every name quoted) must parse again, so it is held to the limit too.
+    if expr.canonical().len() > MAX_LEN {
+        return Err(ContextError::TooLong);
+    }
+    Ok(expr)
 }
 
 fn skip_space(b: &[u8], mut i: usize) -> usize {

@@ -2,8 +2,8 @@
 //! must end in the right plaintext or an error for every input, never panic, and never accept an
 //! envelope that differs from one the encoder wrote. `corpus.txt` keeps interesting cases
 //! (one per line) as regression inputs; each must be rejected, for the reason written next to it.
-//! (A coverage-guided cargo-fuzz/libFuzzer target is not set up: cargo-fuzz builds with
-//! nightly-only compiler flags by default, and this project pins stable Rust 1.95.)
+//! Coverage-guided fuzzing of the same parser (and the others) is scripts/fuzz.sh
+//! (cargo-fuzz targets in crates/psap_core/fuzz).
 
 use psap_core::key::Slot;
 use psap_core::sodium;
