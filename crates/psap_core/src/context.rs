@@ -128,13 +128,11 @@ fn term(s: &str, i: usize) -> Result<(Term, usize), ContextError> {
             Ok((Term::Column(name), next))
         }
         c if c.is_ascii_alphabetic() || c == b'_' => {
-            let mut j = i + 1;
+            // The name runs to the first other character; what follows must be `||` or the
+            // end (parse checks), so `id(`, `id.x` and `id::t` are refused there.
+            let mut j = i;
             while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] == b'$') {
                 j += 1;
-            }
-            // A name must end where a term ends: `id(`, `id.x` or `id::t` is something else.
-            if j < b.len() && !matches!(b[j], b' ' | b'\t' | b'\n' | b'\r' | b'|') {
-                return Err(ContextError::Unexpected(j));
             }
             let name = s[i..j].to_ascii_lowercase();
             check_name(&name)?;

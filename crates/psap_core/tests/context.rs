@@ -90,6 +90,11 @@ fn refuses_everything_else() {
     assert!(parse(&"a".repeat(63)).is_ok());
     let long = format!("id || '{}'", "x".repeat(1000));
     assert_eq!(parse(&long), Err(TooLong));
+    // The limit itself is allowed.
+    let exact = format!("\"id\" || '{}'", "x".repeat(1000 - 10));
+    assert_eq!(exact.len(), 1000);
+    assert!(parse(&exact).is_ok());
+    assert_eq!(parse(&format!("{exact} ")), Err(TooLong));
     // Short enough as written, too long once every name is quoted (found by cargo fuzz).
     let names = vec!["a"; 300].join("||");
     assert!(names.len() <= 1000);

@@ -584,6 +584,10 @@ fn redaction_says_whether_it_changed_anything() {
         false
     ));
     assert!(!changed("duration: 1.2 ms", true));
+    // A mention that is not a key setting does not hide the key setting named after it.
+    let mut b = b"psap.key_version is not a key; set psap.key_v2 = 'abc'".to_vec();
+    assert!(redact(&mut b, false));
+    assert_eq!(b, b"psap.key_version is not a key; set psap.key_v2 = '***'");
     // The digit that makes a key setting is the one after "psap.key_v", not one before it.
     let mut b = b"0123456789psap.key_version = 'abc'".to_vec();
     assert!(!redact(&mut b, false));
