@@ -18,7 +18,7 @@ scripts/setup.sh
 
 step "format and lints"
 cargo fmt --all -- --check
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "unit tests (psap_core) and the key tool against SoftHSM2 (psap_keys)"
 cargo test -p psap_core --quiet

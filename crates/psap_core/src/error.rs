@@ -52,9 +52,9 @@ pub enum CoreError {
         bytes: usize,
     },
     /// The version's cipher cannot be used here.
-    CipherUnavailable(crate::key::Cipher),
+    CipherUnavailable(crate::types::Cipher),
     /// A context (associated data) was given for a cipher that cannot bind one (secretbox).
-    ContextNeedsAead(crate::key::Cipher),
+    ContextNeedsAead(crate::types::Cipher),
 }
 
 impl fmt::Display for EnvelopeError {

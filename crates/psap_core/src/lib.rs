@@ -2,6 +2,7 @@
 //!
 //! Everything here is plain Rust over libsodium and is tested with `cargo test -p psap_core`:
 //! - [`limits`]: the format's sizes and limits;
+//! - [`types`]: a key [`Version`] and the [`Cipher`] it uses;
 //! - [`envelope`]: the application's ciphertext format, `v<N>:` + base64(sealed value);
 //! - [`key`]: keys in locked memory parsed from hex, their fingerprints, and the [`key::KeyRing`]
 //!   of versions;
@@ -28,7 +29,9 @@ pub mod keylines;
 pub mod limits;
 pub mod redact;
 pub mod sodium;
+pub mod types;
 
 pub use cipher::{decrypt, encrypt, reencrypt};
 pub use error::{CoreError, EnvelopeError, KeyError};
-pub use key::{Cipher, Key, KeyRing, Version};
+pub use key::{Key, KeyRing};
+pub use types::{Cipher, Version};

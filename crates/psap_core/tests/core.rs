@@ -292,7 +292,7 @@ fn nonces_are_fresh_and_refilled_after_a_fork() {
 fn decrypt_into_writes_into_the_callers_buffer() {
     let ring = ring();
     for (plain, env) in FIXTURES {
-        let mut buf = vec![0xAAu8; 128];
+        let mut buf = [0xAAu8; 128];
         let mut asked = 0;
         let (v, len) = psap_core::cipher::decrypt_into(&ring, env.as_bytes(), &[], |n| {
             asked = n;
@@ -304,7 +304,7 @@ fn decrypt_into_writes_into_the_callers_buffer() {
         // The buffer asked for holds the decoded envelope: plaintext + nonce + tag (+ padding).
         assert!(asked >= len + 40 && asked <= len + 42, "{asked} for {len}");
     }
-    let mut buf = vec![0u8; 128];
+    let mut buf = [0u8; 128];
     let bad = format!("v2:{}", &FIXTURES[0].1[3..]);
     let got = psap_core::cipher::decrypt_into(&ring, bad.as_bytes(), &[], |n| Ok(&mut buf[..n]));
     assert_eq!(got, Err(CoreError::Authentication));
@@ -419,7 +419,7 @@ fn log_redaction_hides_keys_and_only_keys() {
         format!("statement: SELECT set_config('psap.' || 'key_v1', '{stars}', false)")
     );
     assert_eq!(r(&format!("x{KEY_HEX}y")), format!("x{stars}y"));
-    assert_eq!(r(&format!("{}", KEY_HEX.to_uppercase())), stars);
+    assert_eq!(r(&KEY_HEX.to_uppercase()), stars);
     // 63 digits are not a key; other text stays.
     let short = &KEY_HEX[..63];
     assert_eq!(r(short), short);
