@@ -102,6 +102,7 @@ def bench_read(c, n, xml_rows, pgc_rows, runs):
         "count(*)": ("SELECT count(*) FROM titles_base", n),
         "count(title)": ("SELECT count(title) FROM titles_base", n),
         "psap_census": ("SELECT sum(rows) FROM psap_census('titles_base', 'title')", n),
+        "group by first 4 characters": ("SELECT sum(n) FROM (SELECT count(*) AS n FROM titles_base GROUP BY substr(title, 1, 4)) s", n),
         "pgcrypto pgp_sym_decrypt": ("SELECT sum(length(pgp_sym_decrypt(t, 'bench passphrase'))) FROM pgc", pgc_rows),
         "xml scan": ("SELECT sum(length(raw_xml)) FROM xml_base", xml_rows),
         "xml psap_decrypt": ("SELECT sum(length(psap_decrypt(raw_xml))) FROM xml_base", xml_rows),

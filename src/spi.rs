@@ -23,6 +23,17 @@ pub fn rows<T>(
     .unwrap_or_else(|e| error::spi(e))
 }
 
+/// Each row of a read-only query passed to `f`, without collecting them (for results whose
+/// size the data decides: only SPI's own, palloc'd, copy of the rows is held).
+pub fn for_each(
+    sql: &str,
+    args: &[DatumWithOid],
+    mut f: impl FnMut(SpiHeapTupleData) -> Result<(), pgrx::spi::Error>,
+) {
+    Spi::connect(|client| client.select(sql, None, args)?.try_for_each(&mut f))
+        .unwrap_or_else(|e| error::spi(e))
+}
+
 /// Rows of a statement that locks or writes (it needs a transaction id), each mapped by `f`.
 pub fn rows_mut<T>(
     sql: &str,
