@@ -209,6 +209,18 @@ def write_report(r, quick=False):
         w("  likewise below 0.90x): the section above lists what the difference pays for. Each of those is one of")
         w("  the guarantees the issue keeps (skip held rows, verify before writing, catch rows written behind the")
         w("  walk, record every batch); none of the statement shapes measured removes a measurable part of it.")
+    dba = "DBA's loop: SKIP LOCKED + psap_encrypt(psap_decrypt())"
+    if dba in rot and ratio("psap_rotate", dba) < 1.25:
+        d, dv = ratio("psap_rotate", dba), ratio("psap_rotate, verify => false", dba)
+        w(f"- **psap_rotate, {d:.2f}x the DBA's hand-written loop instead of 1.25x** ({dv:.2f}x with `verify => false`).")
+        w("  The loop is fast because it promises little: it walks the primary key once and keeps no record.")
+        w("  It decrypts nothing before writing (an undecryptable row fails its batch after earlier batches")
+        w("  committed), leaves rows that were locked when it passed, or written behind it, on the old key")
+        w("  without saying so, needs a primary key to walk, and writes no audit row. psap_rotate's extra cost")
+        w("  per row is the verification scan, the count of what is left and the subtransaction and audit row")
+        w("  per batch (the phases above); its batch statements and commits (lock, re-encrypt, update) cost")
+        w("  about what the whole loop does. 1.25x the loop would be")
+        w(f"  {1.25 * ratio(dba, 'batched UPDATE + re-encrypt, no locks'):.2f}x the lock-free re-encrypting UPDATE, which takes no row lock, verifies nothing and keeps no record.")
     if pgc_ratio < 200:
         w(f"- **pgcrypto, {pgc_ratio:.0f}x instead of 200x.** A decrypting scan cannot be cheaper than the scan plus")
         w(f"  libsodium's open: {floor_us:.2f} us per row here, which caps the ratio at "
