@@ -359,6 +359,10 @@ def test_reliability_doc():
                    f"| {NONCE_SESSIONS} sessions x {NONCES_PER_SESSION} encryptions, each cipher |",
                    f"| {corpus_cases} cases |"]:
         assert figure in doc, figure
+    # scripts/mutants.sh keeps docs/mutants-survivors.txt equal to what survives; the page says how many.
+    survivors = (ROOT / "docs" / "mutants-survivors.txt").read_text().splitlines()
+    reviewed = sum(1 for line in survivors if line.strip() and not line.startswith("#"))
+    assert f"| {reviewed} survivors, each reviewed |" in doc
 
 
 def test_errors_of_other_statements_pass_the_hooks_unchanged(cluster, db):
