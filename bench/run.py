@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-from conftest import KEY1, KEY2, KEY3, Cluster  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+from psap_cluster import KEY1, KEY2, KEY3, Cluster  # noqa: E402
 from rotation_profile import profile_rotation, profile_two_sessions  # noqa: E402
 
 # Production durability (the test clusters run with fsync off): every batch's COMMIT flushes WAL.

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import ROOT
+from psap_cluster import ROOT
 
 KEY_USER = "psapkeys"
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"

@@ -4,7 +4,7 @@ data), so a value copied into another row no longer decrypts. Who may set it, wh
 and when it may change, tried as an attacker would."""
 import pytest
 
-from conftest import KEY1, KEY2, KEY3, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, sqlstate_of
 from test_fips import php
 
 GCM3 = "aes-256-gcm:" + KEY3

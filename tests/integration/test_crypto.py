@@ -8,7 +8,7 @@ import nacl.secret
 import psycopg
 import pytest
 
-from conftest import KEY1, KEY2, KEY3, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, sqlstate_of
 
 SAMPLES = [
     "Structure fire, 12 Main St",

@@ -2,7 +2,7 @@
 and the hand-written SQL) has a row, and every row's SQLSTATE is raised somewhere. Needs no server."""
 import re
 
-from conftest import ROOT
+from psap_cluster import ROOT
 
 ERRCODES_H = "/usr/include/postgresql/15/server/utils/errcodes.h"
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import KEY1, KEY2, KEY3, ROOT, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, ROOT, sqlstate_of
 
 PHP = ROOT / "clients" / "php" / "bin" / "psap-php"
 GCM3 = "aes-256-gcm:" + KEY3

@@ -13,7 +13,7 @@ import nacl.secret
 import psycopg
 import pytest
 
-from conftest import BIN, KEY1, KEY2, KEY3, as_postgres, sqlstate_of
+from psap_cluster import BIN, KEY1, KEY2, KEY3, as_postgres, sqlstate_of
 
 DELIBERATE = {"22P02", "22023", "55000", "F0000", "39000", "22021"}
 # docs/reliability.md publishes these; test_reliability_doc keeps the two in step.
@@ -348,7 +348,7 @@ def test_load_during_rotation(cluster, db):
 
 def test_reliability_doc():
     """docs/reliability.md publishes the figures these tests use."""
-    from conftest import ROOT
+    from psap_cluster import ROOT
 
     doc = (ROOT / "docs" / "reliability.md").read_text()
     from test_crypto import NONCE_SESSIONS, NONCES_PER_SESSION

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import BIN, KEY1, KEY2, KEY3, Cluster, as_postgres, sqlstate_of
+from psap_cluster import BIN, KEY1, KEY2, KEY3, Cluster, as_postgres, sqlstate_of
 
 HERE = Path("/tmp") / f"psap-kc-{os.getpid()}"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Cluster, sqlstate_of
+from psap_cluster import ROOT, Cluster, sqlstate_of
 from hsm import BINARY, KEY_USER, Hsm, sh
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_pgaudit_says_which_roles_read_which_encrypted_columns_when(tmp_path):
     c.destroy()
     c.start()
     try:
-        from conftest import KEY1
+        from psap_cluster import KEY1
         c.set_keys({"v1": KEY1}, "v1")
         with c.connect() as conn:
             conn.execute("CREATE EXTENSION psap_encrypt; CREATE EXTENSION pgaudit")

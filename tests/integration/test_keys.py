@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import BIN, KEY1, KEY2, KEY3, Cluster, sqlstate_of
+from psap_cluster import BIN, KEY1, KEY2, KEY3, Cluster, sqlstate_of
 
 SECRETS = [KEY1, KEY2, KEY1.upper(), KEY2.upper()]
 

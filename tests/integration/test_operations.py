@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import KEY1, KEY2, KEY3, Cluster, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, Cluster, sqlstate_of
 
 
 def setup_tables(c):

@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import KEY1, KEY2, KEY3, Cluster, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, Cluster, sqlstate_of
 
 
 def fill(c, n, table="incidents", extra_cols="", pk=True):
@@ -449,7 +449,7 @@ def test_standby_refuses_and_decrypts(cluster, db):
         fill(c, 100)
     standby_dir = cluster.dir.with_name(cluster.dir.name + "-standby")
     subprocess.run(["rm", "-rf", str(standby_dir)])
-    from conftest import BIN, as_postgres
+    from psap_cluster import BIN, as_postgres
 
     as_postgres(BIN / "pg_basebackup", "-h", cluster.dir, "-p", cluster.port, "-U", "postgres", "-D", standby_dir, "-R", "-X", "stream", "-c", "fast")
     as_postgres("sh", "-c", f"cat >> {standby_dir}/postgresql.conf",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY1, ROOT, Cluster
+from psap_cluster import KEY1, ROOT, Cluster
 from hsm import KEY_USER, Hsm
 
 RUNBOOK = ROOT / "docs" / "runbook.md"

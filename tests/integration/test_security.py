@@ -4,7 +4,7 @@ altered audit trail, a hostile search_path, column values in messages. Each test
 import psycopg
 import pytest
 
-from conftest import KEY1, KEY2, sqlstate_of
+from psap_cluster import KEY1, KEY2, sqlstate_of
 
 # Every way an UPDATE (or a read) of a table runs its owner's code. Each spy records the role it
 # ran as, and tries to make its owner a superuser when that role is one.

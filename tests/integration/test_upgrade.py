@@ -10,7 +10,7 @@ import difflib
 import psycopg
 import pytest
 
-from conftest import KEY1, KEY2, sqlstate_of
+from psap_cluster import KEY1, KEY2, sqlstate_of
 
 OLD = "0.1.0"
 
