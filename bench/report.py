@@ -232,7 +232,7 @@ def write_report(r, quick=False):
         fixed = gcm_added_ns - nat["core_gcm_decrypt_ns"]
         w(f"- **AES-256-GCM decrypt, {gcm_ratio:.2f}x the module's open instead of 1.3x.** The module opens an 80-byte")
         w(f"  value in {nat['aes_gcm_open_ns']:.0f} ns (AES-NI; {nat['aes_gcm_open_prepared_key_ns']:.0f} ns of it with the key schedule already")
-        w(f"  expanded, which psap_encrypt does not keep: the expanded key would sit outside the locked key memory),")
+        w("  expanded, which psap_encrypt does not keep: the expanded key would sit outside the locked key memory),")
         w(f"  against libsodium's {nat['open_ns']:.0f} ns. What psap_decrypt adds around any cipher, about {fixed:.0f} ns (the")
         w("  function call, base64, the result text), is the same for both, and is a large share of so fast a")
         w(f"  cipher: in absolute terms a GCM row costs {gcm_added_ns:.0f} ns over the scan against {added_ns:.0f} ns for secretbox.")

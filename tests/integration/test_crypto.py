@@ -1,11 +1,9 @@
 """psap_encrypt / psap_decrypt in a real server: interoperability with an independent libsodium
 binding (PyNaCl), every error's SQLSTATE and message, and what psap_keys() shows."""
 import base64
-import os
 
 import nacl.exceptions
 import nacl.secret
-import psycopg
 import pytest
 
 from psap_cluster import KEY1, KEY2, KEY3, sqlstate_of

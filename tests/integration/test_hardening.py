@@ -3,9 +3,7 @@ The figures each test reaches are written to docs/reliability.md by hand and che
 import base64
 import os
 import random
-import re
 import signal
-import subprocess
 import threading
 import time
 

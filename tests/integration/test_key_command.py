@@ -3,12 +3,10 @@ reload: success, every way it can fail, a new version reaching sessions already 
 configured twice, a standby running its own command, and base backups without keys."""
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from psap_cluster import BIN, KEY1, KEY2, KEY3, Cluster, as_postgres, sqlstate_of
@@ -64,7 +62,7 @@ def keys(conn):
 
 
 def test_keys_come_from_the_command_at_start_and_reach_open_sessions_at_reload(kc):
-    use_command(kc, emitting(f"# v1 and v2", f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}"), restart=True)
+    use_command(kc, emitting("# v1 and v2", f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}"), restart=True)
     with kc.connect() as c:
         k = keys(c)
         assert k["v1"] == ("secretbox", fingerprint(KEY1), "ok", "command", True, None)

@@ -3,15 +3,13 @@ HSMs) owned by an OS user of its own, `psap-keys` as the server's key command th
 generate v1 and v2, rotate, retire v1, revoke a compromised version and rotate away from it, and
 restore the keys from a backup into a new token after the first one is lost."""
 import os
-import pwd
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from psap_cluster import ROOT, Cluster, sqlstate_of
-from hsm import BINARY, KEY_USER, Hsm, sh
+from hsm import KEY_USER, Hsm, sh
 
 @pytest.fixture(scope="module")
 def hsm_world():

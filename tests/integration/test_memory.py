@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from psap_cluster import BIN, KEY1, KEY2, Cluster, as_postgres
+from psap_cluster import BIN, KEY1, KEY2, Cluster
 
 MB = 1024 * 1024
 HEADROOM = 600 * MB  # what a backend may allocate beyond its size at rest

@@ -1,14 +1,13 @@
 """Operating rotations: the registry of encrypted columns, psap_rotate_all, psap_status, the
-audit trail, plaintext migration with psap_encrypt_column, least-privilege roles, and pg_cron."""
+audit trail, plaintext migration with psap_encrypt_column, and pg_cron (the roles: test_security.py)."""
 import os
 import subprocess
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from psap_cluster import KEY1, KEY2, KEY3, Cluster, sqlstate_of
+from psap_cluster import KEY1, KEY2, Cluster, sqlstate_of
 
 
 def setup_tables(c):
@@ -140,53 +139,6 @@ def test_encrypt_column_migrates_plaintext_with_passthrough_for_views(cluster, d
         assert c.execute("SELECT psap_verify(body) FROM notes WHERE id = 3003").fetchone()[0].startswith("malformed")
         ops = c.execute("SELECT operation, status, rows_done FROM psap_audit WHERE operation LIKE 'encrypt%' ORDER BY id").fetchall()
         assert ops == [("encrypt dry run", "done", 0), ("encrypt", "stopped", 1000), ("encrypt", "done", 1000)]
-
-
-def test_least_privilege_roles(cluster, db):
-    with cluster.connect(dbname=db) as c:
-        setup_tables(c)
-        c.execute("DROP ROLE IF EXISTS app, operator, auditor")
-        c.execute("CREATE ROLE app LOGIN; CREATE ROLE operator LOGIN; CREATE ROLE auditor LOGIN")
-        # The application: reads through a view, writes with psap_encrypt.
-        c.execute("CREATE VIEW incidents_plain AS SELECT id, psap_decrypt(title) AS title FROM incidents")
-        c.execute("GRANT SELECT, INSERT ON incidents TO app; GRANT SELECT ON incidents_plain TO app")
-        c.execute("GRANT EXECUTE ON FUNCTION psap_encrypt(text), psap_decrypt(text) TO app")
-        # The operator: rotates, never decrypts.
-        c.execute("SELECT psap_grant_operator('operator')")
-        c.execute("GRANT SELECT, UPDATE ON incidents, incident_communications, cfs_incidents TO operator")
-        # The auditor: reads the audit trail only.
-        c.execute("GRANT SELECT ON psap_audit TO auditor")
-        c.execute("CREATE TABLE secret_notes (id int, body text)")
-    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-    try:
-        with cluster.connect(user="app", dbname=db) as c:
-            assert c.execute("SELECT title FROM incidents_plain WHERE id = 5").fetchone()[0] == "Incident 5"
-            c.execute("INSERT INTO incidents VALUES (5000, psap_encrypt('from the app'))")
-            for sql in ["CALL psap_rotate('incidents', 'title')", "CALL psap_rotate_all()", "SELECT * FROM psap_keys()",
-                        "SELECT * FROM psap_audit", "SELECT current_setting('psap.key_v1')", "SELECT psap_register_column('incidents', 'title')"]:
-                assert sqlstate_of(c, sql)[0] == "42501", sql
-        with cluster.connect(user="operator", dbname=db) as c:
-            c.execute("CALL psap_rotate_all(400)")
-            assert c.execute("SELECT count(*) FROM psap_status() WHERE version = 'v1'").fetchone()[0] == 0
-            assert c.execute("SELECT count(*) FROM psap_keys()").fetchone()[0] == 2
-            for sql in ["SELECT psap_decrypt(title) FROM incidents LIMIT 1", "SELECT psap_encrypt('x')",
-                        "DELETE FROM psap_audit_log", "SELECT current_setting('psap.key_v2')",
-                        # No audit record written by hand, no ciphertext made or re-encrypted by
-                        # the per-row functions outside a run, no registry change on a table
-                        # the operator could not rotate.
-                        "INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role) VALUES ('rotate', 'x', 'y', 'postgres')",
-                        "SELECT _psap_encrypt_value('FORGED', NULL, 1)",
-                        "SELECT _psap_rotate_value(title, NULL, 1) FROM incidents LIMIT 1",
-                        "SELECT _psap_value_error(title, NULL, 1) FROM incidents LIMIT 1",
-                        "SELECT psap_register_column('secret_notes', 'body')"]:
-                assert sqlstate_of(c, sql)[0] == "42501", sql
-        with cluster.connect(user="auditor", dbname=db) as c:
-            assert c.execute("SELECT count(*) FROM psap_audit WHERE operation = 'rotate' AND run_as_role = 'operator'").fetchone()[0] == 3
-            assert sqlstate_of(c, "SELECT * FROM psap_audit_log")[0] == "42501"
-            assert sqlstate_of(c, "CALL psap_rotate_all()")[0] == "42501"
-    finally:
-        with cluster.connect(dbname=db) as c:
-            c.execute("DROP OWNED BY app, operator, auditor; DROP ROLE app, operator, auditor")
 
 
 @pytest.mark.slow

@@ -193,36 +193,6 @@ def test_refusals(cluster, db):
         assert c.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v1:%'").fetchone()[0] == 10
 
 
-def test_privileges(cluster, db):
-    with cluster.connect(dbname=db) as c:
-        fill(c, 10)
-        c.execute("DROP ROLE IF EXISTS rot; CREATE ROLE rot LOGIN")
-        c.execute("GRANT SELECT ON incidents TO rot")
-    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-    try:
-        with cluster.connect(user="rot", dbname=db) as c:
-            assert sqlstate_of(c, "CALL psap_rotate('incidents', 'title')")[0] == "42501"  # no EXECUTE
-        with cluster.connect(dbname=db) as c:
-            c.execute("SELECT psap_grant_operator('rot')")
-        with cluster.connect(user="rot", dbname=db) as c:
-            state, msg, detail, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title')")
-            assert (state, msg) == ("42501", "permission denied for table public.incidents")
-            assert sqlstate_of(c, "SELECT psap_decrypt(title) FROM incidents")[0] == "42501"
-        with cluster.connect(dbname=db) as c:
-            c.execute("GRANT UPDATE (title) ON incidents TO rot")
-        with cluster.connect(user="rot", dbname=db) as c:
-            c.execute("CALL psap_rotate('incidents', 'title')")
-            assert c.execute("SELECT session_role FROM psap_rotation_progress").fetchone()[0] == "rot"
-            # The log is not writable by the rotating role.
-            assert sqlstate_of(c, "DELETE FROM psap_audit_log")[0] == "42501"
-            assert sqlstate_of(c, "UPDATE psap_audit_log SET status = 'done'")[0] == "42501"
-        with cluster.connect(dbname=db) as c:
-            assert census(c) == {("encrypted", "v2"): 10}
-    finally:
-        with cluster.connect(dbname=db) as c:
-            c.execute("DROP OWNED BY rot; DROP ROLE rot")
-
-
 def test_hostile_identifiers(cluster, db):
     with cluster.connect(dbname=db) as c:
         c.execute('CREATE SCHEMA "we""ird; schema"')

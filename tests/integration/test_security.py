@@ -1,10 +1,15 @@
-"""Attacks on psap_encrypt's privilege model, tried as a less trusted role would try them:
-a table owner's code run by a superuser's rotation, internal routines called directly, a forged or
-altered audit trail, a hostile search_path, column values in messages. Each test failed on 0.1.0."""
-import psycopg
+"""psap_encrypt's privilege model, every test of it in one file. First the attacks, tried as a less
+trusted role would try them: a table owner's code run by a superuser's rotation, internal routines
+called directly, a forged or altered audit trail, a hostile search_path, column values in messages
+(each failed on 0.1.0). Then who may do what: the operator, the application and the auditor roles,
+a table's and a partition's owner. (Who can read or set a key is in test_keys.py, with the key
+settings.)"""
 import pytest
 
 from psap_cluster import KEY1, KEY2, sqlstate_of
+from test_context import STORED, bound  # noqa: F401 (bound: a fixture)
+from test_operations import setup_tables
+from test_rotate import census, fill
 
 # Every way an UPDATE (or a read) of a table runs its owner's code. Each spy records the role it
 # ran as, and tries to make its owner a superuser when that role is one.
@@ -284,3 +289,137 @@ def test_rotate_all_rotates_every_other_column_when_one_fails(cluster, db):
         assert done == {"public.a_calls": "done", "public.b_notes": "failed", "public.c_xml": "done"}
         for t, n in (("a_calls", 200), ("b_notes", 0), ("c_xml", 200)):
             assert c.execute(f"SELECT count(*) FROM {t} WHERE v LIKE 'v2:%'").fetchone()[0] == n
+
+
+# Who may do what, as each role would try it (the operator, the application, the auditor, a table's
+# owner and a partition's): the plain privilege model, beside the attacks above.
+
+
+def test_privileges(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        fill(c, 10)
+        c.execute("DROP ROLE IF EXISTS rot; CREATE ROLE rot LOGIN")
+        c.execute("GRANT SELECT ON incidents TO rot")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    try:
+        with cluster.connect(user="rot", dbname=db) as c:
+            assert sqlstate_of(c, "CALL psap_rotate('incidents', 'title')")[0] == "42501"  # no EXECUTE
+        with cluster.connect(dbname=db) as c:
+            c.execute("SELECT psap_grant_operator('rot')")
+        with cluster.connect(user="rot", dbname=db) as c:
+            state, msg, detail, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title')")
+            assert (state, msg) == ("42501", "permission denied for table public.incidents")
+            assert sqlstate_of(c, "SELECT psap_decrypt(title) FROM incidents")[0] == "42501"
+        with cluster.connect(dbname=db) as c:
+            c.execute("GRANT UPDATE (title) ON incidents TO rot")
+        with cluster.connect(user="rot", dbname=db) as c:
+            c.execute("CALL psap_rotate('incidents', 'title')")
+            assert c.execute("SELECT session_role FROM psap_rotation_progress").fetchone()[0] == "rot"
+            # The log is not writable by the rotating role.
+            assert sqlstate_of(c, "DELETE FROM psap_audit_log")[0] == "42501"
+            assert sqlstate_of(c, "UPDATE psap_audit_log SET status = 'done'")[0] == "42501"
+        with cluster.connect(dbname=db) as c:
+            assert census(c) == {("encrypted", "v2"): 10}
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP OWNED BY rot; DROP ROLE rot")
+
+
+def test_least_privilege_roles(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        setup_tables(c)
+        c.execute("DROP ROLE IF EXISTS app, operator, auditor")
+        c.execute("CREATE ROLE app LOGIN; CREATE ROLE operator LOGIN; CREATE ROLE auditor LOGIN")
+        # The application: reads through a view, writes with psap_encrypt.
+        c.execute("CREATE VIEW incidents_plain AS SELECT id, psap_decrypt(title) AS title FROM incidents")
+        c.execute("GRANT SELECT, INSERT ON incidents TO app; GRANT SELECT ON incidents_plain TO app")
+        c.execute("GRANT EXECUTE ON FUNCTION psap_encrypt(text), psap_decrypt(text) TO app")
+        # The operator: rotates, never decrypts.
+        c.execute("SELECT psap_grant_operator('operator')")
+        c.execute("GRANT SELECT, UPDATE ON incidents, incident_communications, cfs_incidents TO operator")
+        # The auditor: reads the audit trail only.
+        c.execute("GRANT SELECT ON psap_audit TO auditor")
+        c.execute("CREATE TABLE secret_notes (id int, body text)")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    try:
+        with cluster.connect(user="app", dbname=db) as c:
+            assert c.execute("SELECT title FROM incidents_plain WHERE id = 5").fetchone()[0] == "Incident 5"
+            c.execute("INSERT INTO incidents VALUES (5000, psap_encrypt('from the app'))")
+            for sql in ["CALL psap_rotate('incidents', 'title')", "CALL psap_rotate_all()", "SELECT * FROM psap_keys()",
+                        "SELECT * FROM psap_audit", "SELECT current_setting('psap.key_v1')", "SELECT psap_register_column('incidents', 'title')"]:
+                assert sqlstate_of(c, sql)[0] == "42501", sql
+        with cluster.connect(user="operator", dbname=db) as c:
+            c.execute("CALL psap_rotate_all(400)")
+            assert c.execute("SELECT count(*) FROM psap_status() WHERE version = 'v1'").fetchone()[0] == 0
+            assert c.execute("SELECT count(*) FROM psap_keys()").fetchone()[0] == 2
+            for sql in ["SELECT psap_decrypt(title) FROM incidents LIMIT 1", "SELECT psap_encrypt('x')",
+                        "DELETE FROM psap_audit_log", "SELECT current_setting('psap.key_v2')",
+                        # No audit record written by hand, no ciphertext made or re-encrypted by
+                        # the per-row functions outside a run, no registry change on a table
+                        # the operator could not rotate.
+                        "INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role) VALUES ('rotate', 'x', 'y', 'postgres')",
+                        "SELECT _psap_encrypt_value('FORGED', NULL, 1)",
+                        "SELECT _psap_rotate_value(title, NULL, 1) FROM incidents LIMIT 1",
+                        "SELECT _psap_value_error(title, NULL, 1) FROM incidents LIMIT 1",
+                        "SELECT psap_register_column('secret_notes', 'body')"]:
+                assert sqlstate_of(c, sql)[0] == "42501", sql
+        with cluster.connect(user="auditor", dbname=db) as c:
+            assert c.execute("SELECT count(*) FROM psap_audit WHERE operation = 'rotate' AND run_as_role = 'operator'").fetchone()[0] == 3
+            assert sqlstate_of(c, "SELECT * FROM psap_audit_log")[0] == "42501"
+            assert sqlstate_of(c, "CALL psap_rotate_all()")[0] == "42501"
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP OWNED BY app, operator, auditor; DROP ROLE app, operator, auditor")
+
+
+def test_the_owner_of_a_partition_decides_too(cluster, db):
+    """The batches run as each partition's owner: the parent's owner alone cannot bind them."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS calls_owner")
+        c.execute("CREATE ROLE calls_owner")
+        c.execute("GRANT EXECUTE ON FUNCTION psap_set_column_context(regclass, text, text) TO calls_owner")
+        c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
+        c.execute("ALTER TABLE calls OWNER TO calls_owner")
+        c.execute("CREATE TABLE calls_a PARTITION OF calls FOR VALUES FROM (0) TO (100)")  # owned by postgres
+        c.execute("GRANT SELECT, UPDATE ON calls_a TO calls_owner")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        c.execute("SET ROLE calls_owner")
+        state, msg, _, _ = sqlstate_of(c, "SELECT psap_set_column_context('calls', 'title', %s)", ("'c:' || id",))
+        assert state == "42501" and "calls_a" in msg
+        c.execute("RESET ROLE")
+        c.execute("DROP TABLE calls")
+        c.execute("REVOKE ALL ON FUNCTION psap_set_column_context(regclass, text, text) FROM calls_owner")
+        c.execute("DROP ROLE calls_owner")
+
+
+def test_only_the_owner_unregisters_a_bound_column(cluster, bound):
+    with cluster.connect(dbname=bound) as c:
+        c.execute("DROP ROLE IF EXISTS ctx_op2")
+        c.execute("CREATE ROLE ctx_op2")
+        c.execute("SELECT psap_grant_operator('ctx_op2')")
+        c.execute("GRANT SELECT, UPDATE ON incidents TO ctx_op2")
+        c.execute("SET ROLE ctx_op2")
+        assert sqlstate_of(c, "SELECT psap_unregister_column('incidents', 'title')")[0] == "42501"
+        c.execute("RESET ROLE")
+        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == STORED
+        c.execute("REVOKE ALL ON incidents FROM ctx_op2")
+        c.execute("DROP OWNED BY ctx_op2")
+        c.execute("DROP ROLE ctx_op2")
+
+
+def test_only_the_owner_sets_a_context(cluster, bound):
+    with cluster.connect(dbname=bound) as c:
+        c.execute("DROP ROLE IF EXISTS ctx_operator")
+        c.execute("CREATE ROLE ctx_operator")
+        c.execute("SELECT psap_grant_operator('ctx_operator')")
+        c.execute("GRANT SELECT, UPDATE ON incidents TO ctx_operator")
+        c.execute("SET ROLE ctx_operator")
+        # An operator who could rotate the column cannot make the owner run its expression.
+        state, msg, detail, _ = sqlstate_of(c, "SELECT psap_set_column_context('incidents', 'title', %s)",
+                                            ("'x:' || id",))
+        assert state == "42501" and "owner" in msg and "owner's rights" in detail
+        c.execute("RESET ROLE")
+        assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == STORED
+        c.execute("REVOKE ALL ON incidents FROM ctx_operator")
+        c.execute("DROP OWNED BY ctx_operator")
+        c.execute("DROP ROLE ctx_operator")

@@ -7,10 +7,9 @@ a fresh install of the current version (the script pgrx generates) and 0.1.0 + e
 script must describe the same objects, attribute by attribute."""
 import difflib
 
-import psycopg
 import pytest
 
-from psap_cluster import KEY1, KEY2, sqlstate_of
+from psap_cluster import KEY1, KEY2
 
 OLD = "0.1.0"
 
