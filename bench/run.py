@@ -14,15 +14,14 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+from psap_cluster import KEY1, KEY2, KEY3, Cluster  # tests/support, on PYTHONPATH (scripts/bench.sh)
+from rotation_profile import profile_rotation, profile_two_sessions
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "support"))
-from psap_cluster import KEY1, KEY2, KEY3, Cluster  # noqa: E402
-from rotation_profile import profile_rotation, profile_two_sessions  # noqa: E402
 
 # Production durability (the test clusters run with fsync off): every batch's COMMIT flushes WAL.
 # pg_stat_statements is loaded for the profile run only (bench/rotation_profile.py); it tracks nothing elsewhere.

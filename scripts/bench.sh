@@ -9,4 +9,4 @@ unset RUST_BACKTRACE
 scripts/setup.sh >/dev/null
 .venv/bin/pip install -q -r bench/requirements.txt
 cargo build --release -q -p psap_core --example sodium_bench
-cd bench && ../.venv/bin/python run.py "$@"
+cd bench && PYTHONPATH=../tests/support ../.venv/bin/python run.py "$@"

@@ -17,6 +17,7 @@ use pgrx::spi::OwnedPreparedStatement;
 use pgrx::PgOid;
 
 use crate::api::target;
+use crate::names::{AUDIT_CHAIN, AUDIT_LOG, BACKEND_ALIVE};
 use crate::{error, sandbox, spi};
 
 /// Counters a batch job reports.
@@ -65,7 +66,7 @@ impl AuditLog {
     pub fn open() -> AuditLog {
         let ext = target::extension_schema();
         let owner = spi::one::<pg_sys::Oid>(
-            &format!("SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) '{ext}.psap_audit_log'::pg_catalog.regclass"),
+            &format!("SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) '{ext}.{AUDIT_LOG}'::pg_catalog.regclass"),
             &[],
         )
         .unwrap_or_else(|| error::extension_missing());
@@ -104,7 +105,7 @@ impl AuditLog {
     pub fn begin(&self, s: Start) -> i64 {
         let role = current_role();
         let sql = format!(
-            "INSERT INTO {}.psap_audit_log
+            "INSERT INTO {}.{AUDIT_LOG}
                  (operation, relation, column_name, from_version, to_version, from_fingerprints,
                   to_fingerprint, batch_size, rows_planned, run_as_role)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8::pg_catalog.int4, $9, $10) RETURNING id",
@@ -134,7 +135,7 @@ impl AuditLog {
             let result = Spi::connect_mut(|client| {
                 if plan.is_none() {
                     let sql = format!(
-                        "UPDATE {ext}.psap_audit_log
+                        "UPDATE {ext}.{AUDIT_LOG}
                             SET rows_done = $2, rows_skipped = $3, batches = $4,
                                 updated_at = pg_catalog.clock_timestamp()
                           WHERE id OPERATOR(pg_catalog.=) $1 AND status OPERATOR(pg_catalog.=) 'running'"
@@ -158,7 +159,7 @@ impl AuditLog {
     /// Ends the record of a batch job and seals it.
     pub fn end(&self, id: i64, status: &str, c: Counts, error: Option<String>) {
         let sql = format!(
-            "UPDATE {}.psap_audit_log
+            "UPDATE {}.{AUDIT_LOG}
                 SET status = $2, error = $7, updated_at = pg_catalog.clock_timestamp(),
                     ended_at = pg_catalog.clock_timestamp(),
                     rows_done = pg_catalog.int8larger(rows_done, $3),
@@ -188,7 +189,7 @@ impl AuditLog {
     pub fn event(&self, operation: &str, relation: &str, column: &str) {
         let role = current_role();
         let sql = format!(
-            "INSERT INTO {}.psap_audit_log (operation, relation, column_name, run_as_role)
+            "INSERT INTO {}.{AUDIT_LOG} (operation, relation, column_name, run_as_role)
              VALUES ($1, $2, $3, $4) RETURNING id",
             self.ext
         );
@@ -209,11 +210,11 @@ impl AuditLog {
     /// running belongs to a run that a cancel or error ended between two batches), and seals them.
     pub fn close_interrupted(&self) {
         let sql = format!(
-            "UPDATE {ext}.psap_audit_log
+            "UPDATE {ext}.{AUDIT_LOG}
                 SET status = 'interrupted', ended_at = updated_at
               WHERE status OPERATOR(pg_catalog.=) 'running'
                 AND (pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
-                     OR NOT {ext}._psap_backend_alive(pid, backend_start))
+                     OR NOT {ext}.{BACKEND_ALIVE}(pid, backend_start))
              RETURNING id",
             ext = self.ext
         );
@@ -229,7 +230,7 @@ impl AuditLog {
     /// record added by hand stays unsealed, and psap_audit_verify() reports it.
     pub fn seal_legacy(&self) {
         let sql = format!(
-            "SELECT id FROM {}.psap_audit_log WHERE seal_seq IS NULL AND status OPERATOR(pg_catalog.<>) 'running' ORDER BY id",
+            "SELECT id FROM {}.{AUDIT_LOG} WHERE seal_seq IS NULL AND status OPERATOR(pg_catalog.<>) 'running' ORDER BY id",
             self.ext
         );
         self.write(|| {
@@ -245,12 +246,12 @@ impl AuditLog {
         }
         let ext = &self.ext;
         spi::run(
-            &format!("INSERT INTO {ext}.psap_audit_chain (singleton, seq, hash) VALUES (true, 0, $1) ON CONFLICT DO NOTHING"),
+            &format!("INSERT INTO {ext}.{AUDIT_CHAIN} (singleton, seq, hash) VALUES (true, 0, $1) ON CONFLICT DO NOTHING"),
             &[GENESIS.into()],
         );
         // The head's row lock serializes sealing across sessions (only the owner can take it).
         let head = spi::rows_mut(
-            &format!("SELECT seq, hash FROM {ext}.psap_audit_chain FOR UPDATE"),
+            &format!("SELECT seq, hash FROM {ext}.{AUDIT_CHAIN} FOR UPDATE"),
             &[],
             |r| {
                 Ok((
@@ -263,10 +264,10 @@ impl AuditLog {
             return;
         };
         let set_seq = format!(
-            "UPDATE {ext}.psap_audit_log SET seal_seq = $2 WHERE id OPERATOR(pg_catalog.=) $1"
+            "UPDATE {ext}.{AUDIT_LOG} SET seal_seq = $2 WHERE id OPERATOR(pg_catalog.=) $1"
         );
         let set_hash = format!(
-            "UPDATE {ext}.psap_audit_log SET seal_hash = $2 WHERE id OPERATOR(pg_catalog.=) $1"
+            "UPDATE {ext}.{AUDIT_LOG} SET seal_hash = $2 WHERE id OPERATOR(pg_catalog.=) $1"
         );
         let mut last = 0;
         for &id in ids {
@@ -278,7 +279,7 @@ impl AuditLog {
             last = id;
         }
         spi::run(
-            &format!("UPDATE {ext}.psap_audit_chain SET seq = $1, hash = $2"),
+            &format!("UPDATE {ext}.{AUDIT_CHAIN} SET seq = $1, hash = $2"),
             &[seq.into(), hash.clone().into()],
         );
         // Half the hash: enough to compare, and never 64 hex digits (which log lines hide).
@@ -340,7 +341,7 @@ fn canonical_sql(ext: &str) -> String {
         txt("l.seal_seq"),
     ];
     format!(
-        "SELECT pg_catalog.concat_ws('|', {}) FROM {ext}.psap_audit_log l WHERE l.id OPERATOR(pg_catalog.=) $1",
+        "SELECT pg_catalog.concat_ws('|', {}) FROM {ext}.{AUDIT_LOG} l WHERE l.id OPERATOR(pg_catalog.=) $1",
         fields.join(", ")
     )
 }
@@ -380,7 +381,7 @@ fn psap_audit_verify() -> TableIterator<
 
 fn verify(ext: &str) -> Vec<(Option<i64>, Option<i64>, String)> {
     let records = spi::rows(
-        &format!("SELECT seal_seq, id, seal_hash FROM {ext}.psap_audit_log WHERE seal_seq IS NOT NULL ORDER BY seal_seq, id"),
+        &format!("SELECT seal_seq, id, seal_hash FROM {ext}.{AUDIT_LOG} WHERE seal_seq IS NOT NULL ORDER BY seal_seq, id"),
         &[],
         |r| Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i64>(2)?.unwrap_or(0), r.get::<String>(3)?)),
     );
@@ -408,7 +409,7 @@ fn verify(ext: &str) -> Vec<(Option<i64>, Option<i64>, String)> {
         expected = seq + 1;
     }
     let unsealed = spi::rows(
-        &format!("SELECT id FROM {ext}.psap_audit_log WHERE seal_seq IS NULL AND status OPERATOR(pg_catalog.<>) 'running' ORDER BY id"),
+        &format!("SELECT id FROM {ext}.{AUDIT_LOG} WHERE seal_seq IS NULL AND status OPERATOR(pg_catalog.<>) 'running' ORDER BY id"),
         &[],
         |r| Ok(r.get::<i64>(1)?.unwrap_or(0)),
     );
@@ -420,7 +421,7 @@ fn verify(ext: &str) -> Vec<(Option<i64>, Option<i64>, String)> {
         ));
     }
     let head = spi::rows(
-        &format!("SELECT seq, hash FROM {ext}.psap_audit_chain"),
+        &format!("SELECT seq, hash FROM {ext}.{AUDIT_CHAIN}"),
         &[],
         |r| {
             Ok((

@@ -9,6 +9,7 @@
 //! - [`sandbox`]: under whose rights and with which search_path psap_encrypt's SQL runs;
 //! - [`hooks`]: the log and utility hooks that keep keys out of logs and the data directory;
 //! - [`spi`]: running psap_encrypt's own statements;
+//! - [`names`]: the names of its own SQL objects that Rust calls by string;
 //! - [`audit`]: the audit log's only writer, and its hash chain;
 //! - [`api`]: SQL functions (`crypto`: encrypt/decrypt/keys; `census`; `registry`; `target`:
 //!   table/column checks; `compat`: the 0.1.0 entry points);
@@ -26,6 +27,7 @@ pub mod error;
 pub mod gucs;
 pub mod hooks;
 pub mod keysource;
+pub mod names;
 pub mod rotation;
 pub mod sandbox;
 pub mod spi;

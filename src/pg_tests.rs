@@ -79,6 +79,20 @@ mod tests {
     }
 
     #[pg_test]
+    fn every_name_rust_calls_by_string_exists() {
+        for table in crate::names::TABLES {
+            let sql = format!(
+                "SELECT count(*) FROM pg_class WHERE relname = '{table}' AND relkind = 'r'"
+            );
+            assert_eq!(one::<i64>(&sql), Some(1), "{table}");
+        }
+        for function in crate::names::FUNCTIONS {
+            let sql = format!("SELECT count(*) FROM pg_proc WHERE proname = '{function}'");
+            assert_eq!(one::<i64>(&sql), Some(1), "{function}");
+        }
+    }
+
+    #[pg_test]
     fn census_counts_versions_nulls_and_plaintext() {
         // The scan groups by the first four characters: twenty v2 envelopes (random nonces, so
         // several groups), v9: and v99: must each add up to one row per version, in version order,

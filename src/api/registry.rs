@@ -11,6 +11,7 @@ use psap_core::context::{self, ContextExpr};
 use crate::api::census;
 use crate::api::target::{self, Access};
 use crate::audit::AuditLog;
+use crate::names::ENCRYPTED_COLUMNS;
 use crate::{error, gucs, sandbox, spi};
 
 /// Registers a column: it exists, is text, and the caller can read and update it. Returns false
@@ -26,7 +27,7 @@ fn psap_register_column(tbl: PgRelation, col: &str) -> bool {
         let added = sandbox::as_extension_owner(log.owner(), || {
             spi::one_mut::<i64>(
                 &format!(
-                    "INSERT INTO {}.psap_encrypted_columns (relid, column_name, attnum, registered_by)
+                    "INSERT INTO {}.{ENCRYPTED_COLUMNS} (relid, column_name, attnum, registered_by)
                      SELECT $1::pg_catalog.oid::pg_catalog.regclass, a.attname, a.attnum, $3::pg_catalog.name
                        FROM pg_catalog.pg_attribute a
                       WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name
@@ -68,7 +69,7 @@ fn psap_unregister_column(tbl: PgRelation, col: &str) -> bool {
         let removed = sandbox::as_extension_owner(log.owner(), || {
             spi::one_mut::<i64>(
                 &format!(
-                    "DELETE FROM {ext}.psap_encrypted_columns
+                    "DELETE FROM {ext}.{ENCRYPTED_COLUMNS}
                       WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1
                         AND column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name
                      RETURNING 1::pg_catalog.int8"
@@ -133,7 +134,7 @@ fn psap_set_column_context(tbl: Option<PgRelation>, col: Option<&str>, context: 
         sandbox::as_extension_owner(log.owner(), || {
             spi::one_mut::<i64>(
                 &format!(
-                    "UPDATE {}.psap_encrypted_columns SET context = $3
+                    "UPDATE {}.{ENCRYPTED_COLUMNS} SET context = $3
                       WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1
                         AND column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name
                      RETURNING 1::pg_catalog.int8",
@@ -157,7 +158,7 @@ fn registered_context(rel: pg_sys::Oid, col: &str) -> Option<Option<String>> {
     let ext = target::extension_schema();
     spi::rows(
         &format!(
-            "SELECT context FROM {ext}.psap_encrypted_columns
+            "SELECT context FROM {ext}.{ENCRYPTED_COLUMNS}
               WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1
                 AND column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name"
         ),
@@ -181,7 +182,7 @@ pub fn context_text(rel: pg_sys::Oid, col: &str) -> Option<String> {
     let ext = target::extension_schema();
     spi::one::<String>(
         &format!(
-            "SELECT r.context FROM {ext}.psap_encrypted_columns r
+            "SELECT r.context FROM {ext}.{ENCRYPTED_COLUMNS} r
                JOIN (SELECT $1 AS relid, 0::pg_catalog.int8 AS depth
                      UNION ALL   -- a partition's ancestors, itself first (none for other tables)
                      SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS a(relid, depth)
@@ -237,7 +238,7 @@ fn check_context_column(t: &target::Target, rel: pg_sys::Oid, relation: &str, co
                   WHERE ty.typtype OPERATOR(pg_catalog.=) 'd')
              SELECT a.attnum::pg_catalog.int4,
                     (SELECT b.typ::pg_catalog.regtype::pg_catalog.text FROM base b ORDER BY b.depth DESC LIMIT 1),
-                    EXISTS (SELECT FROM {ext}.psap_encrypted_columns r
+                    EXISTS (SELECT FROM {ext}.{ENCRYPTED_COLUMNS} r
                              WHERE r.column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name
                                AND r.relid::pg_catalog.oid IN (SELECT $1 UNION SELECT * FROM pg_catalog.pg_partition_ancestors($1)))
                FROM a"

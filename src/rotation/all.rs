@@ -13,6 +13,7 @@ use super::options::{Args, Options, Procedure};
 use super::plan::{self, notice, warning};
 use super::state::{self, Status};
 use crate::audit::AuditLog;
+use crate::names::ENCRYPTED_COLUMNS;
 use crate::{error, gucs, sandbox, spi};
 
 struct Job {
@@ -74,7 +75,7 @@ fn _psap_all_begin(
             spi::rows(
                 &format!(
                     "SELECT relid::pg_catalog.oid, relid::pg_catalog.text, column_name::pg_catalog.text
-                       FROM {ext}.psap_encrypted_columns ORDER BY relid::pg_catalog.text, column_name"
+                       FROM {ext}.{ENCRYPTED_COLUMNS} ORDER BY relid::pg_catalog.text, column_name"
                 ),
                 &[],
                 |r| {

@@ -177,9 +177,9 @@ fn step(run: &mut Run) -> Option<Status> {
         };
         state::take_row_failures();
         let (locked, changed, last_block) = run_batch(run, range, want);
-        let failed_here = state::take_row_failures();
+        let (failed_here, first_reason) = state::take_row_failures();
         if failed_here > 0 {
-            handle_failures(run, range);
+            handle_failures(run, range, first_reason);
         }
         locked_total += locked;
         done += changed;
@@ -336,7 +336,9 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
 
 /// Some values of the batch could not be decrypted (they were left unchanged). Find them; either
 /// stop with an error that names the first (the batch is rolled back), or skip and list them.
-fn handle_failures(run: &mut Run, (lo, hi): super::walk::Range) {
+/// `first_reason` is why the first one failed, as the per-row function saw it: the error uses it
+/// when the listing finds no row (the row changed in between).
+fn handle_failures(run: &mut Run, (lo, hi): super::walk::Range, first_reason: Option<String>) {
     let filter = format!(
         "{} AND {}{}",
         sql::range(lo, hi),
@@ -358,7 +360,7 @@ fn handle_failures(run: &mut Run, (lo, hi): super::walk::Range) {
         state::note_failed_rows(count);
         let first = bad.into_iter().next().unwrap_or(failure::BadRow {
             ctid: "(?)".into(),
-            reason: "it could not be re-encrypted".into(),
+            reason: first_reason.unwrap_or_else(|| "it could not be re-encrypted".into()),
         });
         failure::undecryptable(t, run.leaf, &first, count, &outcome).raise();
     }

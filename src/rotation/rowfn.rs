@@ -39,14 +39,14 @@ fn _psap_rotate_value(
     let (g, to) = gate(run, false);
     let value = value?;
     let Some(context) = row_context(&g, context) else {
-        state::count_row_failure();
+        state::count_row_failure(error::context_null());
         return None;
     };
     match crypto::reencrypt_text(value.as_bytes(), to, context) {
         Ok(text) => Some(text),
         Err(e @ (CoreError::OutOfMemory { .. } | CoreError::TooLarge { .. })) => error::core(e),
-        Err(_) => {
-            state::count_row_failure();
+        Err(e) => {
+            state::count_row_failure(e.to_string());
             None
         }
     }

@@ -7,6 +7,9 @@ use psap_core::Version;
 
 use super::options::Mode;
 use crate::api::target::Target;
+use crate::names::{
+    ENCRYPT_VALUE, ENVELOPE_VERSION, IS_PLAINTEXT, NEEDS_ROTATION, ROTATE_VALUE, VALUE_ERROR,
+};
 
 /// SQL for "this row still needs work". Reads only the first characters of the value, so
 /// TOASTed values are not fetched whole.
@@ -15,13 +18,9 @@ pub fn needs(t: &Target, mode: Mode, to: Version) -> String {
     match mode {
         Mode::Rotate { from } => {
             let from = from.map_or("NULL".to_string(), |f| f.get().to_string());
-            format!(
-                "{}._psap_needs_rotation({prefix}, {}, {from})",
-                t.ext,
-                to.get()
-            )
+            format!("{}.{NEEDS_ROTATION}({prefix}, {}, {from})", t.ext, to.get())
         }
-        Mode::Encrypt => format!("{}._psap_is_plaintext({prefix})", t.ext),
+        Mode::Encrypt => format!("{}.{IS_PLAINTEXT}({prefix})", t.ext),
     }
 }
 
@@ -39,14 +38,14 @@ pub fn context(t: &Target) -> String {
 pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify: bool) -> String {
     let version = match mode {
         Mode::Rotate { .. } => format!(
-            "{}._psap_envelope_version(pg_catalog.substr({}, 1, 4))",
+            "{}.{ENVELOPE_VERSION}(pg_catalog.substr({}, 1, 4))",
             t.ext, t.column
         ),
         Mode::Encrypt => "'plaintext'::pg_catalog.text".into(),
     };
     let bad = if verify {
         format!(
-            "pg_catalog.count(*) FILTER (WHERE {}._psap_value_error({}, {}, $1) IS NOT NULL)",
+            "pg_catalog.count(*) FILTER (WHERE {}.{VALUE_ERROR}({}, {}, $1) IS NOT NULL)",
             t.ext,
             t.column,
             context(t)
@@ -97,7 +96,7 @@ pub fn exclusion(skipped: &[String]) -> String {
 pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
     format!(
         "SELECT ctid::pg_catalog.text, err FROM (
-             SELECT ctid, {ext}._psap_value_error({col}, {ctx}, $1) AS err FROM ONLY {rel} WHERE {filter}) s
+             SELECT ctid, {ext}.{VALUE_ERROR}({col}, {ctx}, $1) AS err FROM ONLY {rel} WHERE {filter}) s
           WHERE err IS NOT NULL ORDER BY ctid",
         ext = t.ext,
         col = t.column,
@@ -117,8 +116,8 @@ pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
 /// form that computes the values before the UPDATE) and the caller lists them.
 pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool) -> String {
     let transform = match mode {
-        Mode::Rotate { .. } => "_psap_rotate_value",
-        Mode::Encrypt => "_psap_encrypt_value",
+        Mode::Rotate { .. } => ROTATE_VALUE,
+        Mode::Encrypt => ENCRYPT_VALUE,
     };
     let (rel, col, ext, ctx) = (&t.leaves[leaf].relation, &t.column, &t.ext, context(t));
     // The context expression names the table's columns unqualified: `fresh` reads the table

@@ -61,7 +61,7 @@ pub enum RunState {
 thread_local! {
     static STATE: RefCell<RunState> = const { RefCell::new(RunState::Idle) };
     static GATE: Cell<Gate> = const { Cell::new(Gate::CLOSED) };
-    static ROW_FAILURES: Cell<u64> = const { Cell::new(0) };
+    static ROW_FAILURES: RefCell<(u64, Option<String>)> = const { RefCell::new((0, None)) };
 }
 
 /// Takes the running run with this token out of the state (the step puts it back if more
@@ -182,14 +182,19 @@ pub fn gate(token: i64) -> Option<Gate> {
     GATE.with(|g| Some(g.get()).filter(|g| g.token == token && token != 0))
 }
 
-/// Counts a value a per-row function could not transform (left unchanged).
-pub fn count_row_failure() {
-    ROW_FAILURES.with(|f| f.set(f.get() + 1));
+/// Counts a value a per-row function could not transform (left unchanged), keeping why the first
+/// one failed (a core error's text or the context's: never a value).
+pub fn count_row_failure(reason: String) {
+    ROW_FAILURES.with(|f| {
+        let mut f = f.borrow_mut();
+        f.0 += 1;
+        f.1.get_or_insert(reason);
+    });
 }
 
-/// Takes the count of failed values since the last call.
-pub fn take_row_failures() -> u64 {
-    ROW_FAILURES.with(|f| f.replace(0))
+/// Takes the count of failed values since the last call, and why the first failed.
+pub fn take_row_failures() -> (u64, Option<String>) {
+    ROW_FAILURES.with(|f| std::mem::take(&mut *f.borrow_mut()))
 }
 
 /// A fresh run token: 63 random bits, never 0, unguessable by other code in the session.
