@@ -1,5 +1,6 @@
-"""Key settings: nobody reads a key back, malformed keys are reported without their value, and
-the library refuses to work unless it is preloaded."""
+"""Key settings: malformed keys are reported without their value, the library refuses to work
+unless it is preloaded, no core file holds a key. (That no role reads a key back or sets one outside
+the configuration is tested in test_security.py, with every other privilege test.)"""
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from psap_cluster import BIN, KEY1, KEY2, KEY3, Cluster, sqlstate_of
+from psap_cluster import BIN, KEY1, KEY2, Cluster, sqlstate_of
 
 SECRETS = [KEY1, KEY2, KEY1.upper(), KEY2.upper()]
 
@@ -52,36 +53,6 @@ def probe(conn) -> str:
             out.append(str(e))
             conn.rollback() if not conn.autocommit else None
     return "\n".join(out)
-
-
-def test_no_role_reads_a_key_back(cluster, db, roles):
-    for user in ("app_reader", "monitor_user"):
-        with cluster.connect(user=user, dbname=db) as c:
-            assert_no_key(probe(c))
-    with cluster.connect(dbname=db) as c:
-        text = probe(c)
-        assert "(set, hidden)" in text
-        # pg_file_settings is superuser-only and shows the configuration file's text: this is the
-        # one place a superuser sees keys, as they could read the file itself (README, Security notes).
-        shown = c.execute("SHOW psap.key_v1").fetchone()[0]
-        assert shown == "(set, hidden)"
-        assert c.execute("SELECT count(*) FROM pg_settings WHERE name ~ '^psap[.]key_v[0-9]'").fetchone()[0] == 0
-
-
-def test_keys_cannot_be_set_outside_the_configuration(cluster, db, roles):
-    with cluster.connect(dbname=db) as c:
-        for sql in [
-            f"SET psap.key_v1 = '{KEY3}'",
-            f"ALTER ROLE app_reader SET psap.key_v1 = '{KEY3}'",
-            f"ALTER DATABASE {db} SET psap.key_v1 = '{KEY3}'",
-            f"SELECT set_config('psap.key_v1', '{KEY3}', false)",
-        ]:
-            state, msg, _, _ = sqlstate_of(c, sql)
-            assert state == "55P02", (sql, msg)
-            assert KEY3 not in msg
-    with cluster.connect(user="app_reader", dbname=db) as c:
-        state, msg, _, _ = sqlstate_of(c, "SET psap.key_version = 'v2'")
-        assert state == "42501"
 
 
 def test_malformed_key_at_reload_keeps_the_old_key_and_hides_the_value(cluster, db):

@@ -2,12 +2,12 @@
 trusted role would try them: a table owner's code run by a superuser's rotation, internal routines
 called directly, a forged or altered audit trail, a hostile search_path, column values in messages
 (each failed on 0.1.0). Then who may do what: the operator, the application and the auditor roles,
-a table's and a partition's owner. (Who can read or set a key is in test_keys.py, with the key
-settings.)"""
+a table's and a partition's owner, and who can read or set a key."""
 import pytest
 
-from psap_cluster import KEY1, KEY2, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, sqlstate_of
 from test_context import STORED, bound  # noqa: F401 (bound: a fixture)
+from test_keys import assert_no_key, probe, roles  # noqa: F401 (roles: a fixture)
 from test_operations import setup_tables
 from test_rotate import census, fill
 
@@ -423,3 +423,33 @@ def test_only_the_owner_sets_a_context(cluster, bound):
         c.execute("REVOKE ALL ON incidents FROM ctx_operator")
         c.execute("DROP OWNED BY ctx_operator")
         c.execute("DROP ROLE ctx_operator")
+
+
+def test_no_role_reads_a_key_back(cluster, db, roles):
+    for user in ("app_reader", "monitor_user"):
+        with cluster.connect(user=user, dbname=db) as c:
+            assert_no_key(probe(c))
+    with cluster.connect(dbname=db) as c:
+        text = probe(c)
+        assert "(set, hidden)" in text
+        # pg_file_settings is superuser-only and shows the configuration file's text: this is the
+        # one place a superuser sees keys, as they could read the file itself (README, Security notes).
+        shown = c.execute("SHOW psap.key_v1").fetchone()[0]
+        assert shown == "(set, hidden)"
+        assert c.execute("SELECT count(*) FROM pg_settings WHERE name ~ '^psap[.]key_v[0-9]'").fetchone()[0] == 0
+
+
+def test_keys_cannot_be_set_outside_the_configuration(cluster, db, roles):
+    with cluster.connect(dbname=db) as c:
+        for sql in [
+            f"SET psap.key_v1 = '{KEY3}'",
+            f"ALTER ROLE app_reader SET psap.key_v1 = '{KEY3}'",
+            f"ALTER DATABASE {db} SET psap.key_v1 = '{KEY3}'",
+            f"SELECT set_config('psap.key_v1', '{KEY3}', false)",
+        ]:
+            state, msg, _, _ = sqlstate_of(c, sql)
+            assert state == "55P02", (sql, msg)
+            assert KEY3 not in msg
+    with cluster.connect(user="app_reader", dbname=db) as c:
+        state, msg, _, _ = sqlstate_of(c, "SET psap.key_version = 'v2'")
+        assert state == "42501"
