@@ -76,7 +76,7 @@ class Perf:
 
 PHASES = [
     ("batch statements: lock, re-encrypt, update", "WITH locked AS%"),
-    ("counting and verification scan before the first batch", "%_psap_envelope_version(%"),
+    ("counting and verification scan before the first batch", "SELECT pg_catalog.substr(%GROUP BY 1"),
     ("count of what is left, after the last batch", "SELECT pg_catalog.count(*) FROM ONLY%"),
     ("audit progress row, once per batch", "UPDATE %psap_audit_log%"),
 ]

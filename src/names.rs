@@ -14,7 +14,6 @@ pub const AUDIT_CHAIN: &str = "psap_audit_chain";
 /// src/rotation/rowfn.rs) and the liveness check of the audit log (src/audit.rs).
 pub const NEEDS_ROTATION: &str = "_psap_needs_rotation";
 pub const IS_PLAINTEXT: &str = "_psap_is_plaintext";
-pub const ENVELOPE_VERSION: &str = "_psap_envelope_version";
 pub const VALUE_ERROR: &str = "_psap_value_error";
 pub const ROTATE_VALUE: &str = "_psap_rotate_value";
 pub const ENCRYPT_VALUE: &str = "_psap_encrypt_value";
@@ -22,10 +21,9 @@ pub const BACKEND_ALIVE: &str = "_psap_backend_alive";
 
 /// The tables, then the functions, for the test that each exists.
 pub const TABLES: [&str; 3] = [ENCRYPTED_COLUMNS, AUDIT_LOG, AUDIT_CHAIN];
-pub const FUNCTIONS: [&str; 7] = [
+pub const FUNCTIONS: [&str; 6] = [
     NEEDS_ROTATION,
     IS_PLAINTEXT,
-    ENVELOPE_VERSION,
     VALUE_ERROR,
     ROTATE_VALUE,
     ENCRYPT_VALUE,

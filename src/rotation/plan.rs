@@ -3,7 +3,7 @@
 
 use pgrx::prelude::*;
 use pgrx::PgRelation;
-use psap_core::{Cipher, Version};
+use psap_core::{envelope, Cipher, Version};
 
 use super::failure::{self, Failure};
 use super::options::{Args, Mode, Options, Procedure};
@@ -285,8 +285,13 @@ fn count_by_version(t: &Target, needs: &str, mode: Mode, token: i64, verify: boo
             })
         });
         per_leaf.push(rows.iter().map(|(_, n, _)| n).sum());
-        for (v, n, bad) in rows {
+        for (group, n, bad) in rows {
             undecryptable += bad;
+            // A group is a version's prefix (every row to rotate has one), or "plaintext".
+            let v = match envelope::parse_prefix(group.as_bytes()) {
+                Ok((v, _)) => v.to_string(),
+                Err(_) => group,
+            };
             match versions.iter_mut().find(|(tv, _)| *tv == v) {
                 Some(e) => e.1 += n,
                 None => versions.push((v, n)),

@@ -7,9 +7,7 @@ use psap_core::Version;
 
 use super::options::Mode;
 use crate::api::target::Target;
-use crate::names::{
-    ENCRYPT_VALUE, ENVELOPE_VERSION, IS_PLAINTEXT, NEEDS_ROTATION, ROTATE_VALUE, VALUE_ERROR,
-};
+use crate::names::{ENCRYPT_VALUE, IS_PLAINTEXT, NEEDS_ROTATION, ROTATE_VALUE, VALUE_ERROR};
 
 /// SQL for "this row still needs work". Reads only the first characters of the value, so
 /// TOASTed values are not fetched whole.
@@ -33,14 +31,12 @@ pub fn context(t: &Target) -> String {
     }
 }
 
-/// Rows to do per version in one leaf (one group, "plaintext", when encrypting) and, with
-/// `verify`, how many of them cannot be decrypted. `$1` is the run token.
+/// Rows to do in one leaf, grouped by their first four characters (the caller sorts the groups
+/// into versions; one group, "plaintext", when encrypting) and, with `verify`, how many of them
+/// cannot be decrypted. `$1` is the run token.
 pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify: bool) -> String {
-    let version = match mode {
-        Mode::Rotate { .. } => format!(
-            "{}.{ENVELOPE_VERSION}(pg_catalog.substr({}, 1, 4))",
-            t.ext, t.column
-        ),
+    let group = match mode {
+        Mode::Rotate { .. } => format!("pg_catalog.substr({}, 1, 4)", t.column),
         Mode::Encrypt => "'plaintext'::pg_catalog.text".into(),
     };
     let bad = if verify {
@@ -54,7 +50,7 @@ pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify
         "0::pg_catalog.int8".into()
     };
     format!(
-        "SELECT {version} AS v, pg_catalog.count(*), {bad} FROM ONLY {rel} WHERE {needs} GROUP BY 1",
+        "SELECT {group}, pg_catalog.count(*), {bad} FROM ONLY {rel} WHERE {needs} GROUP BY 1",
         rel = t.leaves[leaf].relation
     )
 }
