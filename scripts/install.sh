@@ -18,7 +18,7 @@ extdir="$($PG_CONFIG --sharedir)/extension"
 test -f "$($PG_CONFIG --pkglibdir)/psap_encrypt.so"
 # The operator's key tool (docs/key-tool.md).
 cargo build -q --release -p psap_keys
-$SUDO install -m 755 target/release/psap-keys /usr/local/bin/psap-keys
+$SUDO install -m 755 "${CARGO_TARGET_DIR:-target}/release/psap-keys" /usr/local/bin/psap-keys
 for script in sql/psap_encrypt--*.sql; do
     case "$(basename "$script")" in
         *--*--*) ;;  # upgrade scripts: installed by cargo pgrx install
