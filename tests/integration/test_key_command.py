@@ -58,7 +58,8 @@ def use_command(c, command, extra="", restart=False, version="v1"):
 
 def keys(conn):
     return {r[0]: r[1:] for r in conn.execute(
-        "SELECT version, cipher, fingerprint, status, source, loaded_at IS NOT NULL, note FROM psap_keys()")}
+        "SELECT version, cipher, fingerprint, status, source, loaded_at BETWEEN now() - interval '1 hour' AND clock_timestamp(),"
+        " note FROM psap_keys()")}
 
 
 def test_keys_come_from_the_command_at_start_and_reach_open_sessions_at_reload(kc):
@@ -96,8 +97,10 @@ def test_a_failing_command_at_start_leaves_the_server_up_without_keys(kc, body, 
         state, msg, detail, hint = sqlstate_of(c, "SELECT psap_encrypt('x')")
         assert (state, msg) == ("55000", "no key is available for version v1: psap.key_command failed")
         assert why in detail and "pg_reload_conf" in hint
-        row = [r for r in c.execute("SELECT status, source, note FROM psap_keys() WHERE version IS NULL")]
+        row = [r for r in c.execute("SELECT status, source, note, loaded_at BETWEEN now() - interval '1 hour' AND clock_timestamp()"
+                                    " FROM psap_keys() WHERE version IS NULL")]
         assert row and row[0][0] == "key command failed" and why in row[0][2]
+        assert row[0][2].endswith("; no keys from it") and row[0][3], row  # when it failed: a time of this start
         assert c.execute("SELECT count(*) FROM psap_keys() WHERE status = 'ok'").fetchone()[0] == 0
     log = kc.log_text()
     assert f"psap.key_command failed: {why}" in log

@@ -120,3 +120,26 @@ def test_a_value_is_held_once_besides_its_input(limited):
     assert encrypt_peak <= 1.2 * (150 * MB + 200 * MB), encrypt_peak / MB
     print(f"peak: decrypt {decrypt_peak / MB:.0f} MB for {envelope / MB:.0f} + {plain / MB:.0f} MB, "
           f"encrypt {encrypt_peak / MB:.0f} MB for 150 + 200 MB")
+
+
+def test_a_rotation_gives_back_the_buffer_of_a_large_value(cluster, db):
+    """psap_rotate decrypts each value into a buffer it reuses from row to row; after a value of
+    tens of megabytes it gives that buffer back instead of keeping it for the rest of the session
+    (a pg_cron job's backend, or a DBA's psql, would hold it for hours)."""
+    size = 64 * MB
+    with cluster.connect(dbname=db) as c:
+        c.execute("SET client_min_messages = warning")
+        c.execute("CREATE TABLE cad (id int PRIMARY KEY, raw_xml text)")
+        c.execute("INSERT INTO cad VALUES (1, psap_encrypt(repeat('x', %s)))", (size,))
+        c.execute("INSERT INTO cad SELECT g, psap_encrypt('<unit/>') FROM generate_series(2, 5) g")
+        c.execute("CREATE TABLE warm AS SELECT psap_encrypt('a') AS x")
+        c.execute("SET psap.key_version = 'v2'")
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        # A first, small rotation: the procedure's plans and caches, whatever their size.
+        c.execute("CALL psap_rotate('warm', 'x')")
+        before = vm_kb(pid, "VmSize") * 1024
+        c.execute("CALL psap_rotate('cad', 'raw_xml', 10)")
+        grown = vm_kb(pid, "VmSize") * 1024 - before
+        assert c.execute("SELECT count(*) FROM cad WHERE raw_xml LIKE 'v2:%'").fetchone()[0] == 5
+        assert c.execute("SELECT length(psap_decrypt(raw_xml)) FROM cad WHERE id = 1").fetchone()[0] == size
+    assert grown < size / 2, f"the backend kept {grown / MB:.0f} MB after rotating a {size / MB:.0f} MB value"

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Mutation testing of the extension crate's code that handles keys and bytes (not part of
+# scripts/test.sh: each mutant is a release build, an install into the system PostgreSQL 15 and
+# the server tests that reach the module, about two minutes, so a file takes an hour or more).
+#   scripts/mutants-extension.sh [FILE...]      default: src/api/crypto.rs
+# cargo-mutants lists the mutants of the files (it cannot run them itself: the tests need a server
+# with the mutant installed). Each mutant is applied to a copy of the committed tree, built and
+# installed by scripts/install.sh, and tested by pg_regress and the integration tests of keys,
+# crypto and hardening, which stop at the first failure. A mutant that does not build is
+# unviable; a test run over 10 minutes counts as caught by a timeout. The unmutated build is
+# installed again at the end, whatever happens.
+# Results: target/mutants-extension/outcomes.txt (outcome, file:line, mutation) and the counts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+[ $# -gt 0 ] || set -- src/api/crypto.rs
+command -v cargo-mutants >/dev/null || cargo install cargo-mutants --locked --version 27.1.0
+[ -x .venv/bin/pytest ] || { echo "run scripts/setup.sh first" >&2; exit 1; }
+out=$root/target/mutants-extension
+tree=$out/tree
+export CARGO_TARGET_DIR=$root/target   # the dependencies are built once, for both trees
+rm -rf "$tree" && mkdir -p "$tree"
+git archive HEAD | tar -x -C "$tree"
+trap 'scripts/install.sh >/dev/null' EXIT   # back to the unmutated build (its own target dir)
+
+# The mutants, each as a diff against the committed tree.
+args=(); for f in "$@"; do args+=(--file "$f"); done
+(cd "$tree" && cargo mutants --list --json --diff -p psap_encrypt "${args[@]}") > "$out/mutants.json"
+total=$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$out/mutants.json")
+echo "$total mutants of $*"
+
+tests=(tests/integration/test_crypto.py tests/integration/test_fips.py
+       tests/integration/test_context.py tests/integration/test_hardening.py
+       tests/integration/test_keys.py tests/integration/test_key_command.py)
+run_tests() {
+    SECONDS=0
+    timeout 600 tests/pg_regress/run.sh > "$out/test.log" 2>&1 || return $?
+    timeout 600 .venv/bin/pytest -x -q -p no:cacheprovider "${tests[@]}" >> "$out/test.log" 2>&1
+}
+lib=$(/usr/lib/postgresql/15/bin/pg_config --pkglibdir)/psap_encrypt.so
+install_tree() {
+    rm -f "$lib"   # a build that fails must not leave the previous library to be tested
+    (cd "$tree" && scripts/install.sh > "$out/build.log" 2>&1) && ! grep -q "^error" "$out/build.log"
+}
+
+# The tests must pass on the unmutated tree, or every mutant would look caught.
+install_tree || { cat "$out/build.log"; exit 1; }
+run_tests || { echo "the tests fail without a mutant: see $out/test.log" >&2; exit 1; }
+echo "the tests take ${SECONDS} s without a mutant"
+
+: > "$out/outcomes.txt"
+for ((i = 0; i < total; i++)); do
+    name=$(python3 - "$out/mutants.json" "$i" "$out/mutant.diff" <<'EOF'
+import json, sys
+m = json.load(open(sys.argv[1]))[int(sys.argv[2])]
+open(sys.argv[3], "w").write(m["diff"])
+print(m["name"])  # file:line:column: mutation
+EOF
+)
+    file=${name%%:*}
+    patch -s "$tree/$file" < "$out/mutant.diff"
+    if ! install_tree; then
+        outcome=unviable
+    else
+        rc=0; run_tests || rc=$?
+        case $rc in 0) outcome=missed ;; 124) outcome=timeout ;; *) outcome=caught ;; esac
+    fi
+    patch -s -R "$tree/$file" < "$out/mutant.diff"
+    printf '%s\t%s\n' "$outcome" "$name" | tee -a "$out/outcomes.txt"
+done
+for o in caught timeout missed unviable; do
+    printf '%s %s  ' "$(grep -c "^$o" "$out/outcomes.txt" || true)" "$o"
+done
+echo
