@@ -6,8 +6,8 @@
 # cargo-mutants lists the mutants of the files (it cannot run them itself: the tests need a server
 # with the mutant installed). Each mutant is applied to a copy of the committed tree, built and
 # installed by scripts/install.sh, and tested by pg_regress and the integration tests of crypto,
-# FIPS, context binding, hardening, keys and the key command, which stop at the first failure. A mutant that does not build is
-# unviable; a test run over 10 minutes counts as caught by a timeout. The unmutated build is
+# FIPS, context binding, hardening, keys, the key command and security (who may read or set a
+# key), which stop at the first failure. A mutant that does not build is unviable; a test run over 10 minutes counts as caught by a timeout. The unmutated build is
 # installed again at the end, whatever happens.
 # Results: target/mutants-extension/outcomes.txt (outcome, file:line, mutation) and the counts.
 set -euo pipefail
@@ -31,7 +31,8 @@ echo "$total mutants of $*"
 
 tests=(tests/integration/test_crypto.py tests/integration/test_fips.py
        tests/integration/test_context.py tests/integration/test_hardening.py
-       tests/integration/test_keys.py tests/integration/test_key_command.py)
+       tests/integration/test_keys.py tests/integration/test_key_command.py
+       tests/integration/test_security.py)
 run_tests() {
     SECONDS=0
     timeout 600 tests/pg_regress/run.sh > "$out/test.log" 2>&1 || return $?
