@@ -7,8 +7,9 @@
 # with the mutant installed). Each mutant is applied to a copy of the committed tree, built and
 # installed by scripts/install.sh, and tested by pg_regress and the integration tests of crypto,
 # FIPS, context binding, hardening, keys, the key command and security (who may read or set a
-# key), which stop at the first failure. A mutant that does not build is unviable; a test run over 10 minutes counts as caught by a timeout. The unmutated build is
-# installed again at the end, whatever happens.
+# key), which stop at the first failure. A mutant that does not build is unviable; a test run
+# over 10 minutes counts as caught by a timeout. The unmutated build is installed again at the
+# end, whatever happens.
 # Results: target/mutants-extension/outcomes.txt (outcome, file:line, mutation) and the counts.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -168,6 +168,21 @@ def test_decrypt_errors(cluster, db, make, state, message):
     assert "secret plaintext" not in text and env[3:20] not in text and KEY1[:16] not in text
 
 
+def test_decrypt_passthrough_passes_only_values_without_an_envelope_prefix(cluster, db):
+    """psap.decrypt_passthrough, for views over a column that psap_encrypt_column is migrating:
+    plaintext comes back unchanged; an envelope still decrypts, and a bad one is still an error."""
+    with cluster.connect(dbname=db) as c:
+        env = c.execute("SELECT psap_encrypt('secret')").fetchone()[0]
+        decrypt = "SELECT psap_decrypt(%s)"
+        assert sqlstate_of(c, decrypt, ("Call note 1",))[:2] == ("22P02", "malformed ciphertext envelope")
+        c.execute("SET psap.decrypt_passthrough = on")
+        for plain in ("Call note 1", "", "v1", "V1:abc", "v100:abc"):
+            assert c.execute(decrypt, (plain,)).fetchone()[0] == plain
+        assert c.execute(decrypt, (env,)).fetchone()[0] == "secret"
+        assert sqlstate_of(c, decrypt, ("v1:QUJD",))[:2] == ("22P02", "malformed ciphertext envelope")
+        assert sqlstate_of(c, decrypt, (tamper(env, 30),))[:2] == ("39000", "wrong key or corrupt data")
+
+
 def test_binary_plaintext_is_not_returned_as_text(cluster, db):
     with cluster.connect(dbname=db) as c:
         env = c.execute("SELECT psap_encrypt_bytea('\\x00ff'::bytea)").fetchone()[0]

@@ -91,6 +91,44 @@ def test_malformed_key_at_startup_is_reported_at_use(cluster, db):
         cluster.restart()
 
 
+def test_a_revoked_version_still_decrypts_but_no_longer_encrypts(cluster, db):
+    """psap.revoked_versions, after a key is compromised: its rows stay readable until psap_rotate
+    moves them away, but no new ciphertext is made with it."""
+    with cluster.connect(dbname=db) as c:
+        old = c.execute("SELECT psap_encrypt('before the compromise')").fetchone()[0]
+    # Spaces and a version named twice (which must not cancel itself out) are accepted.
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1", extra="psap.revoked_versions = 'v3, v1 ,v1'\n")
+    with cluster.connect(dbname=db) as c:
+        state, msg, detail, _ = sqlstate_of(c, "SELECT psap_encrypt('x')")
+        assert (state, msg) == ("55000", "key version v1 is revoked")
+        assert "psap.revoked_versions" in detail
+        assert c.execute("SELECT psap_decrypt(%s)", (old,)).fetchone()[0] == "before the compromise"
+        status = dict(c.execute("SELECT version, status FROM psap_keys() WHERE version IN ('v1', 'v2')").fetchall())
+        assert status == {"v1": "revoked", "v2": "ok"}
+        c.execute("SET psap.key_version = 'v2'")
+        assert c.execute("SELECT psap_encrypt('x')").fetchone()[0].startswith("v2:")
+        # A list with anything but versions v1..v99 is refused, naming the setting.
+        for bad in ("v0", "v100", "x", "v1 v2", "v1;v2"):
+            state, msg, _, _ = sqlstate_of(c, f"ALTER SYSTEM SET psap.revoked_versions = '{bad}'")
+            assert (state, msg) == ("22023", 'invalid value for parameter "psap.revoked_versions"'), bad
+
+
+def test_keys_are_in_locked_memory_in_the_postmaster_and_every_backend(cluster, db):
+    """Key pages are locked so they never reach swap. Locks are not inherited by fork: each
+    backend locks its copy again before it first uses a key."""
+    def locked_kb(pid: int) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmLck:")).split()[1])
+
+    postmaster = int((cluster.dir / "postmaster.pid").read_text().split()[0])
+    assert locked_kb(postmaster) > 0
+    with cluster.connect(dbname=db) as c:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert locked_kb(pid) == 0  # the fork left the postmaster's locks behind
+        c.execute("SELECT psap_decrypt(psap_encrypt('x'))")
+        assert locked_kb(pid) > 0
+
+
 def test_without_preload_everything_refuses(tmp_path):
     import os
     from pathlib import Path
