@@ -109,10 +109,11 @@ def test_a_failing_command_at_start_leaves_the_server_up_without_keys(kc, body, 
 
 def test_a_hung_command_is_killed_with_everything_it_started(kc):
     started = time.time()
-    use_command(kc, script("hung.sh", "sleep 300 & sleep 300"), extra="psap.key_command_timeout = 2\n", restart=True)
+    hang = f"sleep 300.{os.getpid()}"  # no other process on the machine has this command line
+    use_command(kc, script("hung.sh", f"{hang} & {hang}"), extra="psap.key_command_timeout = 2\n", restart=True)
     assert time.time() - started < 30  # the server did not wait for the command
     assert "it did not finish within psap.key_command_timeout (2 s) and was killed" in kc.log_text()
-    left = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["pgrep", "-f", hang], capture_output=True, text=True).stdout.split()
     assert left == [], "the command's processes were left running"
 
 
