@@ -35,9 +35,9 @@ args=(); for f in "$@"; do args+=(--file "$f"); done
 total=$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$out/mutants.json")
 echo "$total mutants of $*"
 
-tests=(tests/integration/test_crypto.py tests/integration/test_fips.py
+tests=(tests/integration/test_keys.py tests/integration/test_key_command.py
+       tests/integration/test_crypto.py tests/integration/test_fips.py
        tests/integration/test_context.py tests/integration/test_hardening.py
-       tests/integration/test_keys.py tests/integration/test_key_command.py
        tests/integration/test_security.py)
 run_tests() {
     SECONDS=0
