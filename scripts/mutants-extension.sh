@@ -26,6 +26,8 @@ tree=$out/tree
 rm -rf "$tree" && mkdir -p "$tree"
 git archive HEAD | tar -x -C "$tree"
 trap 'scripts/install.sh >/dev/null' EXIT   # back to the unmutated build of this checkout
+# Interrupted, the tests of the mutant being run fail: that must not be recorded as caught.
+trap 'interrupted=1' INT TERM; interrupted=
 fast=(CARGO_TARGET_DIR="$out/target" CARGO_PROFILE_RELEASE_LTO=false
       CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_INCREMENTAL=true)
 
@@ -74,6 +76,7 @@ EOF
         case $rc in 0) outcome=missed ;; 124) outcome=timeout ;; *) outcome=caught ;; esac
     fi
     patch -s -R "$tree/$file" < "$out/mutant.diff"
+    [ -z "$interrupted" ] || { echo "interrupted: $name not recorded (run again with --resume)" >&2; exit 130; }
     printf '%s\t%s\n' "$outcome" "$name" | tee -a "$out/outcomes.txt"
 done
 for o in caught timeout missed unviable; do

@@ -195,8 +195,8 @@ def test_current_version_without_key(cluster, db):
         state, msg, _, hint = sqlstate_of(c, "SELECT psap_encrypt('x')")
         assert (state, msg) == ("55000", "no key is configured for version v3")
         assert "psap.key_v3" in hint
-        rows = c.execute("SELECT version, fingerprint, is_current, status FROM psap_keys()").fetchall()
-        assert ("v3", None, True, "missing") in rows
+        rows = c.execute("SELECT version, fingerprint, is_current, status, source, loaded_at FROM psap_keys()").fetchall()
+        assert ("v3", None, True, "missing", None, None) in rows  # no source: neither a setting nor the command
 
 
 def test_psap_keys_reports_fingerprints_never_keys(cluster, db):
