@@ -1,5 +1,6 @@
-"""Key settings: malformed keys are reported without their value, the library refuses to work
-unless it is preloaded, no core file holds a key. (That no role reads a key back or sets one outside
+"""Key settings: malformed keys are reported without their value, a revoked version only
+decrypts, key pages are locked in every process, the library refuses to work unless it is
+preloaded, no core file holds a key. (That no role reads a key back or sets one outside
 the configuration is tested in test_security.py, with every other privilege test.)"""
 import os
 import shutil
