@@ -85,13 +85,6 @@ for o in caught timeout missed unviable; do
 done
 echo
 
-# The survivors against the reviewed list (docs/mutants-extension-survivors.txt), for these files;
-# named by file and mutation, without line and column (they move with edits).
-missed=$({ grep '^missed' "$out/outcomes.txt" || true; } | cut -f2 | sed -E 's/^([^:]+):[0-9]+:[0-9]+: /\1: /' | sort)
-reviewed=$(grep -v '^#' docs/mutants-extension-survivors.txt | sed -E 's/ +# .*$//' | grep -v '^$' \
-    | { grep -F -f <(printf '%s: \n' "$@") || true; } | sort)
-new=$(comm -23 <(echo "$missed") <(echo "$reviewed"))
-gone=$(comm -13 <(echo "$missed") <(echo "$reviewed"))
-[ -z "$new" ] || { echo "survived, not reviewed:"; echo "$new"; }
-[ -z "$gone" ] || { echo "on the reviewed list but caught now (take them off):"; echo "$gone"; }
-[ -z "$new$gone" ]
+# The survivors against the reviewed list, for these files.
+grep '^missed' "$out/outcomes.txt" | cut -f2 > "$out/missed.txt" || true
+scripts/mutants-compare.sh docs/mutants-extension-survivors.txt "$out/missed.txt" "$@"

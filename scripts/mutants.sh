@@ -12,16 +12,8 @@ out=target/mutants
 cargo mutants -p psap_core --no-shuffle -j 2 --output "$out" >/dev/null || true   # exits 2 when any survive
 results=$out/mutants.out
 [ -f "$results/outcomes.json" ] || { echo "cargo mutants did not run" >&2; exit 1; }
-# A survivor is named by file and mutation, without line and column (they move with edits).
-strip() { sed -E 's/^([^:]+):[0-9]+:[0-9]+: /\1: /' "$1" | sort; }
-reviewed=$(grep -v '^#' docs/mutants-survivors.txt | sed -E 's/ +# .*$//' | grep -v '^$' | sort)
-missed=$(strip "$results/missed.txt")
 count() { [ -s "$1" ] && wc -l < "$1" || echo 0; }
 echo "psap_core: $(python3 -c "import json; print(len(json.load(open('$results/mutants.json'))))") mutants, \
 $(count "$results/caught.txt") caught, $(count "$results/timeout.txt") caught by a timeout, \
 $(count "$results/missed.txt") survived (reviewed below), $(count "$results/unviable.txt") unviable"
-new=$(comm -23 <(echo "$missed") <(echo "$reviewed"))
-gone=$(comm -13 <(echo "$missed") <(echo "$reviewed"))
-[ -z "$new" ] || { echo "survived, not reviewed:"; echo "$new"; }
-[ -z "$gone" ] || { echo "on the reviewed list but caught now (take them off):"; echo "$gone"; }
-[ -z "$new$gone" ]
+scripts/mutants-compare.sh docs/mutants-survivors.txt "$results/missed.txt"
