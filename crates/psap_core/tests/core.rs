@@ -349,7 +349,8 @@ fn envelope_length_limit() {
 #[test]
 fn in_place_encoding_equals_plain_base64_at_every_length() {
     use base64::Engine;
-    for len in (0..200).chain([3071, 3072, 3073, 6143, 6144, 6145, 100_001]) {
+    // Around multiples of encode_in_place's chunk (768 bytes) and a large value.
+    for len in (0..200).chain([767, 768, 769, 1535, 1536, 1537, 3071, 3072, 3073, 100_001]) {
         let sealed: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
         for version in [v(1), v(10)] {
             let mut out = Vec::new();
