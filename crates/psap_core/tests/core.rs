@@ -795,3 +795,18 @@ fn a_forked_child_never_hands_out_its_parents_nonces() {
         }
     }
 }
+
+#[test]
+fn decoding_into_a_short_buffer_is_refused_not_a_panic() {
+    let body = b"AAECAwQFBgcICQoLDA0ODw=="; // 16 bytes; capacity 18
+    let mut out = [0u8; 18];
+    assert_eq!(envelope::decode_body_into(body, &mut out, 0), Ok(16));
+    assert_eq!(
+        envelope::decode_body_into(body, &mut out[..17], 0),
+        Err(EnvelopeError::BadBase64)
+    );
+    assert_eq!(
+        envelope::decode_body_into(body, &mut out[..3], 0),
+        Err(EnvelopeError::BadBase64)
+    );
+}
