@@ -88,6 +88,34 @@ fn main() {
     let b64 = time_ns(iters, || {
         envelope::decode_body(black_box(&env[3..]), &mut scratch).unwrap()
     });
+    // The codec 0.2.0 used (the base64 crate, now the tests' reference), on the same body, the
+    // same way: into a buffer of the decoded capacity.
+    let b64_crate = {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        time_ns(iters, || {
+            let body = black_box(&env[3..]);
+            scratch.clear();
+            scratch.resize(body.len() / 4 * 3, 0);
+            let n = engine.decode_slice(body, &mut scratch).unwrap();
+            scratch.truncate(n);
+        })
+    };
+    let mut encoded = Vec::with_capacity(256);
+    let b64_encode = time_ns(iters, || {
+        encoded.clear();
+        envelope::encode(v1, black_box(&sealed), &mut encoded).unwrap();
+    });
+    let b64_crate_encode = {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        time_ns(iters, || {
+            encoded.clear();
+            encoded.extend_from_slice(b"v1:");
+            encoded.resize(3 + black_box(&sealed).len().div_ceil(3) * 4, 0);
+            engine.encode_slice(&sealed, &mut encoded[3..]).unwrap();
+        })
+    };
     let full_decrypt = time_ns(iters, || {
         out.clear();
         decrypt(&ring, black_box(&env), &[], &mut out).unwrap();
@@ -134,7 +162,9 @@ fn main() {
     });
     println!(
         "{{\"plaintext_bytes\": {}, \"open_ns\": {open:.1}, \"seal_ns\": {seal:.1}, \"os_random_nonce_ns\": {random_nonce:.1}, \
-         \"pooled_nonce_ns\": {pooled_nonce:.1}, \"base64_decode_ns\": {b64:.1}, \"core_decrypt_ns\": {full_decrypt:.1}, \
+         \"pooled_nonce_ns\": {pooled_nonce:.1}, \"base64_decode_ns\": {b64:.1}, \
+         \"base64_crate_decode_ns\": {b64_crate:.1}, \"base64_encode_ns\": {b64_encode:.1}, \
+         \"base64_crate_encode_ns\": {b64_crate_encode:.1}, \"core_decrypt_ns\": {full_decrypt:.1}, \
          \"core_reencrypt_ns\": {full_reencrypt:.1}, \"aes_gcm_open_ns\": {aes_open:.1}, \
          \"aes_gcm_open_prepared_key_ns\": {prepared:.1}, \
          \"core_gcm_decrypt_ns\": {gcm_decrypt:.1}, \"core_reencrypt_to_gcm_ns\": {gcm_reencrypt:.1}}}",
