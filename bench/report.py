@@ -15,6 +15,11 @@ def ok(value, target, higher_is_better=True):
     return "reached" if good else "**not reached**"
 
 
+def near(value, target):
+    """A ratio with two decimals, or three when two would print the target itself (1.597 is not 1.6)."""
+    return f"{value:.3f}" if f"{value:.2f}" == f"{target:.2f}" and value != target else f"{value:.2f}"
+
+
 def chart(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -179,7 +184,7 @@ def write_report(r, quick=False):
         all_small, all_big = rot["backend_peak_rss_anon_kb"], big["backend_peak_rss_anon_kb"]
         flat = g_big <= max(g_small, 0) + 512
         w(f"| backend private memory growth from the first batch to the last, {int(sizes[-1]):,} vs {int(sizes[0]):,} rows | independent of size | {g_big:,} kB vs {g_small:,} kB (peak over the whole call, counting scans included: {all_big / 1024:.1f} vs {all_small / 1024:.1f} MB, see below) | {'reached' if flat else '**not reached**'} |")
-    w(f"| two psap_rotate sessions on one column / one session | >= 1.6 | {two_ratio:.2f} | {ok(two_ratio, 1.6)} |")
+    w(f"| two psap_rotate sessions on one column / one session | >= 1.6 | {near(two_ratio, 1.6)} | {ok(two_ratio, 1.6)} |")
     w("")
     if len(sizes) > 1:
         w("Memory: batches use the same memory whatever the table size. The counting scans before the first")
@@ -277,7 +282,7 @@ def write_report(r, quick=False):
                 w(f"  {read['psap_census']['us_per_row_median'] / g['us_per_row_median']:.2f}x it. (0.1.0's census called an extension function per row to")
                 w("  classify each value, about three times slower.)")
     if two_ratio < 1.6:
-        w(f"- **Two sessions, {two_ratio:.2f}x instead of 1.6x.** The machine has 2 CPUs, shared by the two backends,")
+        w(f"- **Two sessions, {near(two_ratio, 1.6)}x instead of 1.6x.** The machine has 2 CPUs, shared by the two backends,")
         w("  the WAL writer, the checkpointer and the benchmark's client, and one session already keeps one CPU")
         w("  busy. The sessions start at different blocks (PID-derived) and skip each other's locked rows, so")
         w("  they do not redo work (the tests check that no row is done twice); more CPUs would raise the figure.")
@@ -290,7 +295,7 @@ def write_report(r, quick=False):
     w("")
     w("## Where the time of one psap_decrypt goes")
     w("")
-    w(f"libsodium alone, in this run (ns per 80-byte value): open {nat['open_ns']:.0f}, seal {nat['seal_ns']:.0f}, "
+    w(f"libsodium alone, in this run (ns per 80-byte value, each the best of three processes): open {nat['open_ns']:.0f}, seal {nat['seal_ns']:.0f}, "
       f"OS-random nonce {nat['os_random_nonce_ns']:.0f} (psap_encrypt draws nonces in blocks: {nat['pooled_nonce_ns']:.0f}), "
       f"base64 decode {nat['base64_decode_ns']:.0f}; psap_core's whole decrypt {nat['core_decrypt_ns']:.0f}, re-encrypt {nat['core_reencrypt_ns']:.0f}.")
     if "aes_gcm_open_ns" in nat:
