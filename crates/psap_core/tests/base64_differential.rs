@@ -8,18 +8,10 @@
 use base64::Engine;
 use psap_core::{envelope, Version};
 
+mod common;
+use common::XorShift;
+
 const REFERENCE: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// What the envelope's decoder makes of `body`, as the reference would report it.
 fn ours(body: &[u8]) -> Option<Vec<u8>> {
@@ -94,9 +86,9 @@ fn agrees_with_the_reference_on_random_strings() {
     let mut rng = XorShift(0xdead_beef_cafe_f00d);
     let mut accepted = 0;
     for _ in 0..500_000 {
-        let len = (rng.next() % 13) as usize * 4;
+        let len = rng.below(13) * 4;
         let body: Vec<u8> = (0..len)
-            .map(|_| ALPHABET[(rng.next() % ALPHABET.len() as u64) as usize])
+            .map(|_| ALPHABET[rng.below(ALPHABET.len())])
             .collect();
         same(&body);
         accepted += usize::from(reference(&body).is_some());

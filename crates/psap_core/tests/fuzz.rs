@@ -9,21 +9,10 @@ use psap_core::key::Slot;
 use psap_core::sodium;
 use psap_core::{decrypt, encrypt, KeyRing, Version};
 
+mod common;
+use common::XorShift;
+
 const ITERATIONS: usize = 300_000;
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 fn ring() -> KeyRing {
     assert!(sodium::init());
