@@ -13,10 +13,10 @@
 //! The base64 codec is `base64-simd` (SIMD, chosen at run time for the CPU): on a value of the
 //! benchmark's size it decodes two to three times faster than the `base64` crate and encodes about
 //! 1.4 times faster; decoding was a large share of what psap_decrypt adds around a fast cipher
-//! (BENCHMARKS.md measures both codecs side by side). The ciphertext
-//! it reads is not secret, so it need not run in constant time. Its strictness is pinned by tests
-//! that compare it with the `base64` crate's strict standard engine on every input they try
-//! (tests/base64_differential.rs, and the `base64` fuzz target).
+//! (BENCHMARKS.md measures both codecs side by side). The ciphertext it reads is not secret, so
+//! it need not run in constant time. Its strictness is pinned by tests that compare it with the
+//! `base64` crate's strict standard engine on every input they try (tests/base64_differential.rs,
+//! and the `base64` fuzz target).
 
 use base64_simd::{Out, STANDARD};
 
