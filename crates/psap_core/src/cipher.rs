@@ -85,11 +85,11 @@ pub fn encrypt_into(
             sealed[..NONCE_BYTES].copy_from_slice(nonce);
             sodium::seal_into(key.bytes(), nonce, plaintext, &mut sealed[NONCE_BYTES..])
         }
-        Cipher::Aes256Gcm => {
+        Cipher::Aes256Gcm => key.gcm().is_some_and(|k| {
             let body = aes::NONCE_BYTES..aes::NONCE_BYTES + plaintext.len();
             sealed[body].copy_from_slice(plaintext);
-            aes::seal_in_place(key.bytes(), context, sealed)
-        }
+            aes::seal_in_place(k, context, sealed)
+        }),
     };
     if !ok {
         sodium::memzero(out);
@@ -142,7 +142,12 @@ pub fn decrypt_into<'a>(
             nonce.copy_from_slice(&buf[..NONCE_BYTES]);
             sodium::open_in_place(key.bytes(), &nonce, &mut buf[..decoded], NONCE_BYTES)
         }
-        Cipher::Aes256Gcm => aes::open_in_place(key.bytes(), context, &mut buf[..decoded]),
+        Cipher::Aes256Gcm => {
+            let k = key
+                .gcm()
+                .ok_or(CoreError::CipherUnavailable(Cipher::Aes256Gcm))?;
+            aes::open_in_place(k, context, &mut buf[..decoded])
+        }
     };
     plain
         .map(|n| (env.version, n))

@@ -1,11 +1,14 @@
 //! Keys, their versions and fingerprints.
 //!
 //! A [`Key`] is 32 bytes parsed from 64 hex characters (`openssl rand -hex 32`), held in locked
-//! memory that no core file contains and wiped when dropped. A [`KeyRing`] holds one slot per
-//! version `v1`..`v99`; the extension fills it once per configuration change, never per row.
+//! memory that no core file contains and wiped when dropped; an AES-256-GCM key also holds the
+//! module's contexts for it ([`PreparedKey`]), built once, in locked memory too. A [`KeyRing`]
+//! holds one slot per version `v1`..`v99`; the extension fills it once per configuration change,
+//! never per row.
 
 use std::fmt;
 
+use crate::aes::PreparedKey;
 use crate::error::{CoreError, KeyError};
 pub use crate::limits::{KEY_BYTES, MAX_VERSION};
 use crate::sodium::{self, Secret};
@@ -16,6 +19,8 @@ pub use crate::types::{Cipher, Version};
 pub struct Key {
     secret: Secret<KEY_BYTES>,
     cipher: Cipher,
+    /// For an AES-256-GCM key; None for secretbox.
+    gcm: Option<PreparedKey>,
 }
 
 impl Key {
@@ -30,7 +35,7 @@ impl Key {
         }
         let mut key = Key::zeroed(cipher)?;
         hex::decode_to_slice(text, key.secret.bytes_mut()).map_err(|_| KeyError::NotHex)?;
-        Ok(key)
+        key.prepared()
     }
 
     /// Parses a key setting's value: 64 hex digits, optionally after a cipher name and a colon
@@ -50,12 +55,25 @@ impl Key {
     pub fn from_bytes(bytes: &[u8; KEY_BYTES], cipher: Cipher) -> Result<Key, KeyError> {
         let mut key = Key::zeroed(cipher)?;
         key.secret.bytes_mut().copy_from_slice(bytes);
-        Ok(key)
+        key.prepared()
     }
 
     fn zeroed(cipher: Cipher) -> Result<Key, KeyError> {
         let secret = Secret::zeroed().ok_or(KeyError::OutOfMemory)?;
-        Ok(Key { secret, cipher })
+        Ok(Key {
+            secret,
+            cipher,
+            gcm: None,
+        })
+    }
+
+    /// Once the bytes are in: prepares an AES-256-GCM key for the module. The module refuses
+    /// only a key of the wrong length, so a failure here is the locked memory.
+    fn prepared(mut self) -> Result<Key, KeyError> {
+        if self.cipher == Cipher::Aes256Gcm {
+            self.gcm = Some(PreparedKey::new(self.secret.bytes()).ok_or(KeyError::OutOfMemory)?);
+        }
+        Ok(self)
     }
 
     /// Another copy of the key, in locked memory of its own.
@@ -71,9 +89,16 @@ impl Key {
         self.cipher
     }
 
+    /// The module's contexts for an AES-256-GCM key (None for secretbox).
+    pub fn gcm(&self) -> Option<&PreparedKey> {
+        self.gcm.as_ref()
+    }
+
     /// Locks the key's memory again in a forked process (see [`Secret::relock`]).
     pub fn relock(&self) -> bool {
-        self.secret.relock()
+        let secret = self.secret.relock();
+        let gcm = self.gcm.as_ref().is_none_or(PreparedKey::relock);
+        secret && gcm
     }
 
     /// A 16-hex-digit fingerprint that identifies the key without revealing it:

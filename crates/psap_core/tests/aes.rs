@@ -261,3 +261,78 @@ fn a_bound_column_opens_secretbox_values_unbound_and_aead_values_bound() {
         assert!(cipher::decrypt(&ring, &out, b"t:2", &mut Vec::new()).is_err());
     }
 }
+
+/// The module's service indicator counts an approved service for every seal (nonce drawn inside
+/// the module) and every open the product makes with a prepared key.
+#[test]
+fn sealing_and_opening_are_approved_services_of_the_module() {
+    use aws_lc_fips_sys::{FIPS_service_indicator_after_call, FIPS_service_indicator_before_call};
+    let key = aes::PreparedKey::new(&[0x5a; 32]).unwrap();
+    let approved = |f: &mut dyn FnMut() -> bool| {
+        // SAFETY: reads the calling thread's indicator counter.
+        let before = unsafe { FIPS_service_indicator_before_call() };
+        assert!(f());
+        // SAFETY: as above.
+        unsafe { FIPS_service_indicator_after_call() > before }
+    };
+    let mut buf = vec![0u8; aes::OVERHEAD + 40];
+    buf[aes::NONCE_BYTES..aes::NONCE_BYTES + 40].copy_from_slice(&[b'x'; 40]);
+    assert!(approved(&mut || aes::seal_in_place(
+        &key,
+        b"incidents.title:1",
+        &mut buf
+    )));
+    assert!(approved(&mut || aes::open_in_place(
+        &key,
+        b"incidents.title:1",
+        &mut buf
+    ) == Some(40)));
+    assert_eq!(&buf[..40], &[b'x'; 40]);
+    assert!(
+        buf[40..].iter().all(|&b| b == 0),
+        "the rest of the buffer is wiped"
+    );
+}
+
+/// The prepared contexts against aws-lc-rs's own AES-256-GCM keys, both ways, over lengths and
+/// contexts: the same layout (nonce first, tag last), the same bytes.
+#[test]
+fn prepared_keys_agree_with_aws_lc_rs_both_ways() {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, RandomizedNonceKey, UnboundKey, AES_256_GCM};
+    let raw = [0xa7u8; 32];
+    let ours = aes::PreparedKey::new(&raw).unwrap();
+    let theirs_open = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &raw).unwrap());
+    let theirs_seal = RandomizedNonceKey::new(&AES_256_GCM, &raw).unwrap();
+    for len in (0..300).chain([4096, 65_537]) {
+        let plain: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
+        let aad = format!("t.c:{len}").into_bytes();
+        let aad = if len % 3 == 0 { Vec::new() } else { aad };
+        // Ours seals, aws-lc-rs opens.
+        let mut buf = vec![0u8; aes::OVERHEAD + len];
+        buf[aes::NONCE_BYTES..aes::NONCE_BYTES + len].copy_from_slice(&plain);
+        assert!(aes::seal_in_place(&ours, &aad, &mut buf));
+        let nonce = Nonce::try_assume_unique_for_key(&buf[..aes::NONCE_BYTES]).unwrap();
+        let mut copy = buf.clone();
+        let opened = theirs_open
+            .open_within(nonce, Aad::from(&aad[..]), &mut copy, aes::NONCE_BYTES..)
+            .unwrap();
+        assert_eq!(opened, &plain[..], "len {len}");
+        // aws-lc-rs seals, ours opens.
+        let mut body = plain.clone();
+        let (nonce, tag) = theirs_seal
+            .seal_in_place_separate_tag(Aad::from(&aad[..]), &mut body)
+            .unwrap();
+        let mut sealed = [nonce.as_ref(), &body[..], tag.as_ref()].concat();
+        assert_eq!(
+            aes::open_in_place(&ours, &aad, &mut sealed),
+            Some(len),
+            "len {len}"
+        );
+        assert_eq!(&sealed[..len], &plain[..]);
+        // Another key refuses it.
+        let other = aes::PreparedKey::new(&[0xa8; 32]).unwrap();
+        let mut sealed = [nonce.as_ref(), &body[..], tag.as_ref()].concat();
+        assert_eq!(aes::open_in_place(&other, &aad, &mut sealed), None);
+        assert!(sealed.iter().all(|&b| b == 0), "a refused value is wiped");
+    }
+}
