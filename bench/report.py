@@ -305,6 +305,13 @@ def write_report(r, quick=False):
     if "aes_gcm_open_ns" in nat:
         w(f"AWS-LC's FIPS module alone, key prepared: AES-256-GCM open {nat['aes_gcm_open_ns']:.0f}, seal {nat['aes_gcm_seal_ns']:.0f} (the nonce drawn inside the module); "
           f"psap_core's whole decrypt of a GCM envelope {nat['core_gcm_decrypt_ns']:.0f}, re-encrypt from secretbox to GCM {nat['core_reencrypt_to_gcm_ns']:.0f}.")
+    fu = r.get("first_use")
+    if fu:
+        sb, gcm = fu["secretbox"], fu["aes-256-gcm"]
+        w(f"The first psap_encrypt in a new connection (median of {gcm['connections']}, one-row SELECT, client round trip included):"
+          f" secretbox {sb['first_ms']:.1f} ms, AES-256-GCM {gcm['first_ms']:.1f} ms; the second, {sb['second_ms']:.2f} and"
+          f" {gcm['second_ms']:.2f} ms. The module reseeds its random generator from its CPU-jitter entropy source in each new"
+          " backend (its fork safety) on the first nonce it draws; its self-tests and first seeding ran in the postmaster at start.")
     w("")
     cg = r.get("callgrind") or {}
     if cg.get("shares"):

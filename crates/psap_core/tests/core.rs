@@ -689,6 +689,15 @@ fn taking_a_slot_leaves_the_version_unset() {
     ring.set(v, Slot::from_setting(Some(&"11".repeat(32))));
     assert!(ring.relock());
     assert!(matches!(ring.slot_mut(v), Slot::Key(k) if k.relock()));
+    // An AES-256-GCM key relocks its prepared contexts too.
+    ring.set(
+        v,
+        Slot::from_setting(Some(&format!("aes-256-gcm:{}", "11".repeat(32)))),
+    );
+    assert!(
+        matches!(ring.slot(v), Slot::Key(k) if k.gcm().is_some_and(|g| g.relock()) && k.relock())
+    );
+    assert!(ring.relock());
 }
 
 #[test]
