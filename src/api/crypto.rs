@@ -110,10 +110,9 @@ pub(crate) fn encrypt_as(
     let ring = gucs::keyring();
     gucs::allow_encrypt(version, ring.key(version)?.cipher());
     let out = Varlena::alloc(cipher::envelope_len_for(&ring, version, plaintext.len())?);
-    let nonce = gucs::next_nonce();
     // SAFETY: `out` is ours until returned.
     let data = unsafe { out.data_mut() };
-    match cipher::encrypt_into(&ring, version, &nonce, context, plaintext, data) {
+    match cipher::encrypt_into(&ring, version, gucs::next_nonce, context, plaintext, data) {
         Ok(()) => Ok(out),
         Err(e) => {
             out.discard();
@@ -167,7 +166,6 @@ pub(crate) fn reencrypt_text(
     context: &[u8],
 ) -> Result<PallocText, CoreError> {
     gucs::ensure_preloaded();
-    let nonce = gucs::next_nonce();
     let ring = gucs::keyring();
     allow_decrypt(&ring, envelope, true);
     let from_context = cipher::context_for(&ring, envelope, context);
@@ -177,7 +175,7 @@ pub(crate) fn reencrypt_text(
         let result = cipher::reencrypt_into(
             &ring,
             to,
-            &nonce,
+            gucs::next_nonce,
             envelope,
             from_context,
             context,

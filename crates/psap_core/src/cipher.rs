@@ -63,12 +63,13 @@ fn no_context(key: &Key, context: &[u8]) -> Result<(), CoreError> {
 }
 
 /// Encrypts `plaintext` under `version`'s key into `out`, which must be exactly
-/// [`envelope_len_for`] bytes. `nonce` is used by secretbox (AES-256-GCM makes its own inside the
-/// module); `context` is bound by AES-256-GCM and must be empty for secretbox.
+/// [`envelope_len_for`] bytes. `nonce` gives a fresh nonce; only secretbox calls it (AES-256-GCM
+/// draws its own inside the module), so no random bytes are spent for nothing. `context` is bound
+/// by AES-256-GCM and must be empty for secretbox.
 pub fn encrypt_into(
     ring: &KeyRing,
     version: Version,
-    nonce: &[u8; NONCE_BYTES],
+    nonce: impl FnOnce() -> [u8; NONCE_BYTES],
     context: &[u8],
     plaintext: &[u8],
     out: &mut [u8],
@@ -82,8 +83,9 @@ pub fn encrypt_into(
     let sealed = &mut out[start..];
     let ok = match key.cipher() {
         Cipher::Secretbox => {
-            sealed[..NONCE_BYTES].copy_from_slice(nonce);
-            sodium::seal_into(key.bytes(), nonce, plaintext, &mut sealed[NONCE_BYTES..])
+            let nonce = nonce();
+            sealed[..NONCE_BYTES].copy_from_slice(&nonce);
+            sodium::seal_into(key.bytes(), &nonce, plaintext, &mut sealed[NONCE_BYTES..])
         }
         Cipher::Aes256Gcm => key.gcm().is_some_and(|k| {
             let body = aes::NONCE_BYTES..aes::NONCE_BYTES + plaintext.len();
@@ -111,7 +113,7 @@ pub fn encrypt(
     let len = envelope_len_for(ring, version, plaintext.len())?;
     let at = out.len();
     grow(out, len)?;
-    let result = encrypt_into(ring, version, nonce, context, plaintext, &mut out[at..]);
+    let result = encrypt_into(ring, version, || *nonce, context, plaintext, &mut out[at..]);
     if result.is_err() {
         out.truncate(at);
     }
@@ -182,13 +184,13 @@ pub fn decrypt(
 /// Re-encrypts an envelope under `to` into a buffer the caller provides: `alloc(n)` returns
 /// exactly `n` bytes for the new envelope. `scratch` holds the plaintext in between (reused from
 /// call to call; wiped before this returns). The value is decrypted with context `from_context`
-/// and encrypted with `to_context` (a rotation can add or change a column's binding). Returns the
-/// version the value had.
+/// and encrypted with `to_context` (a rotation can add or change a column's binding); `nonce` as
+/// for [`encrypt_into`]. Returns the version the value had.
 #[allow(clippy::too_many_arguments)]
 pub fn reencrypt_into<'a>(
     ring: &KeyRing,
     to: Version,
-    nonce: &[u8; NONCE_BYTES],
+    nonce: impl FnOnce() -> [u8; NONCE_BYTES],
     input: &[u8],
     from_context: &[u8],
     to_context: &[u8],
@@ -224,10 +226,19 @@ pub fn reencrypt(
     out: &mut Vec<u8>,
 ) -> Result<Version, CoreError> {
     let at = out.len();
-    let result = reencrypt_into(ring, to, nonce, input, &[], &[], &mut Vec::new(), |n| {
-        grow(out, n)?;
-        Ok(&mut out[at..])
-    });
+    let result = reencrypt_into(
+        ring,
+        to,
+        || *nonce,
+        input,
+        &[],
+        &[],
+        &mut Vec::new(),
+        |n| {
+            grow(out, n)?;
+            Ok(&mut out[at..])
+        },
+    );
     if result.is_err() {
         out.truncate(at);
     }

@@ -246,7 +246,7 @@ fn a_bound_column_opens_secretbox_values_unbound_and_aead_values_bound() {
         cipher::reencrypt_into(
             &ring,
             v(3),
-            &nonce,
+            || nonce,
             input,
             from,
             b"t:1",
@@ -336,5 +336,43 @@ fn prepared_keys_agree_with_aws_lc_rs_both_ways() {
         let mut sealed = [nonce.as_ref(), &body[..], tag.as_ref()].concat();
         assert_eq!(aes::open_in_place(&other, &aad, &mut sealed), None);
         assert!(sealed.iter().all(|&b| b == 0), "a refused value is wiped");
+    }
+}
+
+/// Only secretbox asks for a nonce: encrypting or re-encrypting to AES-256-GCM spends no random
+/// bytes of the caller's (the module draws its own).
+#[test]
+fn only_secretbox_draws_the_callers_nonce() {
+    let mut ring = ring_with(3, &"5a".repeat(32));
+    ring.set(
+        v(1),
+        Slot::Key(Key::from_hex(&"11".repeat(32), Cipher::Secretbox).unwrap()),
+    );
+    let draws = std::cell::Cell::new(0);
+    let nonce = || {
+        draws.set(draws.get() + 1);
+        [7u8; 24]
+    };
+    let encrypt = |version: u32| {
+        let len = cipher::envelope_len_for(&ring, v(version), 5).unwrap();
+        let mut out = vec![0u8; len];
+        cipher::encrypt_into(&ring, v(version), nonce, &[], b"fire!", &mut out).unwrap();
+        out
+    };
+    let gcm = encrypt(3);
+    assert_eq!(draws.get(), 0);
+    let sb = encrypt(1);
+    assert_eq!(draws.get(), 1);
+    let mut sealed = Vec::new();
+    envelope::decode_body(&sb[3..], &mut sealed).unwrap();
+    assert_eq!(sealed[..24], [7u8; 24], "secretbox uses the nonce it drew");
+    for (input, to, drawn) in [(&sb, 3, 1), (&gcm, 1, 2), (&gcm, 3, 2)] {
+        let mut out = Vec::new();
+        cipher::reencrypt_into(&ring, v(to), nonce, input, &[], &[], &mut Vec::new(), |n| {
+            out.resize(n, 0);
+            Ok(&mut out[..])
+        })
+        .unwrap();
+        assert_eq!(draws.get(), drawn, "re-encrypting to v{to}");
     }
 }
