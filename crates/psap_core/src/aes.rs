@@ -59,11 +59,17 @@ pub struct PreparedKey(Secret<CONTEXTS_BYTES>);
 impl PreparedKey {
     /// Prepares `key`; None if the locked memory could not be had or the module refused.
     pub fn new(key: &[u8; KEY_BYTES]) -> Option<PreparedKey> {
-        let mut prepared = PreparedKey(Secret::zeroed()?);
-        let ctx = prepared.0.bytes_mut().as_mut_ptr().cast::<Contexts>();
-        if !ctx.is_aligned() {
-            return None;
+        let mut secret = Secret::<CONTEXTS_BYTES>::zeroed()?;
+        if !secret
+            .bytes_mut()
+            .as_mut_ptr()
+            .cast::<Contexts>()
+            .is_aligned()
+        {
+            return None; // before it is a PreparedKey, whose Drop would use it
         }
+        let mut prepared = PreparedKey(secret);
+        let ctx = prepared.0.bytes_mut().as_mut_ptr().cast::<Contexts>();
         // SAFETY: ctx points to CONTEXTS_BYTES zeroed bytes, aligned, owned by `prepared`; a zeroed
         // context is what EVP_AEAD_CTX_zero makes, and cleanup (in Drop) accepts one that failed
         // or never ran init.

@@ -20,6 +20,16 @@ fn ring_with(version: u32, key_hex: &str) -> KeyRing {
     ring
 }
 
+/// v3 AES-256-GCM and v1 secretbox.
+fn mixed_ring() -> KeyRing {
+    let mut ring = ring_with(3, &"5a".repeat(32));
+    ring.set(
+        v(1),
+        Slot::Key(Key::from_hex(&"11".repeat(32), Cipher::Secretbox).unwrap()),
+    );
+    ring
+}
+
 fn hex(s: &str) -> Vec<u8> {
     hex::decode(s).unwrap()
 }
@@ -224,11 +234,7 @@ fn a_short_gcm_value_names_its_own_minimum() {
 
 #[test]
 fn a_bound_column_opens_secretbox_values_unbound_and_aead_values_bound() {
-    let mut ring = ring_with(3, &"5a".repeat(32));
-    ring.set(
-        v(1),
-        Slot::Key(Key::from_hex(&"11".repeat(32), Cipher::Secretbox).unwrap()),
-    );
+    let ring = mixed_ring();
     let nonce = [9u8; 24];
     let (mut sb, mut gcm) = (Vec::new(), Vec::new());
     cipher::encrypt(&ring, v(1), &nonce, b"", b"old", &mut sb).unwrap();
@@ -343,11 +349,7 @@ fn prepared_keys_agree_with_aws_lc_rs_both_ways() {
 /// bytes of the caller's (the module draws its own).
 #[test]
 fn only_secretbox_draws_the_callers_nonce() {
-    let mut ring = ring_with(3, &"5a".repeat(32));
-    ring.set(
-        v(1),
-        Slot::Key(Key::from_hex(&"11".repeat(32), Cipher::Secretbox).unwrap()),
-    );
+    let ring = mixed_ring();
     let draws = std::cell::Cell::new(0);
     let nonce = || {
         draws.set(draws.get() + 1);
