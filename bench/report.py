@@ -135,6 +135,10 @@ def write_report(r, quick=False):
     # Ratios of medians: one noisy run (in either direction) does not move them.
     def ratio(a, b, key="rows_per_s_median"):
         return rot[a][key] / rot[b][key]
+    # Rotation into GCM against rotation between secretbox versions, at every size measured.
+    gcm_rot = [(int(n), *(z["rotate"]["psap_rotate to AES-256-GCM"][k] / z["rotate"]["psap_rotate"][k]
+                         for k in ("rows_per_s_median", "rows_per_s_best")))
+               for n, z in r["sizes"].items() if "psap_rotate to AES-256-GCM" in z["rotate"]]
     php = rot.get("PHP client (app's way)")
     php_ratio = ratio("psap_rotate", "PHP client (app's way)") if php else None
     php_ratio_best = ratio("psap_rotate", "PHP client (app's way)", "rows_per_s_best") if php else None
@@ -171,9 +175,9 @@ def write_report(r, quick=False):
     w(f"| psap_rotate vs batched UPDATE + re-encrypt without locks, rows/s | >= 0.80 | {nl:.2f} ({nl_best:.2f}) | {ok(nl, 0.80)} |")
     nv, nv_best = ratio("psap_rotate, verify => false", "batched UPDATE + re-encrypt, no locks"), ratio("psap_rotate, verify => false", "batched UPDATE + re-encrypt, no locks", "rows_per_s_best")
     w(f"| the same with `verify => false` (no decrypt-every-row pass, for use after a clean dry run) | >= 0.90 | {nv:.2f} ({nv_best:.2f}) | {ok(nv, 0.90)} |")
-    if "psap_rotate to AES-256-GCM" in rot:
-        g, g_best = ratio("psap_rotate to AES-256-GCM", "psap_rotate"), ratio("psap_rotate to AES-256-GCM", "psap_rotate", "rows_per_s_best")
-        w(f"| rotation secretbox -> AES-256-GCM vs secretbox -> secretbox, rows/s | >= 1.0 | {g:.2f} ({g_best:.2f}) | {ok(g, 1.0)} |")
+    if gcm_rot:
+        shown = "; ".join(f"{g:.2f} ({g_best:.2f}) at {n:,} rows" for n, g, g_best in gcm_rot)
+        w(f"| rotation secretbox -> AES-256-GCM vs secretbox -> secretbox, rows/s, at each size | >= 1.0 | {shown} | {ok(min(g for _, g, _ in gcm_rot), 1.0)} |")
     if php_ratio:
         w(f"| psap_rotate vs the PHP client rotation, rows/s | >= 10x | {php_ratio:.1f}x ({php_ratio_best:.1f}x) | {ok(php_ratio, 10)} |")
     if "psap_census" in read:
@@ -264,13 +268,16 @@ def write_report(r, quick=False):
         w(f"  What psap_decrypt adds around any cipher, about {fixed:.0f} ns (the function call, base64, the result")
         w("  text), is the same for both, and is a large share of so fast a cipher: in absolute terms a GCM row")
         w(f"  costs {gcm_added_ns:.0f} ns over the scan against {added_ns:.0f} ns for secretbox.")
-    if "psap_rotate to AES-256-GCM" in rot and ratio("psap_rotate to AES-256-GCM", "psap_rotate") < 1.0:
-        g = ratio("psap_rotate to AES-256-GCM", "psap_rotate")
-        w(f"- **Rotation into AES-256-GCM, {g:.2f}x rotation between secretbox versions.** Natively, re-encrypting to")
-        w(f"  GCM costs {nat['core_reencrypt_to_gcm_ns']:.0f} ns against {nat['core_reencrypt_ns']:.0f} ns: the module must draw every nonce")
-        w("  itself (its security policy), from its DRBG, which takes fresh input from the CPU's random-number")
-        w("  instruction (RDRAND on x86-64) on each draw, where secretbox's nonces come from a pooled block. Both go through the")
-        w("  same batches, so the difference is that nonce.")
+    if gcm_rot and min(g for _, g, _ in gcm_rot) < 1.0:
+        n, g, g_best = min(gcm_rot, key=lambda x: x[1])
+        w(f"- **Rotation into AES-256-GCM, {g:.2f}x rotation between secretbox versions at {n:,} rows** (best runs {g_best:.2f}).")
+        w(f"  Natively, re-encrypting to GCM costs {nat['core_reencrypt_to_gcm_ns']:.0f} ns against {nat['core_reencrypt_ns']:.0f} ns for secretbox (the")
+        w("  module draws each nonce itself, as its security policy requires, with fresh input from the CPU's")
+        w("  random-number instruction on each draw; secretbox's nonces come from a pooled block), and GCM's")
+        w("  envelopes are 16 characters shorter. Both rotations run the same batches and differ only in that")
+        w(f"  re-encryption, against rows that cost about {1e6 / rot['psap_rotate']['rows_per_s_median']:.0f} us each. The first GCM encryption of each")
+        w("  backend adds the module's reseed after fork (below), once per call. The medians' difference is")
+        w("  within this shared machine's run-to-run spread (see the rotate table), but it is what was measured.")
     if "psap_census" in read:
         cr = read["psap_census"]["us_per_row_median"] / read["count(*)"]["us_per_row_median"]
         if cr > 1.5:
