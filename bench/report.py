@@ -317,8 +317,8 @@ def write_report(r, quick=False):
         sb, gcm = fu["secretbox"], fu["aes-256-gcm"]
         w(f"The first psap_encrypt in a new connection (median of {gcm['connections']}, one-row SELECT, client round trip included):"
           f" secretbox {sb['first_ms']:.1f} ms, AES-256-GCM {gcm['first_ms']:.1f} ms; the second, {sb['second_ms']:.2f} and"
-          f" {gcm['second_ms']:.2f} ms. The module reseeds its random generator from its CPU-jitter entropy source in each new"
-          " backend (its fork safety) on the first nonce it draws; its self-tests and first seeding ran in the postmaster at start.")
+          f" {gcm['second_ms']:.2f} ms. The module seeds its random generator from its CPU-jitter entropy source in each new"
+          " backend (its fork safety) when it draws its first nonce.")
     w("")
     cg = r.get("callgrind") or {}
     if cg.get("shares"):

@@ -75,12 +75,6 @@ pub fn init() {
     }
     define_key_command_settings();
     FIPS_OK.store(psap_core::aes::fips_mode().is_ok(), Ordering::Relaxed);
-    if keysource::is_postmaster() && fips_mode_ok() {
-        // The module's self-tests and first seeding (its CPU-jitter entropy source) run once here
-        // rather than in every backend: a backend then pays only the reseed after its fork, on its
-        // first AES-256-GCM encryption (README, Security).
-        psap_core::aes::warm_up();
-    }
     pgrx::GucRegistry::define_bool_guc(
         c"psap.require_fips",
         c"Allows new ciphertext only with a FIPS 140-3 validated cipher (aes-256-gcm).",

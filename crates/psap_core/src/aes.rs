@@ -42,9 +42,8 @@ pub fn module() -> String {
     }
 }
 
-/// The module's contexts for one key. AWS-LC aligns the state inside each context relative to
-/// its address, so a context must never move once initialized: they stay where `Secret`
-/// allocated them.
+/// The module's contexts for one key, initialized in place where `Secret` allocated them (they
+/// are never moved or copied).
 #[repr(C, align(16))]
 struct Contexts {
     seal: lc::EVP_AEAD_CTX,
@@ -120,18 +119,6 @@ impl Drop for PreparedKey {
     }
 }
 
-/// Makes the module run its self-tests and seed its random generator now: one seal with a
-/// throwaway key, its output wiped. Returns false if the module refused.
-pub fn warm_up() -> bool {
-    let Some(key) = PreparedKey::new(&[0u8; KEY_BYTES]) else {
-        return false;
-    };
-    let mut buf = [0u8; OVERHEAD + 1];
-    let ok = seal_in_place(&key, b"", &mut buf);
-    sodium::memzero(&mut buf);
-    ok
-}
-
 /// Seals the plaintext that the caller put at `out[NONCE_BYTES..out.len() - TAG_BYTES]`, in
 /// place, with a nonce the module generates; writes the nonce before and the tag after it.
 /// Returns false if the module refused (and then `out` is wiped).
@@ -144,19 +131,21 @@ pub fn seal_in_place(key: &PreparedKey, aad: &[u8], out: &mut [u8]) -> bool {
     let mut tag_nonce = [0u8; TAG_BYTES + NONCE_BYTES];
     let mut written = 0usize;
     let body = &mut out[NONCE_BYTES..end];
-    // SAFETY: the context is initialized; `body` is sealed in place (out == in, which the module
-    // allows); tag_nonce has room for max_out_tag_len bytes; no nonce is passed in.
+    let (p, len) = (body.as_mut_ptr(), body.len());
+    // SAFETY: the context is initialized; the body is sealed in place through one pointer
+    // (out == in, which the module allows); tag_nonce has room for max_out_tag_len bytes; no
+    // nonce is passed in.
     let ok = unsafe {
         lc::EVP_AEAD_CTX_seal_scatter(
             &raw const key.contexts().seal,
-            body.as_mut_ptr(),
+            p,
             tag_nonce.as_mut_ptr(),
             &mut written,
             tag_nonce.len(),
             null(),
             0,
-            body.as_ptr(),
-            body.len(),
+            p.cast_const(),
+            len,
             null(),
             0,
             aad.as_ptr(),
@@ -173,8 +162,8 @@ pub fn seal_in_place(key: &PreparedKey, aad: &[u8], out: &mut [u8]) -> bool {
 }
 
 /// Opens `nonce || ciphertext || tag` in place: on success the plaintext is `buf[..n]` and `n`
-/// is returned, the rest of `buf` wiped. On failure (wrong key, modified data, wrong context) None, and `buf` holds no
-/// plaintext (it is wiped).
+/// is returned, the rest of `buf` wiped. On failure (wrong key, modified data, wrong context)
+/// None, and `buf` holds no plaintext (it is wiped).
 pub fn open_in_place(key: &PreparedKey, aad: &[u8], buf: &mut [u8]) -> Option<usize> {
     if buf.len() < OVERHEAD {
         return None;
@@ -182,24 +171,25 @@ pub fn open_in_place(key: &PreparedKey, aad: &[u8], buf: &mut [u8]) -> Option<us
     let mut nonce = [0u8; NONCE_BYTES];
     nonce.copy_from_slice(&buf[..NONCE_BYTES]);
     let sealed = &mut buf[NONCE_BYTES..];
+    let (p, len) = (sealed.as_mut_ptr(), sealed.len());
     let mut n = 0usize;
-    // SAFETY: the context is initialized; `sealed` (ciphertext || tag) is opened in place
-    // (out == in), the plaintext being shorter than it.
+    // SAFETY: the context is initialized; ciphertext || tag is opened in place through one
+    // pointer (out == in), the plaintext being shorter than it.
     let ok = unsafe {
         lc::EVP_AEAD_CTX_open(
             &raw const key.contexts().open,
-            sealed.as_mut_ptr(),
+            p,
             &mut n,
-            sealed.len(),
+            len,
             nonce.as_ptr(),
             NONCE_BYTES,
-            sealed.as_ptr(),
-            sealed.len(),
+            p.cast_const(),
+            len,
             aad.as_ptr(),
             aad.len(),
         )
     } == 1;
-    if !ok || n != sealed.len() - TAG_BYTES {
+    if !ok || n != len - TAG_BYTES {
         // The module may have written into the buffer before the tag check failed.
         sodium::memzero(buf);
         return None;

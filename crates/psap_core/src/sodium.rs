@@ -137,7 +137,8 @@ unsafe impl<const N: usize> Send for Secret<N> {}
 impl<const N: usize> Secret<N> {
     /// N zero bytes, or None if the memory could not be allocated.
     pub fn zeroed() -> Option<Secret<N>> {
-        // SAFETY: sodium_malloc returns N writable bytes (or NULL), aligned for any type.
+        // SAFETY: sodium_malloc returns N writable bytes (or NULL). They end at a page boundary, so
+        // their alignment is that of N (callers that cast check it).
         let ptr = unsafe { ffi::sodium_malloc(N) }.cast::<[u8; N]>();
         let mut secret = Secret(NonNull::new(ptr)?);
         memzero(secret.bytes_mut());
