@@ -30,6 +30,7 @@ pub mod keysource;
 pub mod names;
 pub mod rotation;
 pub mod sandbox;
+pub mod scan;
 pub mod spi;
 
 ::pgrx::pg_module_magic!(name, version);

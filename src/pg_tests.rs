@@ -125,4 +125,49 @@ mod tests {
             Some(false)
         );
     }
+    #[pg_test]
+    fn the_direct_scan_decides_as_the_sql_predicates() {
+        // src/scan.rs counts by a value's first bytes in Rust; the batch statements pick rows with
+        // _psap_needs_rotation / _psap_is_plaintext over substr(col, 1, 4). The two must agree on
+        // every value, envelope look-alikes and multibyte characters included.
+        use crate::rotation::Mode;
+        use crate::scan::Kind;
+        use psap_core::Version;
+        let values = [
+            "v1:x", "v2:x", "v9:", "v10:a", "v99:", "v100:", "v0:x", "v01:", "v1", "v", "",
+            "plain", "V1:x", "vé:x", "v1é:", "é", "v1:é", " v1:", "v12", "v12:",
+        ];
+        let v = |n| Version::new(n).unwrap();
+        for value in values {
+            let quoted = value.replace('\'', "''");
+            let prefix: String = value.chars().take(4).collect();
+            let kind = Kind::of(&value.as_bytes()[..value.len().min(4)]);
+            for (to, from) in [
+                (2, None),
+                (2, Some(1)),
+                (10, None),
+                (1, Some(10)),
+                (99, None),
+            ] {
+                let sql = format!(
+                    "SELECT _psap_needs_rotation(substr('{quoted}', 1, 4), {to}, {})",
+                    from.map_or("NULL".into(), |f: u32| f.to_string())
+                );
+                let mode = Mode::Rotate { from: from.map(v) };
+                assert_eq!(
+                    one::<bool>(&sql),
+                    Some(mode.needs(kind, v(to))),
+                    "{value} {to} {from:?} {prefix}"
+                );
+            }
+            let sql = format!("SELECT _psap_is_plaintext(substr('{quoted}', 1, 4))");
+            assert_eq!(
+                one::<bool>(&sql),
+                Some(Mode::Encrypt.needs(kind, v(2))),
+                "{value}"
+            );
+        }
+        assert!(!Mode::Encrypt.needs(Kind::Null, v(2)));
+        assert!(!Mode::Rotate { from: None }.needs(Kind::Null, v(2)));
+    }
 }

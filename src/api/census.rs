@@ -7,7 +7,7 @@ use pgrx::PgRelation;
 use psap_core::{cipher, envelope, Version};
 
 use crate::api::target::{self, Access};
-use crate::{gucs, sandbox, spi};
+use crate::{gucs, sandbox, scan, spi};
 
 /// Whether a value (its first characters) is an envelope to rotate: its version is not `target`
 /// and, when `from` is given, is `from`.
@@ -94,10 +94,12 @@ pub type CensusRow = (
     Option<psap_core::Cipher>,
 );
 
-/// The census of a column. The scan groups rows by their first four characters only (a plain
-/// builtin per row, no call into the extension: three times faster than classifying each row),
-/// and the groups are sorted into versions here, with the same prefix parser that
-/// `_psap_envelope_version` uses. NULL values are the one group whose prefix is NULL.
+/// The census of a column. Each table holding its rows is counted by a direct scan of the
+/// values' first bytes ([`scan::tally`]). A table with row-level security enabled (the one named,
+/// or one of its partitions) is counted with SQL instead, as the table's owner, whose policies
+/// then decide what it sees: there the scan groups rows by their first four characters and the
+/// groups are sorted into versions here, with the same prefix parser. NULL values are the one
+/// group whose prefix is NULL.
 pub fn census_rows(tbl: &PgRelation, col: &str) -> Vec<CensusRow> {
     gucs::ensure_preloaded();
     // Sorted as psap_census shows them: encrypted by version number, then not encrypted, then
@@ -105,6 +107,27 @@ pub fn census_rows(tbl: &PgRelation, col: &str) -> Vec<CensusRow> {
     let mut rows = std::collections::BTreeMap::<(&str, Option<Version>), i64>::new();
     sandbox::with_safe_search_path(|| {
         let t = target::resolve(tbl, col, Access::Read);
+        // SAFETY: rd_rel of an open relation is valid.
+        let policies = unsafe { (*tbl.rd_rel).relrowsecurity };
+        let tallies = (!policies)
+            .then(|| {
+                t.leaves
+                    .iter()
+                    .map(|leaf| scan::tally(leaf.oid, col, None))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten();
+        if let Some(tallies) = tallies {
+            for tally in tallies {
+                for (v, n) in tally.versions() {
+                    *rows.entry(("encrypted", Some(v))).or_default() += n;
+                }
+                *rows.entry(("not encrypted", None)).or_default() += tally.plaintext;
+                *rows.entry(("null", None)).or_default() += tally.null;
+            }
+            rows.retain(|_, n| *n > 0);
+            return;
+        }
         let sql = format!(
             "SELECT pg_catalog.substr({col}, 1, 4), pg_catalog.count(*) FROM {rel} GROUP BY 1",
             col = t.column,

@@ -15,7 +15,7 @@ use super::state::{self, InStep, Outcome, Status};
 use super::walk::Walk;
 use super::{sql, Run};
 use crate::api::registry;
-use crate::{error, gucs, sandbox, spi};
+use crate::{error, gucs, sandbox, scan, spi};
 
 /// One batch of the run with this token. Returns whether the procedure should commit and call
 /// again.
@@ -241,8 +241,13 @@ pub fn start_leaf(run: &mut Run) {
     run.walk = Walk::new(blocks.max(0) as u64, rows, run.opts.batch, pid);
 }
 
-/// Rows of a leaf that still need work.
+/// Rows of a leaf that still need work: counted by a direct scan ([`scan::tally`]), or with SQL
+/// on a table with row-level security enabled.
 fn leaf_rows(run: &Run, leaf: usize) -> i64 {
+    let (mode, to) = (run.opts.mode, run.to);
+    if let Some(tally) = scan::tally(run.target.leaves[leaf].oid, &run.target.column_name, None) {
+        return tally.rows(|kind| mode.needs(kind, to));
+    }
     let sql = sql::leaf_rows(&run.target, leaf, &run.needs);
     sandbox::as_table_owner(run.target.leaves[leaf].owner, || spi::one::<i64>(&sql, &[]))
         .unwrap_or(0)

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use psap_core::Version;
 
 use crate::error;
+use crate::scan::Kind;
 
 /// What a run does to each row.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -44,6 +45,16 @@ impl Mode {
 
     pub fn is_rotate(self) -> bool {
         matches!(self, Mode::Rotate { .. })
+    }
+
+    /// Whether a value of this kind still needs work toward `to`: the rule of [`super::sql::needs`]
+    /// (the predicates `_psap_needs_rotation` and `_psap_is_plaintext`), for the direct scans.
+    pub fn needs(self, kind: Kind, to: Version) -> bool {
+        match (self, kind) {
+            (Mode::Rotate { from }, Kind::Envelope(v)) => v != to && from.is_none_or(|f| f == v),
+            (Mode::Encrypt, Kind::Plaintext) => true,
+            _ => false,
+        }
     }
 }
 

@@ -10,9 +10,10 @@ use super::options::{Args, Mode, Options, Procedure};
 use super::state::{self, Outcome, Status};
 use super::walk::Walk;
 use super::{sql, Run};
-use crate::api::registry;
 use crate::api::target::{self, Access, Target};
+use crate::api::{census, registry};
 use crate::audit::{AuditLog, Counts, Start};
+use crate::scan::{self, Kind};
 use crate::{error, gucs, sandbox, spi};
 
 /// Starts a run of psap_rotate or psap_encrypt_column; returns its token.
@@ -104,7 +105,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     // Rows that cannot be decrypted are not refused when they are to be skipped anyway; without
     // `verify`, one is found by the batch that meets it, which is rolled back.
     let refuse = opts.mode.is_rotate() && !opts.skip_undecryptable && !opts.dry_run;
-    let count = count_by_version(&target, &needs, opts.mode, token, refuse && opts.verify);
+    let count = count_by_version(&target, &needs, opts.mode, to, token, refuse && opts.verify);
     let total: i64 = count.versions.iter().map(|(_, n)| n).sum();
     let mut refusal = None;
     if refuse {
@@ -269,29 +270,61 @@ struct Count {
     per_leaf: Vec<i64>,
 }
 
-fn count_by_version(t: &Target, needs: &str, mode: Mode, token: i64, verify: bool) -> Count {
+fn count_by_version(
+    t: &Target,
+    needs: &str,
+    mode: Mode,
+    to: Version,
+    token: i64,
+    verify: bool,
+) -> Count {
     let mut versions: Vec<(String, i64)> = Vec::new();
     let mut undecryptable = 0;
     let mut per_leaf = Vec::with_capacity(t.leaves.len());
+    let wanted = |kind: Kind| mode.needs(kind, to);
+    // The direct scan verifies values of a column bound to no context; a bound column's context
+    // is a SQL expression over the row, which the SQL count evaluates.
+    let check = |value: &[u8]| census::decrypt_error(value, &[]);
+    let check: Option<(&dyn Fn(Kind) -> bool, scan::Check)> = verify.then_some((&wanted, &check));
     for (i, leaf) in t.leaves.iter().enumerate() {
-        let sql = sql::count_by_version(t, i, needs, mode, verify);
-        let rows = sandbox::as_table_owner(leaf.owner, || {
-            spi::rows(&sql, &[token.into()], |r| {
-                Ok((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<i64>(2)?.unwrap_or(0),
-                    r.get::<i64>(3)?.unwrap_or(0),
-                ))
-            })
-        });
+        let scanned = (!verify || t.context.is_none())
+            .then(|| scan::tally(leaf.oid, &t.column_name, check))
+            .flatten();
+        // (version or "plaintext", rows, rows that cannot be decrypted)
+        let rows: Vec<(String, i64, i64)> = match scanned {
+            Some(tally) => {
+                undecryptable += tally.undecryptable;
+                match mode {
+                    Mode::Rotate { .. } => tally
+                        .versions()
+                        .filter(|(v, _)| wanted(Kind::Envelope(*v)))
+                        .map(|(v, n)| (v.to_string(), n, 0))
+                        .collect(),
+                    Mode::Encrypt => vec![("plaintext".into(), tally.plaintext, 0)],
+                }
+            }
+            None => {
+                let sql = sql::count_by_version(t, i, needs, mode, verify);
+                sandbox::as_table_owner(leaf.owner, || {
+                    spi::rows(&sql, &[token.into()], |r| {
+                        let group = r.get::<String>(1)?.unwrap_or_default();
+                        // A group is a version's prefix (every row to rotate has one), or "plaintext".
+                        let v = match envelope::parse_prefix(group.as_bytes()) {
+                            Ok((v, _)) => v.to_string(),
+                            Err(_) => group,
+                        };
+                        Ok((
+                            v,
+                            r.get::<i64>(2)?.unwrap_or(0),
+                            r.get::<i64>(3)?.unwrap_or(0),
+                        ))
+                    })
+                })
+            }
+        };
         per_leaf.push(rows.iter().map(|(_, n, _)| n).sum());
-        for (group, n, bad) in rows {
+        for (v, n, bad) in rows.into_iter().filter(|(_, n, _)| *n > 0) {
             undecryptable += bad;
-            // A group is a version's prefix (every row to rotate has one), or "plaintext".
-            let v = match envelope::parse_prefix(group.as_bytes()) {
-                Ok((v, _)) => v.to_string(),
-                Err(_) => group,
-            };
             match versions.iter_mut().find(|(tv, _)| *tv == v) {
                 Some(e) => e.1 += n,
                 None => versions.push((v, n)),

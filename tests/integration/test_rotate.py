@@ -210,6 +210,82 @@ def test_hostile_identifiers(cluster, db):
         assert sqlstate_of(c, "CALL public.psap_rotate('incidents; DROP TABLE y', 'title')")[0] == "42602"
 
 
+def sql_census(c, table):
+    """The census as SQL alone would count it: rows grouped by their first four characters, each
+    group classified with psap_encrypt's prefix rule (`v<1..99 without leading zero>:`)."""
+    import re as _re
+    out = {}
+    for prefix, n in c.execute(f"SELECT substr(title, 1, 4), count(*) FROM {table} GROUP BY 1"):
+        if prefix is None:
+            key = ("null", None)
+        else:
+            m = _re.match(r"v([1-9][0-9]?):", prefix)
+            key = ("encrypted", "v" + m.group(1)) if m else ("not encrypted", None)
+        out[key] = out.get(key, 0) + n
+    return out
+
+
+def test_census_scan_reads_what_sql_reads(cluster, db):
+    """psap_census and psap_rotate's counts read each value's first bytes straight from the table.
+    Against SQL's own grouping: hostile prefixes, compressed values kept in the row, values moved
+    out of line (compressed or not), deleted rows, another session's uncommitted writes, and this
+    transaction's own writes, which a census later in the transaction must see."""
+    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v10": KEY3}, "v1")
+    odd = ["", "v", "v1", "v1:", "v01:x", "v0:x", "v100:x", "v99:x", "vé:x", "é", "v1é:", "V1:x", "v10:", "v2:"]
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE mix (id int, title text, t2 text)")
+        c.execute("INSERT INTO mix (id, title) SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 500) g")
+        c.execute("INSERT INTO mix (id, title) SELECT 1000 + i, v FROM unnest(%s::text[]) WITH ORDINALITY AS u(v, i)", (odd,))
+        c.execute("INSERT INTO mix (id, title) SELECT g, NULL FROM generate_series(2000, 2009) g")
+        # Compressed in the row (STORAGE MAIN), out of line uncompressed (EXTERNAL), out of line
+        # compressed (EXTENDED, the default), each as an envelope and as plaintext.
+        c.execute("SET psap.key_version = 'v10'")
+        for storage, n in (("MAIN", 3000), ("EXTERNAL", 4000), ("EXTENDED", 300000)):
+            c.execute(f"ALTER TABLE mix ALTER COLUMN title SET STORAGE {storage}")
+            c.execute("INSERT INTO mix (id, title) SELECT 3000 + g, psap_encrypt(repeat('z', %s)) FROM generate_series(1, 3) g", (n,))
+            c.execute("INSERT INTO mix (id, title) SELECT 3100 + g, 'v2' || repeat('z', %s) FROM generate_series(1, 3) g", (n,))
+            c.execute("INSERT INTO mix (id, title) SELECT 3200 + g, 'v2:' || repeat('z', %s) FROM generate_series(1, 3) g", (n,))
+        c.execute("RESET psap.key_version")
+        c.execute("DELETE FROM mix WHERE id BETWEEN 1 AND 40")
+        stored = c.execute("SELECT count(*) FILTER (WHERE pg_column_size(title) < octet_length(title)) FROM mix").fetchone()[0]
+        assert stored >= 9  # compressed values exist (pg_column_size is the stored size)
+        assert census(c, "mix") == sql_census(c, "mix")
+        expected = sql_census(c, "mix")
+        # v10: nine envelopes and "v10:"; v2: "v2:" and nine plaintexts that start "v2:".
+        assert expected[("encrypted", "v10")] == 10 and expected[("encrypted", "v2")] == 10
+        with cluster.connect(dbname=db, autocommit=False) as other:
+            other.execute("UPDATE mix SET title = 'plain' WHERE id BETWEEN 41 AND 140")
+            assert census(c, "mix") == expected  # not committed: not seen
+            assert census(other, "mix") == sql_census(other, "mix") != expected  # its own writes: seen
+            other.execute("INSERT INTO mix (id, title) VALUES (5000, NULL)")
+            assert census(other, "mix") == sql_census(other, "mix")
+            other.commit()
+        before = census(c, "mix")
+        assert before == sql_census(c, "mix")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v10": KEY3}, "v2")
+    notices = []
+    rotate(cluster, db, "CALL psap_rotate('mix', 'title', 50, skip_undecryptable => true)", notices)
+    with cluster.connect(dbname=db) as c:
+        after = census(c, "mix")
+        assert after == sql_census(c, "mix")
+        # Every envelope of v1 and v10 is now v2, but for "v1:" and "v10:", which cannot be
+        # decrypted and were skipped; "v99:x" has no key and was skipped too.
+        assert after[("encrypted", "v1")] == 1 and after[("encrypted", "v10")] == 1
+        assert after[("encrypted", "v99")] == 1
+        assert after[("encrypted", "v2")] == before[("encrypted", "v2")] + before[("encrypted", "v1")] - 1 + before[("encrypted", "v10")] - 1
+
+
+def test_census_scan_can_be_cancelled(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE big AS SELECT g AS id, 'v1:' || md5(g::text) AS title FROM generate_series(1, 400000) g")
+    with cluster.no_crash(), cluster.connect(dbname=db) as c:
+        c.execute("SET statement_timeout = '3ms'")
+        state = sqlstate_of(c, "SELECT * FROM psap_census('big', 'title')")
+        assert state[0] == "57014", state
+        c.execute("RESET statement_timeout")
+        assert census(c, "big") == {("encrypted", "v1"): 400000}
+
+
 def test_partitioned_table_without_primary_key_and_toasted_values(cluster, db):
     big = "<cad>" + "y" * 200_000 + "</cad>"
     with cluster.connect(dbname=db) as c:
