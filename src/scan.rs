@@ -4,17 +4,27 @@
 //! (a slice of a TOASTed value), about what `count(*)` costs; the SQL it replaces
 //! (`GROUP BY substr(col, 1, 4)`, or a predicate function per row) cost about five times that.
 //!
-//! A scan reads what a `SELECT` of the table would read under the same snapshot. It runs no code
-//! of the table's: a table with row-level security enabled is left to the SQL path
-//! ([`tally`] returns None), whose policies decide what a scan sees there.
+//! A scan reads every row a `SELECT` of the table would read under the same snapshot with no
+//! row-level security policy in the way, and runs no code of the table's: the callers refuse a
+//! role that row-level security restricts ([`crate::api::target::Target::require_whole_table`]).
+//! It checks the relation and the column again each time, under its lock: a rotation's later
+//! steps scan in transactions after the one that resolved them, and the owner may have changed
+//! the column's type or the table's kind in between.
 
 use std::ffi::CString;
 use std::ptr;
 
 use pgrx::prelude::*;
 use pgrx::varlena::{varatt_is_1b_e, varatt_is_4b_c, vardata_any, varsize_any_exhdr};
+use pgrx::PgSqlErrorCode::*;
 use psap_core::limits::MAX_VERSION;
 use psap_core::{envelope, Version};
+
+use crate::api::target::Leaf;
+use crate::error::raise;
+
+/// The detail of an error about a table or column that is no longer what was checked.
+const CHANGED: &str = "It changed while psap_encrypt was working on it.";
 
 /// What a value's first bytes say it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,30 +107,33 @@ impl Tally {
 /// bound to no context).
 pub type Check<'a> = &'a dyn Fn(&[u8]) -> Option<String>;
 
-/// Counts the rows of one table (not its children) by the kind of `column`'s value. With
-/// `check`, every value whose kind `verify` accepts is also read whole and checked, and those
-/// it finds wrong are counted. None when the table has row-level security enabled: the caller
-/// counts with SQL, which applies its policies.
+/// Counts the rows of one table (not its children) by the kind of `column`'s value, under
+/// `snapshot` (from [`with_snapshot`]). With `check`, every value whose kind `verify` accepts is
+/// also read whole and checked, and those it finds wrong are counted. An error if the leaf is no
+/// longer a table or the column no longer text.
 pub fn tally(
-    table: pg_sys::Oid,
+    leaf: &Leaf,
     column: &str,
+    snapshot: &Snapshot,
     check: Option<(&dyn Fn(Kind) -> bool, Check)>,
-) -> Option<Tally> {
-    let name = CString::new(column).ok()?;
+) -> Tally {
     // SAFETY: every pointer below comes from PostgreSQL for this relation, opened and locked
-    // here; the scan, its slot and the snapshot registration are released before returning. On
-    // an error (a cancel, running out of memory) the transaction's abort releases them, as it
-    // does for the executor's own scans.
+    // here; the scan, its slot and the scratch context are released before returning. On an
+    // error (a cancel, running out of memory) the transaction's abort releases them, as it does
+    // for the executor's own scans.
     unsafe {
-        let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let attnum = pg_sys::get_attnum(table, name.as_ptr());
-        if (*(*rel).rd_rel).relrowsecurity || attnum <= 0 {
-            pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-            return None;
+        let rel = pg_sys::try_table_open(leaf.oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            raise(
+                ERRCODE_UNDEFINED_TABLE,
+                format!("relation \"{}\" does not exist", leaf.relation),
+                Some(CHANGED.into()),
+                None,
+            );
         }
-        let snapshot = pg_sys::RegisterSnapshot(query_snapshot());
+        let attnum = text_attnum(rel, leaf, column);
         let slot = pg_sys::table_slot_create(rel, ptr::null_mut());
-        let scan = pg_sys::table_beginscan(rel, snapshot, 0, ptr::null_mut());
+        let scan = pg_sys::table_beginscan(rel, snapshot.0, 0, ptr::null_mut());
         let scratch = pg_sys::AllocSetContextCreateInternal(
             pg_sys::CurrentMemoryContext,
             c"psap_encrypt scan".as_ptr(),
@@ -136,7 +149,7 @@ pub fn tally(
         ) {
             pg_sys::check_for_interrupts!();
             let mut isnull = false;
-            let datum = pg_sys::slot_getattr(slot, attnum as i32, &mut isnull);
+            let datum = pg_sys::slot_getattr(slot, attnum, &mut isnull);
             if isnull {
                 tally.add(Kind::Null);
                 continue;
@@ -169,16 +182,67 @@ pub fn tally(
         }
         pg_sys::table_endscan(scan);
         pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::UnregisterSnapshot(snapshot);
         pg_sys::MemoryContextDelete(scratch);
         // The lock is kept to the end of the transaction, as a query's is.
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        Some(tally)
+        tally
     }
 }
 
-/// The first (up to four) bytes of a value, fetching only a slice of a compressed or
-/// out-of-line one (allocated in the current memory context).
+/// The attribute number of `column` in the open relation `rel`, after checking, under the lock
+/// the caller holds, that `rel` is a table with storage and `column` a live column of type text
+/// or character varying (or a domain over one): the scan reads its values as text varlenas.
+///
+/// # Safety
+/// `rel` is an open relation.
+unsafe fn text_attnum(rel: pg_sys::Relation, leaf: &Leaf, column: &str) -> i32 {
+    unsafe {
+        let relation = &leaf.relation;
+        if (*(*rel).rd_rel).relkind as u8 != pg_sys::RELKIND_RELATION || (*rel).rd_tableam.is_null()
+        {
+            raise(
+                ERRCODE_WRONG_OBJECT_TYPE,
+                format!("\"{relation}\" is not a table"),
+                Some(CHANGED.into()),
+                None,
+            );
+        }
+        let name = CString::new(column).unwrap_or_default();
+        let attnum = pg_sys::get_attnum(leaf.oid, name.as_ptr());
+        let desc = (*rel).rd_att;
+        if attnum <= 0 || attnum as i32 > (*desc).natts {
+            raise(
+                ERRCODE_UNDEFINED_COLUMN,
+                format!("column \"{column}\" of relation \"{relation}\" does not exist"),
+                None,
+                None,
+            );
+        }
+        let att = &(*desc).attrs.as_slice((*desc).natts as usize)[attnum as usize - 1];
+        let base = pg_sys::getBaseType(att.atttypid);
+        if att.attisdropped
+            || att.attlen != -1
+            || !(base == pg_sys::TEXTOID || base == pg_sys::VARCHAROID)
+        {
+            let typ = std::ffi::CStr::from_ptr(pg_sys::format_type_be(att.atttypid));
+            raise(
+                ERRCODE_DATATYPE_MISMATCH,
+                format!(
+                    "column \"{column}\" of relation \"{relation}\" is of type {}",
+                    typ.to_string_lossy()
+                ),
+                Some(CHANGED.into()),
+                Some("Ciphertext envelopes are stored in text or character varying columns (or domains over them).".into()),
+            );
+        }
+        attnum as i32
+    }
+}
+
+/// The first (up to four) bytes of a value, detoasting only a slice of a compressed or
+/// out-of-line one (allocated in the current memory context). PostgreSQL fetches the chunks a
+/// slice needs of a pglz-compressed or uncompressed out-of-line value, but the whole compressed
+/// value of an LZ4-compressed one, as SQL's `substr` does; the caller frees it per row.
 ///
 /// # Safety
 /// `value` is a valid varlena.
@@ -194,20 +258,28 @@ unsafe fn prefix<'a>(value: *mut pg_sys::varlena) -> &'a [u8] {
     }
 }
 
-/// The snapshot a read-only SPI query made here would use: the calling statement's, or, once
-/// this transaction has written, a new one that also sees its own writes (what SPI does for a
-/// query in a transaction with an id, which pgrx runs as not read-only).
-fn query_snapshot() -> pg_sys::Snapshot {
-    // SAFETY: plain calls into the transaction and snapshot managers from a backend in a
-    // transaction (every caller is a SQL function).
-    unsafe {
-        if pg_sys::GetCurrentTransactionIdIfAny() != pg_sys::InvalidTransactionId
-            || !pg_sys::ActiveSnapshotSet()
-        {
-            pg_sys::CommandCounterIncrement();
-            pg_sys::GetTransactionSnapshot()
-        } else {
-            pg_sys::GetActiveSnapshot()
+/// Runs `f` with a snapshot for the scans of `leaves`, taken as a new statement here would take
+/// it: after locking every leaf (so that a rewrite of a leaf committed just before, such as an
+/// `ALTER TABLE ... TYPE`, is seen as the new table, not as an empty one) and after a command
+/// counter increment (so that the transaction's own writes are seen). One snapshot for every
+/// leaf of a table; at REPEATABLE READ it is the transaction's, as a statement's would be.
+pub fn with_snapshot<R>(leaves: &[Leaf], f: impl FnOnce(&Snapshot) -> R) -> R {
+    // SAFETY: plain calls into the lock, transaction and snapshot managers from a backend in a
+    // transaction (every caller is a SQL function); the locks are held to the end of the
+    // transaction, as a query's are; the registration is undone below, or by the resource owner
+    // when an error aborts the transaction.
+    let snapshot = unsafe {
+        for leaf in leaves {
+            pg_sys::LockRelationOid(leaf.oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         }
-    }
+        pg_sys::CommandCounterIncrement();
+        pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot())
+    };
+    let result = f(&Snapshot(snapshot));
+    // SAFETY: registered above.
+    unsafe { pg_sys::UnregisterSnapshot(snapshot) };
+    result
 }
+
+/// A snapshot registered by [`with_snapshot`] for as long as the scans it is lent to.
+pub struct Snapshot(pg_sys::Snapshot);

@@ -7,7 +7,7 @@ use pgrx::PgRelation;
 use psap_core::{cipher, envelope, Version};
 
 use crate::api::target::{self, Access};
-use crate::{gucs, sandbox, scan, spi};
+use crate::{gucs, sandbox, scan};
 
 /// Whether a value (its first characters) is an envelope to rotate: its version is not `target`
 /// and, when `from` is given, is `from`.
@@ -59,8 +59,7 @@ pub fn decrypt_error(value: &[u8], context: &[u8]) -> Option<String> {
 
 /// Rows of a column per envelope version, plus NULLs and values that are not envelopes, with
 /// each version's cipher as configured here. `v1:` never counts as `v10:`. Reads only the first
-/// characters of each value, as the table's owner (its row-level security policies never run
-/// with the caller's rights).
+/// bytes of each value and runs no code of the table's (see [`census_rows`]).
 #[allow(clippy::type_complexity)]
 #[pg_extern(name = "psap_census", stable)]
 fn census(
@@ -76,7 +75,7 @@ fn census(
         name!(cipher, Option<&'static str>),
     ),
 > {
-    let rows = census_rows(&tbl, col)
+    let rows = census_rows(&tbl, col, true)
         .into_iter()
         .map(|(state, v, n, configured, cipher)| {
             (state, v, n, configured, cipher.map(|c| c.name()))
@@ -94,58 +93,31 @@ pub type CensusRow = (
     Option<psap_core::Cipher>,
 );
 
-/// The census of a column. Each table holding its rows is counted by a direct scan of the
-/// values' first bytes ([`scan::tally`]). A table with row-level security enabled (the one named,
-/// or one of its partitions) is counted with SQL instead, as the table's owner, whose policies
-/// then decide what it sees: there the scan groups rows by their first four characters and the
-/// groups are sorted into versions here, with the same prefix parser. NULL values are the one
-/// group whose prefix is NULL.
-pub fn census_rows(tbl: &PgRelation, col: &str) -> Vec<CensusRow> {
+/// The census of a column: each table holding its rows counted by a direct scan of the values'
+/// first bytes ([`scan::tally`]), under one snapshot, running no code of the table's. What it
+/// counts is every row; `shown` (psap_census, psap_status) refuses a caller whom row-level
+/// security restricts on the table, who would learn about rows its policies hide.
+pub fn census_rows(tbl: &PgRelation, col: &str, shown: bool) -> Vec<CensusRow> {
     gucs::ensure_preloaded();
     // Sorted as psap_census shows them: encrypted by version number, then not encrypted, then
     // null. At most MAX_VERSION + 2 entries, however many groups a column of plaintext has.
     let mut rows = std::collections::BTreeMap::<(&str, Option<Version>), i64>::new();
     sandbox::with_safe_search_path(|| {
         let t = target::resolve(tbl, col, Access::Read);
-        // SAFETY: rd_rel of an open relation is valid.
-        let policies = unsafe { (*tbl.rd_rel).relrowsecurity };
-        let tallies = (!policies)
-            .then(|| {
-                t.leaves
-                    .iter()
-                    .map(|leaf| scan::tally(leaf.oid, col, None))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .flatten();
-        if let Some(tallies) = tallies {
-            for tally in tallies {
+        if shown {
+            t.require_whole_table("psap_census");
+        }
+        scan::with_snapshot(&t.leaves, |snapshot| {
+            for leaf in &t.leaves {
+                let tally = scan::tally(leaf, col, snapshot, None);
                 for (v, n) in tally.versions() {
                     *rows.entry(("encrypted", Some(v))).or_default() += n;
                 }
                 *rows.entry(("not encrypted", None)).or_default() += tally.plaintext;
                 *rows.entry(("null", None)).or_default() += tally.null;
             }
-            rows.retain(|_, n| *n > 0);
-            return;
-        }
-        let sql = format!(
-            "SELECT pg_catalog.substr({col}, 1, 4), pg_catalog.count(*) FROM {rel} GROUP BY 1",
-            col = t.column,
-            rel = t.relation,
-        );
-        sandbox::as_table_owner(t.owner, || {
-            spi::for_each(&sql, &[], |r| {
-                let key = match r.get::<String>(1)? {
-                    None => ("null", None),
-                    Some(p) => match envelope::parse_prefix(p.as_bytes()) {
-                        Ok((v, _)) => ("encrypted", Some(v)),
-                        Err(_) => ("not encrypted", None),
-                    },
-                };
-                *rows.entry(key).or_default() += r.get::<i64>(2)?.unwrap_or(0);
-                Ok(())
-            })
-        })
+        });
+        rows.retain(|_, n| *n > 0);
     });
     let ring = gucs::keyring();
     rows.into_iter()

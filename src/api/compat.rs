@@ -111,7 +111,7 @@ fn psap_census(
         name!(key_configured, Option<bool>),
     ),
 > {
-    let rows = crate::api::census::census_rows(&tbl, col)
+    let rows = crate::api::census::census_rows(&tbl, col, true)
         .into_iter()
         .map(|(state, v, n, configured, _)| (state, v, n, configured))
         .collect::<Vec<_>>();

@@ -26,12 +26,33 @@ pub struct Target {
     pub ext: String,
     /// The column's context expression (from the registry), whose text each value is bound to.
     pub context: Option<psap_core::context::ContextExpr>,
+    /// The first of the table and its leaves on which row-level security restricts the caller.
+    restricted: Option<String>,
 }
 
 pub struct Leaf {
     pub oid: pg_sys::Oid,
     pub relation: String,
     pub owner: pg_sys::Oid,
+    /// Row-level security is forced on the leaf's owner (FORCE ROW LEVEL SECURITY, an owner
+    /// without BYPASSRLS): statements run as the owner see only what its policies let through.
+    pub forced_on_owner: bool,
+}
+
+impl Target {
+    /// Refuses a caller that row-level security restricts on the table or one of its leaves:
+    /// `what` (psap_census, psap_rotate) reads every row and applies no policy, and would
+    /// otherwise tell the caller about rows its policies hide.
+    pub fn require_whole_table(&self, what: &str) {
+        if let Some(relation) = &self.restricted {
+            raise(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("row-level security restricts what the current role sees of \"{relation}\""),
+                Some(format!("{what} counts every row of a table and applies no policy.")),
+                Some("Run it as the table's owner (unless row-level security is forced on the owner) or as a role with BYPASSRLS.".into()),
+            );
+        }
+    }
 }
 
 /// Why a privilege is needed, for the check in [`resolve`].
@@ -84,7 +105,7 @@ pub fn resolve(tbl: &PgRelation, col: &str, access: Access) -> Target {
             None,
         ),
     }
-    let leaves = leaves(tbl.oid(), col, access);
+    let (leaves, restricted) = leaves(tbl.oid(), col, access);
     Target {
         oid: tbl.oid(),
         relation,
@@ -94,19 +115,26 @@ pub fn resolve(tbl: &PgRelation, col: &str, access: Access) -> Target {
         leaves,
         ext,
         context: None,
+        restricted,
     }
 }
 
-/// The tables with storage under `root` (itself included), each checked for the privileges needed.
-fn leaves(root: pg_sys::Oid, col: &str, access: Access) -> Vec<Leaf> {
+/// The tables with storage under `root` (itself included), each checked for the privileges
+/// needed, once each (a child of two parents is reached twice), and the first of them on which
+/// row-level security restricts the caller.
+fn leaves(root: pg_sys::Oid, col: &str, access: Access) -> (Vec<Leaf>, Option<String>) {
     let rows = spi::rows(
         "WITH RECURSIVE tree(relid) AS (
              SELECT $1::pg_catalog.oid
-             UNION ALL
+             UNION
              SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)
          SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname), c.relkind::pg_catalog.text, c.relowner,
                 pg_catalog.has_column_privilege(c.oid, $2, 'SELECT'),
-                pg_catalog.has_column_privilege(c.oid, $2, 'UPDATE')
+                pg_catalog.has_column_privilege(c.oid, $2, 'UPDATE'),
+                pg_catalog.row_security_active(c.oid),
+                c.relrowsecurity AND c.relforcerowsecurity AND NOT EXISTS (
+                    SELECT FROM pg_catalog.pg_roles r
+                     WHERE r.oid OPERATOR(pg_catalog.=) c.relowner AND (r.rolsuper OR r.rolbypassrls))
            FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
           ORDER BY c.oid OPERATOR(pg_catalog.=) $1 DESC, 2",
@@ -119,12 +147,15 @@ fn leaves(root: pg_sys::Oid, col: &str, access: Access) -> Vec<Leaf> {
                 row.get::<pg_sys::Oid>(4)?.unwrap_or(pg_sys::Oid::INVALID),
                 row.get::<bool>(5)?.unwrap_or(false),
                 row.get::<bool>(6)?.unwrap_or(false),
+                row.get::<bool>(7)?.unwrap_or(true),
+                row.get::<bool>(8)?.unwrap_or(true),
             ))
         },
     );
     let root_name = qualified_name(root);
     let mut out = Vec::new();
-    for (oid, relation, kind, owner, can_select, can_update) in rows {
+    let mut restricted = None;
+    for (oid, relation, kind, owner, can_select, can_update, policies, forced_on_owner) in rows {
         if !can_select || (access == Access::Rotate && !can_update) {
             let needed = if access == Access::Rotate {
                 "SELECT and UPDATE"
@@ -133,11 +164,15 @@ fn leaves(root: pg_sys::Oid, col: &str, access: Access) -> Vec<Leaf> {
             };
             error::permission_denied(&relation, needed, col);
         }
+        if policies && restricted.is_none() {
+            restricted = Some(relation.clone());
+        }
         match kind.as_str() {
             "r" => out.push(Leaf {
                 oid,
                 relation,
                 owner,
+                forced_on_owner,
             }),
             "p" => {}
             _ => raise(
@@ -148,7 +183,7 @@ fn leaves(root: pg_sys::Oid, col: &str, access: Access) -> Vec<Leaf> {
             ),
         }
     }
-    out
+    (out, restricted)
 }
 
 /// `schema.table`, each part quoted where needed: unambiguous in messages and the audit log.

@@ -234,30 +234,30 @@ pub fn start_leaf(run: &mut Run) {
     let blocks = spi::one::<i64>(sql::LEAF_BLOCKS, &[leaf.oid.into()]).unwrap_or(0);
     let rows = match run.counted.get_mut(run.leaf).and_then(Option::take) {
         Some(n) => n,
-        None => leaf_rows(run, run.leaf),
+        None => {
+            let leaves = std::slice::from_ref(&run.target.leaves[run.leaf]);
+            scan::with_snapshot(leaves, |snapshot| leaf_rows(run, run.leaf, snapshot))
+        }
     };
     // SAFETY: MyProcPid is set in every backend.
     let pid = unsafe { pg_sys::MyProcPid }.unsigned_abs();
     run.walk = Walk::new(blocks.max(0) as u64, rows, run.opts.batch, pid);
 }
 
-/// Rows of a leaf that still need work: counted by a direct scan ([`scan::tally`]), or with SQL
-/// on a table with row-level security enabled.
-fn leaf_rows(run: &Run, leaf: usize) -> i64 {
+/// Rows of a leaf that still need work, counted by a direct scan ([`scan::tally`]).
+fn leaf_rows(run: &Run, leaf: usize, snapshot: &scan::Snapshot) -> i64 {
     let (mode, to) = (run.opts.mode, run.to);
-    if let Some(tally) = scan::tally(run.target.leaves[leaf].oid, &run.target.column_name, None) {
-        return tally.rows(|kind| mode.needs(kind, to));
-    }
-    let sql = sql::leaf_rows(&run.target, leaf, &run.needs);
-    sandbox::as_table_owner(run.target.leaves[leaf].owner, || spi::one::<i64>(&sql, &[]))
-        .unwrap_or(0)
+    let leaf = &run.target.leaves[leaf];
+    scan::tally(leaf, &run.target.column_name, snapshot, None).rows(|kind| mode.needs(kind, to))
 }
 
-/// Rows that still need work (not counting those skipped as undecryptable).
+/// Rows that still need work (not counting those skipped as undecryptable), under one snapshot.
 fn remaining(run: &Run) -> i64 {
-    let left: i64 = (0..run.target.leaves.len())
-        .map(|leaf| leaf_rows(run, leaf))
-        .sum();
+    let left: i64 = scan::with_snapshot(&run.target.leaves, |snapshot| {
+        (0..run.target.leaves.len())
+            .map(|leaf| leaf_rows(run, leaf, snapshot))
+            .sum()
+    });
     (left - run.skipped_rows()).max(0)
 }
 
@@ -281,9 +281,12 @@ fn done_notice(run: &Run, left: i64) {
         msg.push_str(&format!("; {skipped} undecryptable rows skipped"));
     }
     if left > 0 {
-        msg.push_str(&format!(
-            "; {left} rows still to do (locked by other sessions or written meanwhile): call again"
-        ));
+        let why = if run.target.leaves.iter().any(|l| l.forced_on_owner) {
+            "hidden from the table's owner by row-level security, locked by other sessions or written meanwhile"
+        } else {
+            "locked by other sessions or written meanwhile"
+        };
+        msg.push_str(&format!("; {left} rows still to do ({why}): call again"));
     }
     notice(msg);
 }

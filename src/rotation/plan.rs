@@ -13,7 +13,7 @@ use super::{sql, Run};
 use crate::api::target::{self, Access, Target};
 use crate::api::{census, registry};
 use crate::audit::{AuditLog, Counts, Start};
-use crate::scan::{self, Kind};
+use crate::scan::{self, Kind, Tally};
 use crate::{error, gucs, sandbox, spi};
 
 /// Starts a run of psap_rotate or psap_encrypt_column; returns its token.
@@ -90,6 +90,16 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         .unwrap_or_else(|e| error::core(e));
     gucs::allow_encrypt(to, to_cipher);
     let mut target = target::resolve(tbl, col, Access::Rotate);
+    target.require_whole_table(opts.mode.procedure().name());
+    if let Some(leaf) = target.leaves.iter().find(|l| l.forced_on_owner) {
+        warning(
+            format!("row-level security is forced on the owner of \"{}\"", leaf.relation),
+            "The batches run as the table's owner and cannot reach rows its policies hide from it: \
+             those stay on their version and are reported as still to do. ALTER TABLE ... NO FORCE \
+             ROW LEVEL SECURITY for the rotation lets it reach them."
+                .into(),
+        );
+    }
     target.context = registry::context_for(&target, tbl.oid(), col);
     if target.context.is_some() && to_cipher == Cipher::Secretbox {
         error::context_needs_aead(&target.relation, &target.column_name, to, to_cipher);
@@ -286,10 +296,17 @@ fn count_by_version(
     // is a SQL expression over the row, which the SQL count evaluates.
     let check = |value: &[u8]| census::decrypt_error(value, &[]);
     let check: Option<(&dyn Fn(Kind) -> bool, scan::Check)> = verify.then_some((&wanted, &check));
-    for (i, leaf) in t.leaves.iter().enumerate() {
-        let scanned = (!verify || t.context.is_none())
-            .then(|| scan::tally(leaf.oid, &t.column_name, check))
-            .flatten();
+    // The direct scans share one snapshot; a bound column's verification is SQL, per leaf.
+    let scanned: Vec<Option<Tally>> = scan::with_snapshot(&t.leaves, |snapshot| {
+        t.leaves
+            .iter()
+            .map(|leaf| {
+                (!verify || t.context.is_none())
+                    .then(|| scan::tally(leaf, &t.column_name, snapshot, check))
+            })
+            .collect()
+    });
+    for (i, (leaf, scanned)) in t.leaves.iter().zip(scanned).enumerate() {
         // (version or "plaintext", rows, rows that cannot be decrypted)
         let rows: Vec<(String, i64, i64)> = match scanned {
             Some(tally) => {

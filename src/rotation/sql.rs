@@ -55,14 +55,6 @@ pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify
     )
 }
 
-/// Rows of a leaf that still need work.
-pub fn leaf_rows(t: &Target, leaf: usize, needs: &str) -> String {
-    format!(
-        "SELECT pg_catalog.count(*) FROM ONLY {} WHERE {needs}",
-        t.leaves[leaf].relation
-    )
-}
-
 /// A leaf's size in heap blocks (`$1`: its OID).
 pub const LEAF_BLOCKS: &str = "SELECT pg_catalog.pg_relation_size($1) OPERATOR(pg_catalog./) pg_catalog.current_setting('block_size')::pg_catalog.int8";
 

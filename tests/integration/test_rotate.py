@@ -275,6 +275,28 @@ def test_census_scan_reads_what_sql_reads(cluster, db):
         assert after[("encrypted", "v2")] == before[("encrypted", "v2")] + before[("encrypted", "v1")] - 1 + before[("encrypted", "v10")] - 1
 
 
+def test_census_waiting_for_a_rewrite_counts_the_new_table(cluster, db):
+    """A count that waits for a table rewrite (ALTER TABLE ... TYPE) to commit reads the rewritten
+    table, as a statement would: its snapshot is taken after its lock, not before (an older
+    snapshot sees the new file as empty, and a rotation would have called the column done)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE rw AS SELECT g AS id, psap_encrypt('x' || g) AS title FROM generate_series(1, 50) g")
+    with cluster.connect(dbname=db) as a, cluster.connect(dbname=db) as b:
+        a.execute("BEGIN")
+        a.execute("ALTER TABLE rw ALTER COLUMN title TYPE text USING title || ''")  # rewrites the table
+        result = {}
+        th = threading.Thread(target=lambda: result.update(census=census(b, "rw")))
+        th.start()
+        deadline = time.time() + 20
+        while a.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                        (b.info.backend_pid,)).fetchone()[0] != "Lock":
+            assert time.time() < deadline, "the census did not wait for the rewrite"
+            time.sleep(0.02)
+        a.execute("COMMIT")
+        th.join(30)
+        assert result["census"] == {("encrypted", "v1"): 50}
+
+
 def test_census_scan_can_be_cancelled(cluster, db):
     with cluster.connect(dbname=db) as c:
         c.execute("CREATE TABLE big AS SELECT g AS id, 'v1:' || md5(g::text) AS title FROM generate_series(1, 400000) g")
@@ -284,6 +306,24 @@ def test_census_scan_can_be_cancelled(cluster, db):
         assert state[0] == "57014", state
         c.execute("RESET statement_timeout")
         assert census(c, "big") == {("encrypted", "v1"): 400000}
+
+
+def test_a_child_of_two_parents_counts_once(cluster, db):
+    """Multiple inheritance reaches a table by two paths: its rows are counted, and rotated, once."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE a (id int, title text)")
+        c.execute("CREATE TABLE b1 () INHERITS (a); CREATE TABLE b2 () INHERITS (a)")
+        c.execute("CREATE TABLE c () INHERITS (b1, b2)")
+        c.execute("INSERT INTO c SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 7) g")
+        c.execute("INSERT INTO b1 VALUES (8, psap_encrypt('Incident 8'))")
+        assert census(c, "a") == sql_census(c, "a") == {("encrypted", "v1"): 8}
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    notices = []
+    rotate(cluster, db, "CALL psap_rotate('a', 'title', 100)", notices)
+    assert any("rotated 8 rows to v2" in n for n in notices), notices
+    with cluster.connect(dbname=db) as c:
+        assert census(c, "a") == {("encrypted", "v2"): 8}
+        check_all(c, "a")
 
 
 def test_partitioned_table_without_primary_key_and_toasted_values(cluster, db):

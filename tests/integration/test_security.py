@@ -3,6 +3,9 @@ trusted role would try them: a table owner's code run by a superuser's rotation,
 called directly, a forged or altered audit trail, a hostile search_path, column values in messages
 (each failed on 0.1.0). Then who may do what: the operator, the application and the auditor roles,
 a table's and a partition's owner, and who can read or set a key."""
+import threading
+import time
+
 import pytest
 
 from psap_cluster import KEY1, KEY2, KEY3, sqlstate_of
@@ -128,6 +131,114 @@ def test_per_row_functions_refuse_even_inside_a_run(cluster, db, mallory):
         c.execute("CALL psap_rotate('mallory_s.calls', 'title', 300, max_batches => 1)")
         states = c.execute("SELECT state, count(*) FROM mallory_s.loot GROUP BY 1").fetchall()
         assert states == [("42501", 22 * 300)]
+
+
+@pytest.mark.parametrize("change", [
+    # The column is no longer text: its values are no longer pointers to text.
+    "ALTER TABLE t ALTER COLUMN title TYPE bigint USING 4096",
+    # PostgreSQL 15 still turns an empty table without indexes into a view.
+    """DELETE FROM t; CREATE RULE "_RETURN" AS ON SELECT TO t DO INSTEAD SELECT 1 AS id, 'x'::text AS title""",
+    # The table the run resolved is gone (its OID with it).
+    "DROP TABLE t",
+])
+def test_the_owner_changing_the_table_between_batches_fails_the_run_cleanly(cluster, db, change):
+    """A run's later steps count what is left in new transactions, after the one that checked the
+    table: its owner changes it in between, while a superuser's rotation pauses."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS trudy")
+        c.execute("CREATE ROLE trudy")
+        c.execute("CREATE TABLE t (id int, title text)")
+        c.execute("INSERT INTO t SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 5) g")
+        c.execute("ALTER TABLE t OWNER TO trudy")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    result = {}
+    with cluster.no_crash(), cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as owner:
+        def run():
+            try:
+                rotator.execute("CALL psap_rotate('t', 'title', 100, pause_ms => 5000)")
+                result["ok"] = True
+            except Exception as e:  # noqa: BLE001
+                result["error"] = (e.sqlstate, str(e))
+        th = threading.Thread(target=run)
+        th.start()
+        # The first batch (every row) commits; the run then pauses before its next step.
+        pid = rotator.info.backend_pid
+        sleeping = "SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = %s"
+        deadline = time.time() + 20
+        while not owner.execute(sleeping, (pid,)).fetchone()[0]:
+            assert time.time() < deadline, "the run did not pause after its first batch"
+            time.sleep(0.02)
+        assert owner.execute("SELECT count(*) FROM t WHERE title LIKE 'v2:%'").fetchone()[0] == 5
+        owner.execute("SET ROLE trudy")
+        owner.execute(change)
+        owner.execute("RESET ROLE")
+        assert owner.execute(sleeping, (pid,)).fetchone()[0], "the change was not made during the pause"
+        th.join(30)
+        assert not th.is_alive()
+        state, message = result.get("error", (None, ""))
+        expected = {"ALTER": ("42804", 'column "title" of relation "public.t" is of type bigint'),
+                    "DELET": ("42809", '"public.t" is not a table'),
+                    "DROP ": ("42P01", 'relation "public.t" does not exist')}[change[:5]]
+        assert state == expected[0] and message.startswith(expected[1]), result
+        assert "It changed while psap_encrypt was working on it." in message, result
+        status = rotator.execute("SELECT status FROM psap_audit WHERE operation = 'rotate' ORDER BY id DESC LIMIT 1").fetchone()[0]
+        assert status == "failed"
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP OWNED BY trudy; DROP ROLE trudy")
+
+
+def test_a_role_that_row_level_security_restricts_gets_no_counts(cluster, db):
+    """psap_census and psap_rotate count every row and apply no policy: a role whose policies hide
+    rows from it is refused, not told about them; roles that policies do not restrict count all."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS centre_a")
+        c.execute("CREATE ROLE centre_a LOGIN")
+        c.execute("SELECT psap_grant_operator('centre_a')")
+        c.execute("CREATE TABLE calls (id int PRIMARY KEY, centre name, title text)")
+        c.execute("INSERT INTO calls SELECT g, CASE WHEN g <= 10 THEN 'centre_a' ELSE 'centre_b' END, psap_encrypt('Call ' || g) FROM generate_series(1, 40) g")
+        c.execute("ALTER TABLE calls ENABLE ROW LEVEL SECURITY")
+        c.execute("CREATE POLICY own ON calls USING (centre = current_user)")
+        c.execute("GRANT SELECT, UPDATE ON calls TO centre_a")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        assert census(c, "calls") == {("encrypted", "v1"): 40}
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(user="centre_a", dbname=db) as c:
+        assert c.execute("SELECT count(*) FROM calls").fetchone()[0] == 10
+        for sql in ("SELECT * FROM psap_census('calls', 'title')", "SELECT * FROM psap_status()",
+                    "SELECT * FROM psap_compliance()", "CALL psap_encrypt_column('calls', 'title', 100)",
+                    "CALL psap_rotate('calls', 'title', 100)", "CALL psap_rotate('calls', 'title', 100, dry_run => true)"):
+            state, msg, detail, hint = sqlstate_of(c, sql)
+            assert (state, msg) == ("42501", 'row-level security restricts what the current role sees of "public.calls"'), (sql, state, msg)
+            assert "BYPASSRLS" in hint
+        # Turning row security off does not turn the policies off for this role: it makes them errors.
+        c.execute("SET row_security = off")
+        assert sqlstate_of(c, "SELECT * FROM psap_census('calls', 'title')")[0] == "42501"
+    with cluster.connect(dbname=db) as c:
+        assert c.execute("SELECT count(*) FROM calls WHERE title LIKE 'v1:%'").fetchone()[0] == 40
+        c.execute("DROP TABLE calls")
+        c.execute("DROP OWNED BY centre_a; DROP ROLE centre_a")
+
+
+def test_rows_hidden_from_a_forced_owner_are_reported_not_passed_over(cluster, db):
+    """With FORCE ROW LEVEL SECURITY the batches, run as the owner, cannot reach rows its policies
+    hide from it: the run warns, and counts them as still to do instead of calling the column done."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS trudy")
+        c.execute("CREATE ROLE trudy")
+        c.execute("CREATE TABLE t (id int PRIMARY KEY, title text)")
+        c.execute("INSERT INTO t SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 30) g")
+        c.execute("ALTER TABLE t OWNER TO trudy")
+        c.execute("ALTER TABLE t ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY")
+        c.execute("CREATE POLICY first_twenty ON t USING (id <= 20)")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    notices, warnings = [], []
+    with cluster.connect(dbname=db) as c:
+        c.add_notice_handler(lambda d: (warnings if d.severity_nonlocalized == "WARNING" else notices).append(d.message_primary))
+        c.execute("CALL psap_rotate('t', 't' || 'itle', 100)")
+        assert warnings == ['row-level security is forced on the owner of "public.t"'], warnings
+        assert "10 rows still to do (hidden from the table's owner by row-level security" in notices[-1], notices
+        assert census(c, "t") == {("encrypted", "v1"): 10, ("encrypted", "v2"): 20}
+        c.execute("DROP TABLE t; DROP ROLE trudy")
 
 
 def test_operators_get_the_documented_api_and_internals_refuse(cluster, db, mallory):
