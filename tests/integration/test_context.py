@@ -4,7 +4,7 @@ data), so a value copied into another row no longer decrypts. What it may be and
 change, tried as an attacker would (who may set it: test_security.py)."""
 import pytest
 
-from psap_cluster import KEY1, KEY2, KEY3, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, in_background, sqlstate_of
 from test_fips import php
 
 GCM3 = "aes-256-gcm:" + KEY3
@@ -191,22 +191,13 @@ def test_a_partition_rotated_alone_is_bound_as_its_parent(cluster, db):
 
 def test_a_context_set_while_a_rotation_runs_stops_it(cluster, bound):
     """A batch cannot write under a context that a concurrent psap_set_column_context replaces."""
-    import threading
     with cluster.connect(dbname=bound) as setter, cluster.connect(dbname=bound) as rotator:
         setter.execute("SELECT psap_set_column_context('incidents', 'title', NULL)")
         setter.execute("BEGIN")
         setter.execute("SELECT psap_set_column_context('incidents', 'title', %s)", (CTX,))
         rotator.execute("SET client_min_messages = warning")
         rotator.execute("SET psap.key_version = 'v3'")
-        result = {}
-        def rotate():
-            try:
-                rotator.execute("CALL psap_rotate('incidents', 'title', 50, verify => false)")
-                result["ok"] = True
-            except Exception as e:  # noqa: BLE001
-                result["error"] = (e.sqlstate, str(e))
-        th = threading.Thread(target=rotate)
-        th.start()
+        th, result = in_background(rotator, "CALL psap_rotate('incidents', 'title', 50, verify => false)")
         th.join(2)
         assert th.is_alive(), "the batch did not wait for the context change to commit"
         setter.execute("COMMIT")

@@ -3,12 +3,11 @@ trusted role would try them: a table owner's code run by a superuser's rotation,
 called directly, a forged or altered audit trail, a hostile search_path, column values in messages
 (each failed on 0.1.0). Then who may do what: the operator, the application and the auditor roles,
 a table's and a partition's owner, and who can read or set a key."""
-import threading
 import time
 
 import pytest
 
-from psap_cluster import KEY1, KEY2, KEY3, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, in_background, sqlstate_of
 from test_context import STORED, bound  # noqa: F401 (bound: a fixture)
 from test_keys import assert_no_key, probe, roles  # noqa: F401 (roles: a fixture)
 from test_operations import setup_tables
@@ -151,16 +150,8 @@ def test_the_owner_changing_the_table_between_batches_fails_the_run_cleanly(clus
         c.execute("INSERT INTO t SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 5) g")
         c.execute("ALTER TABLE t OWNER TO trudy")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-    result = {}
     with cluster.no_crash(), cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as owner:
-        def run():
-            try:
-                rotator.execute("CALL psap_rotate('t', 'title', 100, pause_ms => 5000)")
-                result["ok"] = True
-            except Exception as e:  # noqa: BLE001
-                result["error"] = (e.sqlstate, str(e))
-        th = threading.Thread(target=run)
-        th.start()
+        th, result = in_background(rotator, "CALL psap_rotate('t', 'title', 100, pause_ms => 5000)")
         # The first batch (every row) commits; the run then pauses before its next step.
         pid = rotator.info.backend_pid
         sleeping = "SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = %s"

@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -137,6 +138,22 @@ class Cluster:
         if check and p.returncode != 0:
             raise AssertionError(f"psql failed:\n{p.stdout}\n{p.stderr}")
         return p.returncode, p.stdout + p.stderr
+
+
+def in_background(conn, sql, params=None):
+    """Starts sql on conn in a thread; returns the thread and a dict that gets "ok" when the
+    statement succeeds or "error": (sqlstate, message) when it fails."""
+    result = {}
+
+    def run():
+        try:
+            conn.execute(sql, params)
+            result["ok"] = True
+        except psycopg.Error as e:
+            result["error"] = (e.sqlstate, str(e))
+    th = threading.Thread(target=run)
+    th.start()
+    return th, result
 
 
 def sqlstate_of(conn, sql, params=None):
