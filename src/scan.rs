@@ -1,8 +1,9 @@
 //! Counting a column's rows by their envelope prefix straight from the table, without the
 //! executor: what psap_census shows and what psap_rotate counts before its first batch and after
 //! its last. Per row this costs a tuple visibility check and a look at the value's first bytes
-//! (a slice of a TOASTed value), about what `count(*)` costs; the SQL it replaces
-//! (`GROUP BY substr(col, 1, 4)`, or a predicate function per row) cost about five times that.
+//! (a slice of a TOASTed value), a little more than `count(col)` costs; the SQL it replaces
+//! cost about twice that (`GROUP BY substr(col, 1, 4)`) or three times (a predicate function per
+//! row): see BENCHMARKS.md.
 //!
 //! A scan reads every row a `SELECT` of the table would read under the same snapshot with no
 //! row-level security policy in the way, and runs no code of the table's: the callers refuse a
