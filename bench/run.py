@@ -125,8 +125,8 @@ def bench_read(c, n, xml_rows, pgc_rows, runs, census_only=False):
         "psap_decrypt, AES-256-GCM": ("SELECT sum(length(psap_decrypt(title))) FROM titles_gcm", n),
         **census_queries(n),
         # psap_rotate's count of the rows to do per version (without its verification, the same in
-        # both), as SQL: as 0.2.0 wrote it, an extension call per row naming the version, and as
-        # the previous release did, grouped by prefix with the groups sorted into versions in Rust.
+        # both), as SQL: as 0.2.0 first wrote it, an extension call per row naming the version, and as
+        # it was before the direct scan, grouped by prefix with the groups sorted into versions in Rust.
         # It now counts with the census's direct scan (src/scan.rs), which psap_census measures.
         ROTATION_COUNT_BEFORE: ("SELECT sum(n) FROM (SELECT _psap_envelope_version(substr(title, 1, 4)), count(*) AS n FROM titles_base"
                                 " WHERE _psap_needs_rotation(substr(title, 1, 4), 2, NULL) GROUP BY 1) s", n),
