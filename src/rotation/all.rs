@@ -28,6 +28,9 @@ struct Job {
     starting: Option<usize>,
     batches_used: i64,
     rows: i64,
+    /// Rows still to do in columns whose run ended done, and how many such columns.
+    left: i64,
+    columns_left: usize,
     done_columns: usize,
     failures: Vec<(String, Failure)>,
     stopped: bool,
@@ -109,6 +112,8 @@ fn _psap_all_begin(
             starting: None,
             batches_used: 0,
             rows: 0,
+            left: 0,
+            columns_left: 0,
             done_columns: 0,
             failures: Vec::new(),
             stopped: false,
@@ -133,6 +138,8 @@ fn _psap_all_next(job: i64) -> Option<i64> {
             if let Some(outcome) = state::take_outcome(run) {
                 job.batches_used += outcome.counts.batches;
                 job.rows += outcome.counts.done;
+                job.left += outcome.left;
+                job.columns_left += usize::from(outcome.left > 0);
                 match (outcome.status, outcome.failure) {
                     (Status::Stopped, _) => job.stopped = true,
                     (Status::Cancelled, failure) => {
@@ -223,6 +230,17 @@ fn _psap_all_end(job: i64) {
             "rotation paused after {} of {n} columns: {} rows rotated; call psap_rotate_all again to continue",
             job.done_columns, job.rows
         ));
+    } else if job.failures.is_empty() && job.left > 0 {
+        warning(
+            format!(
+                "rotation incomplete: {n} columns, {} rows rotated, {} rows of {} columns still to do",
+                job.rows, job.left, job.columns_left
+            ),
+            "Each column's notice says why its rows were left: locked by other sessions, written \
+             meanwhile, or hidden from the table's owner by row-level security. Call \
+             psap_rotate_all again."
+                .into(),
+        );
     } else if job.failures.is_empty() {
         notice(format!(
             "rotation complete: {n} columns, {} rows rotated",

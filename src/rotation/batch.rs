@@ -85,6 +85,7 @@ fn _psap_run_failed(
             status,
             counts: rec.counts,
             failure: Some(failure),
+            left: 0,
         },
     );
 }
@@ -112,6 +113,7 @@ fn finish(run: Run, status: Status, failure: Option<Failure>) {
             status,
             counts: run.counts,
             failure,
+            left: run.left,
         },
     );
 }
@@ -165,6 +167,7 @@ fn step(run: &mut Run) -> Option<Status> {
                 continue;
             }
             done_notice(run, left);
+            run.left = left;
             return Some(Status::Done);
         }
         let want = run.opts.batch - locked_total;

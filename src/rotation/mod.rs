@@ -75,6 +75,8 @@ pub struct Run {
     pub counted: Vec<Option<i64>>,
     /// Whether a step has run (the pause comes between batches, not before the first).
     pub stepped: bool,
+    /// Rows still to do when the run ended done (see [`state::Outcome::left`]).
+    pub left: i64,
     /// What the progress lines say of time (rate, time left, elapsed).
     pub progress: progress::Progress,
 }

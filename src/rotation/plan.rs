@@ -182,6 +182,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         pass_done: 0,
         batch_plan: None,
         stepped: false,
+        left: 0,
         progress: Default::default(),
         opts,
     };
@@ -199,6 +200,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
                 status: Status::Failed,
                 counts,
                 failure: Some(failure),
+                left: 0,
             },
         );
         return token;
@@ -255,6 +257,7 @@ fn end_now(run: Run, status: Status) -> i64 {
             status,
             counts: run.counts,
             failure: None,
+            left: 0,
         },
     );
     run.token

@@ -38,6 +38,9 @@ pub struct Outcome {
     pub counts: Counts,
     /// Why it failed, raised by `_psap_run_end` after the audit record committed.
     pub failure: Option<Failure>,
+    /// Rows still to do when the run ended done (locked, written behind the walk, or hidden from
+    /// the table's owner by row-level security).
+    pub left: i64,
 }
 
 /// What is left of a run while one of its steps runs: if the step fails, its batch is rolled

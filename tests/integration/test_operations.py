@@ -25,6 +25,28 @@ def status(c):
     return {(str(r), col, v): n for r, col, s, v, n, *_ in c.execute("SELECT * FROM psap_status()") if s == "encrypted"}
 
 
+def test_rotate_all_says_when_rows_were_left(cluster, db):
+    """Rows held by the application through a whole psap_rotate_all are left on the old key: the
+    job ends with a WARNING counting them (it reaches the server log of a pg_cron job), not
+    "rotation complete"."""
+    with cluster.connect(dbname=db) as c:
+        setup_tables(c)
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as app, cluster.connect(dbname=db) as c:
+        app.execute("BEGIN")
+        app.execute("SELECT * FROM incidents WHERE id IN (7, 8) FOR UPDATE")
+        app.execute("SELECT * FROM cfs_incidents WHERE id = 3 FOR UPDATE")
+        messages = []
+        c.add_notice_handler(lambda d: messages.append((d.severity_nonlocalized, d.message_primary)))
+        c.execute("CALL psap_rotate_all(500)")
+        assert messages[-1] == ("WARNING", "rotation incomplete: 3 columns, 1574 rows rotated, 3 rows of 2 columns still to do")
+        app.execute("COMMIT")
+        messages.clear()
+        c.execute("CALL psap_rotate_all(500)")
+        assert messages[-1] == ("NOTICE", "rotation complete: 3 columns, 3 rows rotated")
+        assert status(c) == {("cfs_incidents", "raw_xml", "v2"): 30, ("incident_communications", "body", "v2"): 347, ("incidents", "title", "v2"): 1200}
+
+
 def test_rotate_all_status_and_audit(cluster, db):
     with cluster.connect(dbname=db) as c:
         setup_tables(c)
