@@ -319,6 +319,58 @@ pub fn context_column_refused(relation: &str, column: &str, why: &str) -> ! {
     )
 }
 
+/// The detail of an error about a table or column that is no longer what a run checked at its
+/// start (its later steps are new transactions).
+const CHANGED: &str = "It changed while psap_encrypt was working on it.";
+
+fn changed_detail(changed: bool) -> Option<String> {
+    changed.then(|| CHANGED.to_string())
+}
+
+/// A batch job's table is not a table (`changed`: it was when the job checked it).
+pub fn not_a_table(relation: &str, changed: bool) -> ! {
+    raise(
+        ERRCODE_WRONG_OBJECT_TYPE,
+        format!("\"{relation}\" is not a table"),
+        changed_detail(changed),
+        Some("psap_encrypt works on columns of tables and partitioned tables.".into()),
+    )
+}
+
+/// A run's table was dropped after the run checked it.
+pub fn table_gone(relation: &str) -> ! {
+    raise(
+        ERRCODE_UNDEFINED_TABLE,
+        format!("relation \"{relation}\" does not exist"),
+        changed_detail(true),
+        None,
+    )
+}
+
+pub fn column_missing(relation: &str, column: &str) -> ! {
+    raise(
+        ERRCODE_UNDEFINED_COLUMN,
+        format!("column \"{column}\" of relation \"{relation}\" does not exist"),
+        None,
+        None,
+    )
+}
+
+/// A batch job's column is not text (`changed`: it was when the job checked it).
+pub fn column_not_text(relation: &str, column: &str, typ: &str, changed: bool) -> ! {
+    let why = "Ciphertext envelopes are stored in text or character varying columns (or domains over them).";
+    let (detail, hint) = match changed_detail(changed) {
+        Some(changed) => (changed, Some(why.to_string())),
+        None => (why.to_string(), None),
+    };
+    raise(
+        ERRCODE_DATATYPE_MISMATCH,
+        format!("column \"{column}\" of relation \"{relation}\" is of type {typ}"),
+        Some(detail),
+        hint,
+    )
+}
+
 pub fn context_column_type(relation: &str, column: &str, typ: &str) -> ! {
     raise(
         ERRCODE_DATATYPE_MISMATCH,

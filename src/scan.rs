@@ -17,15 +17,11 @@ use std::ptr;
 
 use pgrx::prelude::*;
 use pgrx::varlena::{varatt_is_1b_e, varatt_is_4b_c, vardata_any, varsize_any_exhdr};
-use pgrx::PgSqlErrorCode::*;
 use psap_core::limits::MAX_VERSION;
 use psap_core::{envelope, Version};
 
 use crate::api::target::Leaf;
-use crate::error::raise;
-
-/// The detail of an error about a table or column that is no longer what was checked.
-const CHANGED: &str = "It changed while psap_encrypt was working on it.";
+use crate::error;
 
 /// What a value's first bytes say it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,12 +121,7 @@ pub fn tally(
     unsafe {
         let rel = pg_sys::try_table_open(leaf.oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         if rel.is_null() {
-            raise(
-                ERRCODE_UNDEFINED_TABLE,
-                format!("relation \"{}\" does not exist", leaf.relation),
-                Some(CHANGED.into()),
-                None,
-            );
+            error::table_gone(&leaf.relation);
         }
         let attnum = text_attnum(rel, leaf, column);
         let slot = pg_sys::table_slot_create(rel, ptr::null_mut());
@@ -201,23 +192,13 @@ unsafe fn text_attnum(rel: pg_sys::Relation, leaf: &Leaf, column: &str) -> i32 {
         let relation = &leaf.relation;
         if (*(*rel).rd_rel).relkind as u8 != pg_sys::RELKIND_RELATION || (*rel).rd_tableam.is_null()
         {
-            raise(
-                ERRCODE_WRONG_OBJECT_TYPE,
-                format!("\"{relation}\" is not a table"),
-                Some(CHANGED.into()),
-                None,
-            );
+            error::not_a_table(relation, true);
         }
         let name = CString::new(column).unwrap_or_default();
         let attnum = pg_sys::get_attnum(leaf.oid, name.as_ptr());
         let desc = (*rel).rd_att;
         if attnum <= 0 || attnum as i32 > (*desc).natts {
-            raise(
-                ERRCODE_UNDEFINED_COLUMN,
-                format!("column \"{column}\" of relation \"{relation}\" does not exist"),
-                None,
-                None,
-            );
+            error::column_missing(relation, column);
         }
         let att = &(*desc).attrs.as_slice((*desc).natts as usize)[attnum as usize - 1];
         let base = pg_sys::getBaseType(att.atttypid);
@@ -226,15 +207,7 @@ unsafe fn text_attnum(rel: pg_sys::Relation, leaf: &Leaf, column: &str) -> i32 {
             || !(base == pg_sys::TEXTOID || base == pg_sys::VARCHAROID)
         {
             let typ = std::ffi::CStr::from_ptr(pg_sys::format_type_be(att.atttypid));
-            raise(
-                ERRCODE_DATATYPE_MISMATCH,
-                format!(
-                    "column \"{column}\" of relation \"{relation}\" is of type {}",
-                    typ.to_string_lossy()
-                ),
-                Some(CHANGED.into()),
-                Some("Ciphertext envelopes are stored in text or character varying columns (or domains over them).".into()),
-            );
+            error::column_not_text(relation, column, &typ.to_string_lossy(), true);
         }
         attnum as i32
     }

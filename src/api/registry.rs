@@ -119,8 +119,8 @@ fn psap_set_column_context(tbl: Option<PgRelation>, col: Option<&str>, context: 
             // SAFETY: a heavyweight lock on an existing relation, released at transaction end.
             unsafe { pg_sys::LockRelationOid(leaf.oid, pg_sys::ShareLock as pg_sys::LOCKMODE) };
         }
-        // Counted under a snapshot taken after the lock: rows of batches that just committed count.
-        let bound: i64 = spi::with_fresh_snapshot(|| census::census_rows(&tbl, col, false))
+        // The census takes its snapshot after this lock: rows of batches that just committed count.
+        let bound: i64 = census::census_rows(&tbl, col, false)
             .iter()
             .filter(|(state, _, _, _, cipher)| {
                 state == "encrypted" && *cipher != Some(psap_core::Cipher::Secretbox)

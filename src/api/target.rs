@@ -70,12 +70,7 @@ pub fn resolve(tbl: &PgRelation, col: &str, access: Access) -> Target {
     // SAFETY: rd_rel of an open relation is valid.
     let (kind, owner) = unsafe { ((*tbl.rd_rel).relkind as u8, (*tbl.rd_rel).relowner) };
     if !matches!(kind, b'r' | b'p') {
-        raise(
-            ERRCODE_WRONG_OBJECT_TYPE,
-            format!("\"{relation}\" is not a table"),
-            None,
-            Some("psap_encrypt works on columns of tables and partitioned tables.".into()),
-        );
+        error::not_a_table(&relation, false);
     }
     // The column's type, or the base type of its domain (domains over domains included).
     let column_type = spi::one::<String>(
@@ -91,19 +86,9 @@ pub fn resolve(tbl: &PgRelation, col: &str, access: Access) -> Target {
         &[tbl.oid().into(), col.into()],
     );
     match column_type.as_deref() {
-        None => raise(
-            ERRCODE_UNDEFINED_COLUMN,
-            format!("column \"{col}\" of relation \"{relation}\" does not exist"),
-            None,
-            None,
-        ),
+        None => error::column_missing(&relation, col),
         Some("text") | Some("character varying") => {}
-        Some(other) => raise(
-            ERRCODE_DATATYPE_MISMATCH,
-            format!("column \"{col}\" of relation \"{relation}\" is of type {other}"),
-            Some("Ciphertext envelopes are stored in text or character varying columns (or domains over them).".into()),
-            None,
-        ),
+        Some(other) => error::column_not_text(&relation, col, other, false),
     }
     let (leaves, restricted) = leaves(tbl.oid(), col, access);
     Target {

@@ -300,15 +300,16 @@ fn count_by_version(
     let check = |value: &[u8]| census::decrypt_error(value, &[]);
     let check: Option<(&dyn Fn(Kind) -> bool, scan::Check)> = verify.then_some((&wanted, &check));
     // The direct scans share one snapshot; a bound column's verification is SQL, per leaf.
-    let scanned: Vec<Option<Tally>> = scan::with_snapshot(&t.leaves, |snapshot| {
-        t.leaves
-            .iter()
-            .map(|leaf| {
-                (!verify || t.context.is_none())
-                    .then(|| scan::tally(leaf, &t.column_name, snapshot, check))
-            })
-            .collect()
-    });
+    let scanned: Vec<Option<Tally>> = if !verify || t.context.is_none() {
+        scan::with_snapshot(&t.leaves, |snapshot| {
+            t.leaves
+                .iter()
+                .map(|leaf| Some(scan::tally(leaf, &t.column_name, snapshot, check)))
+                .collect()
+        })
+    } else {
+        t.leaves.iter().map(|_| None).collect()
+    };
     for (i, (leaf, scanned)) in t.leaves.iter().zip(scanned).enumerate() {
         // (version or "plaintext", rows, rows that cannot be decrypted)
         let rows: Vec<(String, i64, i64)> = match scanned {
