@@ -51,14 +51,16 @@ def chart(results, path):
 
 
 def census_ratios(r, sizes):
-    """(rows, census / count(*), census ns, count(*) ns, census / count(*) over the table) per size."""
+    """(rows, census / count(*), census ns, count(*) ns, census / count(*) over the table, both in one
+    backend) per size."""
     out = []
     for n in sizes:
         read = r["sizes"][n].get("read") or {}
         if "psap_census" in read and "count(*)" in read:
             c, q = read["psap_census"]["us_per_row_median"], read["count(*)"]["us_per_row_median"]
             t = read.get("count(*), table scan", {}).get("us_per_row_median")
-            out.append((int(n), c / q, c * 1000, q * 1000, c / t if t else None))
+            c1 = read.get("psap_census, one backend", read["psap_census"])["us_per_row_median"]
+            out.append((int(n), c / q, c * 1000, q * 1000, c1 / t if t else None))
     return out
 
 
@@ -76,15 +78,22 @@ def why_rotate(w, rot, nat, prof, read):
     if read and ROTATION_COUNT_SQL in read and "psap_census" in read:
         before = read[ROTATION_COUNT_BEFORE]["us_per_row_median"]
         sql_count = read[ROTATION_COUNT_SQL]["us_per_row_median"]
-        census = read["psap_census"]["us_per_row_median"]
         grouped = read["group by first 4 characters"]["us_per_row_median"]
         w("What the changes of this release bought, measured in this run (read table above): psap_rotate counts")
         w("the rows to do per version before its first batch, and what is left after its last, and psap_census")
         w("counts a column, with a direct scan of each value's first bytes (src/scan.rs: no executor, no function")
         w("call per row, no code of the table's).")
         w(f"The count, per row: an extension call per row naming the version (0.2.0) {before * 1000:.0f} ns, SQL grouped by")
-        w(f"prefix (before the direct scan) {sql_count * 1000:.0f} ns, the direct scan (as psap_census measures it) {census * 1000:.0f} ns;")
+        alone = read.get("psap_census, one backend", read["psap_census"])["us_per_row_median"]
+        w(f"prefix (before the direct scan) {sql_count * 1000:.0f} ns, the direct scan (psap_census in one backend) {alone * 1000:.0f} ns;")
         w(f"psap_census ran that SQL grouping (`group by first 4 characters` above, {grouped * 1000:.0f} ns per row) before the direct scan.")
+        if "psap_census, one backend" in read and "count(title), one backend" in read:
+            title_alone = read["count(title), one backend"]["us_per_row_median"]
+            w(f"In one backend the direct scan costs {alone * 1000:.0f} ns per row here, {alone / title_alone:.2f}x the executor's")
+            w("`count(title)` in one backend: it asks the CPU to load each tuple a few places before it reads it (waiting")
+            w("for each tuple's first bytes was most of its time; measured on this machine when that was added: 1.05x the")
+            w("one-backend count(title) before, 0.73x after). A large table's census is shared with parallel workers")
+            w("(src/scan/parallel.rs), as a query's scan of it would be: the `psap_census` rows of the read table.")
         w("")
     if "base64_crate_decode_ns" in nat:
         w("The envelope's base64 codec, `base64` crate (0.2.0) -> `base64-simd` (now), natively on an 80-byte title's")
@@ -231,7 +240,9 @@ def write_report(r, quick=False):
     w("")
     w("`count(*)` is as the planner runs it (here an index-only scan of the primary key, which reads no table")
     w("page); `count(*), table scan` is the same count with index-only scans and parallel workers off: a scan")
-    w("of the table's pages by one backend, as the census's.")
+    w("of the table's pages by one backend. `psap_census` shares a large table's scan with parallel workers as")
+    w("the planner gives them to a query's scan of it (`count(title)` gets them from the planner); the")
+    w("`one backend` rows are the same with `max_parallel_workers_per_gather = 0`.")
     w("")
     w("## Rotate: v1 to v2 (secretbox to secretbox; to AES-256-GCM where named), batch 500, commit per batch")
     w("")
@@ -315,13 +326,14 @@ def write_report(r, quick=False):
         w("  within this shared machine's run-to-run spread (see the rotate table), but it is what was measured.")
     if census_at and census_at[-1][1] > 1.5:
         n, c, cn, qn, ct = census_at[-1]
-        w(f"- **psap_census, {c:.1f}x a plain count(*) at {n:,} rows instead of 1.5x** ({ct:.1f}x count(*) over the table's pages)." if ct else
+        w(f"- **psap_census, {c:.1f}x a plain count(*) at {n:,} rows instead of 1.5x** (in one backend, {ct:.1f}x count(*) over the table's pages in one backend)." if ct else
           f"- **psap_census, {c:.1f}x a plain count(*) at {n:,} rows instead of 1.5x.**")
         w("  count(*) reads no column: the planner answers it from the primary key's index alone (an")
         w("  index-only scan of a vacuumed table), and even over the table it looks at line pointers and")
         w("  visibility, never at a row's data. The census must read the first bytes of every value, which")
         w("  means touching every row's data; it does so without the executor, one visibility check and one")
-        w("  look at the value's header per row (a slice of a TOASTed one).")
+        w("  look at the value's header per row (a slice of a TOASTed one), shared with the parallel workers a")
+        w("  query's scan of the table would get.")
         if "count(title)" in read:
             w(f"  A `count(title)`, which reads the column only to test it for NULL, costs"
               f" {read['count(title)']['us_per_row_median'] / read['count(*)']['us_per_row_median']:.1f}x count(*) here,"

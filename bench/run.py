@@ -105,13 +105,22 @@ COUNT_TABLE_SCAN = ("SET enable_indexonlyscan = off; SET max_parallel_workers_pe
                     "SELECT count(*) FROM titles_base; RESET enable_indexonlyscan; RESET max_parallel_workers_per_gather")
 
 
+def one_backend(sql):
+    """sql with parallel workers off, in the same round trip."""
+    return f"SET max_parallel_workers_per_gather = 0; {sql}; RESET max_parallel_workers_per_gather"
+
+
 def census_queries(n):
-    """The census and what it is compared with; run at every size."""
+    """The census and what it is compared with; run at every size. The census and count(title) get
+    parallel workers as the planner gives a query's scan of the table; "one backend" without."""
+    census = "SELECT sum(rows) FROM psap_census('titles_base', 'title')"
     return {
         "count(*)": ("SELECT count(*) FROM titles_base", n),
         "count(*), table scan": (COUNT_TABLE_SCAN, n),
         "count(title)": ("SELECT count(title) FROM titles_base", n),
-        "psap_census": ("SELECT sum(rows) FROM psap_census('titles_base', 'title')", n),
+        "count(title), one backend": (one_backend("SELECT count(title) FROM titles_base"), n),
+        "psap_census": (census, n),
+        "psap_census, one backend": (one_backend(census), n),
         # The census's SQL before the direct scan (src/scan.rs): grouped by the first four characters.
         "group by first 4 characters": ("SELECT sum(n) FROM (SELECT count(*) AS n FROM titles_base GROUP BY substr(title, 1, 4)) s", n),
     }

@@ -23,6 +23,8 @@ use psap_core::{envelope, Version};
 use crate::api::target::Leaf;
 use crate::error;
 
+mod parallel;
+
 /// What a value's first bytes say it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -66,6 +68,16 @@ impl Default for Tally {
 }
 
 impl Tally {
+    /// Adds another part of the same table's count (a parallel worker's).
+    fn merge(&mut self, other: &Tally) {
+        self.null += other.null;
+        self.plaintext += other.plaintext;
+        for (mine, theirs) in self.per_version.iter_mut().zip(other.per_version) {
+            *mine += theirs;
+        }
+        self.undecryptable += other.undecryptable;
+    }
+
     fn add(&mut self, kind: Kind) {
         match kind {
             Kind::Null => self.null += 1,
@@ -105,27 +117,70 @@ impl Tally {
 pub type Check<'a> = &'a dyn Fn(&[u8]) -> Option<String>;
 
 /// Counts the rows of one table (not its children) by the kind of `column`'s value, under
-/// `snapshot` (from [`with_snapshot`]). With `check`, every value whose kind `verify` accepts is
-/// also read whole and checked, and those it finds wrong are counted. An error if the leaf is no
-/// longer a table or the column no longer text.
+/// `snapshot` (from [`with_snapshot`]), in this backend. With `check`, every value whose kind
+/// `verify` accepts is also read whole and checked, and those it finds wrong are counted. An
+/// error if the leaf is no longer a table or the column no longer text.
 pub fn tally(
     leaf: &Leaf,
     column: &str,
     snapshot: &Snapshot,
     check: Option<(&dyn Fn(Kind) -> bool, Check)>,
 ) -> Tally {
-    // SAFETY: every pointer below comes from PostgreSQL for this relation, opened and locked
-    // here; the scan, its slot and the scratch context are released before returning. On an
-    // error (a cancel, running out of memory) the transaction's abort releases them, as it does
-    // for the executor's own scans.
+    // SAFETY: `open` returns the relation opened and locked; the scan is ended by `count`.
+    unsafe {
+        let (rel, attnum) = open(leaf, column);
+        let scan = pg_sys::table_beginscan(rel, snapshot.0, 0, ptr::null_mut());
+        let tally = count(rel, scan, attnum, check);
+        // The lock is kept to the end of the transaction, as a query's is.
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        tally
+    }
+}
+
+/// The census's count of one table: [`tally`] without a check, shared with parallel workers when
+/// the table is large enough for a query's scan of it to get them ([`parallel`]).
+pub fn census(leaf: &Leaf, column: &str, snapshot: &Snapshot) -> Tally {
+    // SAFETY: as in `tally`.
+    unsafe {
+        let (rel, attnum) = open(leaf, column);
+        let tally = parallel::count(rel, attnum, snapshot.0, &leaf.relation);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        tally
+    }
+}
+
+/// Opens a leaf with AccessShareLock (held to the end of the transaction) and finds its column,
+/// checking both again under the lock ([`text_attnum`]).
+///
+/// # Safety
+/// Called in a transaction; the caller closes the relation.
+unsafe fn open(leaf: &Leaf, column: &str) -> (pg_sys::Relation, i32) {
+    // SAFETY: a relation returned by try_table_open is open and locked.
     unsafe {
         let rel = pg_sys::try_table_open(leaf.oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         if rel.is_null() {
             error::table_gone(&leaf.relation);
         }
-        let attnum = text_attnum(rel, leaf, column);
+        (rel, text_attnum(rel, leaf, column))
+    }
+}
+
+/// Counts the rows `scan` (of `rel`, begun by the caller) returns by the kind of attribute
+/// `attnum`, checking those `check` wants, and ends the scan.
+///
+/// # Safety
+/// `rel` is open and `attnum` one of its text columns ([`text_attnum`]); `scan` is a scan of it.
+unsafe fn count(
+    rel: pg_sys::Relation,
+    scan: pg_sys::TableScanDesc,
+    attnum: i32,
+    check: Option<(&dyn Fn(Kind) -> bool, Check)>,
+) -> Tally {
+    // SAFETY: every pointer below comes from PostgreSQL for this relation and scan; the slot
+    // and the scratch context are released before returning. On an error (a cancel, running out
+    // of memory) the transaction's abort releases them, as it does for the executor's own scans.
+    unsafe {
         let slot = pg_sys::table_slot_create(rel, ptr::null_mut());
-        let scan = pg_sys::table_beginscan(rel, snapshot.0, 0, ptr::null_mut());
         let scratch = pg_sys::AllocSetContextCreateInternal(
             pg_sys::CurrentMemoryContext,
             c"psap_encrypt scan".as_ptr(),
@@ -134,12 +189,18 @@ pub fn tally(
             pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
         );
         let mut tally = Tally::default();
+        // A heap scan in page mode (an MVCC snapshot's) prefetches the tuples ahead of it.
+        let prefetch = (*rel).rd_tableam == pg_sys::GetHeapamTableAmRoutine()
+            && (*scan).rs_flags & pg_sys::ScanOptions::SO_ALLOW_PAGEMODE != 0;
         while pg_sys::table_scan_getnextslot(
             scan,
             pg_sys::ScanDirection::ForwardScanDirection,
             slot,
         ) {
             pg_sys::check_for_interrupts!();
+            if prefetch {
+                prefetch_ahead(scan.cast());
+            }
             let mut isnull = false;
             let datum = pg_sys::slot_getattr(slot, attnum, &mut isnull);
             if isnull {
@@ -175,9 +236,41 @@ pub fn tally(
         pg_sys::table_endscan(scan);
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::MemoryContextDelete(scratch);
-        // The lock is kept to the end of the transaction, as a query's is.
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         tally
+    }
+}
+
+/// How many visible tuples ahead of the current one a heap scan asks the CPU to load.
+const PREFETCH_AHEAD: usize = 6;
+
+/// Asks the CPU to start loading the tuple [`PREFETCH_AHEAD`] places after the current one on a
+/// heap scan's page (on its first tuple, every one up to there). A tuple's first bytes are what a
+/// count reads of it, and most of a scan's time per row went into waiting for them: a page holds
+/// its tuples in no order the CPU's own prefetcher follows. Measured on 1,000,000 rows: 82 ns per
+/// row before, 57 after (see BENCHMARKS.md). Only on x86-64 (elsewhere the intrinsic is not stable
+/// Rust); a hint, which changes no result.
+///
+/// # Safety
+/// `scan` is a heap scan, in page mode, that has just returned a tuple.
+unsafe fn prefetch_ahead(scan: pg_sys::HeapScanDesc) {
+    // SAFETY: the scan holds a pin on its current buffer, whose page has `rs_ntuples` visible
+    // tuples at the offsets in `rs_vistuples`; a prefetch never faults.
+    unsafe {
+        let (current, visible) = ((*scan).rs_cindex as usize, (*scan).rs_ntuples as usize);
+        let page = pg_sys::BufferGetPage((*scan).rs_cbuf);
+        let from = if current == 0 {
+            1
+        } else {
+            current + PREFETCH_AHEAD
+        };
+        let upto = (current + PREFETCH_AHEAD + 1).min(visible);
+        for &offset in (*scan).rs_vistuples.get(from..upto).unwrap_or_default() {
+            let tuple = pg_sys::PageGetItem(page, pg_sys::PageGetItemId(page, offset));
+            #[cfg(target_arch = "x86_64")]
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(tuple.cast());
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = tuple;
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 """psap_rotate and psap_census against a real server, with several real sessions."""
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -225,12 +226,47 @@ def sql_census(c, table):
     return out
 
 
-def test_census_scan_reads_what_sql_reads(cluster, db):
+def census_workers(c, table, col="title"):
+    """The census of table, and how many parallel workers were planned for it and launched (None,
+    None: the backend counted it alone), from the census's DEBUG1 line. How many are launched
+    depends on the worker slots free: this waits until the workers of earlier counts are gone."""
+    deadline = time.time() + 20
+    while c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'parallel worker'").fetchone()[0]:
+        assert time.time() < deadline, "parallel workers stayed"
+        time.sleep(0.02)
+    said = []
+    handler = lambda d: said.append(d.message_primary)
+    c.add_notice_handler(handler)
+    c.execute("SET client_min_messages = debug1")
+    try:
+        counts = census(c, table, col)
+    finally:
+        c.execute("RESET client_min_messages")
+        c.remove_notice_handler(handler)
+    lines = [m for m in said if "parallel workers to count" in m]
+    assert len(lines) <= 1, said
+    if not lines:
+        return counts, None, None
+    m = re.fullmatch(r"launched (\d+) parallel workers to count \S+ \(planned: (\d+)\)", lines[0])
+    launched, planned = int(m.group(1)), int(m.group(2))
+    assert launched <= planned
+    return counts, planned, launched
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["one backend", "parallel workers"])
+def test_census_scan_reads_what_sql_reads(cluster, db, parallel):
     """psap_census and psap_rotate's counts read each value's first bytes straight from the table.
     Against SQL's own grouping: hostile prefixes, compressed values kept in the row, values moved
     out of line (compressed or not), deleted rows, another session's uncommitted writes, and this
-    transaction's own writes, which a census later in the transaction must see."""
+    transaction's own writes, which a census later in the transaction must see. The census of a
+    large table shares the scan with parallel workers: here every table is large enough for them
+    (min_parallel_table_scan_size = 0), and they must count what the leader alone would."""
     cluster.set_keys({"v1": KEY1, "v2": KEY2, "v10": KEY3}, "v1")
+    if parallel:
+        with cluster.connect(dbname=db) as c:
+            c.execute(f"ALTER DATABASE {db} SET min_parallel_table_scan_size = 0")
+            c.execute(f"ALTER DATABASE {db} SET max_parallel_workers_per_gather = 3")
+            c.execute(f"ALTER DATABASE {db} SET parallel_leader_participation = off")  # workers count all
     odd = ["", "v", "v1", "v1:", "v01:x", "v0:x", "v100:x", "v99:x", "vé:x", "é", "v1é:", "V1:x", "v10:", "v2:"]
     with cluster.connect(dbname=db) as c:
         c.execute("CREATE TABLE mix (id int, title text, t2 text)")
@@ -258,7 +294,9 @@ def test_census_scan_reads_what_sql_reads(cluster, db):
             assert census(c, "mix") == expected  # not committed: not seen
             assert census(other, "mix") == sql_census(other, "mix") != expected  # its own writes: seen
             other.execute("INSERT INTO mix (id, title) VALUES (5000, NULL)")
-            assert census(other, "mix") == sql_census(other, "mix")
+            counts, planned, launched = census_workers(other, "mix")
+            assert counts == sql_census(other, "mix")
+            assert (planned, launched) == (3, 3) if parallel else planned is None
             other.commit()
         before = census(c, "mix")
         assert before == sql_census(c, "mix")
@@ -273,6 +311,46 @@ def test_census_scan_reads_what_sql_reads(cluster, db):
         assert after[("encrypted", "v1")] == 1 and after[("encrypted", "v10")] == 1
         assert after[("encrypted", "v99")] == 1
         assert after[("encrypted", "v2")] == before[("encrypted", "v2")] + before[("encrypted", "v1")] - 1 + before[("encrypted", "v10")] - 1
+
+
+def test_census_plans_parallel_workers_as_a_query_scan_would(cluster, db):
+    """How many workers share a census: a query's rule for a sequential scan (one from
+    min_parallel_table_scan_size, one more per tripling of the table's size, the table's
+    parallel_workers if set, at most max_parallel_workers_per_gather), none for a temporary table;
+    the leader counts alone what no launched worker takes. The counts are the same every way, also
+    when only workers count (parallel_leader_participation = off), in a REPEATABLE READ transaction
+    while another session commits rows."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE wide AS SELECT g AS id, CASE WHEN g % 7 = 0 THEN NULL WHEN g % 5 = 0 THEN 'plain ' || g "
+                  "ELSE psap_encrypt('Incident ' || g) END AS title FROM generate_series(1, 25000) g")
+        pages = c.execute("SELECT pg_relation_size('wide') / 8192").fetchone()[0]
+        assert 243 <= pages < 729, pages  # 8 kB pages: 3^5 <= pages < 3^6
+        expected = sql_census(c, "wide")
+        assert census_workers(c, "wide") == (expected, None, None)  # smaller than 8 MB: no worker
+        c.execute("SET min_parallel_table_scan_size = '8kB'")  # one page: 6 workers at this size
+        c.execute("SET max_parallel_workers_per_gather = 4")
+        assert census_workers(c, "wide") == (expected, 4, 4)
+        c.execute("SET min_parallel_table_scan_size = '1MB'")  # 128 pages: one worker, two from 384
+        assert census_workers(c, "wide") == (expected, *[1 if pages < 384 else 2] * 2)
+        c.execute("ALTER TABLE wide SET (parallel_workers = 3)")
+        assert census_workers(c, "wide") == (expected, 3, 3)
+        c.execute("SET max_parallel_workers = 0")  # planned, none launched: the leader counts all
+        assert census_workers(c, "wide") == (expected, 3, 0)
+        c.execute("RESET max_parallel_workers")
+        c.execute("SET max_parallel_workers_per_gather = 0")
+        assert census_workers(c, "wide") == (expected, None, None)
+        c.execute("SET max_parallel_workers_per_gather = 4")
+        c.execute("CREATE TEMP TABLE wide_tmp AS SELECT * FROM wide")
+        assert census_workers(c, "wide_tmp") == (expected, None, None)  # workers cannot read it
+        c.execute("SET parallel_leader_participation = off")  # from here on, only workers count
+        c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        assert census_workers(c, "wide") == (expected, 3, 3)
+        with cluster.connect(dbname=db) as other:
+            other.execute("INSERT INTO wide SELECT g, psap_encrypt('late') FROM generate_series(1, 500) g")
+        assert census_workers(c, "wide") == (expected, 3, 3)  # the transaction's snapshot
+        c.execute("COMMIT")
+        counts, planned, launched = census_workers(c, "wide")
+        assert planned == launched == 3 and counts[("encrypted", "v1")] == expected[("encrypted", "v1")] + 500
 
 
 def test_census_waiting_for_a_rewrite_counts_the_new_table(cluster, db):
