@@ -194,7 +194,7 @@ def write_report(r, quick=False):
     w("|---|---|---|---|")
     w(f"| psap_decrypt: time added per row over a plain scan, / libsodium open alone | <= 1.3 | {open_ratio:.2f} ({added_ns:.0f} ns / {nat['open_ns']:.0f} ns) | {ok(open_ratio, 1.3, False)} |")
     if gcm_added_ns is not None:
-        w(f"| psap_decrypt on an AES-256-GCM version: time added per row over a plain scan, / the module's own open (key prepared) | <= 1.3 | {gcm_ratio:.2f} ({gcm_added_ns:.0f} ns / {nat['aes_gcm_open_ns']:.0f} ns) | {ok(gcm_ratio, 1.3, False)} |")
+        w(f"| psap_decrypt on an AES-256-GCM version: time added per row over a plain scan, / the module's own open (key prepared) | <= 1.3 | {near(gcm_ratio, 1.3)} ({gcm_added_ns:.0f} ns / {nat['aes_gcm_open_ns']:.0f} ns) | {ok(gcm_ratio, 1.3, False)} |")
     w(f"| psap_decrypt scan vs pgcrypto pgp_sym_decrypt, per row | >= 200x faster | {pgc_ratio:.0f}x | {ok(pgc_ratio, 200)} |")
     if "DBA's loop: SKIP LOCKED + psap_encrypt(psap_decrypt())" in rot:
         d, d_best = ratio("psap_rotate", "DBA's loop: SKIP LOCKED + psap_encrypt(psap_decrypt())"), ratio("psap_rotate", "DBA's loop: SKIP LOCKED + psap_encrypt(psap_decrypt())", "rows_per_s_best")
@@ -210,7 +210,7 @@ def write_report(r, quick=False):
         w(f"| psap_rotate vs the PHP client rotation, rows/s | >= 10x | {php_ratio:.1f}x ({php_ratio_best:.1f}x) | {ok(php_ratio, 10)} |")
     census_at = census_ratios(r, sizes)
     if census_at:
-        shown = "; ".join(f"{c:.1f} ({cn:.0f} ns / {qn:.0f} ns) at {n:,} rows" for n, c, cn, qn, _ in census_at)
+        shown = "; ".join(f"{near(c, 1.5)} ({cn:.0f} ns / {qn:.0f} ns) at {n:,} rows" for n, c, cn, qn, _ in census_at)
         w(f"| psap_census per row / a plain count(*) as the planner runs it (the census reads every value's first bytes; count(*) reads no column) | <= 1.5 at 1,000,000 rows | {shown} | {ok(census_at[-1][1], 1.5, False)} |")
     if len(sizes) > 1:
         big = r["sizes"][sizes[-1]]["rotate"]
@@ -297,7 +297,7 @@ def write_report(r, quick=False):
         w("  pgcrypto being faster here than where the target was set, not psap_decrypt's overhead.")
     if gcm_ratio is not None and gcm_ratio > 1.3:
         fixed = gcm_added_ns - nat["core_gcm_decrypt_ns"]
-        w(f"- **AES-256-GCM decrypt, {gcm_ratio:.2f}x the module's open instead of 1.3x.** The module opens an 80-byte")
+        w(f"- **AES-256-GCM decrypt, {near(gcm_ratio, 1.3)}x the module's open instead of 1.3x.** The module opens an 80-byte")
         w(f"  value in {nat['aes_gcm_open_ns']:.0f} ns with its key prepared (AES-NI), against libsodium's {nat['open_ns']:.0f} ns.")
         w(f"  psap_core's whole decrypt of a GCM envelope costs {nat['core_gcm_decrypt_ns']:.0f} ns natively: that open, the")
         w(f"  envelope's base64 decode ({nat['base64_decode_ns']:.0f} ns; base64 is the application's format) and the prefix")
@@ -326,8 +326,8 @@ def write_report(r, quick=False):
         w("  within this shared machine's run-to-run spread (see the rotate table), but it is what was measured.")
     if census_at and census_at[-1][1] > 1.5:
         n, c, cn, qn, ct = census_at[-1]
-        w(f"- **psap_census, {c:.1f}x a plain count(*) at {n:,} rows instead of 1.5x** (in one backend, {ct:.1f}x count(*) over the table's pages in one backend)." if ct else
-          f"- **psap_census, {c:.1f}x a plain count(*) at {n:,} rows instead of 1.5x.**")
+        w(f"- **psap_census, {near(c, 1.5)}x a plain count(*) at {n:,} rows instead of 1.5x** (in one backend, {ct:.1f}x count(*) over the table's pages in one backend)." if ct else
+          f"- **psap_census, {near(c, 1.5)}x a plain count(*) at {n:,} rows instead of 1.5x.**")
         w("  count(*) reads no column: the planner answers it from the primary key's index alone (an")
         w("  index-only scan of a vacuumed table), and even over the table it looks at line pointers and")
         w("  visibility, never at a row's data. The census must read the first bytes of every value, which")

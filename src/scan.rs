@@ -20,6 +20,7 @@ use pgrx::varlena::{varatt_is_1b_e, varatt_is_4b_c, vardata_any, varsize_any_exh
 use psap_core::limits::MAX_VERSION;
 use psap_core::{envelope, Version};
 
+use crate::api::census;
 use crate::api::target::Leaf;
 use crate::error;
 
@@ -112,38 +113,65 @@ impl Tally {
     }
 }
 
-/// Why a whole value cannot be decrypted, or None (psap_rotate's verification, for a column
-/// bound to no context).
-pub type Check<'a> = &'a dyn Fn(&[u8]) -> Option<String>;
+/// The values a count also decrypts whole, with this backend's keys and no context, counting
+/// those that cannot be decrypted (psap_rotate's verification of a column bound to no context):
+/// those of the kinds it was made from. Plain data, so that parallel workers get it too.
+#[derive(Clone, Copy, Debug)]
+pub struct Verify {
+    plaintext: bool,
+    /// Bit N: envelopes of version N.
+    versions: u128,
+}
+
+impl Verify {
+    /// Values of the kinds `wanted` accepts (NULLs have nothing to decrypt).
+    pub fn kinds(wanted: impl Fn(Kind) -> bool) -> Verify {
+        let versions = Version::all()
+            .filter(|v| wanted(Kind::Envelope(*v)))
+            .fold(0u128, |bits, v| bits | 1 << v.get());
+        Verify {
+            plaintext: wanted(Kind::Plaintext),
+            versions,
+        }
+    }
+
+    fn wants(&self, kind: Kind) -> bool {
+        match kind {
+            Kind::Null => false,
+            Kind::Plaintext => self.plaintext,
+            Kind::Envelope(v) => self.versions & 1 << v.get() != 0,
+        }
+    }
+}
 
 /// Counts the rows of one table (not its children) by the kind of `column`'s value, under
-/// `snapshot` (from [`with_snapshot`]), in this backend. With `check`, every value whose kind
-/// `verify` accepts is also read whole and checked, and those it finds wrong are counted. An
-/// error if the leaf is no longer a table or the column no longer text.
-pub fn tally(
-    leaf: &Leaf,
-    column: &str,
-    snapshot: &Snapshot,
-    check: Option<(&dyn Fn(Kind) -> bool, Check)>,
-) -> Tally {
+/// `snapshot` (from [`with_snapshot`]), in this backend: psap_rotate's counts after its first.
+/// An error if the leaf is no longer a table or the column no longer text.
+pub fn tally(leaf: &Leaf, column: &str, snapshot: &Snapshot) -> Tally {
     // SAFETY: `open` returns the relation opened and locked; the scan is ended by `count`.
     unsafe {
         let (rel, attnum) = open(leaf, column);
         let scan = pg_sys::table_beginscan(rel, snapshot.0, 0, ptr::null_mut());
-        let tally = count(rel, scan, attnum, check);
+        let tally = count(rel, scan, attnum, None);
         // The lock is kept to the end of the transaction, as a query's is.
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         tally
     }
 }
 
-/// The census's count of one table: [`tally`] without a check, shared with parallel workers when
-/// the table is large enough for a query's scan of it to get them ([`parallel`]).
-pub fn census(leaf: &Leaf, column: &str, snapshot: &Snapshot) -> Tally {
+/// [`tally`], shared with parallel workers when the table is large enough for a query's scan of
+/// it to get them ([`parallel`]), and with `verify`, the values it names decrypted and those that
+/// cannot be counted: psap_census, and psap_rotate's first count with its verification.
+pub fn tally_with_workers(
+    leaf: &Leaf,
+    column: &str,
+    snapshot: &Snapshot,
+    verify: Option<Verify>,
+) -> Tally {
     // SAFETY: as in `tally`.
     unsafe {
         let (rel, attnum) = open(leaf, column);
-        let tally = parallel::count(rel, attnum, snapshot.0, &leaf.relation);
+        let tally = parallel::count(rel, attnum, snapshot.0, verify, &leaf.relation);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         tally
     }
@@ -166,7 +194,7 @@ unsafe fn open(leaf: &Leaf, column: &str) -> (pg_sys::Relation, i32) {
 }
 
 /// Counts the rows `scan` (of `rel`, begun by the caller) returns by the kind of attribute
-/// `attnum`, checking those `check` wants, and ends the scan.
+/// `attnum`, decrypting those `verify` names, and ends the scan.
 ///
 /// # Safety
 /// `rel` is open and `attnum` one of its text columns ([`text_attnum`]); `scan` is a scan of it.
@@ -174,7 +202,7 @@ unsafe fn count(
     rel: pg_sys::Relation,
     scan: pg_sys::TableScanDesc,
     attnum: i32,
-    check: Option<(&dyn Fn(Kind) -> bool, Check)>,
+    verify: Option<Verify>,
 ) -> Tally {
     // SAFETY: every pointer below comes from PostgreSQL for this relation and scan; the slot
     // and the scratch context are released before returning. On an error (a cancel, running out
@@ -214,7 +242,7 @@ unsafe fn count(
             let old = (!inline).then(|| pg_sys::MemoryContextSwitchTo(scratch));
             let kind = Kind::of(prefix(value));
             tally.add(kind);
-            if let Some((_, check)) = check.filter(|(wanted, _)| wanted(kind)) {
+            if verify.is_some_and(|v| v.wants(kind)) {
                 let whole = if inline {
                     value
                 } else {
@@ -224,7 +252,7 @@ unsafe fn count(
                     vardata_any(whole).cast::<u8>(),
                     varsize_any_exhdr(whole),
                 );
-                if check(bytes).is_some() {
+                if census::decrypt_error(bytes, &[]).is_some() {
                     tally.undecryptable += 1;
                 }
             }

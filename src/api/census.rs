@@ -94,7 +94,7 @@ pub type CensusRow = (
 );
 
 /// The census of a column: each table holding its rows counted by a direct scan of the values'
-/// first bytes ([`scan::census`]), under one snapshot, running no code of the table's. What it
+/// first bytes ([`scan::tally_with_workers`]), under one snapshot, running no code of the table's. What it
 /// counts is every row; `shown` (psap_census, psap_status) refuses a caller whom row-level
 /// security restricts on the table, who would learn about rows its policies hide.
 pub fn census_rows(tbl: &PgRelation, col: &str, shown: bool) -> Vec<CensusRow> {
@@ -109,7 +109,7 @@ pub fn census_rows(tbl: &PgRelation, col: &str, shown: bool) -> Vec<CensusRow> {
         }
         scan::with_snapshot(&t.leaves, |snapshot| {
             for leaf in &t.leaves {
-                let tally = scan::census(leaf, col, snapshot);
+                let tally = scan::tally_with_workers(leaf, col, snapshot, None);
                 for (v, n) in tally.versions() {
                     *rows.entry(("encrypted", Some(v))).or_default() += n;
                 }

@@ -251,7 +251,7 @@ pub fn start_leaf(run: &mut Run) {
 fn leaf_rows(run: &Run, leaf: usize, snapshot: &scan::Snapshot) -> i64 {
     let (mode, to) = (run.opts.mode, run.to);
     let leaf = &run.target.leaves[leaf];
-    scan::tally(leaf, &run.target.column_name, snapshot, None).rows(|kind| mode.needs(kind, to))
+    scan::tally(leaf, &run.target.column_name, snapshot).rows(|kind| mode.needs(kind, to))
 }
 
 /// Rows that still need work (not counting those skipped as undecryptable), under one snapshot.

@@ -10,8 +10,8 @@ use super::options::{Args, Mode, Options, Procedure};
 use super::state::{self, Outcome, Status};
 use super::walk::Walk;
 use super::{sql, Run};
+use crate::api::registry;
 use crate::api::target::{self, Access, Target};
-use crate::api::{census, registry};
 use crate::audit::{AuditLog, Counts, Start};
 use crate::scan::{self, Kind, Tally};
 use crate::{error, gucs, sandbox, spi};
@@ -297,14 +297,16 @@ fn count_by_version(
     let wanted = |kind: Kind| mode.needs(kind, to);
     // The direct scan verifies values of a column bound to no context; a bound column's context
     // is a SQL expression over the row, which the SQL count evaluates.
-    let check = |value: &[u8]| census::decrypt_error(value, &[]);
-    let check: Option<(&dyn Fn(Kind) -> bool, scan::Check)> = verify.then_some((&wanted, &check));
+    let check = verify.then(|| scan::Verify::kinds(wanted));
     // The direct scans share one snapshot; a bound column's verification is SQL, per leaf.
     let scanned: Vec<Option<Tally>> = if !verify || t.context.is_none() {
         scan::with_snapshot(&t.leaves, |snapshot| {
             t.leaves
                 .iter()
-                .map(|leaf| Some(scan::tally(leaf, &t.column_name, snapshot, check)))
+                .map(|leaf| {
+                    let tally = scan::tally_with_workers(leaf, &t.column_name, snapshot, check);
+                    Some(tally)
+                })
                 .collect()
         })
     } else {

@@ -83,6 +83,27 @@ def test_keys_come_from_the_command_at_start_and_reach_open_sessions_at_reload(k
         assert key not in log
 
 
+def test_parallel_workers_verify_with_the_commands_keys(kc):
+    """psap_rotate's verification shared with parallel workers (here only workers count): they
+    decrypt with the key command's keys, which every process of the server has. Without them,
+    every row would be counted undecryptable and the rotation refused."""
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}", name="emit_par.sh"), restart=True)
+    with kc.connect() as c:
+        c.execute("CREATE TABLE par AS SELECT g AS id, psap_encrypt('Incident ' || g) AS title FROM generate_series(1, 2000) g")
+        c.execute("SET min_parallel_table_scan_size = 0")
+        c.execute("SET parallel_leader_participation = off")
+        c.execute("SET psap.key_version = 'v2'")
+        said = []
+        c.add_notice_handler(lambda d: said.append(d.message_primary))
+        c.execute("SET client_min_messages = debug1")
+        c.execute("CALL psap_rotate('par', 'title', 500)")
+        c.execute("RESET client_min_messages")
+        assert [m for m in said if m.startswith("launched ") and "to count public.par" in m] == \
+            ["launched 2 parallel workers to count public.par (planned: 2)"]
+        assert c.execute("SELECT version, rows FROM psap_census('par', 'title')").fetchall() == [("v2", 2000)]
+        c.execute("DROP TABLE par")
+
+
 @pytest.mark.parametrize("body, why", [
     ("echo 'not yet' >&2; exit 3", "it exited with status 3"),
     ("echo hello", "its output was rejected: line 1 has 1 fields instead of 3"),

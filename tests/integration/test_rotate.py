@@ -10,6 +10,7 @@ import time
 import psycopg
 import pytest
 
+import psap_cluster
 from psap_cluster import KEY1, KEY2, KEY3, Cluster, sqlstate_of
 
 
@@ -126,6 +127,74 @@ def test_undecryptable_row_stops_before_any_write_or_is_skipped(cluster, db):
         assert c.execute("SELECT rows_skipped FROM psap_audit_log WHERE status = 'done'").fetchone()[0] == 1
 
 
+def test_parallel_workers_share_the_verification_and_find_the_bad_row(cluster, db):
+    """psap_rotate's first count decrypts every row to do before any write; on a large table
+    parallel workers share it (here every table is large enough: min_parallel_table_scan_size = 0),
+    decrypting with the keys every server process has. With only workers counting
+    (parallel_leader_participation = off), the one bad row is still found and nothing is written;
+    once it is gone, the rotation completes."""
+    with cluster.connect(dbname=db) as c:
+        fill(c, 3000)
+        c.execute("UPDATE incidents SET title = 'v1:' || substr(psap_encrypt('x'), 4, 20) || repeat('A', 68) WHERE id = 1500")
+        for setting in ("min_parallel_table_scan_size = 0", "max_parallel_workers_per_gather = 2",
+                        "parallel_leader_participation = off"):
+            c.execute(f"ALTER DATABASE {db} SET {setting}")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        said = []
+        c.add_notice_handler(lambda d: said.append(d.message_primary))
+        c.execute("SET client_min_messages = debug1")
+        no_parallel_workers(c)
+        state, msg, detail, hint = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 500)")
+        assert state == "22000" and "Nothing was changed" in detail, (state, msg, detail)
+        assert launched_workers(said, "public.incidents") == [2]
+        c.execute("RESET client_min_messages")
+        assert census(c) == {("encrypted", "v1"): 3000}
+        c.execute("DELETE FROM incidents WHERE id = 1500")
+        said.clear()
+        c.execute("SET client_min_messages = debug1")
+        no_parallel_workers(c)
+        c.execute("CALL psap_rotate('incidents', 'title', 500)")
+        assert launched_workers(said, "public.incidents") == [2]
+        c.execute("RESET client_min_messages")
+        assert census(c) == {("encrypted", "v2"): 2999}
+        check_all(c)
+
+
+def test_parallel_workers_show_the_statement_and_their_buffers_count(cluster, db):
+    """A parallel worker shows the leader's statement in pg_stat_activity, and the buffers it read
+    are added to the leader's (what EXPLAIN (BUFFERS) and pg_stat_statements report), as core's
+    parallel workers do. Only workers count here (parallel_leader_participation = off)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE notes AS SELECT g AS id, psap_encrypt(repeat(md5(g::text), 1000)) AS raw "
+                  "FROM generate_series(1, 3000) g")
+        for setting in ("min_parallel_table_scan_size = 0", "parallel_leader_participation = off"):
+            c.execute(f"ALTER DATABASE {db} SET {setting}")
+    explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM psap_census('notes', 'raw')"
+    with cluster.connect(dbname=db) as c:
+        def buffers():
+            plan = c.execute(explain).fetchone()[0][0]["Plan"]
+            return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+        c.execute("SET max_parallel_workers_per_gather = 0")
+        alone = buffers()  # each value's first TOAST chunk: thousands of buffers
+        c.execute("RESET max_parallel_workers_per_gather")
+        shared = buffers()
+        assert alone > 3000 and shared >= 0.9 * alone, (alone, shared)
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    call = "CALL psap_rotate('notes', 'raw', 500)"
+    with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as watcher:
+        no_parallel_workers(watcher)
+        th, result = psap_cluster.in_background(c, call)
+        seen = set()
+        while th.is_alive():  # the workers decrypt every value (32 kB each) before the first batch
+            seen |= {q for (q,) in watcher.execute(
+                "SELECT query FROM pg_stat_activity WHERE backend_type = 'parallel worker'")}
+            time.sleep(0.002)
+        th.join()
+        assert result == {"ok": True}
+        assert call in seen and seen <= {call, ""}, seen  # "": a worker starting, before it reads the text
+
+
 def test_without_verify_a_bad_row_stops_its_batch_and_earlier_batches_stay(cluster, db):
     with cluster.connect(dbname=db) as c:
         fill(c, 1000)
@@ -226,14 +295,25 @@ def sql_census(c, table):
     return out
 
 
-def census_workers(c, table, col="title"):
-    """The census of table, and how many parallel workers were planned for it and launched (None,
-    None: the backend counted it alone), from the census's DEBUG1 line. How many are launched
-    depends on the worker slots free: this waits until the workers of earlier counts are gone."""
+def no_parallel_workers(c):
+    """Waits until no parallel worker runs (the workers of earlier counts hold slots a while)."""
     deadline = time.time() + 20
     while c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'parallel worker'").fetchone()[0]:
         assert time.time() < deadline, "parallel workers stayed"
         time.sleep(0.02)
+
+
+def launched_workers(messages, table):
+    """How many parallel workers the DEBUG1 lines say were launched to count table."""
+    found = [re.fullmatch(r"launched (\d+) parallel workers to count (\S+) \(planned: \d+\)", m) for m in messages]
+    return [int(m.group(1)) for m in found if m and m.group(2) == table]
+
+
+def census_workers(c, table, col="title"):
+    """The census of table, and how many parallel workers were planned for it and launched (None,
+    None: the backend counted it alone), from the census's DEBUG1 line. How many are launched
+    depends on the worker slots free: this waits until the workers of earlier counts are gone."""
+    no_parallel_workers(c)
     said = []
     handler = lambda d: said.append(d.message_primary)
     c.add_notice_handler(handler)
