@@ -244,6 +244,14 @@ def write_report(r, quick=False):
     w("of the table's pages by one backend. `psap_census` shares a large table's scan with parallel workers as")
     w("the planner gives them to a query's scan of it (`count(title)` gets them from the planner); the")
     w("`one backend` rows are the same with `max_parallel_workers_per_gather = 0`.")
+    for n in sizes:
+        rd = r["sizes"][n].get("read") or {}
+        if "psap_census, one backend" in rd and rd["psap_census"]["us_per_row_median"] > rd["psap_census, one backend"]["us_per_row_median"]:
+            title_too = rd["count(title)"]["us_per_row_median"] > rd["count(title), one backend"]["us_per_row_median"]
+            w(f"At {int(n):,} rows the workers' start costs more than they save ({rd['psap_census']['us_per_row_median'] * 1000:.0f} ns per row against"
+              f" {rd['psap_census, one backend']['us_per_row_median'] * 1000:.0f} in one backend)"
+              + (", as it does for the planner's parallel count(title) here" if title_too else "")
+              + ": the rule that gives a scan its workers is the planner's, and so are the settings that change it.")
     w("")
     w("## Rotate: v1 to v2 (secretbox to secretbox; to AES-256-GCM where named), batch 500, commit per batch")
     w("")
