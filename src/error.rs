@@ -419,6 +419,17 @@ pub fn context_changed(relation: &str, column: &str) -> ! {
     )
 }
 
+/// A parallel worker of a rotation's verification found other keys than the run's backend: a
+/// configuration reload came between them (the backend applies it at its next statement).
+pub fn keys_changed_during_verification(relation: &str) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("the keys changed while the rows of {relation} were being verified"),
+        Some("A parallel worker of the verification has other keys than this session: a configuration reload came in between. Nothing was changed.".into()),
+        Some("Call the procedure again.".into()),
+    )
+}
+
 pub fn context_null() -> String {
     "its context expression is NULL for this row".into()
 }

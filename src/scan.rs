@@ -22,7 +22,7 @@ use psap_core::{envelope, Version};
 
 use crate::api::census;
 use crate::api::target::Leaf;
-use crate::error;
+use crate::{error, gucs};
 
 mod parallel;
 
@@ -119,16 +119,18 @@ impl Tally {
 #[derive(Clone, Copy, Debug)]
 pub struct Verify {
     plaintext: bool,
-    /// Bit N: envelopes of version N.
-    versions: u128,
+    /// Bit N % 64 of word N / 64: envelopes of version N.
+    versions: [u64; 2],
 }
 
 impl Verify {
     /// Values of the kinds `wanted` accepts (NULLs have nothing to decrypt).
     pub fn kinds(wanted: impl Fn(Kind) -> bool) -> Verify {
-        let versions = Version::all()
-            .filter(|v| wanted(Kind::Envelope(*v)))
-            .fold(0u128, |bits, v| bits | 1 << v.get());
+        let mut versions = [0u64; 2];
+        for v in Version::all().filter(|v| wanted(Kind::Envelope(*v))) {
+            let n = v.get() as usize;
+            versions[n / 64] |= 1 << (n % 64);
+        }
         Verify {
             plaintext: wanted(Kind::Plaintext),
             versions,
@@ -139,8 +141,25 @@ impl Verify {
         match kind {
             Kind::Null => false,
             Kind::Plaintext => self.plaintext,
-            Kind::Envelope(v) => self.versions & 1 << v.get() != 0,
+            Kind::Envelope(v) => {
+                let n = v.get() as usize;
+                self.versions[n / 64] & 1 << (n % 64) != 0
+            }
         }
+    }
+
+    /// A digest of the keys this process has for the versions it decrypts (each one's cipher and
+    /// fingerprint, or why there is none): a parallel worker compares it with its leader's.
+    fn keys(&self) -> [u8; 32] {
+        let ring = gucs::keyring();
+        let seen: String = Version::all()
+            .filter(|v| self.wants(Kind::Envelope(*v)))
+            .map(|v| match ring.key(v) {
+                Ok(k) => format!("{v} {:?} {};", k.cipher(), k.fingerprint()),
+                Err(e) => format!("{v} {e};"),
+            })
+            .collect();
+        psap_core::sodium::blake2b_256(&[seen.as_bytes()])
     }
 }
 
@@ -183,9 +202,10 @@ pub fn tally_with_workers(
 /// # Safety
 /// Called in a transaction; the caller closes the relation.
 unsafe fn open(leaf: &Leaf, column: &str) -> (pg_sys::Relation, i32) {
-    // SAFETY: a relation returned by try_table_open is open and locked.
+    // SAFETY: a relation returned by try_relation_open is open and locked. (Not try_table_open,
+    // which PostgreSQL 13 lacks: text_attnum refuses any relation but a table.)
     unsafe {
-        let rel = pg_sys::try_table_open(leaf.oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let rel = pg_sys::try_relation_open(leaf.oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         if rel.is_null() {
             error::table_gone(&leaf.relation);
         }

@@ -22,6 +22,7 @@ use std::{mem, ptr};
 use pgrx::prelude::*;
 
 use super::{Tally, Verify};
+use crate::error;
 
 /// The keys of the chunks in the parallel context's shared memory.
 const KEY_SHARED: u64 = 0x5053_4150_4345_0001;
@@ -35,6 +36,8 @@ struct Shared {
     relid: pg_sys::Oid,
     attnum: i32,
     verify: Option<Verify>,
+    /// With `verify`, the leader's [`Verify::keys`].
+    keys: [u8; 32],
 }
 
 /// What one worker hands back: its count, and the buffers and WAL it used (which the leader adds
@@ -46,7 +49,10 @@ struct Part {
     wal: pg_sys::WalUsage,
 }
 
-// The parts after a Shared start aligned (shm_toc_allocate aligns the chunk itself).
+// Without a shared memory segment, the chunks are in palloc'd memory, aligned for no more than
+// MAXIMUM_ALIGNOF; the parts after a Shared start aligned for a Part.
+const _: () = assert!(mem::align_of::<Shared>() <= pg_sys::MAXIMUM_ALIGNOF as usize);
+const _: () = assert!(mem::align_of::<Part>() <= pg_sys::MAXIMUM_ALIGNOF as usize);
 const _: () = assert!(mem::size_of::<Shared>().is_multiple_of(mem::align_of::<Part>()));
 
 /// The part of worker `n`, after `shared`.
@@ -106,6 +112,7 @@ pub(super) unsafe fn count(
             relid: (*rel).rd_id,
             attnum,
             verify,
+            keys: verify.map_or([0; 32], |v| v.keys()),
         });
         for n in 0..planned as usize {
             part(shared, n).write(Part {
@@ -215,16 +222,40 @@ pub unsafe extern "C-unwind" fn psap_census_worker(
         let pscan = pg_sys::shm_toc_lookup(toc, KEY_SCAN, false).cast();
         let query = pg_sys::shm_toc_lookup(toc, KEY_QUERY, true).cast::<c_char>();
         if !query.is_null() {
+            // In the shared memory, which is gone before this process's last log lines: the log
+            // hook does not read it while the process exits, and it is unset below.
             pg_sys::debug_query_string = query;
             pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, query);
         }
         pg_sys::InstrStartParallelQuery();
         let rel = pg_sys::table_open((*shared).relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if let Some(verify) = (*shared).verify {
+            // Settings' keys come from the postmaster, which may have applied a reload that the
+            // leader has not yet: a false count either way if they differ.
+            if verify.keys() != (*shared).keys {
+                error::keys_changed_during_verification(&relation_name(rel));
+            }
+        }
         let scan = pg_sys::table_beginscan_parallel(rel, pscan);
         let tally = super::count(rel, scan, (*shared).attnum, (*shared).verify);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let part = &mut *part(shared, pg_sys::ParallelWorkerNumber as usize);
         part.tally = tally;
         pg_sys::InstrEndParallelQuery(&mut part.buffers, &mut part.wal);
+        pg_sys::debug_query_string = ptr::null();
+    }
+}
+
+/// The schema-qualified name of an open relation, quoted as needed, for a message.
+///
+/// # Safety
+/// `rel` is open.
+unsafe fn relation_name(rel: pg_sys::Relation) -> String {
+    // SAFETY: the relation's descriptor is valid while it is open.
+    unsafe {
+        let schema = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
+        let name =
+            pg_sys::quote_qualified_identifier(schema, (*(*rel).rd_rel).relname.data.as_ptr());
+        CStr::from_ptr(name).to_string_lossy().into_owned()
     }
 }

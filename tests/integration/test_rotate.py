@@ -161,6 +161,56 @@ def test_parallel_workers_share_the_verification_and_find_the_bad_row(cluster, d
         check_all(c)
 
 
+def test_parallel_workers_refuse_to_verify_with_other_keys_than_the_session(cluster, db):
+    """A session applies a configuration reload only between statements, so during a long
+    psap_rotate_all its keys can be older than the postmaster's, which parallel workers start
+    with. A worker of a column's verification that finds other keys than its leader stops that
+    column before any write (55000), instead of verifying with keys the batches will not use."""
+    with cluster.connect(dbname=db) as c:
+        for t in ("a_first", "b_second"):
+            c.execute(f"CREATE TABLE {t} AS SELECT g AS id, psap_encrypt('Incident ' || g) AS title FROM generate_series(1, 1000) g")
+            c.execute(f"SELECT psap_register_column('{t}', 'title')")
+        for setting in ("min_parallel_table_scan_size = 0", "parallel_leader_participation = off"):
+            c.execute(f"ALTER DATABASE {db} SET {setting}")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as watcher:
+        said = []
+        c.add_notice_handler(lambda d: said.append((d.severity_nonlocalized, d.message_primary, d.message_detail)))
+        th, result = psap_cluster.in_background(c, "CALL psap_rotate_all(100, pause_ms => 300)")
+        deadline = time.time() + 20
+        while not watcher.execute("SELECT count(*) FROM psap_audit WHERE relation = 'public.a_first' AND rows_done > 0").fetchone()[0]:
+            assert time.time() < deadline, "the first column did not start"
+            time.sleep(0.05)
+        # v1's key replaced in the configuration while the call runs: the session keeps KEY1.
+        cluster.set_keys({"v1": KEY3, "v2": KEY2}, "v2")
+        th.join(60)
+        assert result["error"][0] == "55000", result
+        assert ("WARNING", "could not rotate public.b_second.title",
+                "The keys changed while the rows of public.b_second were being verified. "
+                "The other registered columns are rotated; psap_rotate_all fails at the end.") in said, said
+        assert census(watcher, "a_first") == {("encrypted", "v2"): 1000}
+        assert census(watcher, "b_second") == {("encrypted", "v1"): 1000}
+
+
+def test_parallel_workers_exit_cleanly_with_debug3_logging(cluster, db):
+    """A parallel worker's statement text lives in its shared memory segment, which is gone before
+    the worker's last log lines (shmem_exit's, at DEBUG3): the log hook must not read it then, or
+    the worker dies by a signal and the postmaster restarts every session. Census, rotation
+    verification and a plain parallel query, with workers doing all the counting."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE x AS SELECT g AS id, psap_encrypt('Incident ' || g) AS title FROM generate_series(1, 2000) g")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.no_crash(), cluster.connect(dbname=db) as c:
+        for setting in ("min_parallel_table_scan_size = 0", "parallel_leader_participation = off",
+                        "parallel_setup_cost = 0", "parallel_tuple_cost = 0", "log_min_messages = debug3"):
+            c.execute(f"SET {setting}")
+        assert census(c, "x") == {("encrypted", "v1"): 2000}
+        assert c.execute("SELECT count(title) FROM x").fetchone()[0] == 2000
+        c.execute("CALL psap_rotate('x', 'title', 500)")
+        c.execute("RESET log_min_messages")
+        assert census(c, "x") == {("encrypted", "v2"): 2000}
+
+
 def test_parallel_workers_show_the_statement_and_their_buffers_count(cluster, db):
     """A parallel worker shows the leader's statement in pg_stat_activity, and the buffers it read
     are added to the leader's (what EXPLAIN (BUFFERS) and pg_stat_statements report), as core's
