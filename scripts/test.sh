@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test, from a fresh Debian 12 machine as root (set-up included). Exits non-zero if
 # anything fails. Layers, fastest first:
-#   1. cargo fmt --check and clippy -D warnings
+#   1. cargo fmt --check and clippy -D warnings; a type check against PostgreSQL 13 to 18
+#      (scripts/check-versions.sh: pgrx's bundled bindings, no server of those versions needed)
 #   2. unit tests of the pure core            cargo test -p psap_core (and psap_keys, with SoftHSM2)
 #      and coverage-guided fuzzing of its parsers (scripts/fuzz.sh: 30 s each, saved crashes first)
 #   3. tests inside a real server             cargo pgrx test pg15 (src/pg_tests.rs, unit tests)
@@ -19,6 +20,9 @@ scripts/setup.sh
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "type check against every supported PostgreSQL (13 to 18)"
+scripts/check-versions.sh
 
 step "unit tests (psap_core) and the key tool against SoftHSM2 (psap_keys)"
 cargo test -p psap_core --quiet

@@ -478,7 +478,7 @@ unsafe fn guc_release(p: *mut c_void) {
 #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
 unsafe fn guc_alloc(size: usize) -> *mut c_void {
     // SAFETY: guc_malloc raises an ERROR instead of returning NULL.
-    unsafe { pg_sys::guc_malloc(pg_sys::ERROR as i32, size) }
+    unsafe { pg_sys::guc_malloc(pg_sys::PGERROR as i32, size) }
 }
 
 #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]

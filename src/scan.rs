@@ -337,17 +337,15 @@ unsafe fn text_attnum(rel: pg_sys::Relation, leaf: &Leaf, column: &str) -> i32 {
         }
         let name = CString::new(column).unwrap_or_default();
         let attnum = pg_sys::get_attnum(leaf.oid, name.as_ptr());
-        let desc = (*rel).rd_att;
-        if attnum <= 0 || attnum as i32 > (*desc).natts {
+        // pgrx's accessor: PostgreSQL 18 moved the attributes behind its compact ones.
+        let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let Some(att) = usize::try_from(attnum - 1).ok().and_then(|i| desc.get(i)) else {
             error::column_missing(relation, column);
-        }
-        let att = &(*desc).attrs.as_slice((*desc).natts as usize)[attnum as usize - 1];
-        let base = pg_sys::getBaseType(att.atttypid);
-        if att.attisdropped
-            || att.attlen != -1
-            || !(base == pg_sys::TEXTOID || base == pg_sys::VARCHAROID)
-        {
-            let typ = std::ffi::CStr::from_ptr(pg_sys::format_type_be(att.atttypid));
+        };
+        let (typid, dropped, len) = (att.atttypid, att.attisdropped, att.attlen);
+        let base = pg_sys::getBaseType(typid);
+        if dropped || len != -1 || !(base == pg_sys::TEXTOID || base == pg_sys::VARCHAROID) {
+            let typ = std::ffi::CStr::from_ptr(pg_sys::format_type_be(typid));
             error::column_not_text(relation, column, &typ.to_string_lossy(), true);
         }
         attnum as i32
