@@ -192,6 +192,14 @@ def test_parallel_workers_refuse_to_verify_with_other_keys_than_the_session(clus
         assert census(watcher, "b_second") == {("encrypted", "v1"): 1000}
 
 
+def test_the_parallel_worker_entry_point_is_not_a_sql_function(cluster, db):
+    """The worker's entry point is a C symbol of the library, for PostgreSQL's parallel machinery
+    alone: even a superuser cannot make a SQL function of it (no function-information record)."""
+    with cluster.connect(dbname=db) as c:
+        state, msg, *_ = sqlstate_of(c, "CREATE FUNCTION f() RETURNS void AS 'psap_encrypt', 'psap_census_worker' LANGUAGE C")
+        assert state == "42883" and "could not find function information" in msg, (state, msg)
+
+
 def test_parallel_workers_exit_cleanly_with_debug3_logging(cluster, db):
     """A parallel worker's statement text lives in its shared memory segment, which is gone before
     the worker's last log lines (shmem_exit's, at DEBUG3): the log hook must not read it then, or
@@ -462,6 +470,8 @@ def test_census_plans_parallel_workers_as_a_query_scan_would(cluster, db):
         assert census_workers(c, "wide") == (expected, 4, 4)
         c.execute("SET min_parallel_table_scan_size = '1MB'")  # 128 pages: one worker, two from 384
         assert census_workers(c, "wide") == (expected, *[1 if pages < 384 else 2] * 2)
+        c.execute("ALTER TABLE wide SET (parallel_workers = 1000)")  # the owner's, capped by the caller's setting
+        assert census_workers(c, "wide") == (expected, 4, 4)
         c.execute("ALTER TABLE wide SET (parallel_workers = 3)")
         assert census_workers(c, "wide") == (expected, 3, 3)
         c.execute("SET max_parallel_workers = 0")  # planned, none launched: the leader counts all
