@@ -345,10 +345,11 @@ def write_report(r, quick=False):
         w("  means touching every row's data; it does so without the executor, one visibility check and one")
         w("  look at the value's header per row (a slice of a TOASTed one), shared with the parallel workers a")
         w("  query's scan of the table would get.")
-        if "count(title)" in read:
+        at = r["sizes"][str(n)].get("read") or {}  # the size this bullet is about
+        if "count(title)" in at:
             w(f"  A `count(title)`, which reads the column only to test it for NULL, costs"
-              f" {read['count(title)']['us_per_row_median'] / read['count(*)']['us_per_row_median']:.1f}x count(*) here,"
-              f" the census {read['psap_census']['us_per_row_median'] / read['count(title)']['us_per_row_median']:.2f}x count(title).")
+              f" {at['count(title)']['us_per_row_median'] / at['count(*)']['us_per_row_median']:.1f}x count(*) at {n:,} rows,"
+              f" the census {at['psap_census']['us_per_row_median'] / at['count(title)']['us_per_row_median']:.2f}x count(title).")
     if two_ratio < 1.6:
         w(f"- **Two sessions, {near(two_ratio, 1.6)}x instead of 1.6x.** The machine has 2 CPUs, shared by the two backends,")
         w("  the WAL writer, the checkpointer and the benchmark's client, and one session already keeps one CPU")

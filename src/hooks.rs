@@ -60,15 +60,7 @@ unsafe extern "C-unwind" fn scrub_log_line(edata: *mut pg_sys::ErrorData) {
                 e.context,
                 e.internalquery,
             ];
-            // While the process exits, the statement may be in shared memory already unmapped
-            // (a parallel worker's is in its segment, which is detached before the last log
-            // lines, e.g. shmem_exit's at DEBUG3): not read then.
-            let exiting = pg_sys::proc_exit_inprogress || pg_sys::shmem_exit_inprogress;
-            let statement = if exiting {
-                std::ptr::null()
-            } else {
-                pg_sys::debug_query_string
-            };
+            let statement = pg_sys::debug_query_string;
             let statement_has_key = !statement.is_null() && {
                 let text = CStr::from_ptr(statement).to_bytes();
                 redact::mentions_key_setting(text) || redact::has_hex_run(text)

@@ -222,8 +222,8 @@ pub unsafe extern "C-unwind" fn psap_census_worker(
         let pscan = pg_sys::shm_toc_lookup(toc, KEY_SCAN, false).cast();
         let query = pg_sys::shm_toc_lookup(toc, KEY_QUERY, true).cast::<c_char>();
         if !query.is_null() {
-            // In the shared memory, which is gone before this process's last log lines: the log
-            // hook does not read it while the process exits, and it is unset below.
+            // In the shared memory: unset below once the count is done (PostgreSQL also clears
+            // it before a process's exit callbacks, which detach the segment).
             pg_sys::debug_query_string = query;
             pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, query);
         }

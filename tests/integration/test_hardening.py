@@ -11,6 +11,7 @@ import nacl.secret
 import psycopg
 import pytest
 
+import psap_cluster
 from psap_cluster import BIN, KEY1, KEY2, KEY3, as_postgres, sqlstate_of
 
 DELIBERATE = {"22P02", "22023", "55000", "F0000", "39000", "22021"}
@@ -140,6 +141,28 @@ def test_key_statements_never_reach_the_log_with_default_settings(cluster, db):
     for key in (KEY3, unquoted):
         for form in key_forms(key) + [key[1:17], key[-16:]]:
             assert form not in log, f"key material in the server log: {form[:6]}..."
+
+
+def test_a_key_in_a_terminated_statement_stays_out_of_the_log(cluster, db):
+    """A statement holding a key, terminated while it runs: PostgreSQL logs the FATAL with the
+    statement unless the log hook hides it, then, while the backend exits, log_disconnections'
+    LOG line. Neither may carry the key."""
+    log_at = cluster.log_size()
+    with cluster.connect(dbname=db, options="-c log_disconnections=on") as c, cluster.connect(dbname=db) as killer:
+        pid = c.info.backend_pid
+        th, result = psap_cluster.in_background(c, f"SELECT pg_sleep(30), '{KEY3}'")
+        deadline = time.time() + 20
+        while killer.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] != "PgSleep":
+            assert time.time() < deadline, "the statement did not start"
+            time.sleep(0.02)
+        killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        th.join(30)
+        assert "error" in result
+    time.sleep(0.5)
+    log = cluster.log_text_from(log_at)
+    assert "disconnection: session time" in log and "terminating connection due to administrator command" in log
+    for form in key_forms(KEY3):
+        assert form not in log, f"key material in the server log: {form[:6]}..."
 
 
 def key_forms(key):

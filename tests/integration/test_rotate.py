@@ -201,10 +201,11 @@ def test_the_parallel_worker_entry_point_is_not_a_sql_function(cluster, db):
 
 
 def test_parallel_workers_exit_cleanly_with_debug3_logging(cluster, db):
-    """A parallel worker's statement text lives in its shared memory segment, which is gone before
-    the worker's last log lines (shmem_exit's, at DEBUG3): the log hook must not read it then, or
-    the worker dies by a signal and the postmaster restarts every session. Census, rotation
-    verification and a plain parallel query, with workers doing all the counting."""
+    """A parallel worker's statement text lives in its shared memory segment, which is detached
+    before the worker's last log lines (shmem_exit's, at DEBUG3), and the log hook reads the
+    statement of every line it sees: no worker may die by a signal then (PostgreSQL clears the
+    statement before a process's exit callbacks). Census, rotation verification and a plain
+    parallel query, with workers doing all the counting."""
     with cluster.connect(dbname=db) as c:
         c.execute("CREATE TABLE x AS SELECT g AS id, psap_encrypt('Incident ' || g) AS title FROM generate_series(1, 2000) g")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
