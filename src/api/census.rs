@@ -94,8 +94,8 @@ pub type CensusRow = (
 );
 
 /// The census of a column: each table holding its rows counted by a direct scan of the values'
-/// first bytes ([`scan::tally_with_workers`]), under one snapshot, running no code of the table's. What it
-/// counts is every row; `shown` (psap_census, psap_status) refuses a caller whom row-level
+/// first bytes ([`scan::tally_with_workers`]), under one snapshot, running no code of the
+/// table's. What it counts is every row; `shown` (psap_census, psap_status) refuses a caller whom row-level
 /// security restricts on the table, who would learn about rows its policies hide.
 pub fn census_rows(tbl: &PgRelation, col: &str, shown: bool) -> Vec<CensusRow> {
     gucs::ensure_preloaded();

@@ -22,6 +22,7 @@ use std::{mem, ptr};
 use pgrx::prelude::*;
 
 use super::{Tally, Verify};
+use crate::api::target;
 use crate::error;
 
 /// The keys of the chunks in the parallel context's shared memory.
@@ -233,7 +234,7 @@ pub unsafe extern "C-unwind" fn psap_census_worker(
             // Settings' keys come from the postmaster, which may have applied a reload that the
             // leader has not yet: a false count either way if they differ.
             if verify.keys() != (*shared).keys {
-                error::keys_changed_during_verification(&relation_name(rel));
+                error::keys_changed_during_verification(&target::qualified_name((*shared).relid));
             }
         }
         let scan = pg_sys::table_beginscan_parallel(rel, pscan);
@@ -243,19 +244,5 @@ pub unsafe extern "C-unwind" fn psap_census_worker(
         part.tally = tally;
         pg_sys::InstrEndParallelQuery(&mut part.buffers, &mut part.wal);
         pg_sys::debug_query_string = ptr::null();
-    }
-}
-
-/// The schema-qualified name of an open relation, quoted as needed, for a message.
-///
-/// # Safety
-/// `rel` is open.
-unsafe fn relation_name(rel: pg_sys::Relation) -> String {
-    // SAFETY: the relation's descriptor is valid while it is open.
-    unsafe {
-        let schema = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
-        let name =
-            pg_sys::quote_qualified_identifier(schema, (*(*rel).rd_rel).relname.data.as_ptr());
-        CStr::from_ptr(name).to_string_lossy().into_owned()
     }
 }
