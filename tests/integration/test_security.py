@@ -338,8 +338,14 @@ CREATE AGGREGATE evil.count(*) (SFUNC = evil.count_step, STYPE = bigint, INITCON
 """
 
 
-def test_a_hostile_search_path_runs_nothing_of_its_schema(cluster, db):
+@pytest.mark.parametrize("parallel", [False, True], ids=["one backend", "parallel workers"])
+def test_a_hostile_search_path_runs_nothing_of_its_schema(cluster, db, parallel):
+    """Also with parallel workers counting and verifying every table (they get the session's
+    settings, search_path included)."""
     with cluster.connect(dbname=db) as c:
+        if parallel:
+            for setting in ("min_parallel_table_scan_size = 0", "parallel_leader_participation = off"):
+                c.execute(f"ALTER DATABASE {db} SET {setting}")
         c.execute(HOSTILE_SCHEMA)
         c.execute("CREATE TABLE incidents (id int PRIMARY KEY, title text)")
         c.execute("INSERT INTO incidents SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 700) g")
