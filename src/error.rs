@@ -430,6 +430,17 @@ pub fn keys_changed_during_verification(relation: &str) -> ! {
     )
 }
 
+/// A row this transaction had locked could not be updated, or its index entries asked for a
+/// recheck no table here can need (src/rotation/direct.rs): a bug, reported as one.
+pub fn row_changed_while_locked(row: &str) -> ! {
+    raise(
+        ERRCODE_INTERNAL_ERROR,
+        format!("could not re-encrypt row {row}: its update failed after the row was locked"),
+        Some("The batch was rolled back and no row of it was changed.".into()),
+        None,
+    )
+}
+
 pub fn context_null() -> String {
     "its context expression is NULL for this row".into()
 }

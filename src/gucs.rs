@@ -58,6 +58,9 @@ static FIPS_OK: AtomicBool = AtomicBool::new(false);
 /// `psap.decrypt_passthrough`: psap_decrypt returns values without an envelope prefix unchanged.
 static DECRYPT_PASSTHROUGH: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
 
+/// `psap.direct_batches`: psap_rotate's batches update the heap directly where they can.
+static DIRECT_BATCHES: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(true);
+
 const KEY_VERSION_DEFAULT: &CStr = c"v1";
 
 /// Defines every setting. Called once from `_PG_init`.
@@ -119,6 +122,14 @@ pub fn init() {
         c"Off by default: then a value without a vN: prefix is an error. Malformed envelopes are errors either way.",
         &DECRYPT_PASSTHROUGH,
         pgrx::GucContext::Userset,
+        pgrx::GucFlags::default(),
+    );
+    pgrx::GucRegistry::define_bool_guc(
+        c"psap.direct_batches",
+        c"Lets psap_rotate and psap_encrypt_column update rows directly on the heap, without a statement per batch.",
+        c"On by default, for tables whose UPDATE would run nothing but index entries and constraint checks. Off: every batch is a SQL statement, which pgaudit and pg_stat_statements see.",
+        &DIRECT_BATCHES,
+        pgrx::GucContext::Suset,
         pgrx::GucFlags::default(),
     );
     // SAFETY: called once, after every psap.* setting is defined.
@@ -840,6 +851,11 @@ pub fn current_version() -> Version {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .unwrap_or(Version::new(1).unwrap())
+}
+
+/// Whether a rotation's batches may update the heap directly (src/rotation/direct.rs).
+pub fn direct_batches() -> bool {
+    DIRECT_BATCHES.get()
 }
 
 /// Whether psap_decrypt passes plaintext (values without an envelope prefix) through.

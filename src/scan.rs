@@ -328,7 +328,7 @@ unsafe fn prefetch_ahead(scan: pg_sys::HeapScanDesc) {
 ///
 /// # Safety
 /// `rel` is an open relation.
-unsafe fn text_attnum(rel: pg_sys::Relation, leaf: &Leaf, column: &str) -> i32 {
+pub(crate) unsafe fn text_attnum(rel: pg_sys::Relation, leaf: &Leaf, column: &str) -> i32 {
     unsafe {
         let relation = &leaf.relation;
         if (*(*rel).rd_rel).relkind as u8 != pg_sys::RELKIND_RELATION || (*rel).rd_tableam.is_null()
@@ -359,7 +359,7 @@ unsafe fn text_attnum(rel: pg_sys::Relation, leaf: &Leaf, column: &str) -> i32 {
 ///
 /// # Safety
 /// `value` is a valid varlena.
-unsafe fn prefix<'a>(value: *mut pg_sys::varlena) -> &'a [u8] {
+pub(crate) unsafe fn prefix<'a>(value: *mut pg_sys::varlena) -> &'a [u8] {
     unsafe {
         let plain = if varatt_is_1b_e(value) || varatt_is_4b_c(value) {
             pg_sys::detoast_attr_slice(value, 0, 4)

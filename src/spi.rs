@@ -4,7 +4,8 @@
 
 use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
 use pgrx::prelude::*;
-use pgrx::spi::SpiHeapTupleData;
+use pgrx::spi::{OwnedPreparedStatement, SpiHeapTupleData};
+use pgrx::PgOid;
 
 use crate::error;
 
@@ -91,6 +92,28 @@ pub fn one_snapshot_per_transaction() -> bool {
 pub fn one_mut<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
     Spi::connect_mut(|client| {
         let table = client.update(sql, Some(1), args)?;
+        if table.is_empty() {
+            return Ok(None);
+        }
+        table.first().get_one::<T>()
+    })
+    .unwrap_or_else(|e| error::spi(e))
+}
+
+/// A statement planned once and kept for the rest of the session (a run keeps its per-batch
+/// statements across its transactions; PostgreSQL replans it if a table it reads changes).
+pub fn prepare(sql: &str, types: &[PgOid]) -> OwnedPreparedStatement {
+    Spi::connect(|client| client.prepare_mut(sql, types).map(|p| p.keep()))
+        .unwrap_or_else(|e| error::spi(e))
+}
+
+/// [`one`] for a statement from [`prepare`].
+pub fn one_prepared<T: FromDatum + IntoDatum>(
+    plan: &OwnedPreparedStatement,
+    args: &[DatumWithOid],
+) -> Option<T> {
+    Spi::connect(|client| {
+        let table = client.select(plan, Some(1), args)?;
         if table.is_empty() {
             return Ok(None);
         }

@@ -51,6 +51,11 @@ impl Varlena {
         }
     }
 
+    /// The varlena, for a caller that stores it itself.
+    pub(crate) fn into_raw(self) -> *mut pg_sys::varlena {
+        self.0
+    }
+
     /// Wipes and releases a value that will not be returned.
     fn discard(self) {
         // SAFETY: palloc'd above, not handed to PostgreSQL.
@@ -63,6 +68,13 @@ impl Varlena {
 
 /// A text result built in place.
 pub struct PallocText(Varlena);
+
+impl PallocText {
+    /// The text datum, for a caller that stores it itself.
+    pub(crate) fn into_raw(self) -> *mut pg_sys::varlena {
+        self.0.into_raw()
+    }
+}
 
 impl From<Varlena> for PallocText {
     fn from(v: Varlena) -> Self {

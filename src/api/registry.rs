@@ -179,18 +179,23 @@ pub fn context_for(t: &target::Target, rel: pg_sys::Oid, col: &str) -> Option<Co
 
 /// The stored text of that context (what a running batch compares with its own).
 pub fn context_text(rel: pg_sys::Oid, col: &str) -> Option<String> {
-    let ext = target::extension_schema();
     spi::one::<String>(
-        &format!(
-            "SELECT r.context FROM {ext}.{ENCRYPTED_COLUMNS} r
-               JOIN (SELECT $1 AS relid, 0::pg_catalog.int8 AS depth
-                     UNION ALL   -- a partition's ancestors, itself first (none for other tables)
-                     SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS a(relid, depth)
-                 ON a.relid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
-              WHERE r.column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name AND r.context IS NOT NULL
-              ORDER BY a.depth LIMIT 1"
-        ),
+        &context_query(&target::extension_schema()),
         &[rel.into(), col.into()],
+    )
+}
+
+/// The query behind [`context_text`], for the registry in schema `ext` (quoted): `$1` the
+/// table's OID, `$2` the column's name (text). A run prepares it once and reads it every batch.
+pub fn context_query(ext: &str) -> String {
+    format!(
+        "SELECT r.context FROM {ext}.{ENCRYPTED_COLUMNS} r
+           JOIN (SELECT $1 AS relid, 0::pg_catalog.int8 AS depth
+                 UNION ALL   -- a partition's ancestors, itself first (none for other tables)
+                 SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS a(relid, depth)
+             ON a.relid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
+          WHERE r.column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name AND r.context IS NOT NULL
+          ORDER BY a.depth LIMIT 1"
     )
 }
 

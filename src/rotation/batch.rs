@@ -9,6 +9,7 @@ use std::time::Instant;
 use pgrx::prelude::*;
 use pgrx::PgOid;
 
+use super::direct;
 use super::failure::{self, Failure};
 use super::plan::{notice, warning};
 use super::state::{self, InStep, Outcome, Status};
@@ -218,13 +219,19 @@ fn step(run: &mut Run) -> Option<Status> {
 
 /// Stops the run if the column's context changed since it started (psap_set_column_context
 /// commits only when no batch is writing: this takes the lock that waits for it, then reads).
-fn check_context_unchanged(run: &Run) {
+fn check_context_unchanged(run: &mut Run) {
     let t = &run.target;
     for leaf in &t.leaves {
         // SAFETY: the lock this batch's UPDATE takes anyway, on an existing relation.
         unsafe { pg_sys::LockRelationOid(leaf.oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
     }
-    let now = spi::with_fresh_snapshot(|| registry::context_text(t.oid, &t.column_name));
+    let plan = run.context_plan.get_or_insert_with(|| {
+        let types = [pg_sys::OIDOID, pg_sys::TEXTOID].map(PgOid::from);
+        spi::prepare(&registry::context_query(&t.ext), &types)
+    });
+    let now = spi::with_fresh_snapshot(|| {
+        spi::one_prepared::<String>(plan, &[t.oid.into(), t.column_name.as_str().into()])
+    });
     if now != t.context.as_ref().map(|c| c.canonical()) {
         error::context_changed(&t.relation, &t.column_name);
     }
@@ -233,6 +240,7 @@ fn check_context_unchanged(run: &Run) {
 /// Prepares the walk of the current leaf: its size, and ranges sized from its rows to do.
 pub fn start_leaf(run: &mut Run) {
     run.batch_plan = None;
+    run.path = None;
     let leaf = &run.target.leaves[run.leaf];
     let blocks = spi::one::<i64>(sql::LEAF_BLOCKS, &[leaf.oid.into()]).unwrap_or(0);
     let rows = match run.counted.get_mut(run.leaf).and_then(Option::take) {
@@ -297,6 +305,18 @@ fn done_notice(run: &Run, left: i64) {
 /// Runs the batch statement over one block range, taking at most `limit` rows, as the leaf's
 /// owner. Returns rows locked, rows changed and the highest block a locked row was in.
 fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i64, u32) {
+    let direct = direct::batch(run, (lo, hi), limit);
+    if run.path != Some(direct.map(|_| ())) {
+        run.path = Some(direct.map(|_| ()));
+        let relation = &run.target.leaves[run.leaf].relation;
+        match direct {
+            Ok(_) => debug1!("updating the rows of {relation} directly on the heap"),
+            Err(why) => debug1!("updating the rows of {relation} with a batch statement: {why}"),
+        }
+    }
+    if let Ok(taken) = direct {
+        return taken;
+    }
     let leaf = &run.target.leaves[run.leaf];
     if run.batch_plan.is_none() {
         let sql = sql::batch(
@@ -314,10 +334,7 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
             pg_sys::INT8OID,
         ]
         .map(PgOid::from);
-        let plan =
-            Spi::connect(|client| client.prepare_mut(sql.as_str(), &types).map(|p| p.keep()))
-                .unwrap_or_else(|e| error::spi(e));
-        run.batch_plan = Some(plan);
+        run.batch_plan = Some(spi::prepare(&sql, &types));
     }
     let args = [
         format!("({lo},0)").into(),

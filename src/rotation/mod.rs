@@ -9,13 +9,14 @@
 //! `_psap_run_end`, which raises the error the run ended with, if any, after its audit record
 //! is committed.
 //!
-//! - **No lost update, no double work.** A batch is one statement over a range of heap blocks
-//!   ([`walk`]): it locks up to `batch` rows that still need work with
-//!   `FOR NO KEY UPDATE SKIP LOCKED`, computes each new value from exactly the locked row version
-//!   and updates that version by ctid ([`sql::batch`]). Rows the application holds are skipped,
-//!   never waited for (no deadlock can reach the application); an application write made
-//!   meanwhile wins, because the predicate is re-checked on the locked version; a row already
-//!   written with the target key is no candidate, so two sessions never do a row twice.
+//! - **No lost update, no double work.** A batch walks a range of heap blocks ([`walk`]): it
+//!   locks up to `batch` rows that still need work as `FOR NO KEY UPDATE SKIP LOCKED` does,
+//!   computes each new value from exactly the locked row version and updates that version:
+//!   directly on the heap where an `UPDATE` would run nothing but index entries and constraints
+//!   ([`direct`]), else with one statement ([`sql::batch`]). Rows the application holds are
+//!   skipped, never waited for (no deadlock can reach the application); an application write made
+//!   meanwhile wins, because only the version read is locked and updated; a row already written
+//!   with the target key is no candidate, so two sessions never do a row twice.
 //! - **Nothing half-written.** Each step runs in a subtransaction (the procedure's EXCEPTION
 //!   block): an error or a cancel rolls back the whole batch, and is recorded in the audit log
 //!   ([`batch`]'s `_psap_run_failed`) before it is raised again.
@@ -23,14 +24,16 @@
 //!   version without a key or an undecryptable value refuses the run with nothing written.
 //! - **Resume.** Every batch commits with its progress row; calling again finishes only what is
 //!   left, because the candidates are exactly the rows that still need work.
-//! - **No rights lent.** Every statement over the table runs as the table's owner under
-//!   SECURITY_RESTRICTED_OPERATION with a pinned search_path ([`sandbox::as_table_owner`]): the
-//!   table's triggers, index expressions, constraints and policies never run with the caller's
-//!   rights. The per-row functions work only inside the run's own statements: they need the
-//!   run's random token, which only those statements carry ([`state::gate`]).
+//! - **No rights lent.** Every statement over the table, and every direct batch, runs as the
+//!   table's owner under SECURITY_RESTRICTED_OPERATION with a pinned search_path
+//!   ([`sandbox::as_table_owner`]): the table's triggers, index expressions, constraints and
+//!   policies never run with the caller's rights. The per-row functions work only inside the
+//!   run's own statements: they need the run's random token, which only those statements carry
+//!   ([`state::gate`]).
 
 pub mod all;
 pub mod batch;
+pub mod direct;
 pub mod failure;
 pub mod options;
 pub mod plan;
@@ -71,6 +74,12 @@ pub struct Run {
     pub pass_done: i64,
     /// The batch statement of the current leaf, planned once per leaf (kept across commits).
     pub batch_plan: Option<OwnedPreparedStatement>,
+    /// How the current leaf's last batch was done: directly on the heap, or with the batch
+    /// statement and why ([`direct::batch`]); DEBUG1 says so when it changes.
+    pub path: Option<Result<(), direct::Refusal>>,
+    /// The registry query of the column's context, which every batch reads again (prepared
+    /// once per run).
+    pub context_plan: Option<OwnedPreparedStatement>,
     /// Rows to do per leaf as counted at the start, used (once) to size the first pass's ranges.
     pub counted: Vec<Option<i64>>,
     /// Whether a step has run (the pause comes between batches, not before the first).

@@ -181,6 +181,8 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         walk: Walk::new(0, 0, opts.batch, 0),
         pass_done: 0,
         batch_plan: None,
+        context_plan: None,
+        path: None,
         stepped: false,
         left: 0,
         progress: Default::default(),

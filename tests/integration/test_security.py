@@ -93,6 +93,50 @@ def test_a_superusers_rotation_runs_a_table_owners_code_as_the_owner(cluster, db
         assert c.execute("SELECT DISTINCT session_role, run_as_role FROM psap_audit WHERE operation = 'rotate'").fetchall() == [("postgres", "postgres")]
 
 
+# The same owner's code on a table whose batches are done directly on the heap
+# (src/rotation/direct.rs): no trigger, rule, domain, generated column or policy sends it to the
+# batch statement, but its index entries and constraint checks still run the owner's functions.
+DIRECT_TABLE = r"""
+CREATE TABLE mallory_s.plain_calls (
+    id    int PRIMARY KEY,
+    title text CHECK (mallory_s.spy('check constraint'))
+);
+CREATE INDEX ON mallory_s.plain_calls (mallory_s.spy_immutable('index expression', title));
+CREATE INDEX ON mallory_s.plain_calls (id) WHERE mallory_s.spy_immutable('partial index', title) IS NOT NULL;
+"""
+
+
+def test_the_direct_batch_runs_a_table_owners_code_as_the_owner_too(cluster, db, mallory):
+    with cluster.connect(dbname=db) as c:
+        c.execute("GRANT EXECUTE ON FUNCTION psap_encrypt(text) TO mallory")
+    with cluster.connect(user="mallory", dbname=db) as c:
+        c.execute(DIRECT_TABLE)
+        c.execute("INSERT INTO mallory_s.plain_calls SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 300) g")
+        c.execute("TRUNCATE mallory_s.seen")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    said = []
+    with cluster.connect(dbname=db) as c:
+        c.execute("REVOKE EXECUTE ON FUNCTION psap_encrypt(text) FROM mallory")
+        c.add_notice_handler(lambda d: said.append(d.message_primary))
+        c.execute("SET client_min_messages = debug1")
+        c.execute("CALL psap_rotate('mallory_s.plain_calls', 'title', 100)")
+        assert "updating the rows of mallory_s.plain_calls directly on the heap" in said
+        assert c.execute("SELECT count(*) FROM mallory_s.plain_calls WHERE title LIKE 'v2:%'").fetchone()[0] == 300
+        assert c.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'").fetchone()[0] is False
+        rows = seen(c)
+        assert {via for via, _ in rows} == {"check constraint", "index expression", "partial index"}
+        assert {role for _, role in rows} == {"mallory"}
+    # Nor can that code leave the security-restricted operation: the batch fails whole.
+    with cluster.connect(user="mallory", dbname=db) as c:
+        c.execute("""CREATE OR REPLACE FUNCTION mallory_s.spy(via text) RETURNS boolean LANGUAGE plpgsql AS $$
+                     BEGIN SET ROLE postgres; RETURN true; END $$""")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+    with cluster.connect(dbname=db) as c:
+        state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('mallory_s.plain_calls', 'title', 100)")
+        assert state == "42501" and "security-restricted operation" in msg, (state, msg)
+        assert c.execute("SELECT count(*) FROM mallory_s.plain_calls WHERE title LIKE 'v2:%'").fetchone()[0] == 300
+
+
 def test_table_code_cannot_leave_the_restricted_operation(cluster, db, mallory):
     """Under SECURITY_RESTRICTED_OPERATION the owner's trigger can neither take another role nor
     leave objects behind: the batch fails, is rolled back, and is recorded."""

@@ -1,0 +1,684 @@
+//! A batch done on the heap directly, without the executor: what [`sql::batch`] does, for the
+//! tables where the executor would run nothing of the table's own besides its indexes and
+//! constraints. Per row it reads the value's first bytes, locks the row as `FOR NO KEY UPDATE
+//! SKIP LOCKED` does, re-encrypts the version it locked and updates that version, then inserts
+//! its index entries and checks its constraints as an `UPDATE` does (after PostgreSQL's own
+//! `ExecSimpleRelationUpdate`, which logical replication applies rows with). That leaves out the
+//! batch statement's executor work: its plan nodes, the per-row function calls and their
+//! arguments, the locked rows' array and the second visit of each row (BENCHMARKS.md).
+//!
+//! The guarantees are the batch statement's, row by row:
+//! - a row another session holds (locked or being written) is skipped, never waited for: the lock
+//!   is taken with [`pg_sys::LockWaitPolicy::LockWaitSkip`], and the update of a row this
+//!   transaction holds locked waits for no one;
+//! - an application write wins: a row changed since the batch's snapshot cannot be locked and
+//!   is left for the next pass; the new value is computed from exactly the version locked;
+//! - every write is an ordinary heap update in the batch's subtransaction (WAL, TOAST, index
+//!   entries, statistics, logical decoding as an `UPDATE`'s), rolled back whole on an error.
+//!
+//! [`batch`] answers None, and the caller runs the batch statement, for any table where the
+//! executor would do more: row triggers or statement triggers of any kind (foreign keys and
+//! deferrable constraints are triggers), rules, row-level security that applies to the owner,
+//! stored generated columns, a column of another type than `text` (a domain's checks, a
+//! `varchar(n)`'s length), a column bound to a context, a table access method other than heap,
+//! and an owner without the privileges the statement would need (its error is the statement's).
+//! Like the statement, everything here runs as the table's owner
+//! ([`crate::sandbox::as_table_owner`]): index expressions and check constraints run with its
+//! rights.
+
+use std::collections::HashSet;
+use std::ptr;
+
+use pgrx::pg_sys;
+use pgrx::varlena::{vardata_any, varsize_any_exhdr};
+use psap_core::{CoreError, Version};
+
+use super::options::Mode;
+use super::walk::Range;
+use super::{state, Run};
+use crate::api::crypto;
+use crate::api::target::Leaf;
+use crate::scan::{self, Kind};
+use crate::{error, gucs, sandbox};
+
+/// What a batch over one range did: rows locked, rows changed, the highest block a locked row
+/// was in (as [`sql::batch`](super::sql::batch) returns them).
+pub type Taken = (i64, i64, u32);
+
+/// Why a leaf's batch runs the batch statement instead (for the DEBUG1 line that says which).
+pub type Refusal = &'static str;
+
+/// Runs the batch over `range` of the run's current leaf, taking at most `limit` rows, as the
+/// leaf's owner; or, having done nothing, why the leaf needs the batch statement.
+pub fn batch(run: &Run, range: Range, limit: i64) -> Result<Taken, Refusal> {
+    if !gucs::direct_batches() {
+        return Err("psap.direct_batches is off");
+    }
+    if run.target.context.is_some() {
+        return Err("the column is bound to a context");
+    }
+    let leaf = &run.target.leaves[run.leaf];
+    let skipped = skipped_tids(&run.skipped[run.leaf]);
+    let job = Job {
+        mode: run.opts.mode,
+        to: run.to,
+        stop_at_failure: !run.opts.skip_undecryptable,
+        skipped: &skipped,
+    };
+    // SAFETY: a backend in a transaction (the run's step); every pointer comes from PostgreSQL
+    // for the relation opened here, and is released before returning or, on an error, by the
+    // (sub)transaction's abort, as the executor's own are.
+    sandbox::as_table_owner(leaf.owner, || unsafe {
+        job.run(leaf, &run.target.column_name, range, limit)
+    })
+}
+
+/// One range's work, and what decides which rows it takes.
+struct Job<'a> {
+    mode: Mode,
+    to: Version,
+    /// Stop at the first value that cannot be transformed (the caller then raises); otherwise
+    /// leave it and go on (`skip_undecryptable`).
+    stop_at_failure: bool,
+    /// Rows to leave alone (skipped as undecryptable earlier in the run).
+    skipped: &'a HashSet<(u32, u16)>,
+}
+
+impl Job<'_> {
+    /// # Safety
+    /// As in [`batch`], run as the leaf's owner.
+    unsafe fn run(
+        &self,
+        leaf: &Leaf,
+        column: &str,
+        (lo, hi): Range,
+        limit: i64,
+    ) -> Result<Taken, Refusal> {
+        unsafe {
+            let rel =
+                pg_sys::try_relation_open(leaf.oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            if rel.is_null() {
+                error::table_gone(&leaf.relation);
+            }
+            let attnum = scan::text_attnum(rel, leaf, column);
+            if let Err(why) = direct_update_fits(rel, attnum) {
+                // The lock stays to the end of the transaction, as the statement's would.
+                pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+                return Err(why);
+            }
+            // What the statement's executor checks first: a table published for updates needs
+            // a replica identity.
+            pg_sys::CheckCmdReplicaIdentity(rel, pg_sys::CmdType::CMD_UPDATE);
+            // A new statement's snapshot: it sees the transaction's earlier writes, not its own.
+            pg_sys::CommandCounterIncrement();
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
+            let update = Update::new(rel, attnum);
+            let taken = self.walk(&update, snapshot, (lo, hi), limit);
+            update.end();
+            pg_sys::UnregisterSnapshot(snapshot);
+            pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            Ok(taken)
+        }
+    }
+
+    /// Takes the rows to do in blocks `[lo, hi)` in order, up to `limit`.
+    ///
+    /// # Safety
+    /// `update` is open on its relation; `snapshot` is registered.
+    unsafe fn walk(
+        &self,
+        update: &Update,
+        snapshot: pg_sys::Snapshot,
+        (lo, hi): Range,
+        limit: i64,
+    ) -> Taken {
+        unsafe {
+            let rel = update.rel;
+            let mut taken: Taken = (0, 0, lo);
+            let scan =
+                pg_sys::table_beginscan_strat(rel, snapshot, 0, ptr::null_mut(), false, false);
+            let nblocks = (*scan.cast::<pg_sys::HeapScanDescData>()).rs_nblocks;
+            let end = hi.map_or(nblocks, |hi| hi.min(nblocks));
+            if lo < end {
+                pg_sys::heap_setscanlimits(scan, lo, end - lo);
+                let slot = pg_sys::table_slot_create(rel, ptr::null_mut());
+                while taken.0 < limit
+                    && pg_sys::table_scan_getnextslot(
+                        scan,
+                        pg_sys::ScanDirection::ForwardScanDirection,
+                        slot,
+                    )
+                {
+                    pg_sys::check_for_interrupts!();
+                    let old = pg_sys::MemoryContextSwitchTo(update.per_row);
+                    let outcome = self.row(update, slot);
+                    pg_sys::MemoryContextSwitchTo(old);
+                    pg_sys::MemoryContextReset(update.per_row);
+                    match outcome {
+                        Row::NotTaken => {}
+                        Row::Done(block) | Row::Failed(block) => {
+                            taken.0 += 1;
+                            taken.2 = block;
+                            if matches!(outcome, Row::Done(_)) {
+                                taken.1 += 1;
+                            } else if self.stop_at_failure {
+                                break;
+                            }
+                        }
+                    }
+                }
+                pg_sys::ExecDropSingleTupleTableSlot(slot);
+            }
+            pg_sys::table_endscan(scan);
+            taken
+        }
+    }
+
+    /// One row the scan returned, in `slot`.
+    ///
+    /// # Safety
+    /// As in [`Job::walk`]; the current memory context is reset after each row.
+    unsafe fn row(&self, update: &Update, slot: *mut pg_sys::TupleTableSlot) -> Row {
+        unsafe {
+            let mut isnull = false;
+            let datum = pg_sys::slot_getattr(slot, update.attnum, &mut isnull);
+            if isnull {
+                return Row::NotTaken;
+            }
+            let value = datum.cast_mut_ptr::<pg_sys::varlena>();
+            if !self.mode.needs(Kind::of(scan::prefix(value)), self.to) {
+                return Row::NotTaken;
+            }
+            let tid = (*slot).tts_tid;
+            let block = item_block(&tid);
+            if !self.skipped.is_empty() && self.skipped.contains(&(block, tid.ip_posid)) {
+                return Row::NotTaken;
+            }
+            if !update.lock(tid) {
+                return Row::NotTaken;
+            }
+            // The version locked is the one read: a row changed since the snapshot is not locked.
+            let whole = pg_sys::pg_detoast_datum_packed(value);
+            let bytes = std::slice::from_raw_parts(
+                vardata_any(whole).cast::<u8>(),
+                varsize_any_exhdr(whole),
+            );
+            match self.transform(bytes) {
+                Some(new) => {
+                    update.write(slot, tid, new);
+                    Row::Done(block)
+                }
+                None => Row::Failed(block),
+            }
+        }
+    }
+
+    /// The row's new value, as the batch statement's per-row functions compute it; None (a
+    /// failure counted for the caller) for a value that cannot be decrypted.
+    fn transform(&self, value: &[u8]) -> Option<*mut pg_sys::varlena> {
+        match self.mode {
+            Mode::Rotate { .. } => match crypto::reencrypt_text(value, self.to, &[]) {
+                Ok(text) => Some(text.into_raw()),
+                Err(e @ (CoreError::OutOfMemory { .. } | CoreError::TooLarge { .. })) => {
+                    error::core(e)
+                }
+                Err(e) => {
+                    state::count_row_failure(e.to_string());
+                    None
+                }
+            },
+            Mode::Encrypt => match crypto::encrypt_as(self.to, &[], value) {
+                Ok(v) => Some(v.into_raw()),
+                Err(e) => error::cannot_encrypt_value("the column", e),
+            },
+        }
+    }
+}
+
+/// What became of one row.
+enum Row {
+    /// Not a row to do, or held by another session.
+    NotTaken,
+    /// Locked and updated; in this block.
+    Done(u32),
+    /// Locked, and its value could not be transformed (counted, left unchanged).
+    Failed(u32),
+}
+
+/// Whether an `UPDATE` of attribute `attnum` of `rel` would run nothing this module does not
+/// (see the module's documentation), or why not. Checked under the lock the batch holds, in every
+/// batch: the owner may add a trigger between two.
+///
+/// # Safety
+/// `rel` is open; called as the table's owner.
+unsafe fn direct_update_fits(rel: pg_sys::Relation, attnum: i32) -> Result<(), Refusal> {
+    unsafe {
+        let form = &*(*rel).rd_rel;
+        let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let constr = (*(*rel).rd_att).constr;
+        let refuse = |cond: bool, why: Refusal| if cond { Err(why) } else { Ok(()) };
+        let is_text = desc
+            .get((attnum - 1) as usize)
+            .is_some_and(|att| att.atttypid == pg_sys::TEXTOID);
+        refuse(!is_text, "the column's type is not text")?;
+        refuse(
+            (*rel).rd_tableam != pg_sys::GetHeapamTableAmRoutine(),
+            "the table's access method is not heap",
+        )?;
+        refuse(!only_foreign_key_triggers(rel), "the table has triggers")?;
+        refuse(
+            in_a_key(rel, attnum),
+            "the column is part of a unique or foreign key",
+        )?;
+        refuse(form.relhasrules, "the table has rules")?;
+        refuse(
+            !constr.is_null() && generated_columns(&*constr),
+            "the table has generated columns",
+        )?;
+        refuse(
+            pg_sys::check_enable_rls(form.oid, pg_sys::InvalidOid, true)
+                == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32,
+            "row-level security applies to the table's owner",
+        )?;
+        refuse(
+            pg_sys::pg_class_aclcheck(
+                form.oid,
+                pg_sys::GetUserId(),
+                (pg_sys::ACL_SELECT | pg_sys::ACL_UPDATE) as pg_sys::AclMode,
+            ) != pg_sys::AclResult::ACLCHECK_OK,
+            "the table's owner lacks SELECT or UPDATE on it",
+        )
+    }
+}
+
+/// Whether every trigger of `rel` is one of a foreign key's: those an `UPDATE` that changes no
+/// key column queues nothing for (PostgreSQL's `RI_FKey_pk_upd_check_required` and
+/// `RI_FKey_fk_upd_check_required`: the row's keys are unchanged, and no row updated here was
+/// inserted by this transaction). [`in_a_key`] makes sure no key column changes.
+///
+/// # Safety
+/// `rel` is open.
+unsafe fn only_foreign_key_triggers(rel: pg_sys::Relation) -> bool {
+    unsafe {
+        let desc = (*rel).trigdesc;
+        if desc.is_null() {
+            return true;
+        }
+        let n = usize::try_from((*desc).numtriggers).unwrap_or(0);
+        (0..n).all(|i| {
+            let trigger = &*(*desc).triggers.add(i);
+            pg_sys::RI_FKey_trigger_type(trigger.tgfoid) != pg_sys::RI_TRIGGER_NONE as i32
+        })
+    }
+}
+
+/// Whether attribute `attnum` of `rel` is a column of a unique index a foreign key could
+/// reference (so also of any key another table references) or of one of `rel`'s own foreign
+/// keys: updating it would fire those keys' checks.
+///
+/// # Safety
+/// `rel` is open.
+unsafe fn in_a_key(rel: pg_sys::Relation, attnum: i32) -> bool {
+    unsafe {
+        let column = attnum - pg_sys::FirstLowInvalidHeapAttributeNumber;
+        let keys = pg_sys::RelationGetIndexAttrBitmap(
+            rel,
+            pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_KEY,
+        );
+        let unique = pg_sys::bms_is_member(column, keys);
+        pg_sys::bms_free(keys);
+        // The relcache's list of the table's own foreign keys (not to be freed).
+        let fkeys = pg_sys::RelationGetFKeyList(rel);
+        let n = if fkeys.is_null() {
+            0
+        } else {
+            usize::try_from((*fkeys).length).unwrap_or(0)
+        };
+        unique
+            || (0..n).any(|i| {
+                let fk = &*(*(*fkeys).elements.add(i))
+                    .ptr_value
+                    .cast::<pg_sys::ForeignKeyCacheInfo>();
+                let keys = usize::try_from(fk.nkeys).unwrap_or(0).min(fk.conkey.len());
+                fk.conkey[..keys].iter().any(|&k| i32::from(k) == attnum)
+            })
+    }
+}
+
+/// Whether the table has generated columns whose values an `UPDATE` would compute.
+fn generated_columns(constr: &pg_sys::TupleConstr) -> bool {
+    #[cfg(feature = "pg18")]
+    let virtual_ = constr.has_generated_virtual;
+    #[cfg(not(feature = "pg18"))]
+    let virtual_ = false;
+    constr.has_generated_stored || virtual_
+}
+
+/// The block number of a tid.
+fn item_block(tid: &pg_sys::ItemPointerData) -> u32 {
+    (u32::from(tid.ip_blkid.bi_hi) << 16) | u32::from(tid.ip_blkid.bi_lo)
+}
+
+/// The ctids skipped as undecryptable (as tidout prints them: `(block,offset)`).
+fn skipped_tids(ctids: &[String]) -> HashSet<(u32, u16)> {
+    ctids
+        .iter()
+        .filter_map(|c| {
+            let (block, offset) = c.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+            Some((block.parse().ok()?, offset.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The executor state an update of one relation needs for its index entries and constraints,
+/// set up as logical replication's apply worker sets it up (`create_edata_for_relation`).
+struct Update {
+    rel: pg_sys::Relation,
+    attnum: i32,
+    estate: *mut pg_sys::EState,
+    rri: *mut pg_sys::ResultRelInfo,
+    /// Holds each new row version for the index entries and the constraints.
+    slot: *mut pg_sys::TupleTableSlot,
+    /// Reset after every row.
+    per_row: pg_sys::MemoryContext,
+    cid: pg_sys::CommandId,
+    has_indexes: bool,
+    check_constraints: bool,
+    check_partition: bool,
+}
+
+impl Update {
+    /// # Safety
+    /// `rel` is open with RowExclusiveLock; `attnum` is one of its columns.
+    unsafe fn new(rel: pg_sys::Relation, attnum: i32) -> Update {
+        unsafe {
+            let estate = pg_sys::CreateExecutorState();
+            let old = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
+            let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>())
+                .cast::<pg_sys::RangeTblEntry>();
+            (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+            (*rte).relid = (*rel).rd_id;
+            (*rte).relkind = (*(*rel).rd_rel).relkind;
+            (*rte).rellockmode = pg_sys::RowExclusiveLock as i32;
+            let column = column_set(attnum);
+            init_range_table(estate, rte, column);
+            let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+                .cast::<pg_sys::ResultRelInfo>();
+            pg_sys::InitResultRelInfo(rri, rel, 1, ptr::null_mut(), 0);
+            #[cfg(feature = "pg13")]
+            {
+                (*estate).es_result_relations = rri;
+                (*estate).es_num_result_relations = 1;
+                (*estate).es_result_relation_info = rri;
+            }
+            let cid = pg_sys::GetCurrentCommandId(true);
+            (*estate).es_output_cid = cid;
+            let form = &*(*rel).rd_rel;
+            if form.relhasindex {
+                pg_sys::ExecOpenIndices(rri, false);
+            }
+            let slot = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsHeapTuple);
+            let per_row = (*pg_sys::MakePerTupleExprContext(estate)).ecxt_per_tuple_memory;
+            pg_sys::MemoryContextSwitchTo(old);
+            Update {
+                rel,
+                attnum,
+                estate,
+                rri,
+                slot,
+                per_row,
+                cid,
+                has_indexes: (*rri).ri_NumIndices > 0,
+                check_constraints: !(*(*rel).rd_att).constr.is_null(),
+                check_partition: form.relispartition,
+            }
+        }
+    }
+
+    /// Locks the row version at `tid` unless another session holds it or it changed since the
+    /// snapshot; whether it is locked.
+    ///
+    /// # Safety
+    /// `tid` is a row of the relation that the batch's snapshot sees.
+    unsafe fn lock(&self, tid: pg_sys::ItemPointerData) -> bool {
+        unsafe {
+            let mut tuple = pg_sys::HeapTupleData {
+                t_self: tid,
+                ..Default::default()
+            };
+            let mut buffer: pg_sys::Buffer = pg_sys::InvalidBuffer as pg_sys::Buffer;
+            let mut tmfd = pg_sys::TM_FailureData::default();
+            let result = pg_sys::heap_lock_tuple(
+                self.rel,
+                &mut tuple,
+                self.cid,
+                // FOR NO KEY UPDATE's: the column is in no key ([`in_a_key`]).
+                pg_sys::LockTupleMode::LockTupleNoKeyExclusive,
+                pg_sys::LockWaitPolicy::LockWaitSkip,
+                false,
+                &mut buffer,
+                &mut tmfd,
+            );
+            if buffer != pg_sys::InvalidBuffer as pg_sys::Buffer {
+                pg_sys::ReleaseBuffer(buffer);
+            }
+            result == pg_sys::TM_Result::TM_Ok
+        }
+    }
+
+    /// Replaces the column's value in the row at `tid` (locked by this transaction, read into
+    /// `scanned`) with `value`: the constraints, the heap update, the index entries.
+    ///
+    /// # Safety
+    /// `scanned` holds the row version at `tid`, locked by [`Update::lock`].
+    unsafe fn write(
+        &self,
+        scanned: *mut pg_sys::TupleTableSlot,
+        mut tid: pg_sys::ItemPointerData,
+        value: *mut pg_sys::varlena,
+    ) {
+        unsafe {
+            let old = pg_sys::ExecFetchSlotHeapTuple(scanned, false, ptr::null_mut());
+            let mut column = self.attnum;
+            let mut datum = pg_sys::Datum::from(value);
+            let mut isnull = false;
+            let new = pg_sys::heap_modify_tuple_by_cols(
+                old,
+                (*self.rel).rd_att,
+                1,
+                &mut column,
+                &mut datum,
+                &mut isnull,
+            );
+            pg_sys::ExecStoreHeapTuple(new, self.slot, false);
+            if self.check_constraints {
+                pg_sys::ExecConstraints(self.rri, self.slot, self.estate);
+            }
+            if self.check_partition {
+                pg_sys::ExecPartitionCheck(self.rri, self.slot, self.estate, true);
+            }
+            let mut tmfd = pg_sys::TM_FailureData::default();
+            let mut lock_mode = pg_sys::LockTupleMode::LockTupleNoKeyExclusive;
+            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+            let result = pg_sys::heap_update(
+                self.rel,
+                &mut tid,
+                new,
+                self.cid,
+                ptr::null_mut(),
+                true,
+                &mut tmfd,
+                &mut lock_mode,
+            );
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            let mut indexes = pg_sys::TU_UpdateIndexes::TU_None;
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            let result = pg_sys::heap_update(
+                self.rel,
+                &mut tid,
+                new,
+                self.cid,
+                ptr::null_mut(),
+                true,
+                &mut tmfd,
+                &mut lock_mode,
+                &mut indexes,
+            );
+            if result != pg_sys::TM_Result::TM_Ok {
+                // The row is locked by this transaction: nothing else can have changed it.
+                error::row_changed_while_locked(&tid_text(&tid));
+            }
+            if self.has_indexes {
+                self.insert_index_entries(new, {
+                    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+                    {
+                        IndexEntries::from_heap_only((*(*new).t_data).t_infomask2)
+                    }
+                    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+                    {
+                        IndexEntries::from_update(indexes)
+                    }
+                });
+            }
+            pg_sys::ExecClearTuple(self.slot);
+        }
+    }
+
+    /// Inserts the index entries of the new row version `new`, as the executor's UPDATE does.
+    ///
+    /// # Safety
+    /// `new` was just written by `heap_update` (its `t_self` is where).
+    unsafe fn insert_index_entries(&self, new: pg_sys::HeapTuple, which: IndexEntries) {
+        unsafe {
+            if which == IndexEntries::None {
+                return;
+            }
+            pg_sys::ExecStoreHeapTuple(new, self.slot, false);
+            (*self.slot).tts_tid = (*new).t_self;
+            #[cfg(feature = "pg13")]
+            let recheck = pg_sys::ExecInsertIndexTuples(
+                self.slot,
+                self.estate,
+                false,
+                ptr::null_mut(),
+                ptr::null_mut(),
+            );
+            #[cfg(any(feature = "pg14", feature = "pg15"))]
+            let recheck = pg_sys::ExecInsertIndexTuples(
+                self.rri,
+                self.slot,
+                self.estate,
+                true,
+                false,
+                ptr::null_mut(),
+                ptr::null_mut(),
+            );
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            let recheck = pg_sys::ExecInsertIndexTuples(
+                self.rri,
+                self.slot,
+                self.estate,
+                true,
+                false,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                which == IndexEntries::Summarizing,
+            );
+            // Only a deferrable unique constraint asks for a recheck, and it comes with a
+            // trigger, which sends the table to the batch statement.
+            if !recheck.is_null() {
+                error::row_changed_while_locked(&tid_text(&(*new).t_self));
+            }
+        }
+    }
+
+    /// Releases the executor state (the relation stays open for the caller).
+    ///
+    /// # Safety
+    /// Called once, after the last row.
+    unsafe fn end(self) {
+        unsafe {
+            pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+            // Closes what ExecOpenIndices opened (nothing if it was not called).
+            pg_sys::ExecCloseIndices(self.rri);
+            pg_sys::FreeExecutorState(self.estate);
+        }
+    }
+}
+
+/// Which index entries a new row version needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IndexEntries {
+    /// A heap-only tuple: none.
+    None,
+    /// Only the summarizing indexes' (BRIN), PostgreSQL 16 and later.
+    #[cfg_attr(
+        any(feature = "pg13", feature = "pg14", feature = "pg15"),
+        allow(dead_code)
+    )]
+    Summarizing,
+    All,
+}
+
+impl IndexEntries {
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    fn from_heap_only(infomask2: u16) -> IndexEntries {
+        if u32::from(infomask2) & pg_sys::HEAP_ONLY_TUPLE != 0 {
+            IndexEntries::None
+        } else {
+            IndexEntries::All
+        }
+    }
+
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    fn from_update(update: pg_sys::TU_UpdateIndexes::Type) -> IndexEntries {
+        match update {
+            pg_sys::TU_UpdateIndexes::TU_None => IndexEntries::None,
+            pg_sys::TU_UpdateIndexes::TU_Summarizing => IndexEntries::Summarizing,
+            _ => IndexEntries::All,
+        }
+    }
+}
+
+/// `(block,offset)`, as tidout prints a tid.
+fn tid_text(tid: &pg_sys::ItemPointerData) -> String {
+    format!("({},{})", item_block(tid), tid.ip_posid)
+}
+
+/// The set of one column, as a range table entry's updated columns are written.
+///
+/// # Safety
+/// In a transaction (allocates in the current memory context).
+unsafe fn column_set(attnum: i32) -> *mut pg_sys::Bitmapset {
+    unsafe { pg_sys::bms_make_singleton(attnum - pg_sys::FirstLowInvalidHeapAttributeNumber) }
+}
+
+/// The estate's range table: the one relation, updating `column`.
+///
+/// # Safety
+/// `estate` is new; `rte` a relation's entry allocated in its query context.
+unsafe fn init_range_table(
+    estate: *mut pg_sys::EState,
+    rte: *mut pg_sys::RangeTblEntry,
+    column: *mut pg_sys::Bitmapset,
+) {
+    unsafe {
+        let table = pg_sys::lappend(ptr::null_mut(), rte.cast());
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+        {
+            (*rte).updatedCols = column;
+            pg_sys::ExecInitRangeTable(estate, table);
+        }
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+        {
+            let mut permissions: *mut pg_sys::List = ptr::null_mut();
+            let info = pg_sys::addRTEPermissionInfo(&mut permissions, rte);
+            (*info).updatedCols = column;
+            #[cfg(any(feature = "pg16", feature = "pg17"))]
+            pg_sys::ExecInitRangeTable(estate, table, permissions);
+            #[cfg(feature = "pg18")]
+            pg_sys::ExecInitRangeTable(estate, table, permissions, pg_sys::bms_make_singleton(1));
+        }
+    }
+}
