@@ -121,7 +121,12 @@ impl Job<'_> {
         }
     }
 
-    /// Takes the rows to do in blocks `[lo, hi)` in order, up to `limit`.
+    /// Locks the rows to do in blocks `[lo, hi)`, in order, up to `limit`, then updates them.
+    ///
+    /// The whole batch is locked before the first update, as the batch statement's LockRows
+    /// does: a second session rotating the same column then finds the batch's rows taken and
+    /// moves past them. (Locking and updating row by row, two sessions that met took turns row
+    /// by row on the same pages and index pages, and two sessions did less than one.)
     ///
     /// # Safety
     /// `update` is open on its relation; `snapshot` is registered.
@@ -133,8 +138,51 @@ impl Job<'_> {
         limit: i64,
     ) -> Taken {
         unsafe {
+            // The locked row versions, copied (at most `limit` rows: the batch statement
+            // materializes as much).
+            let batch = pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CurrentMemoryContext,
+                c"psap_encrypt batch".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            );
+            let locked = self.lock_rows(update, snapshot, (lo, hi), limit, batch);
+            let mut taken: Taken = (locked.len() as i64, 0, lo);
+            for &row in &locked {
+                pg_sys::check_for_interrupts!();
+                taken.2 = item_block(&(*row).t_self);
+                let old = pg_sys::MemoryContextSwitchTo(update.per_row);
+                let done = self.rewrite(update, row);
+                pg_sys::MemoryContextSwitchTo(old);
+                pg_sys::MemoryContextReset(update.per_row);
+                if done {
+                    taken.1 += 1;
+                } else if self.stop_at_failure {
+                    break;
+                }
+            }
+            pg_sys::MemoryContextDelete(batch);
+            taken
+        }
+    }
+
+    /// Scans blocks `[lo, hi)` and locks up to `limit` rows to do, skipping those another session
+    /// holds or changed since the snapshot; copies of the versions locked, in `batch`.
+    ///
+    /// # Safety
+    /// As in [`Job::walk`].
+    unsafe fn lock_rows(
+        &self,
+        update: &Update,
+        snapshot: pg_sys::Snapshot,
+        (lo, hi): Range,
+        limit: i64,
+        batch: pg_sys::MemoryContext,
+    ) -> Vec<pg_sys::HeapTuple> {
+        unsafe {
             let rel = update.rel;
-            let mut taken: Taken = (0, 0, lo);
+            let mut locked = Vec::new();
             let scan =
                 pg_sys::table_beginscan_strat(rel, snapshot, 0, ptr::null_mut(), false, false);
             let nblocks = (*scan.cast::<pg_sys::HeapScanDescData>()).rs_nblocks;
@@ -142,7 +190,7 @@ impl Job<'_> {
             if lo < end {
                 pg_sys::heap_setscanlimits(scan, lo, end - lo);
                 let slot = pg_sys::table_slot_create(rel, ptr::null_mut());
-                while taken.0 < limit
+                while (locked.len() as i64) < limit
                     && pg_sys::table_scan_getnextslot(
                         scan,
                         pg_sys::ScanDirection::ForwardScanDirection,
@@ -151,53 +199,55 @@ impl Job<'_> {
                 {
                     pg_sys::check_for_interrupts!();
                     let old = pg_sys::MemoryContextSwitchTo(update.per_row);
-                    let outcome = self.row(update, slot);
+                    let take = self.wanted(update, slot) && update.lock((*slot).tts_tid);
                     pg_sys::MemoryContextSwitchTo(old);
                     pg_sys::MemoryContextReset(update.per_row);
-                    match outcome {
-                        Row::NotTaken => {}
-                        Row::Done(block) | Row::Failed(block) => {
-                            taken.0 += 1;
-                            taken.2 = block;
-                            if matches!(outcome, Row::Done(_)) {
-                                taken.1 += 1;
-                            } else if self.stop_at_failure {
-                                break;
-                            }
-                        }
+                    if take {
+                        // The version locked is the one read: a row changed since the snapshot
+                        // cannot be locked (its data at this tid never changes).
+                        let old = pg_sys::MemoryContextSwitchTo(batch);
+                        locked.push(pg_sys::ExecCopySlotHeapTuple(slot));
+                        pg_sys::MemoryContextSwitchTo(old);
                     }
                 }
                 pg_sys::ExecDropSingleTupleTableSlot(slot);
             }
             pg_sys::table_endscan(scan);
-            taken
+            locked
         }
     }
 
-    /// One row the scan returned, in `slot`.
+    /// Whether the row the scan returned in `slot` is one to do: its value's first bytes say it
+    /// needs the run, and it was not skipped as undecryptable earlier in the run.
     ///
     /// # Safety
     /// As in [`Job::walk`]; the current memory context is reset after each row.
-    unsafe fn row(&self, update: &Update, slot: *mut pg_sys::TupleTableSlot) -> Row {
+    unsafe fn wanted(&self, update: &Update, slot: *mut pg_sys::TupleTableSlot) -> bool {
         unsafe {
             let mut isnull = false;
             let datum = pg_sys::slot_getattr(slot, update.attnum, &mut isnull);
             if isnull {
-                return Row::NotTaken;
+                return false;
             }
             let value = datum.cast_mut_ptr::<pg_sys::varlena>();
             if !self.mode.needs(Kind::of(scan::prefix(value)), self.to) {
-                return Row::NotTaken;
+                return false;
             }
             let tid = (*slot).tts_tid;
-            let block = item_block(&tid);
-            if !self.skipped.is_empty() && self.skipped.contains(&(block, tid.ip_posid)) {
-                return Row::NotTaken;
-            }
-            if !update.lock(tid) {
-                return Row::NotTaken;
-            }
-            // The version locked is the one read: a row changed since the snapshot is not locked.
+            self.skipped.is_empty() || !self.skipped.contains(&(item_block(&tid), tid.ip_posid))
+        }
+    }
+
+    /// Re-encrypts the value of one locked row (a copy of the version locked) and writes it;
+    /// whether it was written (false: the value could not be transformed, a failure counted).
+    ///
+    /// # Safety
+    /// As in [`Job::walk`]; the current memory context is reset after each row.
+    unsafe fn rewrite(&self, update: &Update, row: pg_sys::HeapTuple) -> bool {
+        unsafe {
+            let Some(value) = update.value(row) else {
+                return false; // NULL: not a row to do (cannot happen: it was chosen by value)
+            };
             let whole = pg_sys::pg_detoast_datum_packed(value);
             let bytes = std::slice::from_raw_parts(
                 vardata_any(whole).cast::<u8>(),
@@ -205,10 +255,10 @@ impl Job<'_> {
             );
             match self.transform(bytes) {
                 Some(new) => {
-                    update.write(slot, tid, new);
-                    Row::Done(block)
+                    update.write(row, new);
+                    true
                 }
-                None => Row::Failed(block),
+                None => false,
             }
         }
     }
@@ -233,16 +283,6 @@ impl Job<'_> {
             },
         }
     }
-}
-
-/// What became of one row.
-enum Row {
-    /// Not a row to do, or held by another session.
-    NotTaken,
-    /// Locked and updated; in this block.
-    Done(u32),
-    /// Locked, and its value could not be transformed (counted, left unchanged).
-    Failed(u32),
 }
 
 /// Whether an `UPDATE` of attribute `attnum` of `rel` would run nothing this module does not
@@ -379,6 +419,8 @@ struct Update {
     rri: *mut pg_sys::ResultRelInfo,
     /// Holds each new row version for the index entries and the constraints.
     slot: *mut pg_sys::TupleTableSlot,
+    /// Holds each locked row version, to read its value.
+    old_slot: *mut pg_sys::TupleTableSlot,
     /// Reset after every row.
     per_row: pg_sys::MemoryContext,
     cid: pg_sys::CommandId,
@@ -419,6 +461,8 @@ impl Update {
                 pg_sys::ExecOpenIndices(rri, false);
             }
             let slot = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsHeapTuple);
+            let old_slot =
+                pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsHeapTuple);
             let per_row = (*pg_sys::MakePerTupleExprContext(estate)).ecxt_per_tuple_memory;
             pg_sys::MemoryContextSwitchTo(old);
             Update {
@@ -427,6 +471,7 @@ impl Update {
                 estate,
                 rri,
                 slot,
+                old_slot,
                 per_row,
                 cid,
                 has_indexes: (*rri).ri_NumIndices > 0,
@@ -467,19 +512,27 @@ impl Update {
         }
     }
 
-    /// Replaces the column's value in the row at `tid` (locked by this transaction, read into
-    /// `scanned`) with `value`: the constraints, the heap update, the index entries.
+    /// The column's value in `row` (a copy of a row version), or None if NULL.
     ///
     /// # Safety
-    /// `scanned` holds the row version at `tid`, locked by [`Update::lock`].
-    unsafe fn write(
-        &self,
-        scanned: *mut pg_sys::TupleTableSlot,
-        mut tid: pg_sys::ItemPointerData,
-        value: *mut pg_sys::varlena,
-    ) {
+    /// `row` is a valid heap tuple of the relation.
+    unsafe fn value(&self, row: pg_sys::HeapTuple) -> Option<*mut pg_sys::varlena> {
         unsafe {
-            let old = pg_sys::ExecFetchSlotHeapTuple(scanned, false, ptr::null_mut());
+            pg_sys::ExecStoreHeapTuple(row, self.old_slot, false);
+            let mut isnull = false;
+            let datum = pg_sys::slot_getattr(self.old_slot, self.attnum, &mut isnull);
+            (!isnull).then(|| datum.cast_mut_ptr())
+        }
+    }
+
+    /// Replaces the column's value in `old` (a copy of a row version this transaction locked
+    /// with [`Update::lock`]) with `value`: the constraints, the heap update, the index entries.
+    ///
+    /// # Safety
+    /// `old` is a copy of the row version at its `t_self`, locked by this transaction.
+    unsafe fn write(&self, old: pg_sys::HeapTuple, value: *mut pg_sys::varlena) {
+        unsafe {
+            let mut tid = (*old).t_self;
             let mut column = self.attnum;
             let mut datum = pg_sys::Datum::from(value);
             let mut isnull = false;
@@ -542,6 +595,7 @@ impl Update {
                 });
             }
             pg_sys::ExecClearTuple(self.slot);
+            pg_sys::ExecClearTuple(self.old_slot);
         }
     }
 
@@ -600,6 +654,7 @@ impl Update {
     unsafe fn end(self) {
         unsafe {
             pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+            pg_sys::ExecDropSingleTupleTableSlot(self.old_slot);
             // Closes what ExecOpenIndices opened (nothing if it was not called).
             pg_sys::ExecCloseIndices(self.rri);
             pg_sys::FreeExecutorState(self.estate);
