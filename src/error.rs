@@ -441,6 +441,24 @@ pub fn row_changed_while_locked(row: &str) -> ! {
     )
 }
 
+pub fn column_became_key(relation: &str, column: &str) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("column \"{column}\" of {relation} became part of a unique index during the rotation"),
+        Some("The batch was rolled back and no row of it was changed.".into()),
+        Some("Call the procedure again: its batches then lock rows as an update of a key column needs.".into()),
+    )
+}
+
+pub fn owner_changed(relation: &str) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("the owner of {relation} changed during the rotation"),
+        Some("The table's code runs with its owner's rights, which the run resolved at its start. The rows of earlier batches stay rotated.".into()),
+        Some("Call the procedure again.".into()),
+    )
+}
+
 pub fn context_null() -> String {
     "its context expression is NULL for this row".into()
 }

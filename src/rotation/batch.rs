@@ -218,12 +218,17 @@ fn step(run: &mut Run) -> Option<Status> {
 }
 
 /// Stops the run if the column's context changed since it started (psap_set_column_context
-/// commits only when no batch is writing: this takes the lock that waits for it, then reads).
+/// commits only when no batch is writing: this takes the lock that waits for it, then reads), or
+/// a leaf's owner did (the batches run the table's code with the rights of the owner the run
+/// resolved).
 fn check_context_unchanged(run: &mut Run) {
     let t = &run.target;
     for leaf in &t.leaves {
         // SAFETY: the lock this batch's UPDATE takes anyway, on an existing relation.
         unsafe { pg_sys::LockRelationOid(leaf.oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+        if owner_of(leaf.oid).is_some_and(|owner| owner != leaf.owner) {
+            error::owner_changed(&leaf.relation);
+        }
     }
     let plan = run.context_plan.get_or_insert_with(|| {
         let types = [pg_sys::OIDOID, pg_sys::TEXTOID].map(PgOid::from);
@@ -234,6 +239,24 @@ fn check_context_unchanged(run: &mut Run) {
     });
     if now != t.context.as_ref().map(|c| c.canonical()) {
         error::context_changed(&t.relation, &t.column_name);
+    }
+}
+
+/// The owner of relation `oid` as the catalog says now, or None if it is gone (the batch then
+/// reports it).
+fn owner_of(oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup, released at once; the pg_class row is read while pinned.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(oid),
+        );
+        if tuple.is_null() {
+            return None;
+        }
+        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple)).relowner;
+        pg_sys::ReleaseSysCache(tuple);
+        Some(owner)
     }
 }
 
@@ -319,12 +342,16 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
     }
     let leaf = &run.target.leaves[run.leaf];
     if run.batch_plan.is_none() {
+        // As the owner: reading the table's index definitions can fold their constants.
+        let column = &run.target.column_name;
+        let lock = sandbox::as_table_owner(leaf.owner, || direct::statement_lock(leaf, column));
         let sql = sql::batch(
             &run.target,
             run.leaf,
             run.opts.mode,
             &run.needs,
             run.opts.skip_undecryptable,
+            lock,
         );
         let types = [
             pg_sys::TEXTOID,

@@ -106,18 +106,23 @@ impl Job<'_> {
                 pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
                 return Err(why);
             }
-            // What the statement's executor checks first: a table published for updates needs
-            // a replica identity.
+            // What the statement's executor checks first: no write in a read-only transaction,
+            // and a table published for updates needs a replica identity.
+            pg_sys::PreventCommandIfReadOnly(c"UPDATE".as_ptr());
             pg_sys::CheckCmdReplicaIdentity(rel, pg_sys::CmdType::CMD_UPDATE);
-            // A new statement's snapshot: it sees the transaction's earlier writes, not its own.
+            // A new statement's snapshot: it sees the transaction's earlier writes, not its own;
+            // active, as a statement's is, for the table's code that reads (a STABLE function in
+            // a check constraint or an index predicate).
             pg_sys::CommandCounterIncrement();
             let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
-            let update = Update::new(rel, attnum);
+            pg_sys::PushActiveSnapshot(snapshot);
+            let update = Update::new(rel, attnum, leaf, column);
             let taken = self.walk(&update, snapshot, (lo, hi), limit);
             update.end();
+            pg_sys::PopActiveSnapshot();
             pg_sys::UnregisterSnapshot(snapshot);
             pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-            Ok(taken)
+            taken
         }
     }
 
@@ -136,7 +141,7 @@ impl Job<'_> {
         snapshot: pg_sys::Snapshot,
         (lo, hi): Range,
         limit: i64,
-    ) -> Taken {
+    ) -> Result<Taken, Refusal> {
         unsafe {
             // The locked row versions, copied (at most `limit` rows: the batch statement
             // materializes as much).
@@ -147,11 +152,18 @@ impl Job<'_> {
                 pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             );
-            let locked = self.lock_rows(update, snapshot, (lo, hi), limit, batch);
-            let mut taken: Taken = (locked.len() as i64, 0, lo);
+            let locked = match self.lock_rows(update, snapshot, (lo, hi), limit, batch) {
+                Ok(locked) => locked,
+                Err(why) => {
+                    pg_sys::MemoryContextDelete(batch);
+                    return Err(why);
+                }
+            };
+            // Rows are locked in block order: the last is in the highest block.
+            let last = locked.last().map_or(lo, |&row| item_block(&(*row).t_self));
+            let mut taken: Taken = (locked.len() as i64, 0, last);
             for &row in &locked {
                 pg_sys::check_for_interrupts!();
-                taken.2 = item_block(&(*row).t_self);
                 let old = pg_sys::MemoryContextSwitchTo(update.per_row);
                 let done = self.rewrite(update, row);
                 pg_sys::MemoryContextSwitchTo(old);
@@ -163,12 +175,14 @@ impl Job<'_> {
                 }
             }
             pg_sys::MemoryContextDelete(batch);
-            taken
+            Ok(taken)
         }
     }
 
     /// Scans blocks `[lo, hi)` and locks up to `limit` rows to do, skipping those another session
-    /// holds or changed since the snapshot; copies of the versions locked, in `batch`.
+    /// holds or changed since the snapshot; copies of the versions locked, in `batch`. Refuses
+    /// (having written nothing) at a row for which an `UPDATE` would queue a foreign key's check:
+    /// the batch statement then does this batch, rows locked here included.
     ///
     /// # Safety
     /// As in [`Job::walk`].
@@ -179,7 +193,7 @@ impl Job<'_> {
         (lo, hi): Range,
         limit: i64,
         batch: pg_sys::MemoryContext,
-    ) -> Vec<pg_sys::HeapTuple> {
+    ) -> Result<Vec<pg_sys::HeapTuple>, Refusal> {
         unsafe {
             let rel = update.rel;
             let mut locked = Vec::new();
@@ -199,9 +213,16 @@ impl Job<'_> {
                 {
                     pg_sys::check_for_interrupts!();
                     let old = pg_sys::MemoryContextSwitchTo(update.per_row);
-                    let take = self.wanted(update, slot) && update.lock((*slot).tts_tid);
+                    let wanted = self.wanted(update, slot);
+                    let checked = wanted && update.foreign_key_check_needed(slot);
+                    let take = wanted && !checked && update.lock((*slot).tts_tid);
                     pg_sys::MemoryContextSwitchTo(old);
                     pg_sys::MemoryContextReset(update.per_row);
+                    if checked {
+                        pg_sys::ExecDropSingleTupleTableSlot(slot);
+                        pg_sys::table_endscan(scan);
+                        return Err("a row needs a foreign key's check");
+                    }
                     if take {
                         // The version locked is the one read: a row changed since the snapshot
                         // cannot be locked (its data at this tid never changes).
@@ -213,7 +234,7 @@ impl Job<'_> {
                 pg_sys::ExecDropSingleTupleTableSlot(slot);
             }
             pg_sys::table_endscan(scan);
-            locked
+            Ok(locked)
         }
     }
 
@@ -293,7 +314,9 @@ impl Job<'_> {
 /// `rel` is open; called as the table's owner.
 unsafe fn direct_update_fits(rel: pg_sys::Relation, attnum: i32) -> Result<(), Refusal> {
     unsafe {
-        let form = &*(*rel).rd_rel;
+        // Copied first: opening the indexes below can rebuild the relcache entry, pg_class row
+        // included.
+        let (oid, has_rules) = ((*rel).rd_id, (*(*rel).rd_rel).relhasrules);
         let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
         let constr = (*(*rel).rd_att).constr;
         let refuse = |cond: bool, why: Refusal| if cond { Err(why) } else { Ok(()) };
@@ -305,36 +328,45 @@ unsafe fn direct_update_fits(rel: pg_sys::Relation, attnum: i32) -> Result<(), R
             (*rel).rd_tableam != pg_sys::GetHeapamTableAmRoutine(),
             "the table's access method is not heap",
         )?;
-        refuse(!only_foreign_key_triggers(rel), "the table has triggers")?;
         refuse(
-            in_a_key(rel, attnum),
-            "the column is part of a unique or foreign key",
+            std::ptr::addr_of!(pg_sys::ExecutorCheckPerms_hook)
+                .read()
+                .is_some(),
+            "an extension checks the executor's permissions (such as pgaudit or sepgsql)",
         )?;
-        refuse(form.relhasrules, "the table has rules")?;
+        refuse(has_rules, "the table has rules")?;
+        refuse(!only_foreign_key_triggers(rel), "the table has triggers")?;
         refuse(
             !constr.is_null() && generated_columns(&*constr),
             "the table has generated columns",
         )?;
         refuse(
-            pg_sys::check_enable_rls(form.oid, pg_sys::InvalidOid, true)
+            in_a_key(rel, attnum),
+            "the column is part of a unique or foreign key",
+        )?;
+        refuse(
+            pg_sys::check_enable_rls(oid, pg_sys::InvalidOid, true)
                 == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32,
             "row-level security applies to the table's owner",
         )?;
+        // Each right on its own: pg_class_aclcheck accepts any one of those it is asked for.
+        let owner = pg_sys::GetUserId();
+        let has = |right: u32| {
+            pg_sys::pg_class_aclcheck(oid, owner, right as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK
+        };
         refuse(
-            pg_sys::pg_class_aclcheck(
-                form.oid,
-                pg_sys::GetUserId(),
-                (pg_sys::ACL_SELECT | pg_sys::ACL_UPDATE) as pg_sys::AclMode,
-            ) != pg_sys::AclResult::ACLCHECK_OK,
+            !has(pg_sys::ACL_SELECT) || !has(pg_sys::ACL_UPDATE),
             "the table's owner lacks SELECT or UPDATE on it",
         )
     }
 }
 
 /// Whether every trigger of `rel` is one of a foreign key's: those an `UPDATE` that changes no
-/// key column queues nothing for (PostgreSQL's `RI_FKey_pk_upd_check_required` and
-/// `RI_FKey_fk_upd_check_required`: the row's keys are unchanged, and no row updated here was
-/// inserted by this transaction). [`in_a_key`] makes sure no key column changes.
+/// key column ([`in_a_key`]) almost never queues a check for. PostgreSQL asks
+/// `RI_FKey_pk_upd_check_required` and `RI_FKey_fk_upd_check_required` for each row; so does
+/// [`Job::lock_rows`], which hands the batch to the batch statement when one says yes (a row this
+/// transaction inserted, a MATCH FULL key with some columns NULL).
 ///
 /// # Safety
 /// `rel` is open.
@@ -360,13 +392,7 @@ unsafe fn only_foreign_key_triggers(rel: pg_sys::Relation) -> bool {
 /// `rel` is open.
 unsafe fn in_a_key(rel: pg_sys::Relation, attnum: i32) -> bool {
     unsafe {
-        let column = attnum - pg_sys::FirstLowInvalidHeapAttributeNumber;
-        let keys = pg_sys::RelationGetIndexAttrBitmap(
-            rel,
-            pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_KEY,
-        );
-        let unique = pg_sys::bms_is_member(column, keys);
-        pg_sys::bms_free(keys);
+        let unique = in_a_unique_key(rel, attnum);
         // The relcache's list of the table's own foreign keys (not to be freed).
         let fkeys = pg_sys::RelationGetFKeyList(rel);
         let n = if fkeys.is_null() {
@@ -382,6 +408,46 @@ unsafe fn in_a_key(rel: pg_sys::Relation, attnum: i32) -> bool {
                 let keys = usize::try_from(fk.nkeys).unwrap_or(0).min(fk.conkey.len());
                 fk.conkey[..keys].iter().any(|&k| i32::from(k) == attnum)
             })
+    }
+}
+
+/// Whether attribute `attnum` of `rel` is a column of a unique index (one a foreign key could
+/// reference): `heap_update` then locks the row as `FOR UPDATE`, which waits for `FOR KEY SHARE`
+/// holders.
+///
+/// # Safety
+/// `rel` is open.
+pub(crate) unsafe fn in_a_unique_key(rel: pg_sys::Relation, attnum: i32) -> bool {
+    unsafe {
+        let keys = pg_sys::RelationGetIndexAttrBitmap(
+            rel,
+            pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_KEY,
+        );
+        let unique =
+            pg_sys::bms_is_member(attnum - pg_sys::FirstLowInvalidHeapAttributeNumber, keys);
+        pg_sys::bms_free(keys);
+        unique
+    }
+}
+
+/// The row lock a batch statement takes: `FOR NO KEY UPDATE`, or `FOR UPDATE` if the column is in
+/// a unique key (the update then changes a key: [`in_a_unique_key`]), so that the update never
+/// waits for a `FOR KEY SHARE` holder after the lock skipped none.
+pub fn statement_lock(leaf: &Leaf, column: &str) -> &'static str {
+    // SAFETY: opened with the lock the batch takes anyway (kept to the end of the transaction).
+    unsafe {
+        let rel = pg_sys::try_relation_open(leaf.oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            error::table_gone(&leaf.relation);
+        }
+        let attnum = scan::text_attnum(rel, leaf, column);
+        let key = in_a_unique_key(rel, attnum);
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if key {
+            "UPDATE"
+        } else {
+            "NO KEY UPDATE"
+        }
     }
 }
 
@@ -424,6 +490,14 @@ struct Update {
     /// Reset after every row.
     per_row: pg_sys::MemoryContext,
     cid: pg_sys::CommandId,
+    /// Attribute indexes (0-based) of dropped columns: NULL in a new row version, as an
+    /// `UPDATE` writes them.
+    dropped: Vec<usize>,
+    /// The foreign keys' row triggers on UPDATE, and whether each is the referenced side's.
+    foreign_keys: Vec<(*mut pg_sys::Trigger, bool)>,
+    /// The table and column, for messages.
+    relation: String,
+    column: String,
     has_indexes: bool,
     check_constraints: bool,
     check_partition: bool,
@@ -432,7 +506,7 @@ struct Update {
 impl Update {
     /// # Safety
     /// `rel` is open with RowExclusiveLock; `attnum` is one of its columns.
-    unsafe fn new(rel: pg_sys::Relation, attnum: i32) -> Update {
+    unsafe fn new(rel: pg_sys::Relation, attnum: i32, leaf: &Leaf, column: &str) -> Update {
         unsafe {
             let estate = pg_sys::CreateExecutorState();
             let old = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
@@ -443,8 +517,8 @@ impl Update {
             (*rte).relid = (*rel).rd_id;
             (*rte).relkind = (*(*rel).rd_rel).relkind;
             (*rte).rellockmode = pg_sys::RowExclusiveLock as i32;
-            let column = column_set(attnum);
-            init_range_table(estate, rte, column);
+            let updated = column_set(attnum);
+            init_range_table(estate, rte, updated);
             let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
                 .cast::<pg_sys::ResultRelInfo>();
             pg_sys::InitResultRelInfo(rri, rel, 1, ptr::null_mut(), 0);
@@ -456,10 +530,18 @@ impl Update {
             }
             let cid = pg_sys::GetCurrentCommandId(true);
             (*estate).es_output_cid = cid;
-            let form = &*(*rel).rd_rel;
-            if form.relhasindex {
+            // Copied first: opening the indexes can rebuild the relcache entry's pg_class row.
+            let (has_index, is_partition) = (
+                (*(*rel).rd_rel).relhasindex,
+                (*(*rel).rd_rel).relispartition,
+            );
+            if has_index {
                 pg_sys::ExecOpenIndices(rri, false);
             }
+            let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+            let dropped = (0..desc.len())
+                .filter(|&i| desc.get(i).is_some_and(|a| a.attisdropped))
+                .collect();
             let slot = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsHeapTuple);
             let old_slot =
                 pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsHeapTuple);
@@ -476,7 +558,11 @@ impl Update {
                 cid,
                 has_indexes: (*rri).ri_NumIndices > 0,
                 check_constraints: !(*(*rel).rd_att).constr.is_null(),
-                check_partition: form.relispartition,
+                check_partition: is_partition,
+                dropped,
+                foreign_keys: foreign_key_update_triggers(rel),
+                relation: leaf.relation.clone(),
+                column: column.to_string(),
             }
         }
     }
@@ -533,23 +619,20 @@ impl Update {
     unsafe fn write(&self, old: pg_sys::HeapTuple, value: *mut pg_sys::varlena) {
         unsafe {
             let mut tid = (*old).t_self;
-            let mut column = self.attnum;
-            let mut datum = pg_sys::Datum::from(value);
-            let mut isnull = false;
-            let new = pg_sys::heap_modify_tuple_by_cols(
-                old,
-                (*self.rel).rd_att,
-                1,
-                &mut column,
-                &mut datum,
-                &mut isnull,
-            );
+            let new = self.new_version(old, value);
             pg_sys::ExecStoreHeapTuple(new, self.slot, false);
             if self.check_constraints {
                 pg_sys::ExecConstraints(self.rri, self.slot, self.estate);
             }
             if self.check_partition {
                 pg_sys::ExecPartitionCheck(self.rri, self.slot, self.estate, true);
+            }
+            // The constraints ran the owner's code, which may have let an index become a key
+            // of the column (CREATE UNIQUE INDEX CONCURRENTLY): heap_update would then lock as
+            // FOR UPDATE and could wait. Checked last, with nothing between it and heap_update
+            // that takes a lock.
+            if in_a_unique_key(self.rel, self.attnum) {
+                error::column_became_key(&self.relation, &self.column);
             }
             let mut tmfd = pg_sys::TM_FailureData::default();
             let mut lock_mode = pg_sys::LockTupleMode::LockTupleNoKeyExclusive;
@@ -579,7 +662,8 @@ impl Update {
                 &mut indexes,
             );
             if result != pg_sys::TM_Result::TM_Ok {
-                // The row is locked by this transaction: nothing else can have changed it.
+                // The row is locked by this transaction: only the table's own code, run by this
+                // batch, can have changed it.
                 error::row_changed_while_locked(&tid_text(&tid));
             }
             if self.has_indexes {
@@ -596,6 +680,54 @@ impl Update {
             }
             pg_sys::ExecClearTuple(self.slot);
             pg_sys::ExecClearTuple(self.old_slot);
+        }
+    }
+
+    /// Whether an `UPDATE` of the row in `slot` would queue one of the foreign keys' checks, as
+    /// PostgreSQL asks for each row (`AfterTriggerSaveEvent`). The update changes no key column,
+    /// so the row's keys before and after are the ones in `slot`.
+    ///
+    /// # Safety
+    /// `slot` holds a row of the relation.
+    unsafe fn foreign_key_check_needed(&self, slot: *mut pg_sys::TupleTableSlot) -> bool {
+        unsafe {
+            self.foreign_keys.iter().any(|&(trigger, referenced)| {
+                if referenced {
+                    pg_sys::RI_FKey_pk_upd_check_required(trigger, self.rel, slot, slot)
+                } else {
+                    pg_sys::RI_FKey_fk_upd_check_required(trigger, self.rel, slot, slot)
+                }
+            })
+        }
+    }
+
+    /// The new row version: `old`'s values with the column's replaced by `value` and every
+    /// dropped column's NULL, as an `UPDATE` forms it (a dropped column's value is not carried
+    /// forward), at `old`'s place.
+    ///
+    /// # Safety
+    /// `old` is a tuple of the relation; `value` a text datum.
+    unsafe fn new_version(
+        &self,
+        old: pg_sys::HeapTuple,
+        value: *mut pg_sys::varlena,
+    ) -> pg_sys::HeapTuple {
+        unsafe {
+            let desc = (*self.rel).rd_att;
+            let natts = usize::try_from((*desc).natts).unwrap_or(0);
+            let mut values = vec![pg_sys::Datum::from(0); natts];
+            let mut nulls = vec![false; natts];
+            pg_sys::heap_deform_tuple(old, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            for &i in &self.dropped {
+                nulls[i] = true;
+            }
+            let column = (self.attnum - 1) as usize;
+            values[column] = pg_sys::Datum::from(value);
+            nulls[column] = false;
+            let new = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            (*new).t_self = (*old).t_self;
+            (*new).t_tableOid = (*old).t_tableOid;
+            new
         }
     }
 
@@ -659,6 +791,30 @@ impl Update {
             pg_sys::ExecCloseIndices(self.rri);
             pg_sys::FreeExecutorState(self.estate);
         }
+    }
+}
+
+/// The row-level UPDATE triggers of `rel`'s foreign keys (every trigger, once
+/// [`only_foreign_key_triggers`] said yes), each with whether it is the referenced side's.
+///
+/// # Safety
+/// `rel` is open.
+unsafe fn foreign_key_update_triggers(rel: pg_sys::Relation) -> Vec<(*mut pg_sys::Trigger, bool)> {
+    unsafe {
+        let desc = (*rel).trigdesc;
+        if desc.is_null() {
+            return Vec::new();
+        }
+        let n = usize::try_from((*desc).numtriggers).unwrap_or(0);
+        let on_update = (pg_sys::TRIGGER_TYPE_ROW | pg_sys::TRIGGER_TYPE_UPDATE) as i16;
+        (0..n)
+            .map(|i| (*desc).triggers.add(i))
+            .filter(|&t| (*t).tgtype & on_update == on_update)
+            .map(|t| {
+                let kind = pg_sys::RI_FKey_trigger_type((*t).tgfoid);
+                (t, kind == pg_sys::RI_TRIGGER_PK as i32)
+            })
+            .collect()
     }
 }
 

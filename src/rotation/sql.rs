@@ -93,7 +93,8 @@ pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
     )
 }
 
-/// The batch statement of a leaf. Parameters: `$1`, `$2` the block range as tids, `$3` the most
+/// The batch statement of a leaf, locking rows `FOR {lock}` (`NO KEY UPDATE`, or `UPDATE` when
+/// the update changes a key: [`super::direct::statement_lock`]). Parameters: `$1`, `$2` the block range as tids, `$3` the most
 /// rows to take, `$4` ctids to leave alone (skipped as undecryptable), `$5` the run token.
 /// Returns rows locked, rows changed and the highest block a locked row was in.
 ///
@@ -102,7 +103,7 @@ pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
 /// transformed is counted by the per-row function: normally the caller then raises, rolling the
 /// whole batch back; with `skip` the statement leaves such rows untouched (a slightly slower
 /// form that computes the values before the UPDATE) and the caller lists them.
-pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool) -> String {
+pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool, lock: &str) -> String {
     let transform = match mode {
         Mode::Rotate { .. } => ROTATE_VALUE,
         Mode::Encrypt => ENCRYPT_VALUE,
@@ -139,7 +140,7 @@ pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool) -> St
                 AND {needs}
                 AND ctid OPERATOR(pg_catalog.<>) ALL ($4::pg_catalog.tid[])
               LIMIT $3
-                FOR NO KEY UPDATE SKIP LOCKED
+                FOR {lock} SKIP LOCKED
          ), {update}
          SELECT (SELECT pg_catalog.count(*) FROM locked),
                 (SELECT pg_catalog.count(*) FROM changed),

@@ -124,7 +124,7 @@ def test_pgaudit_says_which_roles_read_which_encrypted_columns_when(tmp_path):
     c.destroy()
     c.start()
     try:
-        from psap_cluster import KEY1
+        from psap_cluster import KEY1, KEY2
         c.set_keys({"v1": KEY1}, "v1")
         with c.connect() as conn:
             conn.execute("CREATE EXTENSION psap_encrypt; CREATE EXTENSION pgaudit")
@@ -161,5 +161,16 @@ def test_pgaudit_says_which_roles_read_which_encrypted_columns_when(tmp_path):
         assert report(t0, t1) == [["alice", "postgres", "public.incidents", "title", "2"]]
         assert report(t0, t2) == [["alice", "postgres", "public.incidents", "title", "2"],
                                   ["carol", "postgres", "public.incidents", "title", "1"]]
+        # With pgaudit loaded, a rotation's batches are statements (pgaudit's object audit
+        # sees them), not direct writes to the heap (src/rotation/direct.rs).
+        c.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+        said = []
+        with c.connect() as conn:
+            conn.add_notice_handler(lambda diag: said.append(diag.message_primary))
+            conn.execute("SET client_min_messages = debug1")
+            conn.execute("CALL psap_rotate('incidents', 'title')")
+            assert conn.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v2:%'").fetchone()[0] == 10
+        assert ("updating the rows of public.incidents with a batch statement: an extension checks the"
+                " executor's permissions (such as pgaudit or sepgsql)") in said
     finally:
         c.destroy()

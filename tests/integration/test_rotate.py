@@ -911,6 +911,104 @@ def test_direct_batches_off_makes_every_batch_a_statement(cluster, db):
         c.execute("DROP OWNED BY operator_o; DROP ROLE operator_o")
 
 
+def test_a_dropped_columns_value_is_not_carried_into_the_new_row_versions(cluster, db):
+    """As an UPDATE does, the direct batch writes a dropped column as NULL: the plaintext a
+    migration dropped does not live on in every rotated row."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE EXTENSION pageinspect")
+        fill(c, 200, extra_cols=", caller_plain text")
+        c.execute("UPDATE incidents SET caller_plain = 'caller-' || id || '-555-0100'")
+        c.execute("ALTER TABLE incidents DROP COLUMN caller_plain")
+    live_with_plaintext = """
+        SELECT count(*) FROM generate_series(0, pg_relation_size('incidents') / 8192 - 1) b,
+             LATERAL heap_page_items(get_raw_page('incidents', b::int)) i
+        WHERE i.t_ctid = format('(%s,%s)', b, i.lp)::tid  -- the row's latest version
+          AND position(convert_to('-555-0100', 'UTF8') IN i.t_data) > 0"""
+    with cluster.connect(dbname=db) as c:
+        assert c.execute(live_with_plaintext).fetchone()[0] == 200
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    assert rotate_saying_how(cluster, db) == ["updating the rows of public.incidents directly on the heap"]
+    with cluster.connect(dbname=db) as c:
+        assert census(c) == {("encrypted", "v2"): 200}
+        check_all(c)
+        assert c.execute(live_with_plaintext).fetchone()[0] == 0
+
+
+def test_a_row_whose_update_needs_a_foreign_key_check_gets_the_batch_statement(cluster, db):
+    """A MATCH FULL key with one column NULL (a NOT VALID constraint keeps such rows): an UPDATE
+    of the row queues the key's check, which fails. The direct batch cannot queue it: the batch
+    that meets the row is the batch statement's, which fails as the UPDATE would; the batches
+    before it stay rotated."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE units (station int, unit int, PRIMARY KEY (station, unit))")
+        c.execute("INSERT INTO units VALUES (1, 1)")
+        fill(c, 300, extra_cols=", station int, unit int")
+        c.execute("UPDATE incidents SET station = 1, unit = 1")
+        c.execute("UPDATE incidents SET unit = NULL WHERE id = 250")
+        c.execute("VACUUM FULL incidents")  # rows in id order again
+        c.execute("ALTER TABLE incidents ADD FOREIGN KEY (station, unit) REFERENCES units MATCH FULL NOT VALID")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    said = []
+    with cluster.connect(dbname=db) as c:
+        c.add_notice_handler(lambda d: said.append(d.message_primary))
+        c.execute("SET client_min_messages = debug1")
+        state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 100)")
+        assert state == "23503", (state, msg)
+        assert "updating the rows of public.incidents directly on the heap" in said
+        assert "updating the rows of public.incidents with a batch statement: a row needs a foreign key's check" in said
+        counts = census(c)
+        assert counts.get(("encrypted", "v2"), 0) >= 100 and counts[("encrypted", "v1")] >= 1
+        assert c.execute("SELECT title LIKE 'v1:%' FROM incidents WHERE id = 250").fetchone()[0]
+        check_all(c)
+
+
+def test_an_owner_without_update_is_refused_as_the_statement_refuses_it(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS dispatch_owner")
+        c.execute("CREATE ROLE dispatch_owner")
+        fill(c, 50)
+        c.execute("ALTER TABLE incidents OWNER TO dispatch_owner")
+        c.execute("REVOKE UPDATE ON incidents FROM dispatch_owner")  # append-only, by its owner's choice
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    said = []
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.add_notice_handler(lambda d: said.append(d.message_primary))
+            c.execute("SET client_min_messages = debug1")
+            state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title')")
+            assert (state, msg) == ("42501", "permission denied for table incidents")
+            assert "updating the rows of public.incidents with a batch statement: the table's owner lacks SELECT or UPDATE on it" in said
+            assert census(c) == {("encrypted", "v1"): 50}
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP TABLE incidents")
+            c.execute("DROP ROLE dispatch_owner")
+
+
+def test_the_batch_statement_of_a_key_column_skips_key_share_holders_instead_of_waiting(cluster, db):
+    """Its update changes a key: it locks FOR UPDATE, which a FOR KEY SHARE holder (a foreign-key
+    check of a row being inserted elsewhere) makes it skip; FOR NO KEY UPDATE would have taken the
+    row and the update would then have waited for the holder."""
+    with cluster.connect(dbname=db) as c:
+        fill(c, 100)
+        c.execute("CREATE UNIQUE INDEX ON incidents (title)")
+    holder = cluster.connect(dbname=db, autocommit=False)
+    try:
+        holder.execute("SELECT 1 FROM incidents WHERE id = 5 FOR KEY SHARE")
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+        with cluster.connect(dbname=db) as c:
+            c.execute("SET lock_timeout = '3s'")
+            c.execute("CALL psap_rotate('incidents', 'title', 30)")
+            assert census(c) == {("encrypted", "v1"): 1, ("encrypted", "v2"): 99}
+        holder.rollback()
+        rotate(cluster, db)
+        with cluster.connect(dbname=db) as c:
+            assert census(c) == {("encrypted", "v2"): 100}
+            check_all(c)
+    finally:
+        holder.close()
+
+
 def test_a_table_with_update_rules_is_refused_as_before(cluster, db):
     """The batch statement cannot run on a table with an UPDATE rule (PostgreSQL refuses rules
     for data-modifying statements in WITH), and the direct batch, which would run no rule, does

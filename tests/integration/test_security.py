@@ -222,6 +222,36 @@ def test_the_owner_changing_the_table_between_batches_fails_the_run_cleanly(clus
         c.execute("DROP OWNED BY trudy; DROP ROLE trudy")
 
 
+def test_a_new_owner_between_batches_stops_the_run(cluster, db):
+    """The batches run the table's code as the owner the run resolved at its start; given away
+    meanwhile, the table's code would run with the old owner's rights. The run stops instead."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS trudy, walter")
+        c.execute("CREATE ROLE trudy; CREATE ROLE walter")
+        c.execute("CREATE TABLE t (id int, title text)")
+        c.execute("INSERT INTO t SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 300) g")
+        c.execute("ALTER TABLE t OWNER TO trudy")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as dba:
+        th, result = in_background(rotator, "CALL psap_rotate('t', 'title', 100, pause_ms => 3000)")
+        pid = rotator.info.backend_pid
+        deadline = time.time() + 20
+        while not dba.execute("SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+            assert time.time() < deadline, "the run did not pause after its first batch"
+            time.sleep(0.02)
+        dba.execute("ALTER TABLE t OWNER TO walter")
+        th.join(30)
+        state, message = result.get("error", (None, ""))
+        assert state == "55000" and message.startswith("the owner of public.t changed during the rotation"), result
+        assert dba.execute("SELECT count(*) FROM t WHERE title LIKE 'v2:%'").fetchone()[0] == 100
+        assert dba.execute("SELECT status FROM psap_audit WHERE operation = 'rotate' ORDER BY id DESC LIMIT 1").fetchone()[0] == "failed"
+    rotate_all = "CALL psap_rotate('t', 'title', 100)"
+    with cluster.connect(dbname=db) as c:
+        c.execute(rotate_all)
+        assert c.execute("SELECT count(*) FROM t WHERE title LIKE 'v2:%'").fetchone()[0] == 300
+        c.execute("DROP TABLE t; DROP ROLE trudy, walter")
+
+
 def test_a_role_that_row_level_security_restricts_gets_no_counts(cluster, db):
     """psap_census and psap_rotate count every row and apply no policy: a role whose policies hide
     rows from it is refused, not told about them; roles that policies do not restrict count all."""
