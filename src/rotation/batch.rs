@@ -341,10 +341,15 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
         return taken;
     }
     let leaf = &run.target.leaves[run.leaf];
+    // As the owner: reading the table's index definitions can fold their constants. Every batch:
+    // a unique index built on the column meanwhile changes the lock the statement needs.
+    let column = &run.target.column_name;
+    let lock = sandbox::as_table_owner(leaf.owner, || direct::statement_lock(leaf, column));
+    if run.batch_lock != Some(lock) {
+        run.batch_plan = None;
+        run.batch_lock = Some(lock);
+    }
     if run.batch_plan.is_none() {
-        // As the owner: reading the table's index definitions can fold their constants.
-        let column = &run.target.column_name;
-        let lock = sandbox::as_table_owner(leaf.owner, || direct::statement_lock(leaf, column));
         let sql = sql::batch(
             &run.target,
             run.leaf,

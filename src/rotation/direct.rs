@@ -106,9 +106,8 @@ impl Job<'_> {
                 pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
                 return Err(why);
             }
-            // What the statement's executor checks first: no write in a read-only transaction,
-            // and a table published for updates needs a replica identity.
-            pg_sys::PreventCommandIfReadOnly(c"UPDATE".as_ptr());
+            // What the statement's executor checks first: a table published for updates needs a
+            // replica identity.
             pg_sys::CheckCmdReplicaIdentity(rel, pg_sys::CmdType::CMD_UPDATE);
             // A new statement's snapshot: it sees the transaction's earlier writes, not its own;
             // active, as a statement's is, for the table's code that reads (a STABLE function in
@@ -213,9 +212,9 @@ impl Job<'_> {
                 {
                     pg_sys::check_for_interrupts!();
                     let old = pg_sys::MemoryContextSwitchTo(update.per_row);
-                    let wanted = self.wanted(update, slot);
-                    let checked = wanted && update.foreign_key_check_needed(slot);
-                    let take = wanted && !checked && update.lock((*slot).tts_tid);
+                    let take = self.wanted(update, slot) && update.lock((*slot).tts_tid);
+                    // Asked of locked rows only: a row another session holds is passed over.
+                    let checked = take && update.foreign_key_check_needed(slot);
                     pg_sys::MemoryContextSwitchTo(old);
                     pg_sys::MemoryContextReset(update.per_row);
                     if checked {
@@ -223,7 +222,7 @@ impl Job<'_> {
                         pg_sys::table_endscan(scan);
                         return Err("a row needs a foreign key's check");
                     }
-                    if take {
+                    if take && !checked {
                         // The version locked is the one read: a row changed since the snapshot
                         // cannot be locked (its data at this tid never changes).
                         let old = pg_sys::MemoryContextSwitchTo(batch);
@@ -260,14 +259,14 @@ impl Job<'_> {
     }
 
     /// Re-encrypts the value of one locked row (a copy of the version locked) and writes it;
-    /// whether it was written (false: the value could not be transformed, a failure counted).
+    /// false if the value could not be transformed (a failure counted).
     ///
     /// # Safety
     /// As in [`Job::walk`]; the current memory context is reset after each row.
     unsafe fn rewrite(&self, update: &Update, row: pg_sys::HeapTuple) -> bool {
         unsafe {
             let Some(value) = update.value(row) else {
-                return false; // NULL: not a row to do (cannot happen: it was chosen by value)
+                return true; // NULL: nothing to write (cannot happen: it was chosen by value)
             };
             let whole = pg_sys::pg_detoast_datum_packed(value);
             let bytes = std::slice::from_raw_parts(
@@ -334,6 +333,8 @@ unsafe fn direct_update_fits(rel: pg_sys::Relation, attnum: i32) -> Result<(), R
                 .is_some(),
             "an extension checks the executor's permissions (such as pgaudit or sepgsql)",
         )?;
+        // The statement raises the executor's error (which spares temporary tables).
+        refuse(pg_sys::XactReadOnly, "the transaction is read-only")?;
         refuse(has_rules, "the table has rules")?;
         refuse(!only_foreign_key_triggers(rel), "the table has triggers")?;
         refuse(
@@ -560,7 +561,8 @@ impl Update {
                 check_constraints: !(*(*rel).rd_att).constr.is_null(),
                 check_partition: is_partition,
                 dropped,
-                foreign_keys: foreign_key_update_triggers(rel),
+                // The executor state's copy: the relcache's own can be freed by a rebuild.
+                foreign_keys: foreign_key_update_triggers((*rri).ri_TrigDesc),
                 relation: leaf.relation.clone(),
                 column: column.to_string(),
             }
@@ -794,14 +796,15 @@ impl Update {
     }
 }
 
-/// The row-level UPDATE triggers of `rel`'s foreign keys (every trigger, once
+/// The row-level UPDATE triggers in `desc` (the foreign keys', every trigger once
 /// [`only_foreign_key_triggers`] said yes), each with whether it is the referenced side's.
 ///
 /// # Safety
-/// `rel` is open.
-unsafe fn foreign_key_update_triggers(rel: pg_sys::Relation) -> Vec<(*mut pg_sys::Trigger, bool)> {
+/// `desc` is null or a trigger description that outlives the result.
+unsafe fn foreign_key_update_triggers(
+    desc: *mut pg_sys::TriggerDesc,
+) -> Vec<(*mut pg_sys::Trigger, bool)> {
     unsafe {
-        let desc = (*rel).trigdesc;
         if desc.is_null() {
             return Vec::new();
         }

@@ -74,6 +74,8 @@ pub struct Run {
     pub pass_done: i64,
     /// The batch statement of the current leaf, planned once per leaf (kept across commits).
     pub batch_plan: Option<OwnedPreparedStatement>,
+    /// The row lock the batch plan takes (`NO KEY UPDATE` or `UPDATE`).
+    pub batch_lock: Option<&'static str>,
     /// How the current leaf's last batch was done: directly on the heap, or with the batch
     /// statement and why ([`direct::batch`]); DEBUG1 says so when it changes.
     pub path: Option<Result<(), direct::Refusal>>,

@@ -181,6 +181,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         walk: Walk::new(0, 0, opts.batch, 0),
         pass_done: 0,
         batch_plan: None,
+        batch_lock: None,
         context_plan: None,
         path: None,
         stepped: false,
