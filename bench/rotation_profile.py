@@ -25,16 +25,18 @@ PERF_HZ = 1999
 # The kinds of CPU work, first match wins. libsodium's assembly has no frame pointers, so its
 # samples are recognised by their leaf symbol rather than by a caller further up the stack.
 CRYPTO_LEAF = ("crypto_", "salsa20", "hsalsa", "poly1305", "sodium_", "base64", "stream_")
+SCAN_FRAMES = {"heap_getnextslot", "heapgetpage", "heap_modify_tuple_by_cols", "ExecConstraints", "slot_getsomeattrs_int"}
 KINDS = [
     ("re-encryption and verification (libsodium, base64)", lambda s: s[0].startswith(CRYPTO_LEAF) or "crypto_secretbox_open_detached" in s or "crypto_secretbox_detached" in s),
     ("primary-key index insert (non-HOT update)", lambda s: "btinsert" in s),
     ("row lock (FOR NO KEY UPDATE SKIP LOCKED)", lambda s: "heap_lock_tuple" in s),
     ("new row version (heap_update, its WAL record)", lambda s: "heap_update" in s),
     ("commit (WAL flush)", lambda s: "CommitTransactionCommand" in s or "XLogFlush" in s),
-    # psap_rotate's counts read the table directly (src/scan.rs; its verification's crypto is
-    # counted above); its batch statement is prepared.
-    ("counting scans before and after the batches (direct scan)", lambda s: any("4scan5tally" in f for f in s)),
-    ("batch statements' scans, executor, function calls", lambda s: "SPI_execute_plan" in s),
+    # psap_rotate's counts and its batches read the table directly (src/scan.rs,
+    # src/rotation/direct.rs; the verification's crypto is counted above). Rust's frames are
+    # mostly inlined, so their samples are recognised by the PostgreSQL functions they call.
+    ("table scans (counts and batches), new tuple, constraint checks", lambda s: any(f in SCAN_FRAMES for f in s)),
+    ("SQL statements per batch (audit row, registry check), executor", lambda s: "SPI_execute_plan" in s),
     ("the rest (procedure loop, PL/pgSQL, executor)", lambda s: True),
 ]
 
@@ -76,9 +78,9 @@ class Perf:
 
 
 PHASES = [
-    ("batch statements: lock, re-encrypt, update", "WITH locked AS%"),
     ("audit progress row, once per batch", "UPDATE %psap_audit_log%"),
 ]
+BATCH_PHASE = "batches: lock, re-encrypt, update (_psap_run_step, less its audit row)"
 # The start of a run, from pg_stat_user_functions: its checks, the audit record and, above all,
 # the scan that counts and verifies every row to do (a direct scan, no SQL statement of its own).
 START_PHASE = "start of the run: counting and verification scan (_psap_run_begin)"
@@ -93,7 +95,7 @@ def phases(c, rows):
         out[name] = ms * 1000 / rows
     fn = dict(c.execute("SELECT funcname, self_time FROM pg_stat_user_functions").fetchall())
     out[START_PHASE] = fn.get("_psap_run_begin", 0) * 1000 / rows
-    out["of the batch statements: the re-encryption function"] = fn.get("_psap_rotate_value", 0) * 1000 / rows
+    out[BATCH_PHASE] = fn.get("_psap_run_step", 0) * 1000 / rows - out["audit progress row, once per batch"]
     out["procedure loop: a COMMIT and a subtransaction per batch"] = fn.get("_psap_run", 0) * 1000 / rows
     return out
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from psap_cluster import KEY1, KEY2, KEY3, Cluster  # tests/support, on PYTHONPATH (scripts/bench.sh)
-from report import ROTATION_COUNT_BEFORE, ROTATION_COUNT_SQL
+from report import ROTATION_COUNT_BEFORE, ROTATION_COUNT_SQL, STATEMENTS
 from rotation_profile import profile_rotation, profile_two_sessions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,10 +215,12 @@ class RssSampler(threading.Thread):
             time.sleep(0.01)
 
 
-def rotate_psap(cluster, db, n, sessions=1, measure_memory=False, options="", to="v2"):
+def rotate_psap(cluster, db, n, sessions=1, measure_memory=False, options="", to="v2", settings=()):
     conns = [cluster.connect(dbname=db) for _ in range(sessions)]
     for c in conns:
         c.execute(f"SET psap.key_version = '{to}'")
+        for setting in settings:
+            c.execute(setting)
         # A new connection's first encryption is its own cost (first_use, reported apart: for
         # AES-256-GCM the module's reseed after fork); the other methods run in a connection that
         # has encrypted before, and so does this one.
@@ -324,7 +326,7 @@ def bench_rotate(cluster, db, n, runs, php):
     res = {}
     with cluster.connect(dbname=db) as c:
         c.execute("SET client_min_messages = warning")
-        methods = ["psap_rotate", "psap_rotate, verify => false", "psap_rotate to AES-256-GCM",
+        methods = ["psap_rotate", "psap_rotate, verify => false", STATEMENTS, "psap_rotate to AES-256-GCM",
                    "batched UPDATE, no crypto", "batched UPDATE + re-encrypt, no locks",
                    "DBA's loop: SKIP LOCKED + psap_encrypt(psap_decrypt())"] + (["PHP client (app's way)"] if php else [])
         times = {m: [] for m in methods}
@@ -340,6 +342,8 @@ def bench_rotate(cluster, db, n, runs, php):
                         assert v.execute("SELECT count(*) FROM t WHERE psap_decrypt(title) IS NULL").fetchone()[0] == 0
                 elif m == "psap_rotate, verify => false":
                     e, _ = rotate_psap(cluster, db, n, options=", verify => false")
+                elif m == STATEMENTS:
+                    e, _ = rotate_psap(cluster, db, n, settings=["SET psap.direct_batches = off"])
                 elif m == "psap_rotate to AES-256-GCM":
                     e, _ = rotate_psap(cluster, db, n, to="v3")
                 elif m.startswith("DBA's loop"):
