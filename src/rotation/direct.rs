@@ -636,49 +636,14 @@ impl Update {
             if in_a_unique_key(self.rel, self.attnum) {
                 error::column_became_key(&self.relation, &self.column);
             }
-            let mut tmfd = pg_sys::TM_FailureData::default();
-            let mut lock_mode = pg_sys::LockTupleMode::LockTupleNoKeyExclusive;
-            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
-            let result = pg_sys::heap_update(
-                self.rel,
-                &mut tid,
-                new,
-                self.cid,
-                ptr::null_mut(),
-                true,
-                &mut tmfd,
-                &mut lock_mode,
-            );
-            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-            let mut indexes = pg_sys::TU_UpdateIndexes::TU_None;
-            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-            let result = pg_sys::heap_update(
-                self.rel,
-                &mut tid,
-                new,
-                self.cid,
-                ptr::null_mut(),
-                true,
-                &mut tmfd,
-                &mut lock_mode,
-                &mut indexes,
-            );
+            let (result, entries) = update_row(self.rel, &mut tid, new, self.cid);
             if result != pg_sys::TM_Result::TM_Ok {
                 // The row is locked by this transaction: only the table's own code, run by this
                 // batch, can have changed it.
                 error::row_changed_while_locked(&tid_text(&tid));
             }
             if self.has_indexes {
-                self.insert_index_entries(new, {
-                    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
-                    {
-                        IndexEntries::from_heap_only((*(*new).t_data).t_infomask2)
-                    }
-                    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-                    {
-                        IndexEntries::from_update(indexes)
-                    }
-                });
+                self.insert_index_entries(new, entries);
             }
             pg_sys::ExecClearTuple(self.slot);
             pg_sys::ExecClearTuple(self.old_slot);
@@ -821,6 +786,68 @@ unsafe fn foreign_key_update_triggers(
     }
 }
 
+/// `heap_update` of the row version at `tid` (locked by this transaction, so it waits for no
+/// one) to `new`, as the executor calls it; its result, and which index entries `new` needs.
+///
+/// # Safety
+/// `rel` is open with RowExclusiveLock; `new` is a tuple of it.
+unsafe fn update_row(
+    rel: pg_sys::Relation,
+    tid: &mut pg_sys::ItemPointerData,
+    new: pg_sys::HeapTuple,
+    cid: pg_sys::CommandId,
+) -> (pg_sys::TM_Result::Type, IndexEntries) {
+    let mut tmfd = pg_sys::TM_FailureData::default();
+    // FOR NO KEY UPDATE's: the column is in no key ([`in_a_key`], checked again just before).
+    let mut lock_mode = pg_sys::LockTupleMode::LockTupleNoKeyExclusive;
+    // SAFETY: as the caller promises; no crosscheck snapshot, as for a statement's UPDATE.
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+        {
+            let result = pg_sys::heap_update(
+                rel,
+                tid,
+                new,
+                cid,
+                ptr::null_mut(),
+                true,
+                &mut tmfd,
+                &mut lock_mode,
+            );
+            let heap_only = u32::from((*(*new).t_data).t_infomask2) & pg_sys::HEAP_ONLY_TUPLE != 0;
+            (
+                result,
+                if heap_only {
+                    IndexEntries::None
+                } else {
+                    IndexEntries::All
+                },
+            )
+        }
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+        {
+            let mut entries = pg_sys::TU_UpdateIndexes::TU_None;
+            let result = pg_sys::heap_update(
+                rel,
+                tid,
+                new,
+                cid,
+                ptr::null_mut(),
+                true,
+                &mut tmfd,
+                &mut lock_mode,
+                &mut entries,
+            );
+            let entries = match entries {
+                pg_sys::TU_UpdateIndexes::TU_None => IndexEntries::None,
+                pg_sys::TU_UpdateIndexes::TU_Summarizing => IndexEntries::Summarizing,
+                _ => IndexEntries::All,
+            };
+            (result, entries)
+        }
+    }
+}
+
 /// Which index entries a new row version needs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum IndexEntries {
@@ -833,26 +860,6 @@ enum IndexEntries {
     )]
     Summarizing,
     All,
-}
-
-impl IndexEntries {
-    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
-    fn from_heap_only(infomask2: u16) -> IndexEntries {
-        if u32::from(infomask2) & pg_sys::HEAP_ONLY_TUPLE != 0 {
-            IndexEntries::None
-        } else {
-            IndexEntries::All
-        }
-    }
-
-    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
-    fn from_update(update: pg_sys::TU_UpdateIndexes::Type) -> IndexEntries {
-        match update {
-            pg_sys::TU_UpdateIndexes::TU_None => IndexEntries::None,
-            pg_sys::TU_UpdateIndexes::TU_Summarizing => IndexEntries::Summarizing,
-            _ => IndexEntries::All,
-        }
-    }
 }
 
 /// `(block,offset)`, as tidout prints a tid.

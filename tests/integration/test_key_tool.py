@@ -125,6 +125,7 @@ def test_pgaudit_says_which_roles_read_which_encrypted_columns_when(tmp_path):
     c.start()
     try:
         from psap_cluster import KEY1, KEY2
+        from test_rotate import saying_how
         c.set_keys({"v1": KEY1}, "v1")
         with c.connect() as conn:
             conn.execute("CREATE EXTENSION psap_encrypt; CREATE EXTENSION pgaudit")
@@ -164,10 +165,8 @@ def test_pgaudit_says_which_roles_read_which_encrypted_columns_when(tmp_path):
         # With pgaudit loaded, a rotation's batches are statements (pgaudit's object audit
         # sees them), not direct writes to the heap (src/rotation/direct.rs).
         c.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-        said = []
         with c.connect() as conn:
-            conn.add_notice_handler(lambda diag: said.append(diag.message_primary))
-            conn.execute("SET client_min_messages = debug1")
+            said = saying_how(conn)
             conn.execute("CALL psap_rotate('incidents', 'title')")
             assert conn.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v2:%'").fetchone()[0] == 10
         assert ("updating the rows of public.incidents with a batch statement: an extension checks the"

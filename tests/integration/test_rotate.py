@@ -788,12 +788,20 @@ def test_standby_refuses_and_decrypts(cluster, db):
 # foreign-key checks that cannot fire is done on the heap directly; any other table gets the batch
 # statement. DEBUG1 says which, per leaf.
 
+def saying_how(c):
+    """Has session c send its DEBUG1 lines, which say how each leaf's batches are done; returns
+    the list the session's messages go into."""
+    said = []
+    c.add_notice_handler(lambda d: said.append(d.message_primary))
+    c.execute("SET client_min_messages = debug1")
+    return said
+
+
 def rotate_saying_how(cluster, db, sql="CALL psap_rotate('incidents', 'title', 250)", settings=()):
     """Runs the rotation with client_min_messages = debug1; returns how each leaf was updated."""
-    said = []
     with cluster.connect(dbname=db) as c:
-        c.add_notice_handler(lambda d: said.append(d.message_primary))
-        for setting in ("SET client_min_messages = debug1", *settings):
+        said = saying_how(c)
+        for setting in settings:
             c.execute(setting)
         c.execute(sql)
     return [m for m in said if m.startswith("updating the rows of")]
@@ -948,10 +956,8 @@ def test_a_row_whose_update_needs_a_foreign_key_check_gets_the_batch_statement(c
         c.execute("VACUUM FULL incidents")  # rows in id order again
         c.execute("ALTER TABLE incidents ADD FOREIGN KEY (station, unit) REFERENCES units MATCH FULL NOT VALID")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-    said = []
     with cluster.connect(dbname=db) as c:
-        c.add_notice_handler(lambda d: said.append(d.message_primary))
-        c.execute("SET client_min_messages = debug1")
+        said = saying_how(c)
         state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 100)")
         assert state == "23503", (state, msg)
         assert "updating the rows of public.incidents directly on the heap" in said
@@ -970,11 +976,9 @@ def test_an_owner_without_update_is_refused_as_the_statement_refuses_it(cluster,
         c.execute("ALTER TABLE incidents OWNER TO dispatch_owner")
         c.execute("REVOKE UPDATE ON incidents FROM dispatch_owner")  # append-only, by its owner's choice
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-    said = []
     try:
         with cluster.connect(dbname=db) as c:
-            c.add_notice_handler(lambda d: said.append(d.message_primary))
-            c.execute("SET client_min_messages = debug1")
+            said = saying_how(c)
             state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title')")
             assert (state, msg) == ("42501", "permission denied for table incidents")
             assert "updating the rows of public.incidents with a batch statement: the table's owner lacks SELECT or UPDATE on it" in said
@@ -1018,10 +1022,8 @@ def test_a_table_with_update_rules_is_refused_as_before(cluster, db):
         c.execute("CREATE TABLE seen (id bigint)")
         c.execute("CREATE RULE r AS ON UPDATE TO incidents DO ALSO INSERT INTO seen VALUES (OLD.id)")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-    said = []
     with cluster.connect(dbname=db) as c:
-        c.add_notice_handler(lambda d: said.append(d.message_primary))
-        c.execute("SET client_min_messages = debug1")
+        said = saying_how(c)
         state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 50)")
         assert (state, msg) == ("0A000", "DO ALSO rules are not supported for data-modifying statements in WITH")
         assert "updating the rows of public.incidents with a batch statement: the table has rules" in said
@@ -1039,12 +1041,10 @@ def test_the_direct_batch_skips_rows_other_sessions_hold_and_never_waits(cluster
         holder.execute("SELECT 1 FROM incidents WHERE id = 40 FOR KEY SHARE")  # no conflict: rotated
         holder.execute("UPDATE incidents SET other = 'being written' WHERE id = 50")
         cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-        said = []
         with cluster.connect(dbname=db) as c:
-            c.add_notice_handler(lambda d: said.append(d.message_primary))
+            said = saying_how(c)
             # Waiting for any held row would end in 55P03 here.
             c.execute("SET lock_timeout = '3s'")
-            c.execute("SET client_min_messages = debug1")
             c.execute("CALL psap_rotate('incidents', 'title', 100)")
             assert "updating the rows of public.incidents directly on the heap" in said
             assert any("4 rows still to do (locked by other sessions or written meanwhile)" in m for m in said), said

@@ -11,7 +11,7 @@ from psap_cluster import KEY1, KEY2, KEY3, in_background, sqlstate_of
 from test_context import STORED, bound  # noqa: F401 (bound: a fixture)
 from test_keys import assert_no_key, probe, roles  # noqa: F401 (roles: a fixture)
 from test_operations import setup_tables
-from test_rotate import census, fill
+from test_rotate import census, fill, saying_how
 
 # Every way an UPDATE (or a read) of a table runs its owner's code. Each spy records the role it
 # ran as, and tries to make its owner a superuser when that role is one.
@@ -114,11 +114,9 @@ def test_the_direct_batch_runs_a_table_owners_code_as_the_owner_too(cluster, db,
         c.execute("INSERT INTO mallory_s.plain_calls SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 300) g")
         c.execute("TRUNCATE mallory_s.seen")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-    said = []
     with cluster.connect(dbname=db) as c:
         c.execute("REVOKE EXECUTE ON FUNCTION psap_encrypt(text) FROM mallory")
-        c.add_notice_handler(lambda d: said.append(d.message_primary))
-        c.execute("SET client_min_messages = debug1")
+        said = saying_how(c)
         c.execute("CALL psap_rotate('mallory_s.plain_calls', 'title', 100)")
         assert "updating the rows of mallory_s.plain_calls directly on the heap" in said
         assert c.execute("SELECT count(*) FROM mallory_s.plain_calls WHERE title LIKE 'v2:%'").fetchone()[0] == 300
