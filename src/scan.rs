@@ -169,7 +169,7 @@ impl Verify {
 pub fn tally(leaf: &Leaf, column: &str, snapshot: &Snapshot) -> Tally {
     // SAFETY: `open` returns the relation opened and locked; the scan is ended by `count`.
     unsafe {
-        let (rel, attnum) = open(leaf, column);
+        let (rel, attnum) = open(leaf, column, pg_sys::AccessShareLock);
         let scan = pg_sys::table_beginscan(rel, snapshot.0, 0, ptr::null_mut());
         let tally = count(rel, scan, attnum, None);
         // The lock is kept to the end of the transaction, as a query's is.
@@ -189,23 +189,24 @@ pub fn tally_with_workers(
 ) -> Tally {
     // SAFETY: as in `tally`.
     unsafe {
-        let (rel, attnum) = open(leaf, column);
+        let (rel, attnum) = open(leaf, column, pg_sys::AccessShareLock);
         let tally = parallel::count(rel, attnum, snapshot.0, verify, &leaf.relation);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         tally
     }
 }
 
-/// Opens a leaf with AccessShareLock (held to the end of the transaction) and finds its column,
-/// checking both again under the lock ([`text_attnum`]).
+/// Opens a leaf with `lock` (held to the end of the transaction: AccessShareLock to count,
+/// RowExclusiveLock to write) and finds its column, checking both again under the lock
+/// ([`text_attnum`]).
 ///
 /// # Safety
 /// Called in a transaction; the caller closes the relation.
-unsafe fn open(leaf: &Leaf, column: &str) -> (pg_sys::Relation, i32) {
+pub(crate) unsafe fn open(leaf: &Leaf, column: &str, lock: u32) -> (pg_sys::Relation, i32) {
     // SAFETY: a relation returned by try_relation_open is open and locked. (Not try_table_open,
     // which PostgreSQL 13 lacks: text_attnum refuses any relation but a table.)
     unsafe {
-        let rel = pg_sys::try_relation_open(leaf.oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let rel = pg_sys::try_relation_open(leaf.oid, lock as pg_sys::LOCKMODE);
         if rel.is_null() {
             error::table_gone(&leaf.relation);
         }
@@ -328,7 +329,7 @@ unsafe fn prefetch_ahead(scan: pg_sys::HeapScanDesc) {
 ///
 /// # Safety
 /// `rel` is an open relation.
-pub(crate) unsafe fn text_attnum(rel: pg_sys::Relation, leaf: &Leaf, column: &str) -> i32 {
+unsafe fn text_attnum(rel: pg_sys::Relation, leaf: &Leaf, column: &str) -> i32 {
     unsafe {
         let relation = &leaf.relation;
         if (*(*rel).rd_rel).relkind as u8 != pg_sys::RELKIND_RELATION || (*rel).rd_tableam.is_null()

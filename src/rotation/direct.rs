@@ -29,6 +29,7 @@
 use std::collections::HashSet;
 use std::ptr;
 
+use pgrx::itemptr::item_pointer_get_both;
 use pgrx::pg_sys;
 use pgrx::varlena::{vardata_any, varsize_any_exhdr};
 use psap_core::{CoreError, Version};
@@ -95,12 +96,7 @@ impl Job<'_> {
         limit: i64,
     ) -> Result<Taken, Refusal> {
         unsafe {
-            let rel =
-                pg_sys::try_relation_open(leaf.oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-            if rel.is_null() {
-                error::table_gone(&leaf.relation);
-            }
-            let attnum = scan::text_attnum(rel, leaf, column);
+            let (rel, attnum) = scan::open(leaf, column, pg_sys::RowExclusiveLock);
             if let Err(why) = direct_update_fits(rel, attnum) {
                 // The lock stays to the end of the transaction, as the statement's would.
                 pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
@@ -159,7 +155,9 @@ impl Job<'_> {
                 }
             };
             // Rows are locked in block order: the last is in the highest block.
-            let last = locked.last().map_or(lo, |&row| item_block(&(*row).t_self));
+            let last = locked
+                .last()
+                .map_or(lo, |&row| item_pointer_get_both((*row).t_self).0);
             let mut taken: Taken = (locked.len() as i64, 0, last);
             for &row in &locked {
                 pg_sys::check_for_interrupts!();
@@ -253,8 +251,8 @@ impl Job<'_> {
             if !self.mode.needs(Kind::of(scan::prefix(value)), self.to) {
                 return false;
             }
-            let tid = (*slot).tts_tid;
-            self.skipped.is_empty() || !self.skipped.contains(&(item_block(&tid), tid.ip_posid))
+            let tid = item_pointer_get_both((*slot).tts_tid);
+            self.skipped.is_empty() || !self.skipped.contains(&tid)
         }
     }
 
@@ -437,11 +435,7 @@ pub(crate) unsafe fn in_a_unique_key(rel: pg_sys::Relation, attnum: i32) -> bool
 pub fn statement_lock(leaf: &Leaf, column: &str) -> &'static str {
     // SAFETY: opened with the lock the batch takes anyway (kept to the end of the transaction).
     unsafe {
-        let rel = pg_sys::try_relation_open(leaf.oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-        if rel.is_null() {
-            error::table_gone(&leaf.relation);
-        }
-        let attnum = scan::text_attnum(rel, leaf, column);
+        let (rel, attnum) = scan::open(leaf, column, pg_sys::RowExclusiveLock);
         let key = in_a_unique_key(rel, attnum);
         pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         if key {
@@ -459,11 +453,6 @@ fn generated_columns(constr: &pg_sys::TupleConstr) -> bool {
     #[cfg(not(feature = "pg18"))]
     let virtual_ = false;
     constr.has_generated_stored || virtual_
-}
-
-/// The block number of a tid.
-fn item_block(tid: &pg_sys::ItemPointerData) -> u32 {
-    (u32::from(tid.ip_blkid.bi_hi) << 16) | u32::from(tid.ip_blkid.bi_lo)
 }
 
 /// The ctids skipped as undecryptable (as tidout prints them: `(block,offset)`).
@@ -864,7 +853,8 @@ enum IndexEntries {
 
 /// `(block,offset)`, as tidout prints a tid.
 fn tid_text(tid: &pg_sys::ItemPointerData) -> String {
-    format!("({},{})", item_block(tid), tid.ip_posid)
+    let (block, offset) = item_pointer_get_both(*tid);
+    format!("({block},{offset})")
 }
 
 /// The set of one column, as a range table entry's updated columns are written.
