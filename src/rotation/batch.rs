@@ -147,7 +147,7 @@ fn step(run: &mut Run) -> Option<Status> {
         );
     }
     run.stepped = true;
-    check_context_unchanged(run);
+    check_table_unchanged(run);
     if run.opts.disable_triggers {
         spi::run("SET LOCAL session_replication_role = replica", &[]);
     }
@@ -221,7 +221,7 @@ fn step(run: &mut Run) -> Option<Status> {
 /// commits only when no batch is writing: this takes the lock that waits for it, then reads), or
 /// a leaf's owner did (the batches run the table's code with the rights of the owner the run
 /// resolved).
-fn check_context_unchanged(run: &mut Run) {
+fn check_table_unchanged(run: &mut Run) {
     let t = &run.target;
     for leaf in &t.leaves {
         // SAFETY: the lock this batch's UPDATE takes anyway, on an existing relation.
@@ -325,8 +325,9 @@ fn done_notice(run: &Run, left: i64) {
     notice(msg);
 }
 
-/// Runs the batch statement over one block range, taking at most `limit` rows, as the leaf's
-/// owner. Returns rows locked, rows changed and the highest block a locked row was in.
+/// Runs a batch over one block range, taking at most `limit` rows, as the leaf's owner: directly
+/// on the heap where it can ([`direct::batch`]), else with the batch statement. Returns rows
+/// locked, rows changed and the highest block a locked row was in.
 fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i64, u32) {
     let direct = direct::batch(run, (lo, hi), limit);
     if run.path != Some(direct.map(|_| ())) {
