@@ -1,8 +1,8 @@
 //! Counting a column's rows by their envelope prefix straight from the table, without the
 //! executor: what psap_census shows and what psap_rotate counts before its first batch and after
-//! its last. Per row this costs a tuple visibility check and a look at the value's first bytes
-//! (a slice of a TOASTed value), a little more than `count(col)` costs; the SQL it replaces
-//! cost about twice that (`GROUP BY substr(col, 1, 4)`) or three times (a predicate function per
+//! its last. Per row this costs a tuple visibility check (the heap's, per page) and a look at the
+//! value's first bytes (a slice of a TOASTed value), less than `count(col)` costs; the SQL it
+//! replaces cost several times that (`GROUP BY substr(col, 1, 4)`, or a predicate function per
 //! row): see BENCHMARKS.md.
 //!
 //! A scan reads every row a `SELECT` of the table would read under the same snapshot with no
@@ -217,6 +217,14 @@ pub(crate) unsafe fn open(leaf: &Leaf, column: &str, lock: u32) -> (pg_sys::Rela
 /// Counts the rows `scan` (of `rel`, begun by the caller) returns by the kind of attribute
 /// `attnum`, decrypting those `verify` names, and ends the scan.
 ///
+/// A heap scan in page mode (an MVCC snapshot's) is read a page at a time: when it returns the
+/// first visible tuple of a page, the count reads that page's whole list of visible tuples
+/// straight from the page and then moves the scan to the last of them, so that the scan's next
+/// call goes on to the next page ([`count_page`]). The scan returns exactly those tuples in that
+/// order (it has no keys), so the count is the same; what it saves per row is the scan's call, the
+/// slot and the deforming of the columns before this one, most of what it cost beyond the value's
+/// first bytes (see BENCHMARKS.md). Other scans are counted a row at a time through the slot.
+///
 /// # Safety
 /// `rel` is open and `attnum` one of its text columns ([`text_attnum`]); `scan` is a scan of it.
 unsafe fn count(
@@ -230,16 +238,18 @@ unsafe fn count(
     // of memory) the transaction's abort releases them, as it does for the executor's own scans.
     unsafe {
         let slot = pg_sys::table_slot_create(rel, ptr::null_mut());
-        let scratch = pg_sys::AllocSetContextCreateInternal(
-            pg_sys::CurrentMemoryContext,
-            c"psap_encrypt scan".as_ptr(),
-            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-        );
-        let mut tally = Tally::default();
-        // A heap scan in page mode (an MVCC snapshot's) prefetches the tuples ahead of it.
-        let prefetch = (*rel).rd_tableam == pg_sys::GetHeapamTableAmRoutine()
+        let mut counter = Counter {
+            tally: Tally::default(),
+            verify,
+            scratch: pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CurrentMemoryContext,
+                c"psap_encrypt scan".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            ),
+        };
+        let by_page = (*rel).rd_tableam == pg_sys::GetHeapamTableAmRoutine()
             && (*scan).rs_flags & pg_sys::ScanOptions::SO_ALLOW_PAGEMODE != 0;
         while pg_sys::table_scan_getnextslot(
             scan,
@@ -247,23 +257,48 @@ unsafe fn count(
             slot,
         ) {
             pg_sys::check_for_interrupts!();
-            if prefetch {
-                prefetch_ahead(scan.cast());
+            let heap = scan.cast::<pg_sys::HeapScanDescData>();
+            if by_page && (*heap).rs_cindex == 0 {
+                count_page(&mut counter, heap, (*rel).rd_att, attnum);
+                continue;
             }
             let mut isnull = false;
             let datum = pg_sys::slot_getattr(slot, attnum, &mut isnull);
-            if isnull {
-                tally.add(Kind::Null);
-                continue;
-            }
-            let value = datum.cast_mut_ptr::<pg_sys::varlena>();
-            // Only a compressed or out-of-line value allocates (its slice, or the whole value
-            // when checked): the scratch context is switched to and reset for those alone.
+            counter.add((!isnull).then(|| datum.cast_mut_ptr()));
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::MemoryContextDelete(counter.scratch);
+        counter.tally
+    }
+}
+
+/// What [`count`] keeps while it reads values.
+struct Counter {
+    tally: Tally,
+    verify: Option<Verify>,
+    /// Where a compressed or out-of-line value's slice (or whole value, when checked) goes; reset
+    /// after each such value. Inline values allocate nothing.
+    scratch: pg_sys::MemoryContext,
+}
+
+impl Counter {
+    /// Counts one value (None: NULL), decrypting it if `verify` names its kind.
+    ///
+    /// # Safety
+    /// `value` is a valid varlena of the relation being counted.
+    unsafe fn add(&mut self, value: Option<*mut pg_sys::varlena>) {
+        let Some(value) = value else {
+            self.tally.add(Kind::Null);
+            return;
+        };
+        // SAFETY: the caller's; the scratch context lives as long as the counter.
+        unsafe {
             let inline = !(varatt_is_1b_e(value) || varatt_is_4b_c(value));
-            let old = (!inline).then(|| pg_sys::MemoryContextSwitchTo(scratch));
+            let old = (!inline).then(|| pg_sys::MemoryContextSwitchTo(self.scratch));
             let kind = Kind::of(prefix(value));
-            tally.add(kind);
-            if verify.is_some_and(|v| v.wants(kind)) {
+            self.tally.add(kind);
+            if self.verify.is_some_and(|v| v.wants(kind)) {
                 let whole = if inline {
                     value
                 } else {
@@ -274,53 +309,81 @@ unsafe fn count(
                     varsize_any_exhdr(whole),
                 );
                 if census::decrypt_error(bytes, &[]).is_some() {
-                    tally.undecryptable += 1;
+                    self.tally.undecryptable += 1;
                 }
             }
             if let Some(old) = old {
                 pg_sys::MemoryContextSwitchTo(old);
-                pg_sys::MemoryContextReset(scratch);
+                pg_sys::MemoryContextReset(self.scratch);
             }
         }
-        pg_sys::table_endscan(scan);
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::MemoryContextDelete(scratch);
-        tally
     }
 }
 
-/// How many visible tuples ahead of the current one a heap scan asks the CPU to load.
+/// How many visible tuples ahead of the one being read the count asks the CPU to load.
 const PREFETCH_AHEAD: usize = 6;
 
-/// Asks the CPU to start loading the tuple [`PREFETCH_AHEAD`] places after the current one on a
-/// heap scan's page (on its first tuple, every one up to there). A tuple's first bytes are what a
-/// count reads of it, and most of a scan's time per row went into waiting for them: a page holds
-/// its tuples in no order the CPU's own prefetcher follows. Measured on 1,000,000 rows: 82 ns per
-/// row before, 57 after (see BENCHMARKS.md). Only on x86-64 (elsewhere the intrinsic is not stable
-/// Rust); a hint, which changes no result.
+/// Counts every visible tuple of the page a heap scan has just returned the first of, reading
+/// each one's column `attnum` as `heap_getattr` does (in Rust for a tuple without NULLs once the
+/// column's offset is known, else through PostgreSQL's `nocachegetattr` or `getmissingattr`),
+/// then moves the scan to the page's last visible tuple, so that its next call reads the next page.
+///
+/// Each tuple's first bytes are what the count reads of it, and most of a scan's time per row
+/// went into waiting for them: a page holds its tuples in no order the CPU's own prefetcher
+/// follows. So the CPU is asked to load the tuple [`PREFETCH_AHEAD`] places ahead (measured on
+/// 1,000,000 rows: 82 ns per row before, 57 after; see BENCHMARKS.md). Only on x86-64 (elsewhere
+/// the intrinsic is not stable Rust); a hint, which changes no result.
 ///
 /// # Safety
-/// `scan` is a heap scan, in page mode, that has just returned a tuple.
-unsafe fn prefetch_ahead(scan: pg_sys::HeapScanDesc) {
-    // SAFETY: the scan holds a pin on its current buffer, whose page has `rs_ntuples` visible
-    // tuples at the offsets in `rs_vistuples`; a prefetch never faults.
+/// `scan` is a heap scan in page mode, of the relation whose descriptor is `desc`, that has just
+/// returned the first visible tuple of its current page; `attnum` is one of its columns.
+unsafe fn count_page(
+    counter: &mut Counter,
+    scan: pg_sys::HeapScanDesc,
+    desc: pg_sys::TupleDesc,
+    attnum: i32,
+) {
+    // SAFETY: the scan holds a pin on its current buffer, so no tuple of the page moves or goes
+    // away while it is read (as for the tuples a scan returns, whose contents are read without
+    // the page's lock); the page has `rs_ntuples` visible tuples at the offsets in `rs_vistuples`;
+    // a prefetch never faults. A scan without keys returns the tuple after `rs_cindex` next.
     unsafe {
-        let (current, visible) = ((*scan).rs_cindex as usize, (*scan).rs_ntuples as usize);
+        let visible = (*scan).rs_ntuples as usize;
         let page = pg_sys::BufferGetPage((*scan).rs_cbuf);
-        let from = if current == 0 {
-            1
-        } else {
-            current + PREFETCH_AHEAD
-        };
-        let upto = (current + PREFETCH_AHEAD + 1).min(visible);
-        for &offset in (*scan).rs_vistuples.get(from..upto).unwrap_or_default() {
-            let tuple = pg_sys::PageGetItem(page, pg_sys::PageGetItemId(page, offset));
-            #[cfg(target_arch = "x86_64")]
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(tuple.cast());
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = tuple;
+        let offsets = &(&(*scan).rs_vistuples)[..visible];
+        let item = |offset: pg_sys::OffsetNumber| pg_sys::PageGetItemId(page, offset);
+        for &offset in offsets.iter().take(PREFETCH_AHEAD) {
+            prefetch(pg_sys::PageGetItem(page, item(offset)));
         }
+        let mut tuple = pg_sys::HeapTupleData {
+            t_tableOid: (*(*scan).rs_base.rs_rd).rd_id,
+            ..Default::default()
+        };
+        for (i, &offset) in offsets.iter().enumerate() {
+            if let Some(&ahead) = offsets.get(i + PREFETCH_AHEAD) {
+                prefetch(pg_sys::PageGetItem(page, item(ahead)));
+            }
+            let id = item(offset);
+            tuple.t_len = (*id).lp_len();
+            tuple.t_data = pg_sys::PageGetItem(page, id).cast();
+            pgrx::itemptr::item_pointer_set_all(&mut tuple.t_self, (*scan).rs_cblock, offset);
+            let mut isnull = false;
+            let datum = pg_sys::heap_getattr(&mut tuple, attnum, desc, &mut isnull);
+            counter.add((!isnull).then(|| datum.cast_mut_ptr()));
+        }
+        (*scan).rs_cindex = (*scan).rs_ntuples - 1;
     }
+}
+
+/// Asks the CPU to start loading the cache line at `p`.
+fn prefetch(p: *const std::ffi::c_char) {
+    // SAFETY: a prefetch is a hint and never faults, whatever the address.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// The attribute number of `column` in the open relation `rel`, after checking, under the lock
