@@ -4,6 +4,7 @@
 #   keylines  the key command's output
 #   context   a column's context expression
 #   base64    the envelope's base64 codec, against the base64 crate's strict engine
+#   redact    the log hook's key rules and psap_rotate's envelope masking on any text
 # First replays the saved crashes (crates/psap_core/fuzz/corpus_regressions), then runs each
 # target for SECONDS (default 30). scripts/test.sh runs it; for a long run: scripts/fuzz.sh 3600.
 # cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP=1 lets the pinned stable compiler accept them.
@@ -18,7 +19,7 @@ for case in fuzz/corpus_regressions/*; do
     target=$(basename "$case" | cut -d- -f1)
     fuzz "$target" "$case" >/dev/null 2>&1 || { echo "regression $case fails again" >&2; exit 1; }
 done
-for target in envelope keylines context base64; do
+for target in envelope keylines context base64 redact; do
     mkdir -p "fuzz/corpus/$target"
     if ! out=$(fuzz "$target" "fuzz/corpus/$target" -- -max_total_time="$seconds" 2>&1); then
         echo "$out" | tail -30 >&2

@@ -912,6 +912,31 @@ def test_the_direct_batch_writes_every_index_entry_and_checks_constraints(cluste
         assert c.execute("SELECT status FROM psap_audit WHERE operation = 'rotate' ORDER BY id DESC LIMIT 1").fetchone()[0] == "failed"
 
 
+@pytest.mark.parametrize("direct", ["on", "off"], ids=["direct batches", "batch statements"])
+def test_a_refused_row_is_quoted_without_its_ciphertext(cluster, db, direct):
+    """A check constraint's error quotes the row it refused ("Failing row contains"), the new
+    ciphertext included: whole, for a short value (PostgreSQL cuts a value at 64 bytes there).
+    psap_rotate raises such an error again with every envelope's body masked, to the caller and in
+    the server log, on both paths."""
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE short (id int PRIMARY KEY, title text)")
+        c.execute("INSERT INTO short SELECT g, psap_encrypt('ab') FROM generate_series(1, 10) g")
+        c.execute("ALTER TABLE short ADD CONSTRAINT not_v2 CHECK (title NOT LIKE 'v2:%')")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    offset = cluster.log_size()
+    with cluster.connect(dbname=db) as c:
+        c.execute(f"SET psap.direct_batches = {direct}")
+        state, msg, detail, _ = sqlstate_of(c, "CALL psap_rotate('short', 'title', 5)")
+        assert (state, msg) == ("23514", 'new row for relation "short" violates check constraint "not_v2"')
+        # 'ab' seals to 42 bytes: 56 base64 characters, all of them masked.
+        assert re.fullmatch(r"Failing row contains \(\d+, v2:\*{56}\)\.", detail), detail
+        assert census(c, "short") == {("encrypted", "v1"): 10}
+    log = cluster.log_text_from(offset)
+    assert "Failing row contains" in log
+    assert not re.search(r"v[12]:[A-Za-z0-9+/]{8}", log), log
+
+
 @pytest.mark.parametrize("case,setup,why", [
     ("trigger", "CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;"
                 "CREATE TRIGGER keep BEFORE UPDATE ON incidents FOR EACH ROW EXECUTE FUNCTION keep()",

@@ -10,6 +10,11 @@
 //! - in a configuration-file syntax error, the token quoted after `near token` becomes asterisks
 //!   (an unquoted key in a key file).
 //!
+//! Apart from those, [`mask_envelopes`] hides ciphertext: the body of every envelope
+//! (`v<N>:` and [`MIN_ENVELOPE_BODY`] or more base64 characters) becomes asterisks. psap_rotate
+//! applies it to the errors of a table's code that it raises again: a check constraint's
+//! "Failing row contains (...)" quotes the row it refused, with the new ciphertext in it.
+//!
 //! Lengths never change and nothing is allocated, so the caller can rewrite a C string where it
 //! lies, inside error reporting.
 
@@ -82,6 +87,45 @@ pub fn redact(text: &mut [u8], key_context: bool) -> bool {
                 .map_or(text.len(), |p| p + start);
             changed |= mask(&mut text[start..end]);
         }
+    }
+    changed
+}
+
+/// The fewest base64 characters after a `v<N>:` prefix that [`mask_envelopes`] treats as an
+/// envelope's body (the shortest envelope has 40; PostgreSQL cuts a value it quotes in a row
+/// description at 64 bytes).
+pub const MIN_ENVELOPE_BODY: usize = 16;
+
+/// Turns the body of every envelope in `text` into asterisks, keeping its `v<N>:` prefix (so a
+/// message still says which version a value had): a `v<N>:` prefix (as [`envelope::parse_prefix`]
+/// reads one) that does not follow a letter, digit or underscore, then at least
+/// [`MIN_ENVELOPE_BODY`] characters of standard base64 (padding included). Returns whether
+/// anything changed.
+///
+/// [`envelope::parse_prefix`]: crate::envelope::parse_prefix
+pub fn mask_envelopes(text: &mut [u8]) -> bool {
+    let mut changed = false;
+    let mut i = 0;
+    while i < text.len() {
+        let starts = text[i] == b'v'
+            && (i == 0 || !(text[i - 1].is_ascii_alphanumeric() || text[i - 1] == b'_'));
+        let Some((_, prefix)) = starts
+            .then(|| crate::envelope::parse_prefix(&text[i..]).ok())
+            .flatten()
+        else {
+            i += 1;
+            continue;
+        };
+        let body = i + prefix;
+        let end = body
+            + text[body..]
+                .iter()
+                .take_while(|&&b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+                .count();
+        if end - body >= MIN_ENVELOPE_BODY {
+            changed |= mask(&mut text[body..end]);
+        }
+        i = end.max(i + 1);
     }
     changed
 }

@@ -469,6 +469,60 @@ fn log_redaction_hides_keys_and_only_keys() {
 }
 
 #[test]
+fn envelopes_are_masked_but_their_version_kept() {
+    use psap_core::redact::{mask_envelopes, MIN_ENVELOPE_BODY};
+    let m = |s: &str| {
+        let mut b = s.as_bytes().to_vec();
+        let changed = mask_envelopes(&mut b);
+        (String::from_utf8(b).unwrap(), changed)
+    };
+    let body = "AbC+/9".repeat(10);
+    let stars = "*".repeat(body.len());
+    // What a check constraint's detail quotes (PostgreSQL cuts each value at 64 bytes).
+    assert_eq!(
+        m(&format!("Failing row contains (7, v2:{body}..., note)")),
+        (
+            format!("Failing row contains (7, v2:{stars}..., note)"),
+            true
+        )
+    );
+    assert_eq!(
+        m(&format!("Key (title)=(v12:{body}==) already exists.")),
+        (format!("Key (title)=(v12:{stars}**) already exists."), true)
+    );
+    // A real envelope, whole, and two in one text.
+    assert!(sodium::init());
+    let mut ring = KeyRing::default();
+    ring.set(v(1), Slot::from_setting(Some(KEY_HEX)));
+    let mut env = Vec::new();
+    psap_core::cipher::encrypt(&ring, v(1), &[9u8; 24], &[], b"", &mut env).unwrap();
+    let env = String::from_utf8(env).unwrap();
+    let (masked, changed) = m(&format!("{env},{env}"));
+    assert!(changed);
+    assert_eq!(masked, format!("v1:{0},v1:{0}", "*".repeat(env.len() - 3)));
+    // Not envelopes: short bodies, no valid prefix, a prefix inside a word.
+    let short = "A".repeat(MIN_ENVELOPE_BODY - 1);
+    for s in [
+        format!("v1:{short}"),
+        format!("v0:{body}"),
+        format!("v100:{body}"),
+        format!("v01:{body}"),
+        format!("xv1:{body}"),
+        format!("_v1:{body}"),
+        format!("V1:{body}"),
+        "v1: plain text that is long enough".to_string(),
+    ] {
+        assert_eq!(m(&s), (s.clone(), false), "{s}");
+    }
+    assert_eq!(
+        m(&format!("v1:{}", "A".repeat(MIN_ENVELOPE_BODY))),
+        (format!("v1:{}", "*".repeat(MIN_ENVELOPE_BODY)), true)
+    );
+    // Already masked: nothing changes.
+    assert!(!m(&format!("v1:{stars}")).1);
+}
+
+#[test]
 fn key_settings_name_their_cipher() {
     assert!(sodium::init());
     let k = Key::from_setting(KEY_HEX).unwrap();
