@@ -256,12 +256,12 @@ unsafe fn count(
             pg_sys::ScanDirection::ForwardScanDirection,
             slot,
         ) {
-            pg_sys::check_for_interrupts!();
             let heap = scan.cast::<pg_sys::HeapScanDescData>();
             if by_page && (*heap).rs_cindex == 0 {
                 count_page(&mut counter, heap, (*rel).rd_att, attnum);
                 continue;
             }
+            pg_sys::check_for_interrupts!();
             let mut isnull = false;
             let datum = pg_sys::slot_getattr(slot, attnum, &mut isnull);
             counter.add((!isnull).then(|| datum.cast_mut_ptr()));
@@ -360,6 +360,8 @@ unsafe fn count_page(
             ..Default::default()
         };
         for (i, &offset) in offsets.iter().enumerate() {
+            // Per row, as before: a row checked whole can be a large out-of-line value.
+            pg_sys::check_for_interrupts!();
             if let Some(&ahead) = offsets.get(i + PREFETCH_AHEAD) {
                 prefetch(pg_sys::PageGetItem(page, item(ahead)));
             }
