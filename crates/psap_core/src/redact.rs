@@ -125,7 +125,7 @@ pub fn mask_envelopes(text: &mut [u8]) -> bool {
         if end - body >= MIN_ENVELOPE_BODY {
             changed |= mask(&mut text[body..end]);
         }
-        i = end.max(i + 1);
+        i = end; // past the prefix at least
     }
     changed
 }
