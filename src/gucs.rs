@@ -19,9 +19,9 @@
 //! setting read from postgresql.conf before its library defines it is a placeholder that every role
 //! can read. Loaded any other way, [`ensure_preloaded`] makes every function refuse to run.
 
+use std::cell::{RefCell, RefMut};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::cell::{RefCell, RefMut};
 use std::sync::LazyLock;
 
 use pgrx::pg_sys;
@@ -856,9 +856,7 @@ pub fn encryption_version() -> Version {
 
 /// The version `psap.key_version` names (the check hook admits only valid spellings).
 pub fn current_version() -> Version {
-    CURRENT_VERSION
-        .get()
-        .unwrap_or(Version::new(1).unwrap())
+    CURRENT_VERSION.get().unwrap_or(Version::new(1).unwrap())
 }
 
 /// Whether a rotation's batches may update the heap directly (src/rotation/direct.rs).
@@ -875,7 +873,5 @@ pub fn decrypt_passthrough() -> bool {
 pub fn next_nonce() -> [u8; NONCE_BYTES] {
     // SAFETY: MyProcPid is set by PostgreSQL in every process before any query runs.
     let pid = unsafe { pg_sys::MyProcPid };
-    NONCES
-        .get()
-        .next(i64::from(pid))
+    NONCES.get().next(i64::from(pid))
 }

@@ -265,7 +265,7 @@ fn psap_decrypt(ciphertext: &str) -> PallocText {
 fn decrypt_text(ciphertext: &str, context: &[u8]) -> PallocText {
     let v = decrypt_to_varlena(ciphertext.as_bytes(), context);
     let plain = v.data();
-    if plain.contains(&0) || std::str::from_utf8(plain).is_err() {
+    if !cipher::is_text(plain) {
         v.discard();
         error::not_text();
     }

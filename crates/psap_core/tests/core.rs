@@ -8,6 +8,8 @@ use psap_core::{
     decrypt, encrypt, reencrypt, Cipher, CoreError, EnvelopeError, Key, KeyError, KeyRing, Version,
 };
 
+mod common;
+
 const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const OTHER_HEX: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
 
@@ -872,4 +874,38 @@ fn decoding_into_a_short_buffer_is_refused_not_a_panic() {
         envelope::decode_body_into(body, &mut out[..3], 0),
         Err(EnvelopeError::BadBase64)
     );
+}
+
+#[test]
+fn is_text_is_utf8_without_nul() {
+    use psap_core::cipher::is_text;
+    let reference = |b: &[u8]| !b.contains(&0) && std::str::from_utf8(b).is_ok();
+    for s in [
+        &b""[..],
+        b"Incident 42",
+        b"\x7f",
+        b"\x01",
+        b"a\x00b",
+        b"\x00",
+        "é, ü, 911 – dispatch".as_bytes(),
+        b"\x80",
+        b"\xc3",
+        b"\xff\xfe",
+        b"abc\xed\xa0\x80",
+    ] {
+        assert_eq!(is_text(s), reference(s), "{s:?}");
+    }
+    // Random short values, mostly ASCII, some with NUL or high bytes.
+    let mut rng = common::XorShift(7);
+    for _ in 0..200_000 {
+        let len = rng.below(40);
+        let v: Vec<u8> = (0..len)
+            .map(|_| match rng.below(20) {
+                0 => 0,
+                1 => 0x80 + rng.below(0x80) as u8,
+                _ => 1 + rng.below(0x7f) as u8,
+            })
+            .collect();
+        assert_eq!(is_text(&v), reference(&v), "{v:?}");
+    }
 }
