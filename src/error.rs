@@ -39,6 +39,10 @@ use psap_core::{Cipher, CoreError, EnvelopeError, Version};
 /// known to be one of ours.
 pub const ORIGIN: &str = "psap_encrypt";
 
+/// The detail a run's error of the table's code or the server gets instead of its own, which can
+/// quote row values (PostgreSQL's "Failing row contains (...)", "Key (...)=(...)").
+pub const FOREIGN_DETAIL: &str = "psap_encrypt does not repeat the detail of an error raised by the table's code or the server: it can quote row values.";
+
 thread_local! {
     /// The SQLSTATE and message of the last error psap_encrypt raised in this backend: how a run
     /// that failed knows whether the error came from psap_encrypt itself (whose messages may go

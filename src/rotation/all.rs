@@ -193,7 +193,8 @@ fn _psap_all_failed(job: i64, sqlstate: &str, message: Option<&str>) {
         };
         if let Some(column) = job.starting.take() {
             job.done_columns += 1;
-            let failure = Failure::new(error::code_of(sqlstate), message.unwrap_or_default());
+            let code = error::code_of(sqlstate);
+            let failure = Failure::caught(code, message.unwrap_or_default(), None, None);
             failed(job, column, failure);
         }
     });

@@ -50,7 +50,7 @@ fn _psap_run_step(run: i64) -> bool {
 /// record ends as cancelled or failed, and the error is kept for `_psap_run_end`. Does nothing
 /// unless a step of that run, in this backend, did fail. The audit log quotes the message only if
 /// psap_encrypt raised it; for anything else it records the SQLSTATE, and the error raised again
-/// has its envelopes masked (`psap_core::redact::mask_envelopes`).
+/// has no detail of its own and its envelopes masked (`psap_core::redact::mask_envelopes`).
 #[pg_extern(volatile)]
 fn _psap_run_failed(
     run: i64,
@@ -64,26 +64,7 @@ fn _psap_run_failed(
     };
     let code = error::code_of(sqlstate);
     let message = message.unwrap_or_default();
-    let ours = error::raised_by_us(code, message);
-    // Errors of the table's code and of PostgreSQL can quote row values: a check constraint's
-    // "Failing row contains (...)" holds the new ciphertext. They are raised again with every
-    // envelope's body masked; psap_encrypt's own messages never hold a value.
-    let text = |s: &str| {
-        if ours {
-            return s.to_string();
-        }
-        let mut bytes = s.as_bytes().to_vec();
-        psap_core::redact::mask_envelopes(&mut bytes);
-        String::from_utf8(bytes).unwrap_or_default()
-    };
-    let keep = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(text);
-    let failure = Failure {
-        code,
-        message: text(message),
-        detail: keep(detail),
-        hint: keep(hint),
-        ours,
-    };
+    let failure = Failure::caught(code, message, detail, hint);
     let status = failure.status();
     sandbox::with_safe_search_path(|| {
         rec.audit.end(

@@ -35,6 +35,32 @@ impl Failure {
         }
     }
 
+    /// An error a step or a column of a run ended with, as the procedure caught it. Errors of
+    /// the table's code and of PostgreSQL can quote row values: a check constraint's "Failing
+    /// row contains (...)" holds the whole row, the new ciphertext and any plaintext column
+    /// included. Their detail, where PostgreSQL quotes values, is not repeated; every envelope's
+    /// body in what is repeated is masked (psap_encrypt's own messages hold none, and a message
+    /// of the table's code can be made to look like one of them).
+    pub fn caught(
+        code: PgSqlErrorCode,
+        message: &str,
+        detail: Option<&str>,
+        hint: Option<&str>,
+    ) -> Failure {
+        let ours = error::raised_by_us(code, message);
+        let keep = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(without_envelopes);
+        Failure {
+            code,
+            message: without_envelopes(message),
+            detail: match keep(detail) {
+                Some(_) if !ours => Some(error::FOREIGN_DETAIL.to_string()),
+                kept => kept,
+            },
+            hint: keep(hint),
+            ours,
+        }
+    }
+
     pub fn detail(mut self, d: impl Into<String>) -> Failure {
         self.detail = Some(d.into());
         self
@@ -75,6 +101,14 @@ impl Failure {
     pub fn raise(self) -> ! {
         error::raise(self.code, self.message, self.detail, self.hint)
     }
+}
+
+/// `text` with every envelope's body masked (`psap_core::redact::mask_envelopes`).
+fn without_envelopes(text: &str) -> String {
+    let mut bytes = text.as_bytes().to_vec();
+    psap_core::redact::mask_envelopes(&mut bytes);
+    // Only ASCII letters, digits and `+/=` become `*`: still UTF-8.
+    String::from_utf8(bytes).unwrap_or_default()
 }
 
 /// A row of a leaf that cannot be decrypted.

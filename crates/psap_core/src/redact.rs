@@ -12,8 +12,8 @@
 //!
 //! Apart from those, [`mask_envelopes`] hides ciphertext: the body of every envelope
 //! (`v<N>:` and [`MIN_ENVELOPE_BODY`] or more base64 characters) becomes asterisks. psap_rotate
-//! applies it to the errors of a table's code that it raises again: a check constraint's
-//! "Failing row contains (...)" quotes the row it refused, with the new ciphertext in it.
+//! applies it to the errors it raises again after a failed batch (the table's code can quote the
+//! row it refused, with the new ciphertext in it).
 //!
 //! Lengths never change and nothing is allocated, so the caller can rewrite a C string where it
 //! lies, inside error reporting.
@@ -124,8 +124,11 @@ pub fn mask_envelopes(text: &mut [u8]) -> bool {
                 .count();
         if end - body >= MIN_ENVELOPE_BODY {
             changed |= mask(&mut text[body..end]);
+            i = end;
+        } else {
+            // Not an envelope: another prefix can start inside it (`v1:v2:...`).
+            i += 1;
         }
-        i = end; // past the prefix at least
     }
     changed
 }

@@ -516,6 +516,11 @@ fn envelopes_are_masked_but_their_version_kept() {
     ] {
         assert_eq!(m(&s), (s.clone(), false), "{s}");
     }
+    // A prefix inside a run too short to be a body starts an envelope of its own.
+    assert_eq!(
+        m(&format!("v1:v2:{body}")),
+        (format!("v1:v2:{stars}"), true)
+    );
     assert_eq!(
         m(&format!("v1:{}", "A".repeat(MIN_ENVELOPE_BODY))),
         (format!("v1:{}", "*".repeat(MIN_ENVELOPE_BODY)), true)
