@@ -374,6 +374,32 @@ unsafe fn count_page(
             counter.add((!isnull).then(|| datum.cast_mut_ptr()));
         }
         (*scan).rs_cindex = (*scan).rs_ntuples - 1;
+        count_returned(scan, visible - 1);
+    }
+}
+
+/// Adds `n` to the rows the table's statistics say a scan returned (`seq_tup_read`), for the
+/// rows [`count_page`] read that the scan did not return itself (it counted the page's first).
+///
+/// # Safety
+/// `scan` is a heap scan that has returned a tuple (so its relation's statistics entry, if it
+/// has one, is set up).
+unsafe fn count_returned(scan: pg_sys::HeapScanDesc, n: usize) {
+    // SAFETY: the relation is open for the scan; its statistics entry is NULL or valid.
+    unsafe {
+        let stats = (*(*scan).rs_base.rs_rd).pgstat_info;
+        if stats.is_null() {
+            return;
+        }
+        let n = n as pg_sys::PgStat_Counter;
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+        {
+            (*stats).t_counts.t_tuples_returned += n;
+        }
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+        {
+            (*stats).counts.tuples_returned += n;
+        }
     }
 }
 
