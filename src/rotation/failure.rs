@@ -48,15 +48,17 @@ impl Failure {
         hint: Option<&str>,
     ) -> Failure {
         let ours = error::raised_by_us(code, message);
-        let keep = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(without_envelopes);
         Failure {
             code,
             message: without_envelopes(message),
-            detail: match keep(detail) {
-                Some(_) if !ours => Some(error::FOREIGN_DETAIL.to_string()),
-                kept => kept,
-            },
-            hint: keep(hint),
+            detail: detail.filter(|d| !d.is_empty()).map(|d| {
+                if ours {
+                    without_envelopes(d)
+                } else {
+                    error::FOREIGN_DETAIL.to_string()
+                }
+            }),
+            hint: hint.filter(|h| !h.is_empty()).map(without_envelopes),
             ours,
         }
     }
