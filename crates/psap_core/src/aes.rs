@@ -54,6 +54,9 @@ struct Contexts {
 const CONTEXTS_BYTES: usize = size_of::<Contexts>();
 
 /// An AES-256-GCM key prepared for the module, in locked memory (see the module comment).
+/// Shared between threads as it is (it is Sync through its `Secret`): the module's seal and open
+/// only read a context, and its header says each "may be called concurrently with itself or
+/// any other seal/open function on the same EVP_AEAD_CTX".
 pub struct PreparedKey(Secret<CONTEXTS_BYTES>);
 
 impl PreparedKey {

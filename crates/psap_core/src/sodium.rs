@@ -133,6 +133,10 @@ pub struct Secret<const N: usize>(NonNull<[u8; N]>);
 
 // SAFETY: the memory is owned exclusively by this value.
 unsafe impl<const N: usize> Send for Secret<N> {}
+// SAFETY: shared access only reads the bytes (`bytes`) or locks their pages again (`relock`,
+// an `mlock` that changes no byte); writing needs `&mut self`. A key ring is shared with
+// psap_rotate's crypto thread this way (the extension's src/rotation/helper.rs).
+unsafe impl<const N: usize> Sync for Secret<N> {}
 
 impl<const N: usize> Secret<N> {
     /// N zero bytes, or None if the memory could not be allocated.

@@ -376,3 +376,51 @@ fn only_secretbox_draws_the_callers_nonce() {
         assert_eq!(draws.get(), drawn, "re-encrypting to v{to}");
     }
 }
+
+/// psap_rotate's crypto thread shares the backend's key ring (src/rotation/helper.rs): a ring is
+/// Send and Sync, and threads sealing and opening with the same keys at once (the module's
+/// contexts and libsodium's key bytes, both only read) each get their own values right, with
+/// nonces that never repeat between them.
+#[test]
+fn threads_sharing_a_ring_seal_and_open_correctly() {
+    fn shareable<T: Send + Sync>(_: &T) {}
+    let ring = std::sync::Arc::new(mixed_ring());
+    shareable(&*ring);
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let ring = ring.clone();
+            std::thread::spawn(move || {
+                let mut nonces = sodium::NonceSource::default();
+                let mut out = Vec::new();
+                for i in 0..2_000u32 {
+                    let plain = format!("thread {t} value {i}");
+                    let mut v1 = Vec::new();
+                    cipher::encrypt(&ring, v(1), &nonces.next(1), &[], plain.as_bytes(), &mut v1)
+                        .unwrap();
+                    let mut v3 = Vec::new();
+                    assert_eq!(
+                        cipher::reencrypt(&ring, v(3), &nonces.next(1), &v1, &mut v3).unwrap(),
+                        v(1)
+                    );
+                    let mut back = Vec::new();
+                    assert_eq!(cipher::decrypt(&ring, &v3, &[], &mut back).unwrap(), v(3));
+                    assert_eq!(back, plain.as_bytes());
+                    out.push(v3);
+                }
+                out
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for t in threads {
+        for env in t.join().unwrap() {
+            let mut sealed = Vec::new();
+            envelope::decode_body(&env[3..], &mut sealed).unwrap();
+            assert!(
+                seen.insert(sealed[..12].to_vec()),
+                "a nonce repeated between threads"
+            );
+        }
+    }
+    assert_eq!(seen.len(), 8_000);
+}
