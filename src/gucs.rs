@@ -22,7 +22,7 @@
 use std::cell::{RefCell, RefMut};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -35,15 +35,17 @@ use crate::{error, keysource};
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// State this backend's SQL functions and setting hooks share. A RefCell, not a Mutex: PostgreSQL
-/// runs a backend's queries, hooks and setting callbacks on one thread, and this library starts
-/// no other, so a lock would only cost an atomic instruction pair on every psap_encrypt and
-/// psap_decrypt (about 10 ns per lock, measured here; psap_encrypt took four). A second borrow
+/// runs a backend's queries, hooks and setting callbacks on one thread, and the one other thread
+/// this library starts (psap_rotate's crypto thread, src/rotation/helper.rs) never touches these
+/// cells (it is handed its own reference to the key ring, [`keyring_shared`]), so a lock would only
+/// cost an atomic instruction pair on every psap_encrypt and psap_decrypt (about 10 ns per lock,
+/// measured here; psap_encrypt took four). A second borrow
 /// while one is held, which would be a bug (re-entry from inside key handling), panics, and pgrx
 /// raises the panic as an ERROR.
 struct BackendCell<T>(RefCell<T>);
 
 // SAFETY: only the backend's own thread uses these cells (see above). pgrx refuses calls into
-// PostgreSQL from any other thread, and nothing in this library spawns one.
+// PostgreSQL from any other thread, and the crypto thread calls no function of this module.
 unsafe impl<T> Sync for BackendCell<T> {}
 
 impl<T> BackendCell<T> {
@@ -84,6 +86,9 @@ static DECRYPT_PASSTHROUGH: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::n
 
 /// `psap.direct_batches`: psap_rotate's batches update the heap directly where they can.
 static DIRECT_BATCHES: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(true);
+
+/// `psap.rotation_thread`: a direct batch re-encrypts on a crypto thread while it writes.
+static ROTATION_THREAD: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(true);
 
 const KEY_VERSION_DEFAULT: &CStr = c"v1";
 
@@ -153,6 +158,14 @@ pub fn init() {
         c"Lets psap_rotate and psap_encrypt_column update rows directly on the heap, without a statement per batch.",
         c"On by default, for tables whose UPDATE would run nothing but index entries and constraint checks. Off: every batch is a SQL statement, which pgaudit and pg_stat_statements see.",
         &DIRECT_BATCHES,
+        pgrx::GucContext::Suset,
+        pgrx::GucFlags::default(),
+    );
+    pgrx::GucRegistry::define_bool_guc(
+        c"psap.rotation_thread",
+        c"Lets psap_rotate re-encrypt a direct batch's rows on a second thread while the backend writes them.",
+        c"On by default: the re-encryption of the next rows overlaps the writing of the last, on a second CPU. Off: the backend re-encrypts each row itself, on one CPU.",
+        &ROTATION_THREAD,
         pgrx::GucContext::Suset,
         pgrx::GucFlags::default(),
     );
@@ -590,7 +603,9 @@ struct Keys {
     command: KeyRing,
     command_state: Option<keysource::Snapshot>,
     seen: u64,
-    effective: KeyRing,
+    /// The merged ring, shared as it is with psap_rotate's crypto thread for a batch; a change
+    /// makes a new one (the old is wiped when its last holder lets go).
+    effective: Arc<KeyRing>,
     sources: Vec<Source>,
     /// When each setting's key was last applied (Unix microseconds).
     setting_loaded_at: [i64; MAX_VERSION as usize + 1],
@@ -605,7 +620,7 @@ impl Default for Keys {
             command: KeyRing::default(),
             command_state: None,
             seen: 0,
-            effective: KeyRing::default(),
+            effective: Arc::new(KeyRing::default()),
             sources: Vec::new(),
             setting_loaded_at: [0; MAX_VERSION as usize + 1],
             dirty: false,
@@ -656,7 +671,7 @@ impl Keys {
             ring.set(v, slot);
             sources[v.get() as usize] = source;
         }
-        self.effective = ring;
+        self.effective = Arc::new(ring);
         self.sources = sources;
         self.dirty = false;
     }
@@ -697,6 +712,14 @@ pub fn keyring() -> KeyringGuard {
     let mut k = keys();
     k.refresh();
     KeyringGuard(k)
+}
+
+/// The backend's key ring, up to date, as a reference of its own that another thread may hold
+/// (psap_rotate's crypto thread, for one batch) while the backend goes on using its cells.
+pub fn keyring_shared() -> Arc<KeyRing> {
+    let mut k = keys();
+    k.refresh();
+    Arc::clone(&k.effective)
 }
 
 /// Each version's source and when its key was loaded, and what the key command's last run left.
@@ -862,6 +885,11 @@ pub fn current_version() -> Version {
 /// Whether a rotation's batches may update the heap directly (src/rotation/direct.rs).
 pub fn direct_batches() -> bool {
     DIRECT_BATCHES.get()
+}
+
+/// Whether a direct batch re-encrypts on a crypto thread (src/rotation/helper.rs).
+pub fn rotation_thread() -> bool {
+    ROTATION_THREAD.get()
 }
 
 /// Whether psap_decrypt passes plaintext (values without an envelope prefix) through.
