@@ -445,6 +445,17 @@ pub fn row_changed_while_locked(row: &str) -> ! {
     )
 }
 
+/// psap_rotate's crypto thread stopped before it answered (src/rotation/helper.rs): a bug,
+/// reported as one.
+pub fn crypto_thread_stopped() -> ! {
+    raise(
+        ERRCODE_INTERNAL_ERROR,
+        "psap_rotate's crypto thread stopped during a batch",
+        Some("The batch was rolled back and no row of it was changed.".into()),
+        Some("Set psap.rotation_thread = off to re-encrypt on the backend's own thread, and report this.".into()),
+    )
+}
+
 pub fn column_became_key(relation: &str, column: &str) -> ! {
     raise(
         ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -214,6 +214,21 @@ pub(crate) fn reencrypt_text(
     }
 }
 
+/// What [`reencrypt_text`] checks of an envelope before it decrypts it, for a caller that
+/// re-encrypts it on psap_rotate's crypto thread (src/rotation/helper.rs).
+pub(crate) fn check_reencrypt_input(ring: &KeyRing, envelope: &[u8]) {
+    gucs::ensure_preloaded();
+    allow_decrypt(ring, envelope, true);
+}
+
+/// A palloc'd text holding `bytes` (a new envelope the crypto thread built).
+pub(crate) fn text_from(bytes: &[u8]) -> PallocText {
+    let v = Varlena::alloc(bytes.len());
+    // SAFETY: freshly allocated for exactly this copy.
+    unsafe { v.data_mut() }.copy_from_slice(bytes);
+    PallocText(v)
+}
+
 thread_local! {
     /// Plaintext buffer of re-encryption, reused from one row to the next (wiped after each).
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };

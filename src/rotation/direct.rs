@@ -28,12 +28,14 @@
 
 use std::collections::HashSet;
 use std::ptr;
+use std::sync::Arc;
 
 use pgrx::itemptr::item_pointer_get_both;
 use pgrx::pg_sys;
 use pgrx::varlena::{vardata_any, varsize_any_exhdr};
 use psap_core::{CoreError, Version};
 
+use super::helper;
 use super::options::Mode;
 use super::walk::Range;
 use super::{state, Run};
@@ -159,16 +161,22 @@ impl Job<'_> {
                 .last()
                 .map_or(lo, |&row| item_pointer_get_both((*row).t_self).0);
             let mut taken: Taken = (locked.len() as i64, 0, last);
-            for &row in &locked {
-                pg_sys::check_for_interrupts!();
-                let old = pg_sys::MemoryContextSwitchTo(update.per_row);
-                let done = self.rewrite(update, row);
-                pg_sys::MemoryContextSwitchTo(old);
-                pg_sys::MemoryContextReset(update.per_row);
-                if done {
-                    taken.1 += 1;
-                } else if self.stop_at_failure {
-                    break;
+            let on_thread = matches!(self.mode, Mode::Rotate { .. })
+                && locked.len() >= helper::MIN_ROWS
+                && gucs::rotation_thread()
+                && self.rewrite_on_thread(update, &locked, &mut taken.1);
+            if !on_thread {
+                for &row in &locked {
+                    pg_sys::check_for_interrupts!();
+                    let old = pg_sys::MemoryContextSwitchTo(update.per_row);
+                    let done = self.rewrite(update, row);
+                    pg_sys::MemoryContextSwitchTo(old);
+                    pg_sys::MemoryContextReset(update.per_row);
+                    if done {
+                        taken.1 += 1;
+                    } else if self.stop_at_failure {
+                        break;
+                    }
                 }
             }
             pg_sys::MemoryContextDelete(batch);
@@ -277,6 +285,66 @@ impl Job<'_> {
                     true
                 }
                 None => false,
+            }
+        }
+    }
+
+    /// [`Job::rewrite`] of every locked row in order, with the re-encryption on a crypto thread
+    /// ([`helper`]) while this thread writes; counts the rows written in `done`. False, having
+    /// done nothing, if no thread could be started.
+    ///
+    /// # Safety
+    /// As in [`Job::walk`]; `locked` are copies of the row versions this transaction locked.
+    unsafe fn rewrite_on_thread(
+        &self,
+        update: &Update,
+        locked: &[pg_sys::HeapTuple],
+        done: &mut i64,
+    ) -> bool {
+        let ring = gucs::keyring_shared();
+        // Each value is read, and the new one written, in the per-row context, reset after each:
+        // the thread has copies. A locked row's value is never NULL (rows are chosen by value,
+        // [`Job::wanted`]); were it, its empty copy would be refused as no envelope.
+        let envelope = |i: usize| unsafe {
+            let old = pg_sys::MemoryContextSwitchTo(update.per_row);
+            let bytes = update.value(locked[i]).map_or_else(Vec::new, |value| {
+                let whole = pg_sys::pg_detoast_datum_packed(value);
+                let bytes = std::slice::from_raw_parts(
+                    vardata_any(whole).cast::<u8>(),
+                    varsize_any_exhdr(whole),
+                );
+                crypto::check_reencrypt_input(&ring, bytes);
+                copy(bytes)
+            });
+            pg_sys::ExecClearTuple(update.old_slot);
+            pg_sys::MemoryContextSwitchTo(old);
+            pg_sys::MemoryContextReset(update.per_row);
+            bytes
+        };
+        let write = |i: usize, result: helper::Output| unsafe {
+            pg_sys::check_for_interrupts!();
+            let Some(new) = self.accept(result) else {
+                return !self.stop_at_failure;
+            };
+            let old = pg_sys::MemoryContextSwitchTo(update.per_row);
+            update.write(locked[i], crypto::text_from(&new).into_raw());
+            pg_sys::MemoryContextSwitchTo(old);
+            pg_sys::MemoryContextReset(update.per_row);
+            *done += 1;
+            true
+        };
+        helper::reencrypt(Arc::clone(&ring), self.to, locked.len(), envelope, write)
+    }
+
+    /// A new envelope from the crypto thread, or None (a failure counted for the caller) for a
+    /// value that could not be decrypted, as [`Job::transform`] decides.
+    fn accept(&self, result: helper::Output) -> Option<Vec<u8>> {
+        match result {
+            Ok(new) => Some(new),
+            Err(e @ (CoreError::OutOfMemory { .. } | CoreError::TooLarge { .. })) => error::core(e),
+            Err(e) => {
+                state::count_row_failure(e.to_string());
+                None
             }
         }
     }
@@ -849,6 +917,17 @@ enum IndexEntries {
     )]
     Summarizing,
     All,
+}
+
+/// A copy of a value for the crypto thread; an allocation that fails is PostgreSQL's
+/// `out of memory` error, not an abort.
+fn copy(bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    if v.try_reserve_exact(bytes.len()).is_err() {
+        error::core(CoreError::OutOfMemory { bytes: bytes.len() });
+    }
+    v.extend_from_slice(bytes);
+    v
 }
 
 /// `(block,offset)`, as tidout prints a tid.

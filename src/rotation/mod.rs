@@ -13,7 +13,8 @@
 //!   locks up to `batch` rows that still need work as `FOR NO KEY UPDATE SKIP LOCKED` does,
 //!   computes each new value from exactly the locked row version and updates that version:
 //!   directly on the heap where an `UPDATE` would run nothing but index entries and constraints
-//!   ([`direct`]), else with one statement ([`sql::batch`]). Rows the application holds are
+//!   ([`direct`], which re-encrypts on a crypto thread while it writes: [`helper`]), else with
+//!   one statement ([`sql::batch`]). Rows the application holds are
 //!   skipped, never waited for (no deadlock can reach the application); an application write made
 //!   meanwhile wins, because only the version read is locked and updated; a row already written
 //!   with the target key is no candidate, so two sessions never do a row twice.
@@ -35,6 +36,7 @@ pub mod all;
 pub mod batch;
 pub mod direct;
 pub mod failure;
+pub mod helper;
 pub mod options;
 pub mod plan;
 pub mod progress;

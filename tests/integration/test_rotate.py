@@ -1156,3 +1156,113 @@ def test_the_direct_batch_skips_rows_other_sessions_hold_and_never_waits(cluster
             assert c.execute("SELECT other FROM incidents WHERE id = 50").fetchone()[0] == "being written"
     finally:
         holder.close()
+
+
+def crypto_threads(pid):
+    """The names of backend `pid`'s threads other than its own."""
+    names = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        if int(task) != pid:
+            try:
+                names.append(open(f"/proc/{pid}/task/{task}/comm").read().strip())
+            except OSError:
+                pass  # ended meanwhile
+    return names
+
+
+class ThreadWatch(threading.Thread):
+    """Samples a backend's other threads until stopped: every name seen."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.seen, self.done = pid, set(), threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.seen.update(crypto_threads(self.pid))
+
+    def stop(self):
+        self.done.set()
+        self.join()
+        return self.seen
+
+
+def plaintext_digest(c, table):
+    return c.execute(f"SELECT md5(string_agg(psap_decrypt(title), ',' ORDER BY id)) FROM {table}").fetchone()[0]
+
+
+@pytest.mark.parametrize("to", ["v2", "v3"])
+def test_a_direct_batch_re_encrypts_on_a_crypto_thread_beside_the_backend(cluster, db, to):
+    """psap.rotation_thread (on by default): a direct batch's values are re-encrypted on a second
+    thread of the backend while it writes, to what the backend alone writes; the thread is gone
+    when the run ends. Values larger than the thread's window (1 MB) go through it one at a time,
+    and a check constraint of the owner decrypts on the backend's thread while the crypto thread
+    uses the same keys (secretbox to secretbox, and to AES-256-GCM)."""
+    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY3}, "v1")
+    tables = {"threaded": "on", "alone": "off"}
+    with cluster.connect(dbname=db) as c:
+        for t in tables:
+            fill(c, 20000, table=t)
+            c.execute(f"UPDATE {t} SET title = psap_encrypt(repeat('Incident ' || id, 150000)) WHERE id % 5000 = 0")
+            c.execute(f"ALTER TABLE {t} ADD CONSTRAINT readable CHECK (length(psap_decrypt(title)) > 0)")
+        before = {t: plaintext_digest(c, t) for t in tables}
+        c.execute("DROP ROLE IF EXISTS operator_t")
+        c.execute("CREATE ROLE operator_t")
+        c.execute("SELECT psap_grant_operator('operator_t')")
+        c.execute("SET ROLE operator_t")
+        assert sqlstate_of(c, "SET psap.rotation_thread = off")[0] == "42501"
+        c.execute("RESET ROLE")
+        c.execute("DROP OWNED BY operator_t; DROP ROLE operator_t")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY3}, to)
+    seen = {}
+    for t, setting in tables.items():
+        with cluster.connect(dbname=db) as c, cluster.no_crash():
+            said = saying_how(c)
+            c.execute(f"SET psap.rotation_thread = {setting}")
+            pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+            watch = ThreadWatch(pid)
+            watch.start()
+            try:
+                c.execute(f"CALL psap_rotate('{t}', 'title', 500)")
+            finally:
+                seen[t] = watch.stop()
+            assert f"updating the rows of public.{t} directly on the heap" in said
+            assert crypto_threads(pid) == []
+    # A thread has its parent's name ("postgres") until it names itself, as it starts.
+    assert "psap crypto" in seen["threaded"] and seen["threaded"] <= {"psap crypto", "postgres"}
+    assert seen["alone"] == set()
+    with cluster.connect(dbname=db) as c:
+        for t in tables:
+            assert census(c, t) == {("encrypted", to): 20000}
+            assert plaintext_digest(c, t) == before[t]
+
+
+def test_a_timeout_while_the_crypto_thread_works_rolls_its_batch_back(cluster, db):
+    """statement_timeout (and a cancel) reach the backend while its crypto thread works on large
+    values: the batch is rolled back and recorded, the thread stops with it, the session goes
+    on, and the run resumes to the end."""
+    with cluster.connect(dbname=db) as c:
+        fill(c, 200)
+        c.execute("UPDATE incidents SET title = psap_encrypt(repeat('Incident ' || id, 20000))")
+        before = plaintext_digest(c, "incidents")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c, cluster.no_crash():
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        watch = ThreadWatch(pid)
+        watch.start()
+        c.execute("SET statement_timeout = '150ms'")
+        state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 100)")
+        seen = watch.stop()
+        assert (state, msg) == ("57014", "canceling statement due to statement timeout")
+        assert "psap crypto" in seen
+        assert crypto_threads(pid) == []
+        c.execute("RESET statement_timeout")
+        assert c.execute("SELECT status FROM psap_rotation_progress").fetchall() == [("cancelled",)]
+        assert plaintext_digest(c, "incidents") == before
+        left = census(c)
+        assert left[("encrypted", "v1")] > 0 and sum(left.values()) == 200
+    rotate(cluster, db)
+    with cluster.connect(dbname=db) as c:
+        assert census(c) == {("encrypted", "v2"): 200}
+        assert plaintext_digest(c, "incidents") == before
+
