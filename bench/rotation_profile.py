@@ -109,6 +109,9 @@ def profile_rotation(cluster, db, rows, fresh_table, plain_proc, batch):
         c.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         c.execute("SET pg_stat_statements.track = 'all'; SET track_functions = 'all'")
         c.execute("SET psap.key_version = 'v2'")
+        # perf follows the backend's own thread, not the crypto thread it starts per batch: with
+        # the crypto on the backend's thread, one profile holds all of psap_rotate's CPU time.
+        c.execute("SET psap.rotation_thread = off")
         c.execute(plain_proc)
         pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
         for method, call in [("psap_rotate", f"CALL psap_rotate('t', 'title', {batch})"),

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from psap_cluster import KEY1, KEY2, KEY3, Cluster  # tests/support, on PYTHONPATH (scripts/bench.sh)
-from report import ROTATION_COUNT_BEFORE, ROTATION_COUNT_SQL, STATEMENTS
+from report import ONE_THREAD, ROTATION_COUNT_BEFORE, ROTATION_COUNT_SQL, STATEMENTS
 from rotation_profile import profile_rotation, profile_two_sessions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,7 +326,7 @@ def bench_rotate(cluster, db, n, runs, php):
     res = {}
     with cluster.connect(dbname=db) as c:
         c.execute("SET client_min_messages = warning")
-        methods = ["psap_rotate", "psap_rotate, verify => false", STATEMENTS, "psap_rotate to AES-256-GCM",
+        methods = ["psap_rotate", "psap_rotate, verify => false", ONE_THREAD, STATEMENTS, "psap_rotate to AES-256-GCM",
                    "batched UPDATE, no crypto", "batched UPDATE + re-encrypt, no locks",
                    "DBA's loop: SKIP LOCKED + psap_encrypt(psap_decrypt())"] + (["PHP client (app's way)"] if php else [])
         times = {m: [] for m in methods}
@@ -342,6 +342,8 @@ def bench_rotate(cluster, db, n, runs, php):
                         assert v.execute("SELECT count(*) FROM t WHERE psap_decrypt(title) IS NULL").fetchone()[0] == 0
                 elif m == "psap_rotate, verify => false":
                     e, _ = rotate_psap(cluster, db, n, options=", verify => false")
+                elif m == ONE_THREAD:
+                    e, _ = rotate_psap(cluster, db, n, settings=["SET psap.rotation_thread = off"])
                 elif m == STATEMENTS:
                     e, _ = rotate_psap(cluster, db, n, settings=["SET psap.direct_batches = off"])
                 elif m == "psap_rotate to AES-256-GCM":
