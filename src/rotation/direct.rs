@@ -5,7 +5,10 @@
 //! its index entries and checks its constraints as an `UPDATE` does (after PostgreSQL's own
 //! `ExecSimpleRelationUpdate`, which logical replication applies rows with). That leaves out the
 //! batch statement's executor work: its plan nodes, the per-row function calls and their
-//! arguments, the locked rows' array and the second visit of each row (BENCHMARKS.md).
+//! arguments, the locked rows' array and the second visit of each row (BENCHMARKS.md). The
+//! re-encryption of a batch's locked rows runs on a crypto thread while this one writes them
+//! ([`super::helper`]; on this thread for a small batch, a value over 64 KB, or with
+//! `psap.rotation_thread` off).
 //!
 //! The guarantees are the batch statement's, row by row:
 //! - a row another session holds (locked or being written) is skipped, never waited for: the lock
@@ -289,9 +292,13 @@ impl Job<'_> {
         }
     }
 
-    /// [`Job::rewrite`] of every locked row in order, with the re-encryption on a crypto thread
+    /// [`Job::rewrite`] of every locked row in order, with the re-encryption on the crypto thread
     /// ([`helper`]) while this thread writes; counts the rows written in `done`. False, having
-    /// done nothing, if no thread could be started.
+    /// done nothing, if the thread could not be had.
+    ///
+    /// The batch's rows are re-encrypted with the key ring as the batch began; if the ring
+    /// changes meanwhile (a reload of the key command's keys, seen by the table's code using a
+    /// key), the batch stops before its next row, which a later batch does with the new ring.
     ///
     /// # Safety
     /// As in [`Job::walk`]; `locked` are copies of the row versions this transaction locked.
@@ -303,48 +310,63 @@ impl Job<'_> {
     ) -> bool {
         let ring = gucs::keyring_shared();
         // Each value is read, and the new one written, in the per-row context, reset after each:
-        // the thread has copies. A locked row's value is never NULL (rows are chosen by value,
-        // [`Job::wanted`]); were it, its empty copy would be refused as no envelope.
-        let envelope = |i: usize| unsafe {
+        // the thread has copies.
+        let item = |i: usize| unsafe {
             let old = pg_sys::MemoryContextSwitchTo(update.per_row);
-            let bytes = update.value(locked[i]).map_or_else(Vec::new, |value| {
-                let whole = pg_sys::pg_detoast_datum_packed(value);
-                let bytes = std::slice::from_raw_parts(
-                    vardata_any(whole).cast::<u8>(),
-                    varsize_any_exhdr(whole),
-                );
-                crypto::check_reencrypt_input(&ring, bytes);
-                copy(bytes)
-            });
+            let item = match update.value(locked[i]) {
+                Some(value)
+                    if pg_sys::toast_raw_datum_size(pg_sys::Datum::from(value))
+                        <= helper::LARGE =>
+                {
+                    let whole = pg_sys::pg_detoast_datum_packed(value);
+                    let bytes = std::slice::from_raw_parts(
+                        vardata_any(whole).cast::<u8>(),
+                        varsize_any_exhdr(whole),
+                    );
+                    crypto::check_reencrypt_input(&ring, bytes);
+                    helper::Item::Envelope(copy(bytes))
+                }
+                // Never NULL (rows are chosen by value, [`Job::wanted`]); a large value is not
+                // held twice over.
+                _ => helper::Item::Backend,
+            };
             pg_sys::ExecClearTuple(update.old_slot);
             pg_sys::MemoryContextSwitchTo(old);
             pg_sys::MemoryContextReset(update.per_row);
-            bytes
+            item
         };
-        let write = |i: usize, result: helper::Output| unsafe {
+        let write = |i: usize, answer: helper::Answer| unsafe {
             pg_sys::check_for_interrupts!();
-            let Some(new) = self.accept(result) else {
-                return !self.stop_at_failure;
-            };
+            if !Arc::ptr_eq(&ring, &gucs::keyring_shared()) {
+                return false;
+            }
             let old = pg_sys::MemoryContextSwitchTo(update.per_row);
-            update.write(locked[i], crypto::text_from(&new).into_raw());
+            let written = match answer {
+                helper::Answer::New(new) => {
+                    update.write(locked[i], crypto::text_from(&new).into_raw());
+                    true
+                }
+                helper::Answer::Failed(e) => self.failed(e),
+                helper::Answer::Backend => self.rewrite(update, locked[i]),
+            };
             pg_sys::MemoryContextSwitchTo(old);
             pg_sys::MemoryContextReset(update.per_row);
-            *done += 1;
-            true
+            if written {
+                *done += 1;
+            }
+            written || !self.stop_at_failure
         };
-        helper::reencrypt(Arc::clone(&ring), self.to, locked.len(), envelope, write)
+        helper::reencrypt(Arc::clone(&ring), self.to, locked.len(), item, write)
     }
 
-    /// A new envelope from the crypto thread, or None (a failure counted for the caller) for a
-    /// value that could not be decrypted, as [`Job::transform`] decides.
-    fn accept(&self, result: helper::Output) -> Option<Vec<u8>> {
-        match result {
-            Ok(new) => Some(new),
-            Err(e @ (CoreError::OutOfMemory { .. } | CoreError::TooLarge { .. })) => error::core(e),
-            Err(e) => {
+    /// A value that could not be re-encrypted, as [`Job::transform`] decides: out of memory and
+    /// too large are errors; otherwise a failure counted for the caller (false).
+    fn failed(&self, e: CoreError) -> bool {
+        match e {
+            CoreError::OutOfMemory { .. } | CoreError::TooLarge { .. } => error::core(e),
+            e => {
                 state::count_row_failure(e.to_string());
-                None
+                false
             }
         }
     }
@@ -355,11 +377,8 @@ impl Job<'_> {
         match self.mode {
             Mode::Rotate { .. } => match crypto::reencrypt_text(value, self.to, &[]) {
                 Ok(text) => Some(text.into_raw()),
-                Err(e @ (CoreError::OutOfMemory { .. } | CoreError::TooLarge { .. })) => {
-                    error::core(e)
-                }
                 Err(e) => {
-                    state::count_row_failure(e.to_string());
+                    self.failed(e);
                     None
                 }
             },
