@@ -256,7 +256,9 @@ fn run(command: &str, timeout: Duration) -> Result<Vec<(Version, Key)>, String> 
         let dir = unsafe { std::ffi::CStr::from_ptr(data_dir) };
         cmd.env("PSAP_DATA_DIRECTORY", dir.to_string_lossy().as_ref());
     }
-    let _blocked = BlockChildSignal::new();
+    // SIGCHLD blocked while the command runs: the postmaster's own reaper must never collect
+    // (and misread as a crashed backend) the command's process, which this module waits for itself.
+    let _blocked = crate::signals::Blocked::only(libc::SIGCHLD);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("it could not be started ({})", e.kind()))?;
@@ -396,31 +398,6 @@ fn log_stderr(err: &[u8]) {
             PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
             format!("psap.key_command: {line}")
         );
-    }
-}
-
-/// Keeps SIGCHLD blocked while the command runs: the postmaster's own reaper must never collect
-/// (and misread as a crashed backend) the command's process, which this module waits for itself.
-struct BlockChildSignal(libc::sigset_t);
-
-impl BlockChildSignal {
-    fn new() -> BlockChildSignal {
-        // SAFETY: plain signal-mask calls on sigset_t values owned here.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGCHLD);
-            libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
-            BlockChildSignal(old)
-        }
-    }
-}
-
-impl Drop for BlockChildSignal {
-    fn drop(&mut self) {
-        // SAFETY: restores the mask saved in new().
-        unsafe { libc::sigprocmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
     }
 }
 

@@ -31,6 +31,7 @@ pub mod names;
 pub mod rotation;
 pub mod sandbox;
 pub mod scan;
+pub mod signals;
 pub mod spi;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -39,7 +39,7 @@ use pgrx::pg_sys;
 use psap_core::sodium::{NonceSource, NONCE_BYTES};
 use psap_core::{cipher, CoreError, KeyRing, Version};
 
-use crate::error;
+use crate::{error, signals};
 
 /// Values handed to the thread ahead of the one the backend writes.
 pub const WINDOW_ROWS: usize = 128;
@@ -195,37 +195,11 @@ fn hand_over(batch: Batch) -> bool {
 /// Starts `body` on a thread with every signal blocked; false if the system refused a thread
 /// (a limit on processes or memory).
 fn spawn_without_signals(body: impl FnOnce() + Send + 'static) -> bool {
-    let _blocked = SignalsBlocked::new();
+    let _blocked = signals::Blocked::all();
     std::thread::Builder::new()
         .name("psap crypto".into())
         .spawn(body)
         .is_ok()
-}
-
-/// Every signal blocked on this thread while it lives (a thread started meanwhile inherits the
-/// mask); the thread's mask before, restored when it drops (a signal that arrived meanwhile is
-/// delivered then).
-struct SignalsBlocked(libc::sigset_t);
-
-impl SignalsBlocked {
-    fn new() -> SignalsBlocked {
-        // SAFETY: sigfillset and pthread_sigmask on sets of our own; pthread_sigmask cannot fail
-        // with a valid `how` and valid sets.
-        unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            let mut before: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before);
-            SignalsBlocked(before)
-        }
-    }
-}
-
-impl Drop for SignalsBlocked {
-    fn drop(&mut self) {
-        // SAFETY: the mask saved in new().
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
-    }
 }
 
 /// The crypto thread: does each batch it is given, until the backend exits.
