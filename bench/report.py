@@ -101,7 +101,7 @@ def why_rotate(w, rot, nat, prof, read):
     if one:
         one_us = 1e6 / one["rows_per_s_median"]
         w("A direct batch re-encrypts on a second thread of the backend (src/rotation/helper.rs): the backend")
-        w("hands it the locked rows' values a few dozen ahead and writes each new value as it comes back, so the")
+        w("hands it the locked rows' values up to 128 rows ahead and writes each new value as it comes back, so the")
         w("crypto overlaps PostgreSQL's heap and index work on the machine's second CPU. What that bought, in this")
         w(f"run: psap_rotate {one_us:.2f} us per row with the crypto on the backend's thread (`psap.rotation_thread = off`,")
         w(f"as before), {psap_us:.2f} us with the crypto thread: {rot['psap_rotate']['rows_per_s_median'] / one['rows_per_s_median']:.2f}x the rows per second. The rotation then")
@@ -394,7 +394,7 @@ def write_report(r, quick=False):
     if two_ratio < 1.6:
         w(f"- **Two sessions, {near(two_ratio, 1.6)}x instead of 1.6x.** The machine has 2 CPUs, shared by the two backends,")
         w("  the WAL writer, the checkpointer and the benchmark's client, and one session already keeps one CPU")
-        w("  busy and part of the other (its crypto thread). The sessions start at different blocks (PID-derived) and skip each other's locked rows, so")
+        w("  busy and most of the other (its crypto thread, above). The sessions start at different blocks (PID-derived) and skip each other's locked rows, so")
         w("  they do not redo work (the tests check that no row is done twice); more CPUs would raise the figure.")
         two = (r.get("profile") or {}).get("two_sessions")
         if two:
