@@ -29,6 +29,7 @@
 //! ([`crate::sandbox::as_table_owner`]): index expressions and check constraints run with its
 //! rights.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::ptr;
 use std::sync::Arc;
@@ -296,9 +297,10 @@ impl Job<'_> {
     /// ([`helper`]) while this thread writes; counts the rows written in `done`. False, having
     /// done nothing, if the thread could not be had.
     ///
-    /// The batch's rows are re-encrypted with the key ring as the batch began; if the ring
-    /// changes meanwhile (a reload of the key command's keys, seen by the table's code using a
-    /// key), the batch stops before its next row, which a later batch does with the new ring.
+    /// The thread re-encrypts with the key ring as the batch began; if the backend's ring changes
+    /// meanwhile (new keys from the key command, seen by the table's code using a key), the rest
+    /// of the batch is re-encrypted here, row by row with the ring of the moment, as
+    /// [`Job::rewrite`] does (the thread's answers for those rows are dropped).
     ///
     /// # Safety
     /// As in [`Job::walk`]; `locked` are copies of the row versions this transaction locked.
@@ -335,13 +337,15 @@ impl Job<'_> {
             pg_sys::MemoryContextReset(update.per_row);
             item
         };
+        let stale = Cell::new(false);
         let write = |i: usize, answer: helper::Answer| unsafe {
             pg_sys::check_for_interrupts!();
-            if !Arc::ptr_eq(&ring, &gucs::keyring_shared()) {
-                return false;
+            if !stale.get() && !Arc::ptr_eq(&ring, &gucs::keyring_shared()) {
+                stale.set(true);
             }
             let old = pg_sys::MemoryContextSwitchTo(update.per_row);
             let written = match answer {
+                _ if stale.get() => self.rewrite(update, locked[i]),
                 helper::Answer::New(new) => {
                     update.write(locked[i], crypto::text_from(&new).into_raw());
                     true

@@ -3,15 +3,16 @@
 //! In a direct batch ([`super::direct`]) about a fifth of a row's time is its re-encryption; the
 //! rest is PostgreSQL's work on the heap and its indexes, which only the backend's thread may do.
 //! [`reencrypt`] moves the first onto the backend's crypto thread: the backend hands it the values
-//! of the rows it locked, a few dozen ahead, and writes each new value as it comes back, in order.
-//! On a server with a spare CPU the two overlap.
+//! of the rows it locked, up to [`WINDOW_ROWS`] ahead, and writes each new value as it comes
+//! back, in order. On a server with a spare CPU the two overlap.
 //!
 //! The crypto thread is started at the backend's first such batch and kept, waiting for the next
 //! batch, until the backend exits (so that its start, and the per-thread state of AWS-LC's random
 //! generator, are paid once per backend, not once per batch). What it touches:
 //! - copies of the values: ciphertext in, ciphertext out. The plaintext between the two lives
-//!   only in the thread's own buffer, wiped after each row, as on the backend's thread (and
-//!   released after each batch once it grew past 64 KB);
+//!   only in the thread's own buffer, wiped after each row, as on the backend's thread; after
+//!   each batch the thread also wipes the part of its stack the ciphers worked in (AWS-LC leaves
+//!   GCM's key tables and last keystream block there), as it then waits, perhaps for long;
 //! - a reference of its own to the key ring as the batch began ([`gucs::keyring_shared`]: keys in
 //!   locked memory, only read; the module's contexts allow concurrent seal and open);
 //! - a nonce source of its own (secretbox); AES-256-GCM nonces are drawn inside the module.
@@ -19,20 +20,24 @@
 //! It never calls PostgreSQL (pgrx refuses its calls from any other thread) and never reads the
 //! backend's memory: everything it is given, it owns. It starts with every signal blocked, so
 //! PostgreSQL's handlers (cancel, timeouts, latches) run on the backend's thread as before. Its
-//! buffers for values are reserved fallibly. While the backend waits for a value it still
-//! answers interrupts: a cancel or a timeout raises its error there, the batch's channels close
-//! as the error unwinds, and the thread drops that batch after the row it is on.
+//! buffers for values are reserved fallibly. While the backend waits for a value it still answers
+//! interrupts: a cancel or a timeout raises its error there, the batch's channels close as the
+//! error unwinds, and the thread drops that batch after the row it is on. When the backend exits
+//! (also on FATAL in the middle of a batch, which unwinds nothing), a callback waits for the row
+//! the thread is on and keeps it from starting another, so that no crypto runs while the
+//! process's exit handlers (AWS-LC's among them) tear down.
 //!
-//! Values over [`LARGE`] bytes (and NULLs) are not handed over: the backend re-encrypts them
-//! itself, in their turn, so that a large value is never held twice over. The others in flight
-//! hold at most [`WINDOW_ROWS`] values and [`WINDOW_BYTES`] bytes. `psap.rotation_thread = off`
-//! keeps every batch's crypto on the backend's thread, and so does a system that refuses the
-//! thread (a limit on tasks: the thread counts as one).
+//! The backend keeps for itself: values over [`LARGE`] bytes and NULLs (in their turn, so that a
+//! large value is never held twice over), batches under [`MIN_ROWS`] rows, a batch the table's
+//! code starts while another is in progress, a forked child of the backend, every batch with
+//! `psap.rotation_thread = off`, and every batch where the system refuses the thread (a limit on
+//! tasks: the thread counts as one). The values in flight hold at most [`WINDOW_BYTES`] bytes.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgrx::pg_sys;
@@ -92,10 +97,19 @@ struct Batch {
 }
 
 thread_local! {
-    /// Where the backend hands batches to its crypto thread (None until the first). Used on the
-    /// backend's own thread only.
-    static THREAD: RefCell<Option<SyncSender<Batch>>> = const { RefCell::new(None) };
+    /// Where the backend hands batches to its crypto thread, and the process that started it
+    /// (None until the first batch). Used on the backend's own thread only.
+    static THREAD: RefCell<Option<(i32, SyncSender<Batch>)>> = const { RefCell::new(None) };
+    /// Whether a batch is using the thread (a batch the table's code starts meanwhile does not).
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+    /// Whether [`stop_at_exit`] is registered (once per backend).
+    static AT_EXIT: Cell<bool> = const { Cell::new(false) };
 }
+
+/// Held by the crypto thread while it re-encrypts a row; taken for good when the backend exits.
+static WORKING: Mutex<()> = Mutex::new(());
+/// Set when the backend exits: the thread starts no other row.
+static EXITING: AtomicBool = AtomicBool::new(false);
 
 /// Re-encrypts `n` rows under `to` on the crypto thread: `input(i)`, called on the backend's
 /// thread in order, gives row i's [`Item`]; `output(i, answer)` receives each answer in order and
@@ -108,6 +122,9 @@ pub fn reencrypt(
     mut input: impl FnMut(usize) -> Item,
     mut output: impl FnMut(usize, Answer) -> bool,
 ) -> bool {
+    if BUSY.get() {
+        return false;
+    }
     let (to_thread, inbox) = mpsc::sync_channel::<Item>(WINDOW_ROWS);
     let (outbox, from_thread) = mpsc::sync_channel::<Answer>(WINDOW_ROWS);
     // SAFETY: MyProcPid is set in every backend before any query runs.
@@ -121,6 +138,7 @@ pub fn reencrypt(
     }) {
         return false;
     }
+    let _busy = Busy::new();
     // The sizes of the values in flight, oldest first; a row read but not yet sent.
     let mut in_flight = VecDeque::with_capacity(WINDOW_ROWS);
     let (mut sent, mut bytes, mut held) = (0usize, 0usize, None);
@@ -153,6 +171,22 @@ pub fn reencrypt(
     true
 }
 
+/// [`BUSY`] while it lives (also when an error unwinds).
+struct Busy;
+
+impl Busy {
+    fn new() -> Busy {
+        BUSY.set(true);
+        Busy
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY.set(false);
+    }
+}
+
 /// The thread's next answer; interrupts are served while waiting.
 fn receive(from_thread: &Receiver<Answer>) -> Answer {
     loop {
@@ -169,27 +203,48 @@ fn receive(from_thread: &Receiver<Answer>) -> Answer {
 /// Gives `batch` to the backend's crypto thread, starting it first if there is none (or the one
 /// there was has ended); false if the system refused a thread.
 fn hand_over(batch: Batch) -> bool {
+    // SAFETY: MyProcPid is set in every backend before any query runs.
+    let pid = unsafe { pg_sys::MyProcPid };
     THREAD.with(|thread| {
         let mut thread = thread.borrow_mut();
+        if thread.as_ref().is_some_and(|(owner, _)| *owner != pid) {
+            // A forked child of the backend: the thread is its parent's, and the channel's
+            // state may be mid-operation. Leave both untouched, and do without.
+            std::mem::forget(thread.take());
+            return false;
+        }
         let batch = match thread.as_ref() {
             None => batch,
-            Some(t) => match t.try_send(batch) {
+            Some((_, t)) => match t.try_send(batch) {
                 Ok(()) => return true,
-                // A full slot: the thread still has an earlier batch waiting (it cannot, as each
-                // batch waits for its answers); a closed one: the thread ended. Start another
-                // (dropping the way to the old one ends it once it is done).
+                // A full slot: a batch that failed before the thread took it is still there (the
+                // thread drops it unread); a closed one: the thread ended. Either way, start
+                // another thread (dropping the way to the old one ends it once it is done).
                 Err(TrySendError::Full(b) | TrySendError::Disconnected(b)) => b,
             },
         };
+        if !AT_EXIT.replace(true) {
+            // SAFETY: a backend registering a process-exit callback; it takes no argument.
+            unsafe { pg_sys::on_proc_exit(Some(stop_at_exit), pg_sys::Datum::from(0)) };
+        }
         let (batches, jobs) = mpsc::sync_channel::<Batch>(1);
         if !spawn_without_signals(move || crypto_thread(jobs)) {
-            *thread = None;
             return false;
         }
         let handed = batches.try_send(batch).is_ok();
-        *thread = Some(batches);
+        *thread = Some((pid, batches));
         handed
     })
+}
+
+/// At the backend's exit: waits for the row the crypto thread is on and keeps it from starting
+/// another (a FATAL error in the middle of a batch leaves the thread rows it was handed).
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn stop_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    EXITING.store(true, Ordering::SeqCst);
+    if let Ok(guard) = WORKING.lock() {
+        std::mem::forget(guard);
+    }
 }
 
 /// Starts `body` on a thread with every signal blocked; false if the system refused a thread
@@ -210,6 +265,10 @@ fn crypto_thread(batches: Receiver<Batch>) {
         while let Ok(item) = batch.inbox.recv() {
             let answer = match item {
                 Item::Envelope(value) => {
+                    let Ok(_working) = WORKING.lock() else { return };
+                    if EXITING.load(Ordering::SeqCst) {
+                        return;
+                    }
                     let nonce = || nonces.next(batch.pid);
                     match reencrypt_one(&batch.ring, batch.to, nonce, &value, &mut scratch) {
                         Ok(new) => Answer::New(new),
@@ -222,10 +281,19 @@ fn crypto_thread(batches: Receiver<Batch>) {
                 break;
             }
         }
-        if scratch.capacity() > LARGE {
-            scratch = Vec::new();
-        }
+        drop(batch);
+        wipe_stack();
     }
+}
+
+/// Zeroes the 32 KB of this thread's stack below the caller's frame, where the ciphers' working
+/// state was (AWS-LC copies GCM's key tables and keeps the last keystream block on the stack and
+/// does not wipe them; libsodium wipes its own).
+#[inline(never)]
+fn wipe_stack() {
+    let mut area = [0u8; 32 * 1024];
+    psap_core::sodium::memzero(&mut area);
+    std::hint::black_box(&area);
 }
 
 /// One value's new envelope, in a buffer of its own (reserved fallibly).

@@ -1159,9 +1159,13 @@ def test_the_direct_batch_skips_rows_other_sessions_hold_and_never_waits(cluster
 
 
 def crypto_threads(pid):
-    """The names of backend `pid`'s threads other than its own."""
+    """The names of backend `pid`'s threads other than its own (none once it has exited)."""
     names = []
-    for task in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return names
+    for task in tasks:
         if int(task) != pid:
             try:
                 names.append(open(f"/proc/{pid}/task/{task}/comm").read().strip())
@@ -1267,3 +1271,38 @@ def test_a_timeout_while_the_crypto_thread_works_rolls_its_batch_back(cluster, d
         assert census(c) == {("encrypted", "v2"): 1000}
         assert plaintext_digest(c, "incidents") == before
 
+
+
+def test_a_backend_terminated_while_its_crypto_thread_works_exits_cleanly(cluster, db):
+    """pg_terminate_backend in the middle of threaded batches into AES-256-GCM: FATAL exits the
+    backend without unwinding the batch, with rows still handed to the crypto thread; the exit
+    callback waits for the thread's row and stops it before the exit handlers (AWS-LC's) run. No
+    crash (which would reset every session), and the column completes afterwards."""
+    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY3}, "v1")
+    with cluster.connect(dbname=db) as c:
+        fill(c, 60000)
+        before = plaintext_digest(c, "incidents")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY3}, "v3")
+    rnd = random.Random(15)
+    with cluster.no_crash():
+        for _ in range(4):
+            with cluster.connect(dbname=db) as c:
+                pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+                def terminate_once_the_thread_works(pid=pid, delay=rnd.uniform(0, 0.05)):
+                    deadline = time.time() + 30
+                    while "psap crypto" not in crypto_threads(pid) and time.time() < deadline:
+                        time.sleep(0.001)
+                    time.sleep(delay)
+                    with cluster.connect() as k:
+                        k.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+                kill = threading.Thread(target=terminate_once_the_thread_works)
+                kill.start()
+                with pytest.raises(psycopg.OperationalError):
+                    c.execute("CALL psap_rotate('incidents', 'title', 500, verify => false)")
+                kill.join()
+    rotate(cluster, db, "CALL psap_rotate('incidents', 'title', 500)")
+    with cluster.connect(dbname=db) as c:
+        assert census(c) == {("encrypted", "v3"): 60000}
+        assert plaintext_digest(c, "incidents") == before
