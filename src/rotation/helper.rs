@@ -241,6 +241,18 @@ fn hand_over(batch: Batch) -> bool {
 /// another (a FATAL error in the middle of a batch leaves the thread rows it was handed).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn stop_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    // Only in the process whose thread it is: a forked child has no thread, and the lock it
+    // inherited may be held by the parent's.
+    // SAFETY: MyProcPid is set in every backend.
+    let pid = unsafe { pg_sys::MyProcPid };
+    let owner = THREAD.with(|t| {
+        t.try_borrow()
+            .ok()
+            .and_then(|t| t.as_ref().map(|(p, _)| *p))
+    });
+    if owner != Some(pid) {
+        return;
+    }
     EXITING.store(true, Ordering::SeqCst);
     if let Ok(guard) = WORKING.lock() {
         std::mem::forget(guard);
