@@ -221,7 +221,8 @@ pub(crate) fn check_reencrypt_input(ring: &KeyRing, envelope: &[u8]) {
     allow_decrypt(ring, envelope, true);
 }
 
-/// A palloc'd text holding `bytes` (a new envelope the crypto thread built).
+/// A palloc'd text holding a copy of `bytes` (a new envelope the crypto thread built, a value
+/// passed through).
 pub(crate) fn text_from(bytes: &[u8]) -> PallocText {
     let v = Varlena::alloc(bytes.len());
     // SAFETY: freshly allocated for exactly this copy.
@@ -269,10 +270,7 @@ fn psap_decrypt(ciphertext: &str) -> PallocText {
     if gucs::decrypt_passthrough()
         && psap_core::envelope::parse_prefix(ciphertext.as_bytes()).is_err()
     {
-        let v = Varlena::alloc(ciphertext.len());
-        // SAFETY: freshly allocated for exactly this copy.
-        unsafe { v.data_mut() }.copy_from_slice(ciphertext.as_bytes());
-        return PallocText(v);
+        return text_from(ciphertext.as_bytes());
     }
     decrypt_text(ciphertext, &[])
 }

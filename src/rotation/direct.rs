@@ -278,12 +278,7 @@ impl Job<'_> {
             let Some(value) = update.value(row) else {
                 return true; // NULL: nothing to write (cannot happen: it was chosen by value)
             };
-            let whole = pg_sys::pg_detoast_datum_packed(value);
-            let bytes = std::slice::from_raw_parts(
-                vardata_any(whole).cast::<u8>(),
-                varsize_any_exhdr(whole),
-            );
-            match self.transform(bytes) {
+            match self.transform(detoasted(value)) {
                 Some(new) => {
                     update.write(row, new);
                     true
@@ -320,11 +315,7 @@ impl Job<'_> {
                     if pg_sys::toast_raw_datum_size(pg_sys::Datum::from(value))
                         <= helper::LARGE =>
                 {
-                    let whole = pg_sys::pg_detoast_datum_packed(value);
-                    let bytes = std::slice::from_raw_parts(
-                        vardata_any(whole).cast::<u8>(),
-                        varsize_any_exhdr(whole),
-                    );
+                    let bytes = detoasted(value);
                     crypto::check_reencrypt_input(&ring, bytes);
                     helper::Item::Envelope(copy(bytes))
                 }
@@ -940,6 +931,17 @@ enum IndexEntries {
     )]
     Summarizing,
     All,
+}
+
+/// The bytes of a text value, detoasted into the current memory context if need be.
+///
+/// # Safety
+/// `value` is a valid varlena; the slice lives as long as the current memory context.
+unsafe fn detoasted<'a>(value: *mut pg_sys::varlena) -> &'a [u8] {
+    unsafe {
+        let whole = pg_sys::pg_detoast_datum_packed(value);
+        std::slice::from_raw_parts(vardata_any(whole).cast::<u8>(), varsize_any_exhdr(whole))
+    }
 }
 
 /// A copy of a value for the crypto thread; an allocation that fails is PostgreSQL's
