@@ -170,4 +170,43 @@ mod tests {
         assert!(!Mode::Encrypt.needs(Kind::Null, v(2)));
         assert!(!Mode::Rotate { from: None }.needs(Kind::Null, v(2)));
     }
+
+    /// The backend waiting for psap_rotate's crypto thread shows wait event `Extension` in
+    /// pg_stat_activity, and no wait event once the answer came. The other thread reads the
+    /// backend's wait event field (what pg_stat_activity shows) before it answers.
+    #[pg_test]
+    fn waiting_for_the_crypto_thread_shows_an_extension_wait() {
+        use crate::rotation::helper::{receive, wait_event_slot, Answer};
+        use std::time::{Duration, Instant};
+        struct Slot(*mut u32);
+        // SAFETY: the other thread only reads the field, a whole 4-byte value, as other
+        // processes do.
+        unsafe impl Send for Slot {}
+        let field = Slot(wait_event_slot().expect("a backend has a wait event field"));
+        let (answer, answers) = std::sync::mpsc::sync_channel(1);
+        // The thread takes none of PostgreSQL's signals (as the crypto thread).
+        let blocked = crate::signals::Blocked::all();
+        let seen = std::thread::spawn(move || {
+            let slot = field;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut seen = 0;
+            while seen == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+                // SAFETY: as above.
+                seen = unsafe { std::ptr::read_volatile(slot.0) };
+            }
+            answer.send(Answer::Backend).unwrap();
+            seen
+        });
+        drop(blocked);
+        assert!(matches!(receive(&answers), Answer::Backend));
+        assert_eq!(seen.join().unwrap(), pg_sys::PG_WAIT_EXTENSION);
+        let slot = wait_event_slot().unwrap();
+        // SAFETY: the backend's own field, read on its thread.
+        assert_eq!(unsafe { std::ptr::read_volatile(slot) }, 0);
+        // An answer that is there already is taken without reporting a wait.
+        let (answer, answers) = std::sync::mpsc::sync_channel(1);
+        answer.send(Answer::Backend).unwrap();
+        assert!(matches!(receive(&answers), Answer::Backend));
+    }
 }

@@ -20,9 +20,10 @@
 //! It never calls PostgreSQL (pgrx refuses its calls from any other thread) and never reads the
 //! backend's memory: everything it is given, it owns. It starts with every signal blocked, so
 //! PostgreSQL's handlers (cancel, timeouts, latches) run on the backend's thread as before. Its
-//! buffers for values are reserved fallibly. While the backend waits for a value it still answers
-//! interrupts: a cancel or a timeout raises its error there, the batch's channels close as the
-//! error unwinds, and the thread drops that batch after the row it is on. When the backend exits
+//! buffers for values are reserved fallibly. While the backend waits for a value it shows the wait
+//! in pg_stat_activity (wait event `Extension`) and still answers interrupts: a cancel or a
+//! timeout raises its error there, the batch's channels close as the error unwinds, and the
+//! thread drops that batch after the row it is on. When the backend exits
 //! (also on FATAL in the middle of a batch, which unwinds nothing), a callback waits for the row
 //! the thread is on and keeps it from starting another, so that no crypto runs while the
 //! process's exit handlers (AWS-LC's among them) tear down.
@@ -36,7 +37,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -187,8 +188,15 @@ impl Drop for Busy {
     }
 }
 
-/// The thread's next answer; interrupts are served while waiting.
-fn receive(from_thread: &Receiver<Answer>) -> Answer {
+/// The thread's next answer; interrupts are served while waiting, and pg_stat_activity shows the
+/// wait (wait_event_type and wait_event `Extension`).
+pub(crate) fn receive(from_thread: &Receiver<Answer>) -> Answer {
+    match from_thread.try_recv() {
+        Ok(answer) => return answer,
+        Err(TryRecvError::Disconnected) => error::crypto_thread_stopped(),
+        Err(TryRecvError::Empty) => {}
+    }
+    let _waiting = ExtensionWait::start();
     loop {
         match from_thread.recv_timeout(POLL) {
             Ok(answer) => return answer,
@@ -198,6 +206,55 @@ fn receive(from_thread: &Receiver<Answer>) -> Answer {
             Err(RecvTimeoutError::Disconnected) => error::crypto_thread_stopped(),
         }
     }
+}
+
+/// While it lives, the backend reports the wait event `Extension`, as PostgreSQL's
+/// pgstat_report_wait_start and pgstat_report_wait_end (inline functions in C) do. An error
+/// raised while waiting unwinds through it; the transaction's abort would clear it too.
+struct ExtensionWait;
+
+impl ExtensionWait {
+    fn start() -> ExtensionWait {
+        report_wait_event(pg_sys::PG_WAIT_EXTENSION);
+        ExtensionWait
+    }
+}
+
+impl Drop for ExtensionWait {
+    fn drop(&mut self) {
+        report_wait_event(0);
+    }
+}
+
+fn report_wait_event(info: u32) {
+    #[cfg(feature = "pg13")]
+    // SAFETY: read on the backend's thread, where PostgreSQL sets it.
+    if !unsafe { pg_sys::pgstat_track_activities } {
+        return;
+    }
+    if let Some(slot) = wait_event_slot() {
+        // SAFETY: the backend's own wait event field, a 4-byte value PostgreSQL writes the same
+        // way (volatile, whole) and other processes only read.
+        unsafe { std::ptr::write_volatile(slot, info) };
+    }
+}
+
+/// Where this backend's wait event is kept (PostgreSQL 14 and later keep a pointer to it).
+pub(crate) fn wait_event_slot() -> Option<*mut u32> {
+    #[cfg(not(feature = "pg13"))]
+    // SAFETY: my_wait_event_info points at this process's PGPROC field, or a local one.
+    let slot = unsafe { pg_sys::my_wait_event_info };
+    #[cfg(feature = "pg13")]
+    // SAFETY: MyProc is this backend's PGPROC, or null before it has one.
+    let slot = unsafe {
+        let proc = pg_sys::MyProc;
+        if proc.is_null() {
+            std::ptr::null_mut()
+        } else {
+            &raw mut (*proc).wait_event_info
+        }
+    };
+    (!slot.is_null()).then_some(slot)
 }
 
 /// Gives `batch` to the backend's crypto thread, starting it first if there is none (or the one
