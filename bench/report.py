@@ -291,7 +291,8 @@ def write_report(r, quick=False):
     w("sum `octet_length`, which reads a value's length from its header: `length()` counts characters (about")
     w("1.3 ns each here), of the envelope in a plain scan and of the shorter plaintext in a decrypting one,")
     w("and so would hide part of the decrypt (this report's figures before 2026-12-06 did). What psap_decrypt adds is its scan less the")
-    w("plain scan of the same table.")
+    w("plain scan of the same table. The CAD XML values are stored out of line (TOAST): `xml scan` reads only")
+    w("their pointers, and `xml psap_decrypt` also fetches each value from TOAST.")
     for n in sizes:
         rd = r["sizes"][n].get("read") or {}
         if "psap_census, one backend" in rd and rd["psap_census"]["us_per_row_median"] > rd["psap_census, one backend"]["us_per_row_median"]:

@@ -177,6 +177,7 @@ mod tests {
     #[pg_test]
     fn waiting_for_the_crypto_thread_shows_an_extension_wait() {
         use crate::rotation::helper::{receive, wait_event_slot, Answer};
+        use std::sync::atomic::{AtomicU32, Ordering};
         use std::time::{Duration, Instant};
         struct Slot(*mut u32);
         // SAFETY: the other thread only reads the field, a whole 4-byte value, as other
@@ -192,8 +193,8 @@ mod tests {
             let mut seen = 0;
             while seen == 0 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
-                // SAFETY: as above.
-                seen = unsafe { std::ptr::read_volatile(slot.0) };
+                // SAFETY: as above; an aligned 4-byte field, read atomically.
+                seen = unsafe { AtomicU32::from_ptr(slot.0) }.load(Ordering::Relaxed);
             }
             answer.send(Answer::Backend).unwrap();
             seen
@@ -204,7 +205,7 @@ mod tests {
         let slot = wait_event_slot().unwrap();
         // SAFETY: the backend's own field, read on its thread.
         assert_eq!(unsafe { std::ptr::read_volatile(slot) }, 0);
-        // An answer that is there already is taken without reporting a wait.
+        // An answer that is there already is taken at once.
         let (answer, answers) = std::sync::mpsc::sync_channel(1);
         answer.send(Answer::Backend).unwrap();
         assert!(matches!(receive(&answers), Answer::Backend));

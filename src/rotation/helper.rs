@@ -196,9 +196,13 @@ pub(crate) fn receive(from_thread: &Receiver<Answer>) -> Answer {
         Err(TryRecvError::Disconnected) => error::crypto_thread_stopped(),
         Err(TryRecvError::Empty) => {}
     }
-    let _waiting = ExtensionWait::start();
     loop {
-        match from_thread.recv_timeout(POLL) {
+        // Only the wait itself: an interrupt's handler may report waits of its own.
+        let received = {
+            let _waiting = ExtensionWait::start();
+            from_thread.recv_timeout(POLL)
+        };
+        match received {
             Ok(answer) => return answer,
             Err(RecvTimeoutError::Timeout) => {
                 pg_sys::check_for_interrupts!();
@@ -209,8 +213,7 @@ pub(crate) fn receive(from_thread: &Receiver<Answer>) -> Answer {
 }
 
 /// While it lives, the backend reports the wait event `Extension`, as PostgreSQL's
-/// pgstat_report_wait_start and pgstat_report_wait_end (inline functions in C) do. An error
-/// raised while waiting unwinds through it; the transaction's abort would clear it too.
+/// pgstat_report_wait_start and pgstat_report_wait_end (inline functions in C) do.
 struct ExtensionWait;
 
 impl ExtensionWait {
