@@ -8,11 +8,17 @@
 # installed by scripts/install.sh, and tested by pg_regress and the integration tests of crypto,
 # FIPS, context binding, hardening, keys, the key command and security (who may read or set a
 # key), which stop at the first failure. A mutant that does not build is unviable; a test run
-# over 10 minutes counts as caught by a timeout. The unmutated build is installed again at the
+# over 10 minutes (MUTANT_TIMEOUT) counts as caught by a timeout. The unmutated build is installed again at the
 # end, whatever happens. Mutants are built without LTO, in 16 codegen units and incrementally, in
 # a target directory of their own (a build takes seconds instead of a minute; the code is the
 # same, only how much of it the optimiser sees at once differs). --resume skips the mutants that
 # outcomes.txt already lists (after an interrupted run).
+# MUTANT_TESTS replaces the tests' list with pytest arguments of its own (one file's tests, or a
+# -k selection of them), MUTANT_TIMEOUT the 600 seconds; for src/rotation/helper.rs (the crypto
+# thread, 68 mutants, about an hour):
+#   MUTANT_TESTS='tests/integration/test_rotate.py -k "crypto_thread or cancel_mid or killed_backend
+#   or two_concurrent or concurrent_application or undecryptable or skips_rows_other"'
+#   MUTANT_TIMEOUT=180 scripts/mutants-extension.sh src/rotation/helper.rs
 # Results: target/mutants-extension/outcomes.txt (outcome, file:line, mutation) and the counts;
 # fails if the survivors differ from the reviewed ones in docs/mutants-extension-survivors.txt.
 set -euo pipefail
@@ -42,10 +48,12 @@ tests=(tests/integration/test_keys.py tests/integration/test_key_command.py
        tests/integration/test_crypto.py tests/integration/test_fips.py
        tests/integration/test_context.py tests/integration/test_hardening.py
        tests/integration/test_security.py)
+[ -z "${MUTANT_TESTS:-}" ] || eval "tests=($MUTANT_TESTS)"
+limit=${MUTANT_TIMEOUT:-600}
 run_tests() {
     SECONDS=0
-    timeout 600 tests/pg_regress/run.sh > "$out/test.log" 2>&1 || return $?
-    timeout 600 .venv/bin/pytest -x -q -p no:cacheprovider "${tests[@]}" >> "$out/test.log" 2>&1
+    timeout "$limit" tests/pg_regress/run.sh > "$out/test.log" 2>&1 || return $?
+    timeout "$limit" .venv/bin/pytest -x -q -p no:cacheprovider "${tests[@]}" >> "$out/test.log" 2>&1
 }
 lib=$(/usr/lib/postgresql/15/bin/pg_config --pkglibdir)/psap_encrypt.so
 install_tree() {
