@@ -32,6 +32,9 @@ out=$root/target/mutants-extension
 tree=$out/tree
 rm -rf "$tree" && mkdir -p "$tree"
 git archive HEAD | tar -x -C "$tree"
+# git archive dates the files at the commit: older than a previous run's build of its last mutant,
+# which cargo would then take for up to date and install as the unmutated build.
+find "$tree" -type f -exec touch {} +
 trap 'scripts/install.sh >/dev/null' EXIT   # back to the unmutated build of this checkout
 # Interrupted, the tests of the mutant being run fail: that must not be recorded as caught.
 trap 'interrupted=1' INT TERM; interrupted=
