@@ -1191,6 +1191,15 @@ class ThreadWatch(threading.Thread):
         return self.seen
 
 
+def thread_cpu_ticks(pid, name):
+    """CPU time (clock ticks, user + system) of backend `pid`'s thread called `name`."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        if open(f"/proc/{pid}/task/{task}/comm").read().strip() == name:
+            fields = open(f"/proc/{pid}/task/{task}/stat").read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+    raise AssertionError(f"no thread {name} in backend {pid}")
+
+
 def plaintext_digest(c, table):
     return c.execute(f"SELECT md5(string_agg(psap_decrypt(title), ',' ORDER BY id)) FROM {table}").fetchone()[0]
 
@@ -1201,13 +1210,17 @@ def test_a_direct_batch_re_encrypts_on_a_crypto_thread_beside_the_backend(cluste
     thread of the backend while it writes, to what the backend alone writes; the backend keeps
     that one thread for its next batches. Values over 64 KB are re-encrypted by the backend in
     their turn, and a check constraint of the owner decrypts on the backend's thread while the
-    crypto thread uses the same keys (secretbox to secretbox, and to AES-256-GCM)."""
+    crypto thread uses the same keys (secretbox to secretbox, and to AES-256-GCM). The thread's
+    CPU time shows that it did the crypto (8-10 ticks here; none if it only waits)."""
     cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY3}, "v1")
     tables = {"threaded": "on", "alone": "off"}
     with cluster.connect(dbname=db) as c:
         for t in tables:
             fill(c, 20000, table=t)
             c.execute(f"UPDATE {t} SET title = psap_encrypt(repeat('Incident ' || id, 150000)) WHERE id % 5000 = 0")
+            # 40 KB values (under the 64 KB the backend keeps): enough crypto to show in the
+            # thread's CPU time.
+            c.execute(f"UPDATE {t} SET title = psap_encrypt(repeat('Call note ' || id, 4000)) WHERE id % 20 = 1")
             c.execute(f"ALTER TABLE {t} ADD CONSTRAINT readable CHECK (length(psap_decrypt(title)) > 0)")
         before = {t: plaintext_digest(c, t) for t in tables}
         c.execute("DROP ROLE IF EXISTS operator_t")
@@ -1232,6 +1245,11 @@ def test_a_direct_batch_re_encrypts_on_a_crypto_thread_beside_the_backend(cluste
                 seen[t] = watch.stop()
             assert f"updating the rows of public.{t} directly on the heap" in said
             assert crypto_threads(pid) == (["psap crypto"] if setting == "on" else [])
+            if setting == "on":
+                # The thread did the crypto, not only started: a thousand 40 KB values take it
+                # about a tenth of a second (a tick is 10 ms); a thread left idle has none.
+                ticks = thread_cpu_ticks(pid, "psap crypto")
+                assert ticks >= 3, ticks
     # A thread has its parent's name ("postgres") until it names itself, as it starts.
     assert "psap crypto" in seen["threaded"] and seen["threaded"] <= {"psap crypto", "postgres"}
     assert seen["alone"] == set()
