@@ -1211,7 +1211,7 @@ def test_a_direct_batch_re_encrypts_on_a_crypto_thread_beside_the_backend(cluste
     that one thread for its next batches. Values over 64 KB are re-encrypted by the backend in
     their turn, and a check constraint of the owner decrypts on the backend's thread while the
     crypto thread uses the same keys (secretbox to secretbox, and to AES-256-GCM). The thread's
-    CPU time shows that it did the crypto (8-10 ticks here; none if it only waits)."""
+    CPU time shows that it did the crypto (some ticks; none if it only waits)."""
     cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY3}, "v1")
     tables = {"threaded": "on", "alone": "off"}
     with cluster.connect(dbname=db) as c:
@@ -1246,10 +1246,11 @@ def test_a_direct_batch_re_encrypts_on_a_crypto_thread_beside_the_backend(cluste
             assert f"updating the rows of public.{t} directly on the heap" in said
             assert crypto_threads(pid) == (["psap crypto"] if setting == "on" else [])
             if setting == "on":
-                # The thread did the crypto, not only started: a thousand 40 KB values take it
-                # about a tenth of a second (a tick is 10 ms); a thread left idle has none.
+                # The thread did the crypto, not only started: it has CPU time (8-11 ticks of
+                # 10 ms here, but once 1 in CI: this sandbox's per-thread accounting samples, and
+                # twice the values did not raise it); a thread that only waits has none.
                 ticks = thread_cpu_ticks(pid, "psap crypto")
-                assert ticks >= 3, ticks
+                assert ticks >= 1, ticks
     # A thread has its parent's name ("postgres") until it names itself, as it starts.
     assert "psap crypto" in seen["threaded"] and seen["threaded"] <= {"psap crypto", "postgres"}
     assert seen["alone"] == set()
