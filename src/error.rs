@@ -91,6 +91,17 @@ pub fn raise(
 ) -> ! {
     let message = message.into();
     LAST_RAISED.with(|l| *l.borrow_mut() = Some((code, message.clone())));
+    raise_foreign(code, message, detail, hint)
+}
+
+/// Raises again, as [`raise`] does, an error that other code raised first (its message is not
+/// psap_encrypt's own, so [`raised_by_us`] stays false for it).
+pub fn raise_foreign(
+    code: PgSqlErrorCode,
+    message: String,
+    detail: Option<String>,
+    hint: Option<String>,
+) -> ! {
     let mut report = ErrorReport::new(code, message, ORIGIN);
     if let Some(d) = detail {
         report = report.set_detail(d);

@@ -4,7 +4,11 @@
 //! Rows are named by their ctid only, never by a column value (a primary key can itself be
 //! encrypted, and the audit trail is read by auditors who cannot read the table).
 
+use std::panic::AssertUnwindSafe;
+
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgSqlErrorCode::{self, *};
+use pgrx::PgTryBuilder;
 
 use super::sql;
 use super::state::Status;
@@ -101,8 +105,30 @@ impl Failure {
     }
 
     pub fn raise(self) -> ! {
-        error::raise(self.code, self.message, self.detail, self.hint)
+        if self.ours {
+            error::raise(self.code, self.message, self.detail, self.hint)
+        } else {
+            error::raise_foreign(self.code, self.message, self.detail, self.hint)
+        }
     }
+}
+
+/// Runs `f`, the start of a run, which reads the table as its owner (a dry run's verification,
+/// the count of a column bound to a context): an error there of the owner's code (a row-security
+/// policy) or of PostgreSQL is raised again as a batch's is ([`Failure::caught`]: envelopes
+/// masked, no detail), to the caller and in the server log. psap_encrypt's own errors, and
+/// anything not an ERROR report, pass unchanged.
+pub fn masking_foreign_errors<R>(f: impl FnOnce() -> R) -> R {
+    PgTryBuilder::new(AssertUnwindSafe(f))
+        .catch_others(|caught| match &caught {
+            CaughtError::PostgresError(e) | CaughtError::ErrorReport(e)
+                if !error::raised_by_us(e.sql_error_code(), e.message()) =>
+            {
+                Failure::caught(e.sql_error_code(), e.message(), e.detail(), e.hint()).raise()
+            }
+            _ => caught.rethrow(),
+        })
+        .execute()
 }
 
 /// `text` with every envelope's body masked (`psap_core::redact::mask_envelopes`).

@@ -56,7 +56,7 @@ fn _psap_run_begin(
             error::null_argument(procedure.name());
         };
         check_context(procedure);
-        begin(&tbl, col, opts)
+        failure::masking_foreign_errors(|| begin(&tbl, col, opts))
     })
 }
 

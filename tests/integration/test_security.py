@@ -3,6 +3,7 @@ trusted role would try them: a table owner's code run by a superuser's rotation,
 called directly, a forged or altered audit trail, a hostile search_path, column values in messages
 (each failed on 0.1.0). Then who may do what: the operator, the application and the auditor roles,
 a table's and a partition's owner, and who can read or set a key."""
+import re
 import time
 
 import pytest
@@ -410,6 +411,41 @@ def test_an_encrypted_primary_key_never_reaches_a_message_or_the_audit_log(clust
     for where in (shown, errors, cluster.log_text()[log_start:]):
         assert damaged[3:24] not in where and damaged[-24:-8] not in where
 
+
+
+@pytest.mark.parametrize("start", ["dry run", "bound column"])
+def test_a_table_owners_error_at_the_start_of_a_run_is_raised_without_ciphertext(cluster, bound, start):
+    """Where a run's start reads the table as its owner (a dry run's verification, the count of
+    a column bound to a context), the owner's row-security policy runs, and its error can quote a
+    whole envelope (a cast's "invalid input syntax"). psap_rotate raises such an error again with
+    every envelope's body masked and no detail, to the caller and in the server log, as it does
+    for an error of a batch."""
+    with cluster.connect(dbname=bound) as c:
+        c.execute("DROP ROLE IF EXISTS trudy")
+        c.execute("CREATE ROLE trudy")
+        c.execute("ALTER TABLE incidents OWNER TO trudy")
+        c.execute("ALTER TABLE incidents ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY")
+        c.execute("CREATE POLICY quote ON incidents USING (title::int IS NOT NULL)")
+        if start == "dry run":
+            c.execute("SELECT psap_set_column_context('incidents', 'title', NULL)")
+        before = c.execute("SELECT id, title FROM incidents ORDER BY id").fetchall()
+    offset = cluster.log_size()
+    call = {"dry run": "CALL psap_rotate('incidents', 'title', 50, dry_run => true)",
+            "bound column": "CALL psap_rotate('incidents', 'title', 50)"}[start]
+    try:
+        with cluster.connect(dbname=bound) as c:
+            c.execute("SET client_min_messages = error")
+            c.execute("SET psap.key_version = 'v3'")
+            state, msg, detail, hint = sqlstate_of(c, call)
+            assert state == "22P02" and msg.startswith('invalid input syntax for type integer: "v1:****'), msg
+            assert detail is None and hint is None
+            assert c.execute("SELECT id, title FROM incidents ORDER BY id").fetchall() == before
+        log = cluster.log_text_from(offset)
+        assert "invalid input syntax for type integer" in log, log
+        assert not re.search(r"v1:[A-Za-z0-9+/]{8}", log), log
+    finally:
+        with cluster.connect(dbname=bound) as c:
+            c.execute("DROP TABLE incidents; DROP ROLE trudy")
 
 HOSTILE_SCHEMA = r"""
 CREATE SCHEMA evil;
