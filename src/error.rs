@@ -184,6 +184,19 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
     }
 }
 
+/// The backend could not map its reserve of memory again (`crate::memory`).
+pub fn no_memory_reserve() -> ! {
+    raise(
+        ERRCODE_OUT_OF_MEMORY,
+        "out of memory",
+        Some(format!(
+            "psap_encrypt could not map the {} KiB it keeps in reserve in each session.",
+            crate::memory::RESERVE_BYTES / 1024
+        )),
+        None,
+    )
+}
+
 /// Raises the ERROR for a core error.
 pub fn core(e: CoreError) -> ! {
     let (code, msg, detail, hint) = describe(&e);

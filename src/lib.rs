@@ -8,6 +8,7 @@
 //! - [`error`]: every error and its SQLSTATE;
 //! - [`sandbox`]: under whose rights and with which search_path psap_encrypt's SQL runs;
 //! - [`hooks`]: the log and utility hooks that keep keys out of logs and the data directory;
+//! - [`memory`]: the global allocator's reserve, so that out of memory is an ERROR, not an abort;
 //! - [`spi`]: running psap_encrypt's own statements;
 //! - [`names`]: the names of its own SQL objects that Rust calls by string;
 //! - [`audit`]: the audit log's only writer, and its hash chain;
@@ -27,6 +28,7 @@ pub mod error;
 pub mod gucs;
 pub mod hooks;
 pub mod keysource;
+pub mod memory;
 pub mod names;
 pub mod rotation;
 pub mod sandbox;

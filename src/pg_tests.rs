@@ -210,4 +210,38 @@ mod tests {
         answer.send(Answer::Backend).unwrap();
         assert!(matches!(receive(&answers), Answer::Backend));
     }
+
+    /// An allocation of psap_encrypt's Rust code that fails takes the backend's reserve instead
+    /// of aborting the server (Rust's answer to a NULL from malloc), and the next call maps the
+    /// reserve again.
+    #[pg_test]
+    fn a_failed_allocation_takes_the_reserve_and_the_next_call_maps_it_again() {
+        use crate::memory::{has_reserve, inject};
+        let env = one::<String>("SELECT psap_encrypt('Structure fire')").unwrap();
+        let query = format!("SELECT psap_decrypt('{env}')");
+        assert!(has_reserve());
+        inject::fail_allocations(1);
+        let value = std::hint::black_box(vec![7u8; 1000]);
+        assert!(
+            !has_reserve(),
+            "the allocation should have used the reserve"
+        );
+        assert_eq!(value.iter().map(|&b| b as usize).sum::<usize>(), 7000);
+        assert_eq!(one::<String>(&query).as_deref(), Some("Structure fire"));
+        assert!(has_reserve());
+    }
+
+    /// Once the reserve is used, a call that cannot map it again fails with 53200 before doing
+    /// anything (and the one after, with memory back, works: the pg_test framework's next test).
+    #[pg_test(error = "out of memory")]
+    fn a_call_without_its_reserve_fails_with_out_of_memory() {
+        use crate::memory::{has_reserve, inject};
+        one::<String>("SELECT psap_encrypt('Structure fire')");
+        inject::fail_allocations(1);
+        // Any allocation of the backend's Rust code now takes the reserve.
+        let _ = std::hint::black_box(vec![0u8; 64]);
+        assert!(!has_reserve());
+        inject::fail_reserves(1);
+        one::<String>("SELECT psap_encrypt('Structure fire')");
+    }
 }

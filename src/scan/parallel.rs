@@ -214,6 +214,7 @@ pub unsafe extern "C-unwind" fn psap_census_worker(
     _segment: *mut pg_sys::dsm_segment,
     toc: *mut pg_sys::shm_toc,
 ) {
+    crate::memory::ensure_reserve();
     // SAFETY: the chunks were written by the leader before it launched this worker (the query
     // text, NUL-terminated, lives as long as the worker); the leader holds AccessShareLock on the
     // table (its lock group's), checked the column under it, and waits for this worker before
