@@ -244,4 +244,64 @@ mod tests {
         inject::fail_reserves(1);
         one::<String>("SELECT psap_encrypt('Structure fire')");
     }
+
+    /// psap_rotate's crypto thread is handed values ahead of the row the backend writes, but
+    /// never more than WINDOW_ROWS of them, nor more than WINDOW_BYTES of values (the value read
+    /// that would pass the cap waits, unsent): counted here as values asked for and not yet
+    /// answered. It must also really run ahead, or the two threads would not overlap.
+    #[pg_test]
+    fn the_crypto_threads_window_holds_at_most_its_rows_and_bytes() {
+        use crate::rotation::helper::{reencrypt, Answer, Item, LARGE, WINDOW_BYTES, WINDOW_ROWS};
+        use psap_core::Version;
+        use std::cell::RefCell;
+        let to = Version::new(2).unwrap();
+        for (plaintext, rows) in [(40usize, 1000usize), (45_000, 300)] {
+            let env = one::<String>(&format!("SELECT psap_encrypt(repeat('x', {plaintext}))"))
+                .unwrap()
+                .into_bytes();
+            assert!(env.len() <= LARGE);
+            // (values asked for, bytes asked for, most values ahead, most bytes ahead)
+            let seen = RefCell::new((0usize, 0usize, 0usize, 0usize));
+            let (mut answered, mut renewed) = (0usize, 0usize);
+            let used = reencrypt(
+                crate::gucs::keyring_shared(),
+                to,
+                rows,
+                |_| {
+                    let mut s = seen.borrow_mut();
+                    s.0 += 1;
+                    s.1 += env.len();
+                    Item::Envelope(env.clone())
+                },
+                |i, answer| {
+                    let mut s = seen.borrow_mut();
+                    assert_eq!(i, answered);
+                    answered += 1;
+                    // Ahead of this answer: what was asked for and is not answered yet.
+                    let ahead = s.0 - i;
+                    let ahead_bytes = s.1 - i * env.len();
+                    s.2 = s.2.max(ahead);
+                    s.3 = s.3.max(ahead_bytes);
+                    renewed +=
+                        usize::from(matches!(answer, Answer::New(ref v) if v.starts_with(b"v2:")));
+                    true
+                },
+            );
+            assert!(used, "the thread was refused");
+            assert_eq!((answered, renewed), (rows, rows));
+            let (_, _, most, most_bytes) = seen.into_inner();
+            // Asked for: the values sent, and at most one read but held back by the byte cap
+            // (asked for only while fewer than WINDOW_ROWS are in flight).
+            assert!(most <= WINDOW_ROWS, "{most} values ahead");
+            assert!(
+                most_bytes <= WINDOW_BYTES + env.len(),
+                "{most_bytes} bytes ahead"
+            );
+            let full = WINDOW_ROWS.min(WINDOW_BYTES / env.len());
+            assert!(
+                most >= full,
+                "{most} values ahead, {full} expected at least once"
+            );
+        }
+    }
 }
