@@ -114,19 +114,21 @@ impl Failure {
 }
 
 /// Runs `f`, the start of a run, which reads the table as its owner (a dry run's verification,
-/// the count of a column bound to a context): an error there of the owner's code (a row-security
-/// policy) or of PostgreSQL is raised again as a batch's is ([`Failure::caught`]: envelopes
-/// masked, no detail), to the caller and in the server log. psap_encrypt's own errors, and
-/// anything not an ERROR report, pass unchanged.
-pub fn masking_foreign_errors<R>(f: impl FnOnce() -> R) -> R {
+/// the count of a column bound to a context): an ERROR raised there is raised again as a batch's
+/// is ([`Failure::caught`]), to the caller and in the server log. One of the owner's code (a
+/// row-security policy) or of PostgreSQL loses its detail; every envelope's body is masked in
+/// all of them, psap_encrypt's own included (the owner's code can raise a look-alike of one).
+/// The caller starts with [`error::forget_raised`], so that an earlier error of the session does
+/// not make a look-alike pass for psap_encrypt's. A Rust panic passes unchanged.
+pub fn masking_errors<R>(f: impl FnOnce() -> R) -> R {
     PgTryBuilder::new(AssertUnwindSafe(f))
+        // Every arm raises: the owner's role, the GUC nest levels and SPI that the error left
+        // behind are undone only by the transaction's abort, so nothing may go on from here.
         .catch_others(|caught| match &caught {
-            CaughtError::PostgresError(e) | CaughtError::ErrorReport(e)
-                if !error::raised_by_us(e.sql_error_code(), e.message()) =>
-            {
+            CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => {
                 Failure::caught(e.sql_error_code(), e.message(), e.detail(), e.hint()).raise()
             }
-            _ => caught.rethrow(),
+            CaughtError::RustPanic { .. } => caught.rethrow(),
         })
         .execute()
 }

@@ -56,7 +56,8 @@ fn _psap_run_begin(
             error::null_argument(procedure.name());
         };
         check_context(procedure);
-        failure::masking_foreign_errors(|| begin(&tbl, col, opts))
+        error::forget_raised();
+        failure::masking_errors(|| begin(&tbl, col, opts))
     })
 }
 
