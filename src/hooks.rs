@@ -3,7 +3,9 @@
 //! - the log hook rewrites, in place, every server log line with key material in it (the rules
 //!   are `psap_core::redact`), and drops the STATEMENT line of any message whose statement names a
 //!   key setting or holds a key (a refused `SET psap.key_v1 = '...'` would otherwise be logged
-//!   with the key under the default `log_min_error_statement`);
+//!   with the key under the default `log_min_error_statement`); and while a table's code runs on
+//!   psap_encrypt's behalf (`sandbox::as_table_owner`), it masks every envelope's body in the
+//!   messages that code writes to the log (PostgreSQL calls the hook only for those);
 //! - the utility hook refuses `ALTER SYSTEM SET psap.key_...`: it would write the key into
 //!   postgresql.auto.conf inside the data directory (and so into every base backup), and
 //!   `pg_stat_statements` keeps utility statements' text.
@@ -15,7 +17,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 use psap_core::redact;
 
-use crate::{error, gucs};
+use crate::{error, gucs, sandbox};
 
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
 static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
@@ -69,9 +71,13 @@ unsafe extern "C-unwind" fn scrub_log_line(edata: *mut pg_sys::ErrorData) {
                 || fields
                     .iter()
                     .any(|&f| c_bytes(f).is_some_and(|t| redact::mentions_key_setting(t)));
+            let table_code = sandbox::running_table_code();
             for field in fields {
                 if let Some(text) = c_bytes(field) {
                     redact::redact(text, key_context);
+                    if table_code {
+                        redact::mask_envelopes(text);
+                    }
                 }
             }
             if key_context {

@@ -13,6 +13,8 @@
 //! - [`as_extension_owner`]: writes to the extension's own tables (audit log, registry) run as
 //!   their owner, so no role needs (or gets) privileges on them.
 
+use std::cell::Cell;
+
 use pgrx::pg_sys;
 
 /// What `search_path` is while psap_encrypt's own statements and a table's code run.
@@ -69,9 +71,40 @@ fn as_role<R>(owner: pg_sys::Oid, extra: u32, f: impl FnOnce() -> R) -> R {
 }
 
 /// Runs `f` as the owner of a user's table, under SECURITY_RESTRICTED_OPERATION (no SET ROLE, no
-/// temporary objects, no further privilege changes) with the pinned search_path.
+/// temporary objects, no further privilege changes) with the pinned search_path. Meanwhile the
+/// log hook masks every envelope's body in the messages the table's code writes to the server
+/// log (a trigger's `RAISE WARNING '%', NEW.title` quotes the new ciphertext), and so in what the
+/// client gets of those: [`running_table_code`].
 pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let _table_code = TableCode::enter();
     as_role(owner, pg_sys::SECURITY_RESTRICTED_OPERATION, f)
+}
+
+thread_local! {
+    /// How many [`as_table_owner`] calls are in progress on this (the backend's) thread.
+    static TABLE_CODE: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Counts an [`as_table_owner`] call while it lives (also while an error unwinds it).
+struct TableCode;
+
+impl TableCode {
+    fn enter() -> TableCode {
+        TABLE_CODE.set(TABLE_CODE.get() + 1);
+        TableCode
+    }
+}
+
+impl Drop for TableCode {
+    fn drop(&mut self) {
+        TABLE_CODE.set(TABLE_CODE.get().saturating_sub(1));
+    }
+}
+
+/// Whether a table's code may be running on psap_encrypt's behalf (inside [`as_table_owner`]).
+/// Allocates nothing: the log hook asks.
+pub fn running_table_code() -> bool {
+    TABLE_CODE.get() > 0
 }
 
 /// Runs `f` as the owner of the extension's own tables (to write the audit log and registry).

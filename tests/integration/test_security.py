@@ -447,6 +447,39 @@ def test_a_table_owners_error_at_the_start_of_a_run_is_raised_without_ciphertext
         with cluster.connect(dbname=bound) as c:
             c.execute("DROP TABLE incidents; DROP ROLE trudy")
 
+
+def test_a_table_owners_warnings_during_a_rotation_reach_the_log_without_ciphertext(cluster, db):
+    """The table's code that a rotation runs as its owner (here a trigger) can write values to the
+    server log: `RAISE WARNING` of the old and the new ciphertext. While it runs on
+    psap_encrypt's behalf, the log hook masks every envelope's body in what it writes (and so in
+    what the client gets of it); the message is otherwise kept."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS trudy")
+        c.execute("CREATE ROLE trudy")
+        c.execute("CREATE TABLE chatty (id int PRIMARY KEY, title text)")
+        c.execute("INSERT INTO chatty SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 40) g")
+        c.execute("CREATE FUNCTION chatty_says() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                  "RAISE WARNING 'was % now %', OLD.title, NEW.title; RETURN NEW; END $$")
+        c.execute("CREATE TRIGGER says BEFORE UPDATE ON chatty FOR EACH ROW EXECUTE FUNCTION chatty_says()")
+        c.execute("ALTER TABLE chatty OWNER TO trudy")
+        c.execute("ALTER FUNCTION chatty_says() OWNER TO trudy")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    offset = cluster.log_size()
+    try:
+        with cluster.connect(dbname=db) as c:
+            warnings = []
+            c.add_notice_handler(lambda d: warnings.append(d.message_primary)
+                                 if d.severity_nonlocalized == "WARNING" else None)
+            c.execute("CALL psap_rotate('chatty', 'title', 10)")
+            assert census(c, "chatty") == {("encrypted", "v2"): 40}
+        assert len(warnings) == 40 and all(w.startswith("was v1:****") and " now v2:****" in w for w in warnings), warnings[:2]
+        log = cluster.log_text_from(offset)
+        assert log.count("WARNING:  was v1:****") == 40, log[-2000:]
+        assert not re.search(r"v[12]:[A-Za-z0-9+/]{8}", log), log
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP TABLE chatty; DROP FUNCTION chatty_says(); DROP ROLE trudy")
+
 HOSTILE_SCHEMA = r"""
 CREATE SCHEMA evil;
 CREATE TABLE evil.calls (what text);
