@@ -184,15 +184,13 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
     }
 }
 
-/// The backend could not map its reserve of memory again (`crate::memory`).
+/// The backend could not map its reserves of memory again (`crate::memory`). Its strings are
+/// static: memory is short.
 pub fn no_memory_reserve() -> ! {
     raise(
         ERRCODE_OUT_OF_MEMORY,
         "out of memory",
-        Some(format!(
-            "psap_encrypt could not map the {} KiB it keeps in reserve in each session.",
-            crate::memory::RESERVE_BYTES / 1024
-        )),
+        Some("psap_encrypt could not map the memory it keeps in reserve in each session.".into()),
         None,
     )
 }

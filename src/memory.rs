@@ -7,36 +7,112 @@
 //! `vm.overcommit_memory = 2`, which PostgreSQL's documentation recommends, that happens when
 //! the machine runs short of memory, where PostgreSQL's own code raises an ERROR.
 //!
-//! So the library's global allocator keeps a reserve: 1 MiB of address space, mapped by each
-//! backend when it first calls psap_encrypt, and by each census worker (not inherited: the
-//! postmaster holds none). An
-//! allocation that fails releases the reserve and is tried again, so the call in progress can
-//! finish or raise its error. The next call of psap_encrypt, psap_decrypt or a batch step
-//! starts by mapping the reserve again ([`ensure_reserve`], from
-//! [`crate::gucs::ensure_preloaded`]); if the memory is not there, that call fails with 53200
-//! before doing anything. An allocation that fails once the reserve
-//! is gone still aborts: the reserve makes room for one call, it does not make memory.
+//! So the library's global allocator keeps two reserves of address space, mapped (never
+//! touched) by each backend when it first calls psap_encrypt, and by each census worker (not
+//! inherited: the postmaster holds none): 1 MiB for the call in progress, then 64 KiB for the
+//! error that says memory is short. An allocation that fails releases the first reserve still
+//! held that is at least twice its size, and is tried once more: the call has room to finish or
+//! to raise its error (unless another process takes that memory first). The next call of
+//! psap_encrypt, psap_decrypt or a batch step starts by mapping the reserves again
+//! ([`ensure_reserve`], from [`crate::gucs::ensure_preloaded`]) and fails with 53200, before
+//! doing anything, if it cannot; the steps that record a failed run map them again if they can
+//! ([`try_ensure_reserve`]). An allocation that fails with both reserves gone, or one larger
+//! than half a reserve, still aborts: the reserves make room, they do not make memory.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-/// Bytes kept in reserve: more than any one call allocates besides its palloc'd values (the
-/// crypto thread's values in flight are capped at 1 MiB, reserved fallibly).
+/// Bytes of the reserve for the call in progress: more than any one call allocates besides its
+/// palloc'd values (the crypto thread's values in flight are capped at 1 MiB, reserved
+/// fallibly).
 pub const RESERVE_BYTES: usize = 1 << 20;
+/// Bytes of the last reserve, for raising `out of memory` itself.
+pub const LAST_RESERVE_BYTES: usize = 64 << 10;
 
-/// The reserve's mapping; null before the first call of this backend and after it was used.
-static RESERVE: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
+/// A mapping of address space held back; null before the backend's first call and once used.
+struct Reserve {
+    bytes: usize,
+    map: AtomicPtr<c_void>,
+}
 
-/// The global allocator of this library: the system's, with the reserve behind it.
+/// The reserves, in the order an allocation that fails releases them.
+static RESERVES: [Reserve; 2] = [
+    Reserve::new(RESERVE_BYTES),
+    Reserve::new(LAST_RESERVE_BYTES),
+];
+
+impl Reserve {
+    const fn new(bytes: usize) -> Reserve {
+        Reserve {
+            bytes,
+            map: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    fn is_mapped(&self) -> bool {
+        !self.map.load(Ordering::Acquire).is_null()
+    }
+
+    /// Unmaps it; false if it was not mapped. Allocates nothing.
+    fn release(&self) -> bool {
+        let p = self.map.swap(ptr::null_mut(), Ordering::AcqRel);
+        if p.is_null() {
+            return false;
+        }
+        // SAFETY: a mapping of `bytes` made by `map`, swapped out above, so no one else unmaps
+        // it.
+        unsafe { libc::munmap(p, self.bytes) };
+        true
+    }
+
+    /// Maps it if it is not; false if the memory is not there.
+    fn map(&self) -> bool {
+        if self.is_mapped() {
+            return true;
+        }
+        let p = if inject::fail_reserve() {
+            libc::MAP_FAILED
+        } else {
+            // SAFETY: a new private anonymous mapping; its pages are never touched, but they
+            // are committed (charged against the commit limit, overcommit_memory = 2) and take
+            // address space (`ulimit -v`), which is what an allocation that fails lacks.
+            unsafe {
+                libc::mmap(
+                    ptr::null_mut(),
+                    self.bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            }
+        };
+        if p == libc::MAP_FAILED {
+            return false;
+        }
+        if self
+            .map
+            .compare_exchange(ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Only the backend's thread maps; kept correct all the same.
+            // SAFETY: mapped above, not published.
+            unsafe { libc::munmap(p, self.bytes) };
+        }
+        true
+    }
+}
+
+/// The global allocator of this library: the system's, with the reserves behind it.
 pub struct WithReserve;
 
 #[global_allocator]
 static ALLOCATOR: WithReserve = WithReserve;
 
-// SAFETY: every method forwards to `System` with the caller's arguments; the reserve is
-// separate memory (its own mapping), never handed out.
+// SAFETY: every method forwards to `System` with the caller's arguments; the reserves are
+// separate memory (mappings of their own), never handed out.
 unsafe impl GlobalAlloc for WithReserve {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract, forwarded.
@@ -61,72 +137,39 @@ unsafe impl GlobalAlloc for WithReserve {
     }
 }
 
-/// `attempt`, and once more after releasing the reserve if it failed and the reserve could
-/// cover it. Allocates nothing itself.
+/// `attempt`, and if it fails, once more after releasing the first reserve still held that is
+/// at least twice `size` (malloc needs a little more than the size it is asked for). Allocates
+/// nothing itself.
 fn retrying(size: usize, mut attempt: impl FnMut() -> *mut u8) -> *mut u8 {
     let p = if inject::fail_allocation() {
         ptr::null_mut()
     } else {
         attempt()
     };
-    if p.is_null() && size <= RESERVE_BYTES && release_reserve() {
+    if p.is_null() && RESERVES.iter().any(|r| size <= r.bytes / 2 && r.release()) {
         return attempt();
     }
     p
 }
 
-/// Unmaps the reserve; false if there was none.
-fn release_reserve() -> bool {
-    let p = RESERVE.swap(ptr::null_mut(), Ordering::AcqRel);
-    if p.is_null() {
-        return false;
-    }
-    // SAFETY: a mapping of RESERVE_BYTES made by `ensure_reserve`, swapped out above, so no one
-    // else unmaps it.
-    unsafe { libc::munmap(p, RESERVE_BYTES) };
-    true
-}
-
-/// Maps the reserve if this backend has none (its first call, or an allocation used it);
+/// Maps the reserves this backend does not hold (its first call, or an allocation used one);
 /// raises `out of memory` (53200) if the memory is not there. Called at the start of SQL calls,
-/// on the backend's thread: one load when the reserve is in place.
+/// on the backend's thread: two loads when the reserves are in place.
 pub fn ensure_reserve() {
-    if !RESERVE.load(Ordering::Acquire).is_null() {
-        return;
-    }
-    let p = if inject::fail_reserve() {
-        libc::MAP_FAILED
-    } else {
-        // SAFETY: a new private anonymous mapping; its pages are never touched, but they are
-        // committed (charged against the commit limit, overcommit_memory = 2) and take address
-        // space (`ulimit -v`), which is what an allocation that fails lacks.
-        unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                RESERVE_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        }
-    };
-    if p == libc::MAP_FAILED {
+    if !try_ensure_reserve() {
         crate::error::no_memory_reserve();
     }
-    if RESERVE
-        .compare_exchange(ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        // Only the backend's thread maps it; kept simple all the same.
-        // SAFETY: mapped above, not published.
-        unsafe { libc::munmap(p, RESERVE_BYTES) };
-    }
 }
 
-/// Whether this backend holds its reserve (for the tests).
-pub fn has_reserve() -> bool {
-    !RESERVE.load(Ordering::Acquire).is_null()
+/// [`ensure_reserve`] without the error: whether both reserves are held now. The last one is
+/// mapped first, so that the error can use it.
+pub fn try_ensure_reserve() -> bool {
+    RESERVES.iter().rev().all(Reserve::map)
+}
+
+/// Which reserves this backend holds: (the call's, the last) (for the tests).
+pub fn held() -> (bool, bool) {
+    (RESERVES[0].is_mapped(), RESERVES[1].is_mapped())
 }
 
 /// Failures injected by the pgrx tests: the next `n` allocations, or mappings of the reserve.

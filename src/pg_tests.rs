@@ -212,37 +212,77 @@ mod tests {
     }
 
     /// An allocation of psap_encrypt's Rust code that fails takes the backend's reserve instead
-    /// of aborting the server (Rust's answer to a NULL from malloc), and the next call maps the
-    /// reserve again.
+    /// of aborting the server (Rust's answer to a NULL from malloc); with that one gone, the
+    /// next takes the last reserve; the next call maps both again. (The failures are injected:
+    /// the memory itself is there.)
     #[pg_test]
-    fn a_failed_allocation_takes_the_reserve_and_the_next_call_maps_it_again() {
-        use crate::memory::{has_reserve, inject};
+    fn a_failed_allocation_takes_a_reserve_and_the_next_call_maps_it_again() {
+        use crate::memory::{held, inject};
         let env = one::<String>("SELECT psap_encrypt('Structure fire')").unwrap();
         let query = format!("SELECT psap_decrypt('{env}')");
-        assert!(has_reserve());
+        assert_eq!(held(), (true, true));
         inject::fail_allocations(1);
-        let value = std::hint::black_box(vec![7u8; 1000]);
-        assert!(
-            !has_reserve(),
+        let first = std::hint::black_box(vec![7u8; 1000]);
+        assert_eq!(
+            held(),
+            (false, true),
             "the allocation should have used the reserve"
         );
-        assert_eq!(value.iter().map(|&b| b as usize).sum::<usize>(), 7000);
+        inject::fail_allocations(1);
+        let second = std::hint::black_box(vec![8u8; 1000]);
+        assert_eq!(held(), (false, false), "then the last reserve");
+        assert_eq!(
+            first
+                .iter()
+                .chain(&second)
+                .map(|&b| b as usize)
+                .sum::<usize>(),
+            15000
+        );
+        // Larger than half the call's reserve: not retried (it could not cover it), so the
+        // allocation fails, as `try_reserve` shows without aborting.
+        one::<String>(&query);
+        assert_eq!(held(), (true, true));
+        inject::fail_allocations(1);
+        let mut large: Vec<u8> = Vec::new();
+        assert!(large
+            .try_reserve_exact(crate::memory::RESERVE_BYTES)
+            .is_err());
+        assert_eq!(held(), (true, true));
         assert_eq!(one::<String>(&query).as_deref(), Some("Structure fire"));
-        assert!(has_reserve());
     }
 
-    /// Once the reserve is used, a call that cannot map it again fails with 53200 before doing
-    /// anything (and the one after, with memory back, works: the pg_test framework's next test).
-    #[pg_test(error = "out of memory")]
+    /// Once the reserves are used, a call that cannot map them again fails with 53200 (the
+    /// error itself has the last reserve if it can be had), and a call with memory back works.
+    #[pg_test]
     fn a_call_without_its_reserve_fails_with_out_of_memory() {
-        use crate::memory::{has_reserve, inject};
+        use crate::memory::{ensure_reserve, held, inject};
         one::<String>("SELECT psap_encrypt('Structure fire')");
         inject::fail_allocations(1);
-        // Any allocation of the backend's Rust code now takes the reserve.
         let _ = std::hint::black_box(vec![0u8; 64]);
-        assert!(!has_reserve());
+        assert_eq!(held(), (false, true));
         inject::fail_reserves(1);
-        one::<String>("SELECT psap_encrypt('Structure fire')");
+        let error = PgTryBuilder::new(|| {
+            ensure_reserve();
+            None
+        })
+        .catch_others(|e| match e {
+            pg_sys::panic::CaughtError::ErrorReport(r) => Some((
+                r.sql_error_code(),
+                r.message().to_string(),
+                r.detail().map(str::to_string),
+            )),
+            other => other.rethrow(),
+        })
+        .execute();
+        let (code, message, detail) = error.expect("no error without the reserve");
+        assert_eq!(code, PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY);
+        assert_eq!(message, "out of memory");
+        assert!(detail.unwrap().contains("in reserve"));
+        assert_eq!(held(), (false, true));
+        // Through SQL: psap_encrypt maps them again first, and works.
+        assert!(one::<String>("SELECT psap_encrypt('Structure fire')").is_some());
+        assert_eq!(held(), (true, true));
     }
 
     /// psap_rotate's crypto thread is handed values ahead of the row the backend writes, but

@@ -186,6 +186,8 @@ fn _psap_all_next(job: i64) -> Option<i64> {
 /// Records that the column being started could not be (its error was caught by the procedure).
 #[pg_extern(volatile)]
 fn _psap_all_failed(job: i64, sqlstate: &str, message: Option<&str>) {
+    // After a column that ran out of memory: the reserves again, if the memory is back.
+    crate::memory::try_ensure_reserve();
     JOB.with(|j| {
         let mut slot = j.borrow_mut();
         let Some(job) = slot.as_mut().filter(|x| x.token == job) else {
@@ -216,6 +218,7 @@ fn failed(job: &mut Job, column: usize, failure: Failure) {
 /// Reports the job: a summary NOTICE, or the error naming every column that failed.
 #[pg_extern(volatile)]
 fn _psap_all_end(job: i64) {
+    crate::memory::try_ensure_reserve();
     let Some(job) = JOB
         .with(|j| j.borrow_mut().take())
         .filter(|x| x.token == job)

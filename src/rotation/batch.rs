@@ -59,6 +59,8 @@ fn _psap_run_failed(
     detail: Option<&str>,
     hint: Option<&str>,
 ) {
+    // After a step that ran out of memory: the reserves again, if the memory is back.
+    crate::memory::try_ensure_reserve();
     let Some(rec) = state::take_in_step(run) else {
         return;
     };
@@ -89,6 +91,7 @@ fn _psap_run_failed(
 /// committed by the procedure). Does nothing for a run that ended well.
 #[pg_extern(volatile)]
 fn _psap_run_end(run: i64) {
+    crate::memory::try_ensure_reserve();
     if let Some(Outcome {
         failure: Some(f), ..
     }) = state::take_outcome(run)
