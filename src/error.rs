@@ -184,8 +184,8 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
     }
 }
 
-/// The backend could not map its reserves of memory again (`crate::memory`). Its strings are
-/// static: memory is short.
+/// The backend could not map its reserves of memory again (`crate::memory`): fixed text, nothing
+/// formatted (raising it still allocates a little; the last reserve is for that).
 pub fn no_memory_reserve() -> ! {
     raise(
         ERRCODE_OUT_OF_MEMORY,

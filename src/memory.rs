@@ -9,15 +9,16 @@
 //!
 //! So the library's global allocator keeps two reserves of address space, mapped (never
 //! touched) by each backend when it first calls psap_encrypt, and by each census worker (not
-//! inherited: the postmaster holds none): 1 MiB for the call in progress, then 64 KiB for the
-//! error that says memory is short. An allocation that fails releases the first reserve still
-//! held that is at least twice its size, and is tried once more: the call has room to finish or
-//! to raise its error (unless another process takes that memory first). The next call of
+//! inherited: the postmaster holds none): 1 MiB for the call in progress, then 256 KiB for the
+//! error that says memory is short. An allocation that fails releases a reserve that can cover
+//! it (its size plus what malloc adds when it grows its heap: [`MALLOC_SLACK`]) and is tried
+//! again, then with the next: the call has room to finish or to raise its error (unless another
+//! process takes that memory first). The next call of
 //! psap_encrypt, psap_decrypt or a batch step starts by mapping the reserves again
 //! ([`ensure_reserve`], from [`crate::gucs::ensure_preloaded`]) and fails with 53200, before
 //! doing anything, if it cannot; the steps that record a failed run map them again if they can
-//! ([`try_ensure_reserve`]). An allocation that fails with both reserves gone, or one larger
-//! than half a reserve, still aborts: the reserves make room, they do not make memory.
+//! ([`try_ensure_reserve`]). An allocation that fails with both reserves gone, or one that no
+//! reserve covers (over 892 KiB), still aborts: the reserves make room, they do not make memory.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ffi::c_void;
@@ -29,7 +30,10 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 /// fallibly).
 pub const RESERVE_BYTES: usize = 1 << 20;
 /// Bytes of the last reserve, for raising `out of memory` itself.
-pub const LAST_RESERVE_BYTES: usize = 64 << 10;
+pub const LAST_RESERVE_BYTES: usize = 256 << 10;
+/// What glibc's malloc asks of the system beyond a request when its heap must grow: its top pad
+/// (128 KiB, `M_TOP_PAD`) and a page. A reserve covers requests up to its size less this.
+pub const MALLOC_SLACK: usize = (128 << 10) + 4096;
 
 /// A mapping of address space held back; null before the backend's first call and once used.
 struct Reserve {
@@ -72,7 +76,7 @@ impl Reserve {
         if self.is_mapped() {
             return true;
         }
-        let p = if inject::fail_reserve() {
+        let p = if inject::fail_reserve(self.bytes) {
             libc::MAP_FAILED
         } else {
             // SAFETY: a new private anonymous mapping; its pages are never touched, but they
@@ -137,17 +141,24 @@ unsafe impl GlobalAlloc for WithReserve {
     }
 }
 
-/// `attempt`, and if it fails, once more after releasing the first reserve still held that is
-/// at least twice `size` (malloc needs a little more than the size it is asked for). Allocates
-/// nothing itself.
+/// `attempt`, and while it fails, again after releasing each reserve still held that covers
+/// `size` in turn. Allocates nothing itself.
 fn retrying(size: usize, mut attempt: impl FnMut() -> *mut u8) -> *mut u8 {
-    let p = if inject::fail_allocation() {
-        ptr::null_mut()
-    } else {
-        attempt()
+    let mut attempt = || {
+        if inject::fail_allocation() {
+            ptr::null_mut()
+        } else {
+            attempt()
+        }
     };
-    if p.is_null() && RESERVES.iter().any(|r| size <= r.bytes / 2 && r.release()) {
-        return attempt();
+    let mut p = attempt();
+    for r in &RESERVES {
+        if !p.is_null() {
+            break;
+        }
+        if size.saturating_add(MALLOC_SLACK) <= r.bytes && r.release() {
+            p = attempt();
+        }
     }
     p
 }
@@ -172,34 +183,34 @@ pub fn held() -> (bool, bool) {
     (RESERVES[0].is_mapped(), RESERVES[1].is_mapped())
 }
 
-/// Failures injected by the pgrx tests: the next `n` allocations, or mappings of the reserve.
+/// Failures injected by the pgrx tests: the next `n` attempts to allocate (retries included), or
+/// the next mapping of the reserve of a given size.
 #[cfg(any(test, feature = "pg_test"))]
 pub mod inject {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-    static RESERVES: AtomicUsize = AtomicUsize::new(0);
+    static RESERVE: AtomicUsize = AtomicUsize::new(0);
 
     pub fn fail_allocations(n: usize) {
         ALLOCATIONS.store(n, Ordering::SeqCst);
     }
 
-    pub fn fail_reserves(n: usize) {
-        RESERVES.store(n, Ordering::SeqCst);
+    /// The next mapping of the reserve of `bytes` fails (0: none).
+    pub fn fail_reserve_of(bytes: usize) {
+        RESERVE.store(bytes, Ordering::SeqCst);
     }
 
-    fn take(counter: &AtomicUsize) -> bool {
-        counter
+    pub(super) fn fail_allocation() -> bool {
+        ALLOCATIONS
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
     }
 
-    pub(super) fn fail_allocation() -> bool {
-        take(&ALLOCATIONS)
-    }
-
-    pub(super) fn fail_reserve() -> bool {
-        take(&RESERVES)
+    pub(super) fn fail_reserve(bytes: usize) -> bool {
+        RESERVE
+            .compare_exchange(bytes, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 }
 
@@ -211,7 +222,7 @@ mod inject {
     }
 
     #[inline(always)]
-    pub(super) fn fail_reserve() -> bool {
+    pub(super) fn fail_reserve(_bytes: usize) -> bool {
         false
     }
 }

@@ -213,13 +213,15 @@ mod tests {
 
     /// An allocation of psap_encrypt's Rust code that fails takes the backend's reserve instead
     /// of aborting the server (Rust's answer to a NULL from malloc); with that one gone, the
-    /// next takes the last reserve; the next call maps both again. (The failures are injected:
-    /// the memory itself is there.)
+    /// next takes the last reserve; one whose retry fails too takes both; one that no reserve
+    /// covers is not retried; the next call maps both again. (The failures are injected: the
+    /// memory itself is there.)
     #[pg_test]
     fn a_failed_allocation_takes_a_reserve_and_the_next_call_maps_it_again() {
-        use crate::memory::{held, inject};
+        use crate::memory::{held, inject, MALLOC_SLACK, RESERVE_BYTES};
         let env = one::<String>("SELECT psap_encrypt('Structure fire')").unwrap();
         let query = format!("SELECT psap_decrypt('{env}')");
+        let remap = || assert_eq!(one::<String>(&query).as_deref(), Some("Structure fire"));
         assert_eq!(held(), (true, true));
         inject::fail_allocations(1);
         let first = std::hint::black_box(vec![7u8; 1000]);
@@ -239,29 +241,43 @@ mod tests {
                 .sum::<usize>(),
             15000
         );
-        // Larger than half the call's reserve: not retried (it could not cover it), so the
-        // allocation fails, as `try_reserve` shows without aborting.
-        one::<String>(&query);
+        remap();
+        assert_eq!(held(), (true, true));
+        // The retry after the first reserve fails as well: the last one is released too.
+        inject::fail_allocations(2);
+        let third = std::hint::black_box(vec![9u8; 1000]);
+        assert_eq!((held(), third[999]), ((false, false), 9));
+        remap();
+        // A reallocation (a Vec that grows) is retried the same way, its contents kept.
+        let mut grown: Vec<u8> = (0..16).collect();
+        inject::fail_allocations(1);
+        grown.reserve_exact(4000);
+        assert_eq!(held(), (false, true));
+        assert_eq!(grown, (0..16).collect::<Vec<u8>>());
+        remap();
+        // The largest request the call's reserve covers is retried; one byte more is not (it
+        // fails, as `try_reserve` shows without aborting, and the reserves stay).
+        let covered = RESERVE_BYTES - MALLOC_SLACK;
+        inject::fail_allocations(1);
+        assert!(Vec::<u8>::new().try_reserve_exact(covered + 1).is_err());
         assert_eq!(held(), (true, true));
         inject::fail_allocations(1);
-        let mut large: Vec<u8> = Vec::new();
-        assert!(large
-            .try_reserve_exact(crate::memory::RESERVE_BYTES)
-            .is_err());
+        assert!(Vec::<u8>::new().try_reserve_exact(covered).is_ok());
+        assert_eq!(held(), (false, true));
+        remap();
         assert_eq!(held(), (true, true));
-        assert_eq!(one::<String>(&query).as_deref(), Some("Structure fire"));
     }
 
-    /// Once the reserves are used, a call that cannot map them again fails with 53200 (the
-    /// error itself has the last reserve if it can be had), and a call with memory back works.
+    /// Once the reserves are used, a call that cannot map them again fails with 53200; the last
+    /// reserve, for the error itself, is mapped first. A call with the memory back works.
     #[pg_test]
     fn a_call_without_its_reserve_fails_with_out_of_memory() {
-        use crate::memory::{ensure_reserve, held, inject};
+        use crate::memory::{ensure_reserve, held, inject, RESERVE_BYTES};
         one::<String>("SELECT psap_encrypt('Structure fire')");
-        inject::fail_allocations(1);
+        inject::fail_allocations(2);
         let _ = std::hint::black_box(vec![0u8; 64]);
-        assert_eq!(held(), (false, true));
-        inject::fail_reserves(1);
+        assert_eq!(held(), (false, false));
+        inject::fail_reserve_of(RESERVE_BYTES);
         let error = PgTryBuilder::new(|| {
             ensure_reserve();
             None
@@ -279,7 +295,7 @@ mod tests {
         assert_eq!(code, PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY);
         assert_eq!(message, "out of memory");
         assert!(detail.unwrap().contains("in reserve"));
-        assert_eq!(held(), (false, true));
+        assert_eq!(held(), (false, true), "the last reserve is mapped first");
         // Through SQL: psap_encrypt maps them again first, and works.
         assert!(one::<String>("SELECT psap_encrypt('Structure fire')").is_some());
         assert_eq!(held(), (true, true));
