@@ -448,37 +448,81 @@ def test_a_table_owners_error_at_the_start_of_a_run_is_raised_without_ciphertext
             c.execute("DROP TABLE incidents; DROP ROLE trudy")
 
 
-def test_a_table_owners_warnings_during_a_rotation_reach_the_log_without_ciphertext(cluster, db):
-    """The table's code that a rotation runs as its owner (here a trigger) can write values to the
-    server log: `RAISE WARNING` of the old and the new ciphertext. While it runs on
-    psap_encrypt's behalf, the log hook masks every envelope's body in what it writes (and so in
-    what the client gets of it); the message is otherwise kept."""
+def test_a_look_alike_of_psap_encrypts_error_at_the_start_of_a_run_is_masked_too(cluster, bound):
+    """The owner's code can raise an error with psap_encrypt's own SQLSTATE and message, after
+    the session met that error of psap_encrypt's: it is still taken for the owner's (the run
+    forgets earlier errors when it starts), so its detail, here a whole envelope, is not repeated."""
+    with cluster.connect(dbname=bound) as c:
+        c.execute("DROP ROLE IF EXISTS trudy")
+        c.execute("CREATE ROLE trudy")
+        c.execute("CREATE FUNCTION look_alike(v text) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN "
+                  "RAISE EXCEPTION 'malformed ciphertext envelope' USING ERRCODE = '22P02', DETAIL = v; END $$")
+        c.execute("ALTER FUNCTION look_alike(text) OWNER TO trudy")
+        c.execute("ALTER TABLE incidents OWNER TO trudy")
+        c.execute("ALTER TABLE incidents ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY")
+        c.execute("CREATE POLICY look_alike ON incidents USING (look_alike(title))")
+    offset = cluster.log_size()
+    try:
+        with cluster.connect(dbname=bound) as c:
+            c.execute("SET client_min_messages = error")
+            assert sqlstate_of(c, "SELECT psap_decrypt('v1:AAAA')")[:2] == ("22P02", "malformed ciphertext envelope")
+            c.execute("SET psap.key_version = 'v3'")
+            state, msg, detail, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 50)")
+            assert (state, msg) == ("22P02", "malformed ciphertext envelope")
+            assert detail == ("psap_encrypt does not repeat the detail of an error raised by the table's code"
+                              " or the server: it can quote row values."), detail
+        log = cluster.log_text_from(offset)
+        assert not re.search(r"v1:[A-Za-z0-9+/]{8}", log), log
+    finally:
+        with cluster.connect(dbname=bound) as c:
+            c.execute("DROP TABLE incidents; DROP FUNCTION look_alike(text); DROP ROLE trudy")
+
+
+@pytest.mark.parametrize("code,path", [
+    ("trigger", "with a batch statement: the table has triggers"),
+    ("check constraint", "directly on the heap"),
+])
+def test_a_table_owners_warnings_during_a_rotation_reach_the_log_without_ciphertext(cluster, db, code, path):
+    """The table's code that a rotation runs as its owner (a trigger on the batch statement's
+    path, a check constraint's function on the direct path) can write values to the server log:
+    `RAISE WARNING` of the ciphertext. While it runs on psap_encrypt's behalf, the log hook masks
+    every envelope's body in what it writes (and so in what the client gets of it); the message
+    is otherwise kept."""
     with cluster.connect(dbname=db) as c:
         c.execute("DROP ROLE IF EXISTS trudy")
         c.execute("CREATE ROLE trudy")
+        c.execute("CREATE FUNCTION chatty_says(v text) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN "
+                  "RAISE WARNING 'saw %', v; RETURN true; END $$")
+        c.execute("CREATE FUNCTION chatty_trigger() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                  "PERFORM public.chatty_says(NEW.title); RETURN NEW; END $$")
         c.execute("CREATE TABLE chatty (id int PRIMARY KEY, title text)")
         c.execute("INSERT INTO chatty SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 40) g")
-        c.execute("CREATE FUNCTION chatty_says() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                  "RAISE WARNING 'was % now %', OLD.title, NEW.title; RETURN NEW; END $$")
-        c.execute("CREATE TRIGGER says BEFORE UPDATE ON chatty FOR EACH ROW EXECUTE FUNCTION chatty_says()")
+        if code == "trigger":
+            c.execute("CREATE TRIGGER says BEFORE UPDATE ON chatty FOR EACH ROW EXECUTE FUNCTION chatty_trigger()")
+        else:
+            c.execute("ALTER TABLE chatty ADD CONSTRAINT says CHECK (chatty_says(title))")
         c.execute("ALTER TABLE chatty OWNER TO trudy")
-        c.execute("ALTER FUNCTION chatty_says() OWNER TO trudy")
+        c.execute("ALTER FUNCTION chatty_says(text) OWNER TO trudy")
+        c.execute("ALTER FUNCTION chatty_trigger() OWNER TO trudy")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     offset = cluster.log_size()
     try:
         with cluster.connect(dbname=db) as c:
+            said = saying_how(c)
             warnings = []
             c.add_notice_handler(lambda d: warnings.append(d.message_primary)
                                  if d.severity_nonlocalized == "WARNING" else None)
             c.execute("CALL psap_rotate('chatty', 'title', 10)")
             assert census(c, "chatty") == {("encrypted", "v2"): 40}
-        assert len(warnings) == 40 and all(w.startswith("was v1:****") and " now v2:****" in w for w in warnings), warnings[:2]
+        assert f"updating the rows of public.chatty {path}" in said, said
+        assert len(warnings) == 40 and all(w.startswith("saw v2:****") for w in warnings), warnings[:2]
         log = cluster.log_text_from(offset)
-        assert log.count("WARNING:  was v1:****") == 40, log[-2000:]
+        assert log.count("WARNING:  saw v2:****") == 40, log[-2000:]
         assert not re.search(r"v[12]:[A-Za-z0-9+/]{8}", log), log
     finally:
         with cluster.connect(dbname=db) as c:
-            c.execute("DROP TABLE chatty; DROP FUNCTION chatty_says(); DROP ROLE trudy")
+            c.execute("DROP TABLE chatty; DROP FUNCTION chatty_trigger(), chatty_says(text); DROP ROLE trudy")
+
 
 HOSTILE_SCHEMA = r"""
 CREATE SCHEMA evil;
