@@ -564,7 +564,7 @@ unsafe fn pg_strdup(s: &str) -> *mut c_char {
 }
 
 /// Raises a clear error unless the library was loaded through `shared_preload_libraries`; then
-/// makes sure this backend holds its reserve of memory (`crate::memory`). psap_encrypt and
+/// makes sure this backend holds its reserves of memory (`crate::memory`). psap_encrypt and
 /// psap_decrypt, each batch step and the other SQL functions that do work start here.
 pub fn ensure_preloaded() {
     if !PRELOADED.load(Ordering::Relaxed) {
