@@ -55,12 +55,14 @@ pub fn redact(text: &mut [u8], key_context: bool) -> bool {
         MIN_HEX_RUN
     };
     let mut changed = false;
-    loop {
-        let Some((start, end)) = hex_runs(text, min_run).next() else {
-            break;
-        };
+    // One pass: each run is masked where it is found, and the search goes on after it (starting
+    // again from the beginning each time made a message of many runs cost its length times their
+    // number, inside error reporting, where no cancel is taken).
+    let mut from = 0;
+    while let Some((start, end)) = next_hex_run(text, from, min_run) {
         mask(&mut text[start..end]);
         changed = true;
+        from = end;
     }
     if let Some(at) = key_setting_at(text) {
         let mut i = at;
@@ -98,17 +100,16 @@ pub const MIN_ENVELOPE_BODY: usize = 16;
 
 /// Turns the body of every envelope in `text` into asterisks, keeping its `v<N>:` prefix (so a
 /// message still says which version a value had): a `v<N>:` prefix (as [`envelope::parse_prefix`]
-/// reads one) that does not follow a letter, digit or underscore, then at least
-/// [`MIN_ENVELOPE_BODY`] characters of standard base64 (padding included). Returns whether
-/// anything changed.
+/// reads one), wherever it is (also right after a letter or digit: the table's code can glue a
+/// value to a word), then at least [`MIN_ENVELOPE_BODY`] characters of standard base64 (padding
+/// included). Returns whether anything changed.
 ///
 /// [`envelope::parse_prefix`]: crate::envelope::parse_prefix
 pub fn mask_envelopes(text: &mut [u8]) -> bool {
     let mut changed = false;
     let mut i = 0;
     while i < text.len() {
-        let starts = text[i] == b'v'
-            && (i == 0 || !(text[i - 1].is_ascii_alphanumeric() || text[i - 1] == b'_'));
+        let starts = text[i] == b'v';
         let Some((_, prefix)) = starts
             .then(|| crate::envelope::parse_prefix(&text[i..]).ok())
             .flatten()
@@ -140,26 +141,71 @@ fn mask(bytes: &mut [u8]) -> bool {
 }
 
 fn hex_runs(text: &[u8], min_run: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-    let mut i = 0;
+    let mut from = 0;
     std::iter::from_fn(move || {
-        while i < text.len() {
-            if text[i].is_ascii_hexdigit() {
-                let start = i;
-                while i < text.len() && text[i].is_ascii_hexdigit() {
-                    i += 1;
-                }
-                if i - start >= min_run {
-                    return Some((start, i));
-                }
-            } else {
+        let run = next_hex_run(text, from, min_run)?;
+        from = run.1;
+        Some(run)
+    })
+}
+
+/// The first run of at least `min_run` hex digits at or after `from`: (start, end).
+fn next_hex_run(text: &[u8], from: usize, min_run: usize) -> Option<(usize, usize)> {
+    let mut i = from;
+    while i < text.len() {
+        scanned::count();
+        if text[i].is_ascii_hexdigit() {
+            let start = i;
+            while i < text.len() && text[i].is_ascii_hexdigit() {
+                scanned::count();
                 i += 1;
             }
+            if i - start >= min_run {
+                return Some((start, i));
+            }
+        } else {
+            i += 1;
         }
-        None
-    })
+    }
+    None
+}
+
+/// Bytes the hex-run search looked at (counted in tests only: the rules must stay linear in the
+/// length of a message, which the log hook rewrites inside error reporting).
+mod scanned {
+    #[cfg(test)]
+    thread_local! {
+        pub static BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    #[inline(always)]
+    pub fn count() {
+        #[cfg(test)]
+        BYTES.with(|b| b.set(b.get() + 1));
+    }
 }
 
 fn find_ci(text: &[u8], needle: &[u8]) -> Option<usize> {
     text.windows(needle.len())
         .position(|w| w.eq_ignore_ascii_case(needle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message of many key-like runs (anyone can have one logged: `SELECT '<hex> <hex> ...'::int`)
+    /// is rewritten in one pass: each byte looked at a bounded number of times, however many runs.
+    #[test]
+    fn many_runs_are_masked_in_one_pass() {
+        for (run, key_context) in [(MIN_HEX_RUN, false), (MIN_HEX_RUN_IN_KEY_CONTEXT, true)] {
+            let unit = format!("{} ", "a".repeat(run));
+            let mut text = unit.repeat(4000).into_bytes();
+            scanned::BYTES.with(|b| b.set(0));
+            assert!(redact(&mut text, key_context));
+            assert!(text.iter().all(|&b| b == b'*' || b == b' '));
+            let looked = scanned::BYTES.with(|b| b.get());
+            assert!(looked <= 2 * text.len(), "{looked} bytes looked at for {}", text.len());
+        }
+    }
 }
