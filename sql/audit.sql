@@ -109,13 +109,21 @@ CREATE TRIGGER psap_audit_chain_no_truncate BEFORE TRUNCATE ON @extschema@.psap_
 
 -- Whether the session that started a run is still there and executing a statement. A run that
 -- was cancelled or failed outside the procedure's own error handling leaves an idle session;
--- a killed backend or a crash leaves none.
+-- a killed backend or a crash leaves none. A session with track_activities off reports no state
+-- ('disabled'): it counts as alive while it is there, or its run in progress would be closed as
+-- interrupted by the next run started anywhere.
 CREATE FUNCTION @extschema@._psap_backend_alive(p_pid integer, p_start timestamptz) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_activity(p_pid) a
-                    WHERE a.backend_start = p_start AND a.state = 'active')
+                    WHERE a.backend_start = p_start AND a.state IN ('active', 'disabled'))
 $$;
+
+-- Views are bound to their operators when they are created, through the search_path CREATE
+-- EXTENSION sets: pg_catalog first, then the extension's schema, where others may be able to
+-- create objects. An operator with no exact match in pg_catalog (numeric * bigint) would bind
+-- to one such a role made with exactly those operand types, and run its code as whoever reads
+-- the view. Those are written OPERATOR(pg_catalog.x).
 
 -- The log as a DBA reads it: a run whose row still says 'running' while its session is gone
 -- (killed backend, crash, immediate shutdown) or no longer executing it shows as 'interrupted'
@@ -126,7 +134,8 @@ SELECT l.id, l.operation, l.relation, l.column_name, l.from_version, l.to_versio
             THEN 'interrupted' ELSE l.status END AS status,
        l.rows_planned, l.rows_done, l.rows_skipped, l.rows_failed, l.batches,
        CASE WHEN l.rows_planned > 0
-            THEN pg_catalog.round(100.0 * l.rows_done / l.rows_planned, 1) END AS percent,
+            THEN pg_catalog.round(100.0 OPERATOR(pg_catalog.*) l.rows_done
+                                  OPERATOR(pg_catalog./) l.rows_planned, 1) END AS percent,
        l.started_at, l.updated_at, l.ended_at, l.error, l.from_fingerprints, l.to_fingerprint,
        l.session_role, l.run_as_role, l.pid
   FROM @extschema@.psap_audit_log l;
@@ -137,12 +146,13 @@ CREATE VIEW @extschema@.psap_rotation_progress AS
 SELECT id, operation, relation, column_name, from_version, to_version, status, rows_planned,
        rows_done, rows_skipped, batches, percent, started_at, updated_at, ended_at, error,
        session_role, pid, r.rows_per_s,
-       CASE WHEN status = 'running' AND r.rows_per_s > 0 AND rows_planned > rows_done
-            THEN pg_catalog.make_interval(secs => pg_catalog.round((rows_planned - rows_done) / r.rows_per_s))
+       CASE WHEN status = 'running' AND r.rows_per_s OPERATOR(pg_catalog.>) 0 AND rows_planned > rows_done
+            THEN pg_catalog.make_interval(secs => pg_catalog.round((rows_planned - rows_done)
+                                                                   OPERATOR(pg_catalog./) r.rows_per_s))
        END AS time_left
   FROM @extschema@.psap_audit,
        LATERAL (SELECT CASE WHEN rows_done > 0 AND COALESCE(ended_at, updated_at) > started_at
-                            THEN pg_catalog.round(rows_done / pg_catalog.date_part('epoch',
+                            THEN pg_catalog.round(rows_done OPERATOR(pg_catalog./) pg_catalog.date_part('epoch',
                                      COALESCE(ended_at, updated_at) - started_at)::numeric)
                        END AS rows_per_s) r
  WHERE operation IN ('rotate', 'rotate dry run', 'encrypt', 'encrypt dry run');

@@ -316,6 +316,12 @@ DROP PROCEDURE @extschema@._psap_run(bigint, integer);
 DROP FUNCTION @extschema@.psap_register_column(regclass, name);
 DROP FUNCTION @extschema@.psap_unregister_column(regclass, name);
 ALTER TABLE @extschema@.psap_encrypted_columns ADD COLUMN context text;
+-- Registry rows of temporary tables (which 0.2.0 no longer registers: they go without the DROP
+-- that removes a registered table) and of tables gone that way.
+DELETE FROM @extschema@.psap_encrypted_columns r
+ WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_class c
+                    WHERE c.oid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
+                      AND c.relpersistence OPERATOR(pg_catalog.<>) 't');
 CREATE FUNCTION @extschema@.psap_status()
 RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
                key_configured boolean, is_current boolean, cipher text, verdict text)
@@ -324,7 +330,8 @@ AS $$
     WITH c AS (
         SELECT r.relid, r.column_name, c.state, c.version, c.rows, c.key_configured,
                c.version = current_setting('psap.key_version') AS is_current, c.cipher
-          FROM @extschema@.psap_encrypted_columns r,
+          FROM @extschema@.psap_encrypted_columns r
+          JOIN pg_catalog.pg_class t ON t.oid = r.relid AND t.relpersistence <> 't',
                LATERAL @extschema@.psap_census(r.relid, r.column_name::text) c
     ), per_column AS (
         SELECT c.relid, c.column_name,
@@ -354,18 +361,47 @@ AS $$
      ORDER BY c.relid::text, c.column_name, c.state, length(c.version), c.version
 $$;
 
+-- Whether the session that started a run is still there and executing a statement. A run that
+-- was cancelled or failed outside the procedure's own error handling leaves an idle session;
+-- a killed backend or a crash leaves none. A session with track_activities off reports no state
+-- ('disabled'): it counts as alive while it is there, or its run in progress would be closed as
+-- interrupted by the next run started anywhere.
+CREATE OR REPLACE FUNCTION @extschema@._psap_backend_alive(p_pid integer, p_start timestamptz) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_activity(p_pid) a
+                    WHERE a.backend_start = p_start AND a.state IN ('active', 'disabled'))
+$$;
+
+-- The audit views again, with the operators that have no exact match in pg_catalog written
+-- OPERATOR(pg_catalog.x) (sql/audit.sql says why): 0.1.0 bound them through the search_path of
+-- CREATE EXTENSION, to whatever a role able to create objects in the extension's schema had
+-- planted there with those operand types; replacing the views binds them again.
+CREATE OR REPLACE VIEW @extschema@.psap_audit AS
+SELECT l.id, l.operation, l.relation, l.column_name, l.from_version, l.to_version,
+       CASE WHEN l.status = 'running' AND NOT @extschema@._psap_backend_alive(l.pid, l.backend_start)
+            THEN 'interrupted' ELSE l.status END AS status,
+       l.rows_planned, l.rows_done, l.rows_skipped, l.rows_failed, l.batches,
+       CASE WHEN l.rows_planned > 0
+            THEN pg_catalog.round(100.0 OPERATOR(pg_catalog.*) l.rows_done
+                                  OPERATOR(pg_catalog./) l.rows_planned, 1) END AS percent,
+       l.started_at, l.updated_at, l.ended_at, l.error, l.from_fingerprints, l.to_fingerprint,
+       l.session_role, l.run_as_role, l.pid
+  FROM @extschema@.psap_audit_log l;
+
 -- Rotations and column encryptions only, for watching progress: the average rate since the
 -- start and, while running, the time left at that rate.
 CREATE OR REPLACE VIEW @extschema@.psap_rotation_progress AS
 SELECT id, operation, relation, column_name, from_version, to_version, status, rows_planned,
        rows_done, rows_skipped, batches, percent, started_at, updated_at, ended_at, error,
        session_role, pid, r.rows_per_s,
-       CASE WHEN status = 'running' AND r.rows_per_s > 0 AND rows_planned > rows_done
-            THEN pg_catalog.make_interval(secs => pg_catalog.round((rows_planned - rows_done) / r.rows_per_s))
+       CASE WHEN status = 'running' AND r.rows_per_s OPERATOR(pg_catalog.>) 0 AND rows_planned > rows_done
+            THEN pg_catalog.make_interval(secs => pg_catalog.round((rows_planned - rows_done)
+                                                                   OPERATOR(pg_catalog./) r.rows_per_s))
        END AS time_left
   FROM @extschema@.psap_audit,
        LATERAL (SELECT CASE WHEN rows_done > 0 AND COALESCE(ended_at, updated_at) > started_at
-                            THEN pg_catalog.round(rows_done / pg_catalog.date_part('epoch',
+                            THEN pg_catalog.round(rows_done OPERATOR(pg_catalog./) pg_catalog.date_part('epoch',
                                      COALESCE(ended_at, updated_at) - started_at)::numeric)
                        END AS rows_per_s) r
  WHERE operation IN ('rotate', 'rotate dry run', 'encrypt', 'encrypt dry run');
@@ -408,7 +444,7 @@ AS $$
            a.ended_at,
            a.to_version
       FROM @extschema@.psap_encrypted_columns r
-      JOIN pg_catalog.pg_class c ON c.oid = r.relid
+      JOIN pg_catalog.pg_class c ON c.oid = r.relid AND c.relpersistence <> 't'
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
       LEFT JOIN LATERAL (
           SELECT l.ended_at, l.to_version FROM @extschema@.psap_audit l
@@ -517,7 +553,7 @@ BEGIN
     LOOP
         BEGIN
             run := @extschema@._psap_all_next(job);
-        EXCEPTION WHEN OTHERS THEN
+        EXCEPTION WHEN OTHERS OR query_canceled THEN
             GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT;
             PERFORM @extschema@._psap_all_failed(job, e_state, e_msg);
             CONTINUE;

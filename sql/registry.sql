@@ -57,6 +57,8 @@ CREATE EVENT TRIGGER psap_registry_follow_drop ON sql_drop
 -- configured, whether it is current, its cipher, and the verdict a person reads first (the same
 -- on each row of the column): what needs a key the server lacks, then what is still on another
 -- version or not encrypted, else "all on vN". No row with version = 'v1' means the v1 key can go.
+-- A registry row whose table is gone without the DROP that removes it, or is temporary (both only
+-- from 0.2.0, which registered temporary tables), is left out: it would make every call fail.
 CREATE FUNCTION @extschema@.psap_status()
 RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
                key_configured boolean, is_current boolean, cipher text, verdict text)
@@ -65,7 +67,8 @@ AS $$
     WITH c AS (
         SELECT r.relid, r.column_name, c.state, c.version, c.rows, c.key_configured,
                c.version = current_setting('psap.key_version') AS is_current, c.cipher
-          FROM @extschema@.psap_encrypted_columns r,
+          FROM @extschema@.psap_encrypted_columns r
+          JOIN pg_catalog.pg_class t ON t.oid = r.relid AND t.relpersistence <> 't',
                LATERAL @extschema@.psap_census(r.relid, r.column_name::text) c
     ), per_column AS (
         SELECT c.relid, c.column_name,
@@ -133,7 +136,7 @@ AS $$
            a.ended_at,
            a.to_version
       FROM @extschema@.psap_encrypted_columns r
-      JOIN pg_catalog.pg_class c ON c.oid = r.relid
+      JOIN pg_catalog.pg_class c ON c.oid = r.relid AND c.relpersistence <> 't'
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
       LEFT JOIN LATERAL (
           SELECT l.ended_at, l.to_version FROM @extschema@.psap_audit l

@@ -88,7 +88,8 @@ $$;
 -- CALL psap_rotate_all(batch, ...): psap_rotate on every registered column, in order, with one
 -- budget (max_batches, max_seconds) for the whole call: what a pg_cron job runs. A column that
 -- fails (or cannot even start) is recorded and the others are still rotated; the call fails at
--- the end. A cancel stops the whole call.
+-- the end. A cancel stops the whole call: _psap_all_failed tells a real one (an interrupt) from
+-- the table's code raising query_canceled itself, which is one more column's failure.
 CREATE PROCEDURE @extschema@.psap_rotate_all(
     batch              integer          DEFAULT 500,
     from_version       text             DEFAULT NULL,
@@ -115,7 +116,7 @@ BEGIN
     LOOP
         BEGIN
             run := @extschema@._psap_all_next(job);
-        EXCEPTION WHEN OTHERS THEN
+        EXCEPTION WHEN OTHERS OR query_canceled THEN
             GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT;
             PERFORM @extschema@._psap_all_failed(job, e_state, e_msg);
             CONTINUE;

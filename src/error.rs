@@ -363,6 +363,18 @@ pub fn not_a_table(relation: &str, changed: bool) -> ! {
     )
 }
 
+/// psap_register_column of a temporary table: it goes at the end of its session (or transaction)
+/// without the DROP that takes a registered table out of the registry, and other sessions cannot
+/// read it (psap_status and psap_rotate_all read every registered table).
+pub fn cannot_register_temporary(relation: &str) -> ! {
+    raise(
+        ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("cannot register a column of temporary table \"{relation}\""),
+        Some("This operation is not supported for temporary tables.".into()),
+        None,
+    )
+}
+
 /// A run's table was dropped after the run checked it.
 pub fn table_gone(relation: &str) -> ! {
     raise(
@@ -458,6 +470,18 @@ pub fn keys_changed_during_verification(relation: &str) -> ! {
 
 /// A row this transaction had locked could not be updated, or its index entries asked for a
 /// recheck no table here can need (src/rotation/direct.rs): a bug, reported as one.
+/// A direct batch's row was changed, after the batch locked it, by the table's own code that the
+/// batch ran (a check constraint's function that updates its own table): PostgreSQL's error for
+/// an UPDATE whose row a trigger of the same command changed.
+pub fn row_changed_by_table_code(relation: &str, row: &str) -> ! {
+    raise(
+        ERRCODE_TRIGGERED_DATA_CHANGE_VIOLATION,
+        format!("could not re-encrypt row ctid {row} of {relation}: the table's own code changed it during the batch"),
+        Some("A function of the table's constraints or indexes updated or deleted the row while the batch re-encrypted it. The batch was rolled back and no row of it was changed.".into()),
+        Some("Such a function must not change rows of its own table.".into()),
+    )
+}
+
 pub fn row_changed_while_locked(row: &str) -> ! {
     raise(
         ERRCODE_INTERNAL_ERROR,
@@ -484,6 +508,17 @@ pub fn column_became_key(relation: &str, column: &str) -> ! {
         format!("column \"{column}\" of {relation} became part of a unique index during the rotation"),
         Some("The batch was rolled back and no row of it was changed.".into()),
         Some("Call the procedure again: its batches then lock rows as an update of a key column needs.".into()),
+    )
+}
+
+/// The name a run's batch statement uses for a table no longer names it (renamed, or another
+/// table renamed into its place, between two batches).
+pub fn renamed(relation: &str) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("{relation} was renamed during the rotation"),
+        Some("The name no longer refers to the table the run started on (another table may have taken it). The rows of earlier batches stay rotated.".into()),
+        Some("Call the procedure again with the table's name as it is now.".into()),
     )
 }
 

@@ -148,7 +148,7 @@ pub fn init() {
     pgrx::GucRegistry::define_bool_guc(
         c"psap.decrypt_passthrough",
         c"Lets psap_decrypt return values that are not envelopes unchanged, during a migration to encryption.",
-        c"Off by default: then a value without a vN: prefix is an error. Malformed envelopes are errors either way.",
+        c"Off by default: then a value without a vN: prefix (N from 1 to 99) is an error. A value with one that does not decrypt is an error either way. Values such as v0:, v01: or v100: have no such prefix: they are what psap_census counts as not encrypted and psap_encrypt_column encrypts.",
         &DECRYPT_PASSTHROUGH,
         pgrx::GucContext::Userset,
         pgrx::GucFlags::default(),

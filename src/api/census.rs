@@ -12,8 +12,10 @@ use crate::{gucs, sandbox, scan};
 /// Whether a value (its first characters) is an envelope to rotate: its version is not `target`
 /// and, when `from` is given, is `from`.
 #[pg_extern(immutable, parallel_safe)]
-fn _psap_needs_rotation(prefix: Option<&str>, target: i32, from: Option<i32>) -> bool {
-    let Some(prefix) = prefix else { return false };
+fn _psap_needs_rotation(prefix: Option<&str>, target: Option<i32>, from: Option<i32>) -> bool {
+    let (Some(prefix), Some(target)) = (prefix, target) else {
+        return false;
+    };
     match envelope::parse_prefix(prefix.as_bytes()) {
         Ok((v, _)) => v.get() as i32 != target && from.is_none_or(|f| f == v.get() as i32),
         Err(_) => false,

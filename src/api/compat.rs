@@ -17,8 +17,16 @@ use crate::{error, gucs, sandbox};
 /// 0.1.0's check behind psap_register_column: the column exists, is text, and the caller can
 /// read and update it. Unchanged.
 #[pg_extern(stable, sql = false)]
-fn _psap_check_column(tbl: PgRelation, col: &str) {
+fn _psap_check_column(tbl: Option<PgRelation>, col: Option<&str>) {
     gucs::ensure_preloaded();
+    let (Some(tbl), Some(col)) = (tbl, col) else {
+        error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "psap_register_column arguments must not be null",
+            None,
+            None,
+        );
+    };
     sandbox::with_safe_search_path(|| {
         target::resolve(&tbl, col, Access::Rotate);
     });
@@ -29,7 +37,7 @@ fn _psap_check_column(tbl: PgRelation, col: &str) {
 fn _psap_rotate_begin(
     _tbl: Option<PgRelation>,
     _col: Option<&str>,
-    _mode: &str,
+    _mode: Option<&str>,
     _batch: Option<i32>,
     _from_version: Option<&str>,
     _dry_run: Option<bool>,
@@ -44,17 +52,22 @@ fn _psap_rotate_begin(
 }
 
 #[pg_extern(volatile, sql = false)]
-fn _psap_rotate_step(_run_id: i64) -> bool {
+fn _psap_rotate_step(_run_id: Option<i64>) -> bool {
     error::old_sql_objects()
 }
 
 #[pg_extern(volatile, sql = false)]
-fn _psap_rotate_fail(_run_id: i64, _sqlstate: &str, _message: &str) {
+fn _psap_rotate_fail(_run_id: Option<i64>, _sqlstate: Option<&str>, _message: Option<&str>) {
     error::old_sql_objects()
 }
 
 #[pg_extern(volatile, sql = false)]
-fn _psap_reraise(_sqlstate: &str, _message: &str, _detail: Option<&str>, _hint: Option<&str>) {
+fn _psap_reraise(
+    _sqlstate: Option<&str>,
+    _message: Option<&str>,
+    _detail: Option<&str>,
+    _hint: Option<&str>,
+) {
     error::old_sql_objects()
 }
 

@@ -21,6 +21,10 @@ fn psap_register_column(tbl: PgRelation, col: &str) -> bool {
     gucs::ensure_preloaded();
     sandbox::with_safe_search_path(|| {
         let t = target::resolve(&tbl, col, Access::Rotate);
+        // SAFETY: rd_rel of an open relation.
+        if unsafe { (*tbl.rd_rel).relpersistence } as u8 == pg_sys::RELPERSISTENCE_TEMP {
+            error::cannot_register_temporary(&t.relation);
+        }
         let role =
             spi::one::<String>("SELECT current_user::pg_catalog.text", &[]).unwrap_or_default();
         let log = AuditLog::open();

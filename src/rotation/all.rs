@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use pgrx::prelude::*;
 use pgrx::PgRelation;
 
-use super::failure::Failure;
+use super::failure::{self, Failure};
 use super::options::{Args, Options, Procedure};
 use super::plan::{self, notice, warning};
 use super::state::{self, Status};
@@ -26,6 +26,8 @@ struct Job {
     current: Option<(usize, i64)>,
     /// The column whose run is being started (its start failed if `_psap_all_failed` follows).
     starting: Option<usize>,
+    /// The error that start raised, as it was raised ([`failure::noting_errors`]).
+    start_failure: Option<Failure>,
     batches_used: i64,
     rows: i64,
     /// Rows still to do in columns whose run ended done, and how many such columns.
@@ -77,8 +79,13 @@ fn _psap_all_begin(
         sandbox::as_extension_owner(log.owner(), || {
             spi::rows(
                 &format!(
+                    // Not a table gone without its DROP, or a temporary one (registered by 0.2.0).
                     "SELECT relid::pg_catalog.oid, relid::pg_catalog.text, column_name::pg_catalog.text
-                       FROM {ext}.{ENCRYPTED_COLUMNS} ORDER BY relid::pg_catalog.text, column_name"
+                       FROM {ext}.{ENCRYPTED_COLUMNS} r
+                      WHERE EXISTS (SELECT FROM pg_catalog.pg_class c
+                                     WHERE c.oid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
+                                       AND c.relpersistence OPERATOR(pg_catalog.<>) 't')
+                      ORDER BY relid::pg_catalog.text, column_name"
                 ),
                 &[],
                 |r| {
@@ -117,6 +124,7 @@ fn _psap_all_begin(
             done_columns: 0,
             failures: Vec::new(),
             stopped: false,
+            start_failure: None,
             cancelled: None,
         })
     });
@@ -162,16 +170,19 @@ fn _psap_all_next(job: i64) -> Option<i64> {
         let column = job.next;
         job.next += 1;
         job.starting = Some(column);
+        job.start_failure = None;
         let mut opts = job.opts.clone();
         opts.max_batches = opts.max_batches.map(|m| m - job.batches_used);
         let (oid, _, col) = &job.columns[column];
         Some((*oid, col.clone(), opts))
     })?;
-    let run = sandbox::with_safe_search_path(|| {
-        // SAFETY: opens the relation by OID with a lock; a table dropped meanwhile raises an
-        // error like any other refusal to start.
-        let rel = unsafe { PgRelation::with_lock(oid, pg_sys::AccessShareLock as _) };
-        plan::begin(&rel, &col, opts)
+    let run = failure::noting_errors(note_start_failure, || {
+        sandbox::with_safe_search_path(|| {
+            // SAFETY: opens the relation by OID with a lock; a table dropped meanwhile raises an
+            // error like any other refusal to start.
+            let rel = unsafe { PgRelation::with_lock(oid, pg_sys::AccessShareLock as _) };
+            plan::begin(&rel, &col, opts)
+        })
     });
     JOB.with(|j| {
         if let Some(job) = j.borrow_mut().as_mut() {
@@ -183,20 +194,38 @@ fn _psap_all_next(job: i64) -> Option<i64> {
     Some(run)
 }
 
-/// Records that the column being started could not be (its error was caught by the procedure).
+fn note_start_failure(failure: Failure) {
+    JOB.with(|j| {
+        if let Some(job) = j.borrow_mut().as_mut() {
+            job.start_failure = Some(failure);
+        }
+    });
+}
+
+/// Records that the column being started could not be (its error was caught by the procedure):
+/// the error its start raised ([`failure::noting_errors`]; the SQLSTATE and message passed count
+/// only if none was noted). A cancel (an interrupt's, not a look-alike the table's code raised)
+/// stops the whole call, raised again by `_psap_all_end`.
 #[pg_extern(volatile)]
-fn _psap_all_failed(job: i64, sqlstate: &str, message: Option<&str>) {
+fn _psap_all_failed(job: Option<i64>, sqlstate: Option<&str>, message: Option<&str>) {
     // After a column that ran out of memory: the reserves again, if the memory is back.
     crate::memory::try_ensure_reserve();
     JOB.with(|j| {
         let mut slot = j.borrow_mut();
-        let Some(job) = slot.as_mut().filter(|x| x.token == job) else {
+        let Some(job) = slot.as_mut().filter(|x| Some(x.token) == job) else {
             return;
         };
         if let Some(column) = job.starting.take() {
+            let failure = job.start_failure.take().unwrap_or_else(|| {
+                let code = error::code_of(sqlstate.unwrap_or_default());
+                Failure::caught(code, message.unwrap_or_default(), None, None)
+            });
+            if failure.status() == Status::Cancelled {
+                job.stopped = true;
+                job.cancelled = Some(failure);
+                return;
+            }
             job.done_columns += 1;
-            let code = error::code_of(sqlstate);
-            let failure = Failure::caught(code, message.unwrap_or_default(), None, None);
             failed(job, column, failure);
         }
     });

@@ -32,9 +32,13 @@ fn _psap_run_step(run: i64) -> bool {
         audit_id: run.audit_id,
         audit: run.audit.handle(),
         counts: run.counts,
+        failure: None,
     });
     error::forget_raised();
-    match sandbox::with_safe_search_path(|| step(&mut run)) {
+    let status = failure::noting_errors(state::note_step_failure, || {
+        sandbox::with_safe_search_path(|| step(&mut run))
+    });
+    match status {
         None => {
             state::set_running(run);
             true
@@ -48,25 +52,44 @@ fn _psap_run_step(run: i64) -> bool {
 
 /// Records that a step of the run with this token failed (its batch was rolled back): the audit
 /// record ends as cancelled or failed, and the error is kept for `_psap_run_end`. Does nothing
-/// unless a step of that run, in this backend, did fail. The audit log quotes the message only if
-/// psap_encrypt raised it; for anything else it records the SQLSTATE, and the error raised again
-/// has no detail of its own and its envelopes masked (`psap_core::redact::mask_envelopes`).
+/// unless that run, in this backend, is in progress. The error recorded is the one the step
+/// raised, as the step saw it ([`failure::noting_errors`]: only an interrupt's 57014 is a
+/// cancel); the SQLSTATE and message the procedure passes count only for an error raised outside
+/// the step (a cancel taken between two statements of the procedure), never as a cancel. The
+/// audit log quotes the message only if psap_encrypt raised it; for anything else it records the
+/// SQLSTATE, and the error raised again has no detail of its own and its envelopes masked
+/// (`psap_core::redact::mask_envelopes`).
 #[pg_extern(volatile)]
 fn _psap_run_failed(
-    run: i64,
-    sqlstate: &str,
+    run: Option<i64>,
+    sqlstate: Option<&str>,
     message: Option<&str>,
     detail: Option<&str>,
     hint: Option<&str>,
 ) {
     // After a step that ran out of memory: the reserves again, if the memory is back.
     crate::memory::try_ensure_reserve();
-    let Some(rec) = state::take_in_step(run) else {
+    let Some(run) = run else {
         return;
     };
-    let code = error::code_of(sqlstate);
-    let message = message.unwrap_or_default();
-    let failure = Failure::caught(code, message, detail, hint);
+    let rec = match state::take_in_step(run) {
+        Some(rec) => *rec,
+        // The step had returned (or not begun): its batch is rolled back with the error all the same.
+        None => match state::take_running(run) {
+            Some(r) => InStep {
+                token: r.token,
+                audit_id: r.audit_id,
+                audit: r.audit.handle(),
+                counts: r.counts,
+                failure: None,
+            },
+            None => return,
+        },
+    };
+    let failure = rec.failure.unwrap_or_else(|| {
+        let code = error::code_of(sqlstate.unwrap_or_default());
+        Failure::caught(code, message.unwrap_or_default(), detail, hint)
+    });
     let status = failure.status();
     sandbox::with_safe_search_path(|| {
         rec.audit.end(
@@ -116,11 +139,19 @@ fn finish(run: Run, status: Status, failure: Option<Failure>) {
     );
 }
 
+/// Passes over the table one run makes at most (see [`step`]).
+pub const MAX_PASSES: u32 = 3;
+
 /// One batch; None if more remain, else how the run ended.
 fn step(run: &mut Run) -> Option<Status> {
     if gucs::is_revoked(run.to) {
         // Revoked by a reload during the run: no further batch toward it.
         error::revoked(run.to);
+    }
+    if let Err(e) = gucs::keyring().key(run.to) {
+        // The target's key went with a reload during the run (the key command no longer
+        // gives it): every value would fail, and be mistaken for an undecryptable one.
+        error::core(e);
     }
     if let Some(reason) = run.opts.limit_reached(run.counts.batches) {
         let left = remaining(run);
@@ -156,10 +187,15 @@ fn step(run: &mut Run) -> Option<Status> {
                 break; // commit what this batch has; the pass ends at the next step
             }
             // End of a pass over every leaf: rows updated by the application while we passed
-            // (moved behind the walk) or locked at the time are caught by another pass.
+            // (moved behind the walk) or locked at the time are caught by another pass, as long
+            // as passes make headway: at most MAX_PASSES, each ending with fewer rows to do than
+            // the one before. Rows the application keeps writing with an old key, or that a
+            // trigger keeps as they were, are then left to the next call, reported.
             let left = remaining(run);
-            if left > 0 && run.pass_done > 0 {
+            if left > 0 && run.pass_done > 0 && left < run.pass_left && run.passes < MAX_PASSES {
                 run.pass_done = 0;
+                run.pass_left = left;
+                run.passes += 1;
                 run.leaf = 0;
                 start_leaf(run);
                 continue;
@@ -177,7 +213,7 @@ fn step(run: &mut Run) -> Option<Status> {
             continue;
         };
         state::take_row_failures();
-        let (locked, changed, last_block) = run_batch(run, range, want);
+        let (locked, changed, last_block, kept) = run_batch(run, range, want);
         let (failed_here, first_reason) = state::take_row_failures();
         if failed_here > 0 {
             handle_failures(run, range, first_reason);
@@ -185,7 +221,7 @@ fn step(run: &mut Run) -> Option<Status> {
         locked_total += locked;
         done += changed;
         failed += failed_here;
-        run.walk.advance(range, locked, want, last_block);
+        run.walk.advance(range, locked, want, last_block, kept);
     }
     run.counts.done += done;
     run.counts.skipped = run.skipped_rows();
@@ -261,6 +297,7 @@ fn owner_of(oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
 pub fn start_leaf(run: &mut Run) {
     run.batch_plan = None;
     run.path = None;
+    run.held[run.leaf].clear();
     let leaf = &run.target.leaves[run.leaf];
     let blocks = spi::one::<i64>(sql::LEAF_BLOCKS, &[leaf.oid.into()]).unwrap_or(0);
     let rows = match run.counted.get_mut(run.leaf).and_then(Option::take) {
@@ -313,9 +350,9 @@ fn done_notice(run: &Run, left: i64) {
     }
     if left > 0 {
         let why = if run.target.leaves.iter().any(|l| l.forced_on_owner) {
-            "hidden from the table's owner by row-level security, locked by other sessions or written meanwhile"
+            "hidden from the table's owner by row-level security, locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
         } else {
-            "locked by other sessions or written meanwhile"
+            "locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
         };
         msg.push_str(&format!("; {left} rows still to do ({why}): call again"));
     }
@@ -325,7 +362,7 @@ fn done_notice(run: &Run, left: i64) {
 /// Runs a batch over one block range, taking at most `limit` rows, as the leaf's owner: directly
 /// on the heap where it can ([`direct::batch`]), else with the batch statement. Returns rows
 /// locked, rows changed and the highest block a locked row was in.
-fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i64, u32) {
+fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i64, u32, i64) {
     let direct = direct::batch(run, (lo, hi), limit);
     if run.path != Some(direct.map(|_| ())) {
         run.path = Some(direct.map(|_| ()));
@@ -335,10 +372,20 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
             Err(why) => debug1!("updating the rows of {relation} with a batch statement: {why}"),
         }
     }
-    if let Ok(taken) = direct {
-        return taken;
+    if let Ok((locked, changed, last)) = direct {
+        return (locked, changed, last, 0);
     }
     let leaf = &run.target.leaves[run.leaf];
+    // The statement names the leaf: a rename between two batches (another table renamed into
+    // its place) must not send it to another table. Locked by OID (check_table_unchanged), the
+    // leaf keeps its name until the transaction ends, and no other table can take it.
+    let named = spi::one::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
+        &[leaf.relation.as_str().into()],
+    );
+    if named != Some(leaf.oid) {
+        error::renamed(&leaf.relation);
+    }
     // As the owner: reading the table's index definitions can fold their constants. Every batch:
     // a unique index built on the column meanwhile changes the lock the statement needs.
     let column = &run.target.column_name;
@@ -370,25 +417,47 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
         format!("({lo},0)").into(),
         format!("({},0)", hi.unwrap_or(u32::MAX)).into(),
         limit.into(),
-        run.skipped[run.leaf].clone().into(),
-        run.token.into(),
+        [&run.skipped[run.leaf][..], &run.held[run.leaf][..]]
+            .concat()
+            .into(),
+        run.secret.into(),
     ];
     let plan = run.batch_plan.as_ref().expect("planned above");
     let row = sandbox::as_table_owner(leaf.owner, || {
-        Spi::connect_mut(|client| {
-            let table = client.update(plan, None, &args)?.first();
-            Ok::<_, pgrx::spi::Error>((
-                table.get::<i64>(1)?.unwrap_or(0),
-                table.get::<i64>(2)?.unwrap_or(0),
-                table.get::<i64>(3)?,
-            ))
+        state::run_statement(|| {
+            Spi::connect_mut(|client| {
+                let table = client.update(plan, None, &args)?.first();
+                Ok::<_, pgrx::spi::Error>((
+                    table.get::<i64>(1)?.unwrap_or(0),
+                    table.get::<i64>(2)?.unwrap_or(0),
+                    table.get::<i64>(3)?,
+                    table.get::<i64>(4)?.unwrap_or(0),
+                    table.get::<Vec<String>>(5)?.unwrap_or_default(),
+                ))
+            })
+            .unwrap_or_else(|e| error::spi(e))
         })
-        .unwrap_or_else(|e| error::spi(e))
     });
+    let (locked, changed, last, updated, ids) = row;
+    if updated < locked {
+        // A trigger of the table skipped some updates (returned NULL): those rows keep their
+        // ctid and still need work. Left alone for the rest of this pass, they would otherwise be
+        // locked first by every statement over their block.
+        let sql = sql::still_needing(&run.target, run.leaf, &run.needs);
+        let held = sandbox::as_table_owner(leaf.owner, || {
+            spi::rows(&sql, &[ids.into()], |r| {
+                Ok(r.get::<String>(1)?.unwrap_or_default())
+            })
+        });
+        run.held[run.leaf].extend(held);
+    }
     (
-        row.0,
-        row.1,
-        row.2.and_then(|b| u32::try_from(b).ok()).unwrap_or(lo),
+        locked,
+        changed,
+        last.and_then(|b| u32::try_from(b).ok()).unwrap_or(lo),
+        // Updated, but the new value still needs work: a trigger kept the old one. The new
+        // version has a new ctid; the walk moves past the block instead.
+        (updated - changed).max(0),
     )
 }
 
@@ -403,7 +472,7 @@ fn handle_failures(run: &mut Run, (lo, hi): super::walk::Range, first_reason: Op
         run.needs,
         sql::exclusion(&run.skipped[run.leaf])
     );
-    let bad = failure::undecryptable_rows(&run.target, run.leaf, &filter, run.token);
+    let bad = failure::undecryptable_rows(&run.target, run.leaf, &filter, run.secret);
     let t = &run.target;
     let leaf = &t.leaves[run.leaf];
     if !run.opts.skip_undecryptable {

@@ -711,7 +711,7 @@ impl Update {
             if result != pg_sys::TM_Result::TM_Ok {
                 // The row is locked by this transaction: only the table's own code, run by this
                 // batch, can have changed it.
-                error::row_changed_while_locked(&tid_text(&tid));
+                error::row_changed_by_table_code(&self.relation, &tid_text(&tid));
             }
             if self.has_indexes {
                 self.insert_index_entries(new, entries);

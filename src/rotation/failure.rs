@@ -6,7 +6,7 @@
 
 use std::panic::AssertUnwindSafe;
 
-use pgrx::pg_sys::panic::CaughtError;
+use pgrx::pg_sys::panic::{CaughtError, ErrorReportWithLevel};
 use pgrx::PgSqlErrorCode::{self, *};
 use pgrx::PgTryBuilder;
 
@@ -26,6 +26,10 @@ pub struct Failure {
     /// quote it. Errors raised by other code (a table's trigger or constraint, PostgreSQL)
     /// can quote row values, so the audit log records only their SQLSTATE.
     pub ours: bool,
+    /// Raised by PostgreSQL's handling of an interrupt (`ProcessInterrupts`): a cancel request,
+    /// statement_timeout, lock_timeout. Only such a 57014 makes a run `cancelled` (and stops
+    /// psap_rotate_all): the table's code can raise the same SQLSTATE and message itself.
+    pub interrupt: bool,
 }
 
 impl Failure {
@@ -36,6 +40,7 @@ impl Failure {
             detail: None,
             hint: None,
             ours: true,
+            interrupt: false,
         }
     }
 
@@ -64,7 +69,15 @@ impl Failure {
             }),
             hint: hint.filter(|h| !h.is_empty()).map(without_envelopes),
             ours,
+            interrupt: false,
         }
+    }
+
+    /// [`Failure::caught`] of an error as it was raised, with where it came from.
+    fn of_report(e: &ErrorReportWithLevel) -> Failure {
+        let mut f = Failure::caught(e.sql_error_code(), e.message(), e.detail(), e.hint());
+        f.interrupt = e.function_name() == Some("ProcessInterrupts");
+        f
     }
 
     pub fn detail(mut self, d: impl Into<String>) -> Failure {
@@ -78,7 +91,7 @@ impl Failure {
     }
 
     pub fn status(&self) -> Status {
-        if self.code == ERRCODE_QUERY_CANCELED {
+        if self.code == ERRCODE_QUERY_CANCELED && self.interrupt {
             Status::Cancelled
         } else {
             Status::Failed
@@ -92,14 +105,18 @@ impl Failure {
         let state = error::sqlstate(self.code);
         let what = match state.as_str() {
             _ if self.ours => self.message.as_str(),
-            "57014" => "canceling statement (a cancel request or statement_timeout)",
+            "57014" if self.interrupt => {
+                "canceling statement (a cancel request or statement_timeout)"
+            }
+            "55P03" if self.interrupt => "canceling statement (lock_timeout)",
+            // Not an interrupt: the table's code raised it itself.
+            s if s.starts_with("57") => TABLE_CODE_OR_SERVER,
             "53200" => "out of memory",
             "40P01" => "deadlock detected",
             "40001" => "could not serialize access",
             "55P03" => "lock not available",
             s if s.starts_with("53") => "insufficient resources",
-            s if s.starts_with("57") => "operator intervention",
-            _ => "error raised by the table's code or the server (its message is in the server log, not here: it may quote row values)",
+            _ => TABLE_CODE_OR_SERVER,
         };
         format!("{state}: {what}")
     }
@@ -111,6 +128,26 @@ impl Failure {
             error::raise_foreign(self.code, self.message, self.detail, self.hint)
         }
     }
+}
+
+/// The audit log's description of an error that the table's code may have raised (its SQLSTATE is
+/// recorded; its message is not: it can quote row values).
+const TABLE_CODE_OR_SERVER: &str = "error raised by the table's code or the server (its message is in the server log, not here: it may quote row values)";
+
+/// Runs `f`, a step of a run or the start of a column's run in psap_rotate_all; an ERROR it
+/// raises is handed to `note`, as the [`Failure`] the procedure's handler is to record, and
+/// raised on unchanged. The handler records that one, not the SQLSTATE and message it passes:
+/// only here is it known whether an interrupt raised the error (so whether the run was
+/// cancelled) or the table's code did.
+pub fn noting_errors<R>(note: fn(Failure), f: impl FnOnce() -> R) -> R {
+    PgTryBuilder::new(AssertUnwindSafe(f))
+        .catch_others(move |caught| {
+            if let CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) = &caught {
+                note(Failure::of_report(e));
+            }
+            caught.rethrow()
+        })
+        .execute()
 }
 
 /// Runs `f`, the start of a run, which reads the table as its owner (a dry run's verification,
@@ -153,14 +190,16 @@ pub fn row_name(ctid: &str) -> String {
 }
 
 /// The rows of leaf `leaf` matching `filter` that cannot be decrypted, in ctid order (read as
-/// the leaf's owner; `token` opens the per-row function for the statement).
-pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str, token: i64) -> Vec<BadRow> {
+/// the leaf's owner; the run's `secret` opens the per-row function for the statement).
+pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str, secret: i64) -> Vec<BadRow> {
     let sql = sql::undecryptable_rows(t, leaf, filter);
     crate::sandbox::as_table_owner(t.leaves[leaf].owner, || {
-        crate::spi::rows(&sql, &[token.into()], |r| {
-            Ok(BadRow {
-                ctid: r.get::<String>(1)?.unwrap_or_default(),
-                reason: r.get::<String>(2)?.unwrap_or_default(),
+        super::state::run_statement(|| {
+            crate::spi::rows(&sql, &[secret.into()], |r| {
+                Ok(BadRow {
+                    ctid: r.get::<String>(1)?.unwrap_or_default(),
+                    reason: r.get::<String>(2)?.unwrap_or_default(),
+                })
             })
         })
     })

@@ -29,8 +29,8 @@
 //!   table's owner under SECURITY_RESTRICTED_OPERATION with a pinned search_path
 //!   ([`sandbox::as_table_owner`]): the table's triggers, index expressions, constraints and
 //!   policies never run with the caller's rights. The per-row functions work only inside the
-//!   run's own statements: they need the run's random token, which only those statements carry
-//!   ([`state::gate`]).
+//!   run's own statements: they need the run's random secret, which only those statements carry,
+//!   and work only while psap_encrypt executes one ([`state::gate`]).
 
 pub mod all;
 pub mod batch;
@@ -55,8 +55,11 @@ pub use options::{Args, Mode, Options, Procedure};
 
 /// A run in progress: what it does, where its walk is, what it has done.
 pub struct Run {
-    /// The random token that opens the per-row functions for this run's statements.
+    /// The run's handle: what `_psap_run_begin` returns, for the procedure's calls of the steps.
     pub token: i64,
+    /// The random secret that opens the per-row functions for this run's statements (a
+    /// parameter of each); never returned to SQL.
+    pub secret: i64,
     pub audit_id: i64,
     pub audit: AuditLog,
     pub opts: Options,
@@ -69,11 +72,17 @@ pub struct Run {
     pub counts: Counts,
     /// Rows skipped as undecryptable, per leaf: their ctids (excluded from later batches).
     pub skipped: Vec<Vec<String>>,
+    /// Rows a trigger of the table kept from being updated in this pass, per leaf: their ctids
+    /// (excluded from the rest of the pass; still to do).
+    pub held: Vec<Vec<String>>,
     /// The leaf being walked, and where its walk is.
     pub leaf: usize,
     pub walk: walk::Walk,
     /// Rows done in the current pass over every leaf.
     pub pass_done: i64,
+    /// Rows to do when the current pass started, and passes made (see `batch::MAX_PASSES`).
+    pub pass_left: i64,
+    pub passes: u32,
     /// The batch statement of the current leaf, planned once per leaf (kept across commits).
     pub batch_plan: Option<OwnedPreparedStatement>,
     /// The row lock the batch plan takes (`NO KEY UPDATE` or `UPDATE`).

@@ -22,7 +22,7 @@ use crate::{error, gucs, sandbox, spi};
 fn _psap_run_begin(
     tbl: Option<PgRelation>,
     col: Option<&str>,
-    procedure: &str,
+    procedure: Option<&str>,
     batch: Option<i32>,
     from_version: Option<&str>,
     dry_run: Option<bool>,
@@ -34,7 +34,7 @@ fn _psap_run_begin(
     verify: Option<bool>,
 ) -> i64 {
     gucs::ensure_preloaded();
-    let procedure = match procedure {
+    let procedure = match procedure.unwrap_or_default() {
         "psap_rotate" => Procedure::Rotate,
         "psap_encrypt_column" => Procedure::EncryptColumn,
         _ => error::invalid_argument("unknown batch procedure"),
@@ -107,7 +107,8 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     }
     let needs = sql::needs(&target, opts.mode, to);
     let token = state::new_token();
-    state::open_gate(token, to, opts.mode, target.context.is_some());
+    let secret = state::new_token();
+    state::open_gate(secret, to, opts.mode, target.context.is_some());
     let audit = AuditLog::open();
     audit.close_interrupted();
 
@@ -116,14 +117,21 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     // Rows that cannot be decrypted are not refused when they are to be skipped anyway; without
     // `verify`, one is found by the batch that meets it, which is rolled back.
     let refuse = opts.mode.is_rotate() && !opts.skip_undecryptable && !opts.dry_run;
-    let count = count_by_version(&target, &needs, opts.mode, to, token, refuse && opts.verify);
+    let count = count_by_version(
+        &target,
+        &needs,
+        opts.mode,
+        to,
+        secret,
+        refuse && opts.verify,
+    );
     let total: i64 = count.versions.iter().map(|(_, n)| n).sum();
     let mut refusal = None;
     if refuse {
         refusal = missing_key(&target, &count.versions);
         if refusal.is_none() && count.undecryptable > 0 {
             refusal = (0..target.leaves.len()).find_map(|leaf| {
-                let row = failure::undecryptable_rows(&target, leaf, &needs, token)
+                let row = failure::undecryptable_rows(&target, leaf, &needs, secret)
                     .into_iter()
                     .next()?;
                 let f = failure::undecryptable(
@@ -169,9 +177,11 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     let what = format!("{}.{}", target.relation, target.column_name);
     let mut run = Run {
         token,
+        secret,
         audit_id,
         audit,
         skipped: vec![Vec::new(); target.leaves.len()],
+        held: vec![Vec::new(); target.leaves.len()],
         counted: count.per_leaf.into_iter().map(Some).collect(),
         target,
         to,
@@ -181,6 +191,8 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         leaf: 0,
         walk: Walk::new(0, 0, opts.batch, 0),
         pass_done: 0,
+        pass_left: total,
+        passes: 1,
         batch_plan: None,
         batch_lock: None,
         context_plan: None,
@@ -292,7 +304,7 @@ fn count_by_version(
     needs: &str,
     mode: Mode,
     to: Version,
-    token: i64,
+    secret: i64,
     verify: bool,
 ) -> Count {
     let mut versions: Vec<(String, i64)> = Vec::new();
@@ -333,18 +345,20 @@ fn count_by_version(
             None => {
                 let sql = sql::count_by_version(t, i, needs, mode, verify);
                 sandbox::as_table_owner(leaf.owner, || {
-                    spi::rows(&sql, &[token.into()], |r| {
-                        let group = r.get::<String>(1)?.unwrap_or_default();
-                        // A group is a version's prefix (every row to rotate has one), or "plaintext".
-                        let v = match envelope::parse_prefix(group.as_bytes()) {
-                            Ok((v, _)) => v.to_string(),
-                            Err(_) => group,
-                        };
-                        Ok((
-                            v,
-                            r.get::<i64>(2)?.unwrap_or(0),
-                            r.get::<i64>(3)?.unwrap_or(0),
-                        ))
+                    state::run_statement(|| {
+                        spi::rows(&sql, &[secret.into()], |r| {
+                            let group = r.get::<String>(1)?.unwrap_or_default();
+                            // A group is a version's prefix (every row to rotate has one), or "plaintext".
+                            let v = match envelope::parse_prefix(group.as_bytes()) {
+                                Ok((v, _)) => v.to_string(),
+                                Err(_) => group,
+                            };
+                            Ok((
+                                v,
+                                r.get::<i64>(2)?.unwrap_or(0),
+                                r.get::<i64>(3)?.unwrap_or(0),
+                            ))
+                        })
                     })
                 })
             }
@@ -401,7 +415,7 @@ fn dry_run_verify(run: &Run) {
     }
     let mut bad = 0usize;
     for (i, leaf) in run.target.leaves.iter().enumerate() {
-        for row in failure::undecryptable_rows(&run.target, i, &run.needs, run.token) {
+        for row in failure::undecryptable_rows(&run.target, i, &run.needs, run.secret) {
             bad += 1;
             if bad <= 20 {
                 warning(

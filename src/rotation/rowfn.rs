@@ -1,7 +1,9 @@
 //! The per-row functions of the batch statements. Everyone may execute them (the statements run
-//! as each table's owner), but they work only for the run whose random token they are given, in
-//! the backend running it: called anywhere else (by an operator, or by a table's trigger during
-//! the run) they refuse. They cannot encrypt toward any version but the run's target.
+//! as each table's owner), but they work only for the run whose random secret they are given, in
+//! the backend running it, while psap_encrypt executes one of that run's statements: called
+//! anywhere else (by an operator, even one that started the run by calling `_psap_run_begin`
+//! itself, or by a table's trigger during the run) they refuse. They cannot encrypt toward any
+//! version but the run's target.
 
 use pgrx::prelude::*;
 use psap_core::{CoreError, Version};
@@ -11,8 +13,11 @@ use crate::api::census;
 use crate::api::crypto::{self, PallocText};
 use crate::error;
 
-fn gate(token: Option<i64>, encrypt: bool) -> (Gate, Version) {
-    match token.and_then(state::gate).filter(|g| g.encrypt == encrypt) {
+fn gate(secret: Option<i64>, encrypt: bool) -> (Gate, Version) {
+    match secret
+        .and_then(state::gate)
+        .filter(|g| g.encrypt == encrypt)
+    {
         Some(g) => (g, Version::new(g.to).expect("a run's target is a version")),
         None => error::internal_function(),
     }

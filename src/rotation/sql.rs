@@ -1,7 +1,7 @@
 //! Every SQL statement a run executes, in one place. Names are quoted and schema-qualified,
 //! operators and functions written as `OPERATOR(pg_catalog.=)` and `pg_catalog.count`: nothing
 //! here is resolved through the caller's search_path (which is also pinned while they run).
-//! Values travel as parameters; the run token (`$n`) is what opens the per-row functions.
+//! Values travel as parameters; the run's secret (`$n`) is what opens the per-row functions ([`super::state::gate`]).
 
 use psap_core::Version;
 
@@ -33,7 +33,7 @@ pub fn context(t: &Target) -> String {
 
 /// Rows to do in one leaf, grouped by their first four characters (the caller sorts the groups
 /// into versions; one group, "plaintext", when encrypting) and, with `verify`, how many of them
-/// cannot be decrypted. `$1` is the run token.
+/// cannot be decrypted. `$1` is the run's secret.
 pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify: bool) -> String {
     let group = match mode {
         Mode::Rotate { .. } => format!("pg_catalog.substr({}, 1, 4)", t.column),
@@ -80,7 +80,17 @@ pub fn exclusion(skipped: &[String]) -> String {
     format!(" AND ctid OPERATOR(pg_catalog.<>) ALL ('{{{list}}}'::pg_catalog.tid[])")
 }
 
-/// The rows of a leaf matching `filter` that cannot be decrypted, with why. `$1`: run token.
+/// Which of the rows at ctids `$1` (text[]) still need work: the ones a batch statement locked
+/// and a trigger of the table kept from being updated.
+pub fn still_needing(t: &Target, leaf: usize, needs: &str) -> String {
+    format!(
+        "SELECT ctid::pg_catalog.text FROM ONLY {}
+          WHERE ctid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.tid[]) AND {needs}",
+        t.leaves[leaf].relation
+    )
+}
+
+/// The rows of a leaf matching `filter` that cannot be decrypted, with why. `$1`: the run's secret.
 pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
     format!(
         "SELECT ctid::pg_catalog.text, err FROM (
@@ -95,8 +105,10 @@ pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
 
 /// The batch statement of a leaf, locking rows `FOR {lock}` (`NO KEY UPDATE`, or `UPDATE` when
 /// the update changes a key: [`super::direct::statement_lock`]). Parameters: `$1`, `$2` the block range as tids, `$3` the most
-/// rows to take, `$4` ctids to leave alone (skipped as undecryptable), `$5` the run token.
-/// Returns rows locked, rows changed and the highest block a locked row was in.
+/// rows to take, `$4` ctids to leave alone (skipped as undecryptable), `$5` the run's secret.
+/// Returns rows locked, rows changed (whose new value needs no more work: a trigger of the table
+/// can keep the old one, or skip the update), the highest block a locked row was in, rows
+/// updated (whatever their new value), and the ctids locked.
 ///
 /// It locks the rows (skipping those others hold), then updates exactly those row versions by
 /// ctid, computing the new value from the version it holds locked. A value that cannot be
@@ -120,15 +132,15 @@ pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool, lock:
              ), changed AS (
                  UPDATE ONLY {rel} AS t SET {col} = fresh.val FROM fresh
                   WHERE t.ctid OPERATOR(pg_catalog.=) fresh.id AND fresh.val IS NOT NULL
-                 RETURNING 1
+                 RETURNING pg_catalog.substr(t.{col}, 1, 4) AS {col}
              )"
         )
     } else {
         format!(
             "changed AS (
-                 UPDATE ONLY {rel} SET {col} = COALESCE({ext}.{transform}({col}, {ctx}, $5), {col})
+                 UPDATE ONLY {rel} AS t SET {col} = COALESCE({ext}.{transform}({col}, {ctx}, $5), {col})
                   WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM locked)) AND {needs}
-                 RETURNING 1
+                 RETURNING pg_catalog.substr(t.{col}, 1, 4) AS {col}
              )"
         )
     };
@@ -143,8 +155,10 @@ pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool, lock:
                 FOR {lock} SKIP LOCKED
          ), {update}
          SELECT (SELECT pg_catalog.count(*) FROM locked),
-                (SELECT pg_catalog.count(*) FROM changed),
+                (SELECT pg_catalog.count(*) FROM changed WHERE NOT {needs}),
                 (SELECT ((pg_catalog.max(id))::pg_catalog.text::pg_catalog.point)[0]::pg_catalog.int8
-                   FROM locked)"
+                   FROM locked),
+                (SELECT pg_catalog.count(*) FROM changed),
+                ARRAY(SELECT id::pg_catalog.text FROM locked)"
     )
 }

@@ -1,6 +1,9 @@
 //! The one piece of per-backend state of psap_encrypt's batch jobs: the run this backend is doing
 //! (it survives the procedure's COMMITs), and the gate that lets the per-row functions work only
-//! inside that run's own statements.
+//! inside that run's own statements: open only while psap_encrypt executes one of them
+//! ([`run_statement`]), and only for the run's secret, which those statements carry as a
+//! parameter and which never leaves the library (the token `_psap_run_begin` returns, which the
+//! procedure and anyone calling it directly see, is another number).
 
 use std::cell::{Cell, RefCell};
 
@@ -51,6 +54,8 @@ pub struct InStep {
     pub audit_id: i64,
     pub audit: AuditLog,
     pub counts: Counts,
+    /// The error the step raised, as it was raised ([`super::failure::noting_errors`]).
+    pub failure: Option<Failure>,
 }
 
 /// The run of this backend.
@@ -64,6 +69,8 @@ pub enum RunState {
 thread_local! {
     static STATE: RefCell<RunState> = const { RefCell::new(RunState::Idle) };
     static GATE: Cell<Gate> = const { Cell::new(Gate::CLOSED) };
+    /// How many of the run's own statements are executing (nested: none are, today).
+    static IN_STATEMENT: Cell<u32> = const { Cell::new(0) };
     static ROW_FAILURES: RefCell<(u64, Option<String>)> = const { RefCell::new((0, None)) };
 }
 
@@ -95,6 +102,15 @@ pub fn note_failed_rows(n: i64) {
     STATE.with(|s| {
         if let RunState::InStep(r) = &mut *s.borrow_mut() {
             r.counts.failed = n;
+        }
+    });
+}
+
+/// Notes the error the step in progress raised (for `_psap_run_failed`).
+pub fn note_step_failure(failure: Failure) {
+    STATE.with(|s| {
+        if let RunState::InStep(r) = &mut *s.borrow_mut() {
+            r.failure = Some(failure);
         }
     });
 }
@@ -146,10 +162,11 @@ pub fn reset() {
     STATE.with(|s| *s.borrow_mut() = RunState::Idle);
 }
 
-/// What the per-row functions may do: transform values toward `to` for the run with `token`.
+/// What the per-row functions may do: transform values toward `to` for the run whose secret
+/// they are given.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Gate {
-    pub token: i64,
+    pub secret: i64,
     pub to: u32,
     pub encrypt: bool,
     /// The column has a context expression: every row must yield one.
@@ -158,17 +175,18 @@ pub struct Gate {
 
 impl Gate {
     const CLOSED: Gate = Gate {
-        token: 0,
+        secret: 0,
         to: 0,
         encrypt: false,
         bound: false,
     };
 }
 
-pub fn open_gate(token: i64, to: Version, mode: Mode, bound: bool) {
+/// Sets the gate of a new run (it opens only inside [`run_statement`]).
+pub fn open_gate(secret: i64, to: Version, mode: Mode, bound: bool) {
     GATE.with(|g| {
         g.set(Gate {
-            token,
+            secret,
             to: to.get(),
             encrypt: mode == Mode::Encrypt,
             bound,
@@ -178,11 +196,30 @@ pub fn open_gate(token: i64, to: Version, mode: Mode, bound: bool) {
 
 pub fn close_gate() {
     GATE.with(|g| g.set(Gate::CLOSED));
+    IN_STATEMENT.with(|n| n.set(0));
 }
 
-/// The gate, if `token` opens it (tokens are never 0).
-pub fn gate(token: i64) -> Option<Gate> {
-    GATE.with(|g| Some(g.get()).filter(|g| g.token == token && token != 0))
+/// The gate, if `secret` opens it now: one of the run's statements is executing, and it is the
+/// run's secret (never 0).
+pub fn gate(secret: i64) -> Option<Gate> {
+    if IN_STATEMENT.with(Cell::get) == 0 {
+        return None;
+    }
+    GATE.with(|g| Some(g.get()).filter(|g| g.secret == secret && secret != 0))
+}
+
+/// Runs `f`, which executes one of the run's own statements, with the gate open (closed again
+/// however `f` ends: an error unwinds through the guard).
+pub fn run_statement<R>(f: impl FnOnce() -> R) -> R {
+    struct Open;
+    impl Drop for Open {
+        fn drop(&mut self) {
+            IN_STATEMENT.with(|n| n.set(n.get().saturating_sub(1)));
+        }
+    }
+    IN_STATEMENT.with(|n| n.set(n.get() + 1));
+    let _open = Open;
+    f()
 }
 
 /// Counts a value a per-row function could not transform (left unchanged), keeping why the first

@@ -3,9 +3,11 @@
 //!
 //! A leaf is walked in ranges of `step` blocks sized so that a range holds about two batches of
 //! rows to do. The walk starts at a block derived from the backend's PID (so two sessions
-//! rotating the same column start apart), goes to the end of the table — the last range is
-//! open-ended, so rows appended since the walk started are walked too — and wraps around to
-//! the blocks before its start.
+//! rotating the same column start apart), goes to the end of the table as it was when the walk
+//! started, and wraps around to the blocks before its start. It always moves forward, so a walk
+//! ends: rows appended behind it (the new versions of rows it updated among them) are the next
+//! pass's, and a statement that left some of its locked rows as they were (a trigger of the
+//! table kept the old value, or skipped the update) moves past the block they are in.
 
 /// Where the walk of one leaf is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,20 +63,37 @@ impl Walk {
         if self.wrapped {
             (lo < self.start).then(|| (lo, Some(hi.min(self.start))))
         } else {
-            Some((lo, (u64::from(hi) < self.blocks).then_some(hi)))
+            Some((lo, Some(hi.min(self.end()))))
         }
     }
 
+    /// The block after the last one the walk covers (the table's size when it started).
+    fn end(&self) -> u32 {
+        u32::try_from(self.blocks).unwrap_or(u32::MAX)
+    }
+
     /// Moves past `range` after a statement over it locked `locked` of the `wanted` rows, the
-    /// last of them in block `last_block`.
-    pub fn advance(&mut self, (lo, hi): Range, locked: i64, wanted: i64, last_block: u32) {
-        if locked == wanted {
+    /// last of them in block `last_block`, and left `unchanged` of them as they were.
+    pub fn advance(
+        &mut self,
+        (lo, hi): Range,
+        locked: i64,
+        wanted: i64,
+        last_block: u32,
+        unchanged: i64,
+    ) {
+        self.block = if locked == wanted && unchanged == 0 {
             // Full: the next statement starts at the block where this one stopped (rows are
             // taken in block order), so each statement scans only its own blocks.
-            self.block = last_block.max(lo);
-        } else if let Some(hi) = hi {
-            self.block = hi;
+            last_block.max(lo)
+        } else if locked == wanted {
+            // Full, but rows it left still need work: taken again first, they would hold the
+            // walk on this block for ever. The rest of the block waits for the next pass.
+            last_block.max(lo).saturating_add(1)
         } else {
+            hi.unwrap_or(u32::MAX)
+        };
+        if !self.wrapped && self.block >= self.end() {
             // The end of the table: wrap around to the blocks before the starting point.
             self.wrapped = true;
             self.block = 0;
@@ -91,17 +110,17 @@ mod tests {
         let mut out = Vec::new();
         while let Some(r) = w.next_range() {
             out.push(r);
-            w.advance(r, 0, 1, 0);
+            w.advance(r, 0, 1, 0, 0);
             assert!(out.len() < 10_000, "the walk ends");
         }
         out
     }
 
     #[test]
-    fn small_tables_start_at_zero_and_end_open() {
+    fn small_tables_start_at_zero_and_end_at_their_size() {
         let w = Walk::new(10, 1000, 500, 4242);
         assert_eq!((w.start, w.step), (0, 10));
-        assert_eq!(ranges(w), vec![(0, None)]);
+        assert_eq!(ranges(w), vec![(0, Some(10))]);
     }
 
     #[test]
@@ -112,7 +131,11 @@ mod tests {
         let r = ranges(w);
         assert_eq!(r.len(), 100);
         assert_eq!(r[0], (0, Some(10)));
-        assert_eq!(r[99], (990, None), "the last range is open-ended");
+        assert_eq!(
+            r[99],
+            (990, Some(1000)),
+            "the last range ends at the table's size"
+        );
     }
 
     #[test]
@@ -124,7 +147,7 @@ mod tests {
         // From the start to the end, then from 0 up to the start, every block exactly once.
         assert_eq!(r.first().unwrap().0, w.start);
         let wrap = r.iter().position(|&(lo, _)| lo == 0).unwrap();
-        assert_eq!(r[wrap - 1].1, None, "the end of the table is open-ended");
+        assert_eq!(r[wrap - 1].1, Some(1000), "then the end of the table");
         assert_eq!(
             r.last().unwrap().1,
             Some(w.start),
@@ -145,27 +168,56 @@ mod tests {
     fn a_full_statement_continues_where_it_stopped() {
         let mut w = Walk::new(1000, 100_000, 500, 0);
         let r = w.next_range().unwrap();
-        w.advance(r, 500, 500, 7);
+        w.advance(r, 500, 500, 7, 0);
         assert_eq!(w.block, 7);
         assert!(!w.wrapped);
         // A stale last block below the range never moves the walk backwards.
         let r = w.next_range().unwrap();
-        w.advance(r, 500, 500, 3);
+        w.advance(r, 500, 500, 3, 0);
         assert_eq!(w.block, 7);
     }
 
     #[test]
-    fn blocks_added_behind_the_walk_are_scanned_by_the_open_last_range() {
+    fn the_walk_never_goes_past_the_size_it_started_with() {
+        // Blocks added behind it (new row versions, the application's inserts) are the next
+        // pass's: a walk that followed them could chase its own updates for ever.
         let w = Walk::new(100, 10_000, 500, 0);
-        let last = ranges(w).into_iter().find(|r| r.1.is_none()).unwrap();
-        // The open range is [lo, end): whatever the table has grown to by then.
-        assert!(u64::from(last.0) < w.blocks);
+        assert!(ranges(w)
+            .iter()
+            .all(|&(_, hi)| hi.is_some_and(|hi| hi <= 100)));
+        // A full statement whose last row is in the last block: the walk stays in the table.
+        let mut w = Walk::new(100, 10_000, 500, 0);
+        w.block = 95;
+        let r = w.next_range().unwrap();
+        assert_eq!(r, (95, Some(100)));
+        w.advance(r, 500, 500, 99, 1);
+        assert!(w.wrapped && w.next_range().is_none());
+    }
+
+    #[test]
+    fn rows_left_as_they_were_do_not_hold_the_walk() {
+        // A trigger keeps the old value of every row (or skips the update): each statement
+        // locks a full batch and changes none. Taken again from the same block, the same rows
+        // would be locked for ever; the walk moves past their block instead.
+        let mut w = Walk::new(1000, 100_000, 20, 0);
+        let mut statements = 0;
+        while let Some(r) = w.next_range() {
+            w.advance(r, 20, 20, r.0, 20);
+            statements += 1;
+            assert!(statements <= 1000, "the walk ends");
+        }
+        let mut w = Walk::new(1000, 100_000, 500, 0);
+        let r = w.next_range().unwrap();
+        w.advance(r, 500, 500, 4, 1);
+        assert_eq!(w.block, 5);
     }
 
     #[test]
     fn no_rows_to_do_means_one_range() {
         let w = Walk::new(5000, 0, 500, 99);
         assert_eq!(w.start, 0);
-        assert_eq!(ranges(w), vec![(0, None)]);
+        assert_eq!(ranges(w), vec![(0, Some(5000))]);
+        // An empty table: one empty range, and the walk ends.
+        assert_eq!(ranges(Walk::new(0, 0, 500, 99)), vec![(0, Some(0))]);
     }
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from psap_cluster import BIN, KEY1, KEY2, KEY3, Cluster, as_postgres, sqlstate_of
+from psap_cluster import BIN, KEY1, KEY2, KEY3, Cluster, as_postgres, in_background, sqlstate_of
 
 HERE = Path("/tmp") / f"psap-kc-{os.getpid()}"
 
@@ -81,6 +81,37 @@ def test_keys_come_from_the_command_at_start_and_reach_open_sessions_at_reload(k
     assert "psap_encrypt loaded 3 keys from psap.key_command: v1 (secretbox), v2 (secretbox), v3 (aes-256-gcm)" in log
     for key in (KEY1, KEY2, KEY3):
         assert key not in log
+
+
+def test_the_target_key_withdrawn_during_a_run_stops_it_naming_that_key(kc):
+    """The key command stops giving the key of the version a run encrypts with, between two
+    batches: the next batch stops the run naming that key (before: with skip_undecryptable every
+    row was "skipped as undecryptable", batch after batch, for ever; without it the rows were
+    blamed as undecryptable)."""
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}", name="both.sh"), version="v1")
+    with kc.connect() as c:
+        c.execute("DROP TABLE IF EXISTS withdrawn")
+        c.execute("CREATE TABLE withdrawn (id int PRIMARY KEY, title text)")
+        c.execute("INSERT INTO withdrawn SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 2000) g")
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}", name="both.sh"), version="v2")
+    with kc.no_crash(), kc.connect() as rotator, kc.connect() as other:
+        th, result = in_background(
+            rotator, "CALL psap_rotate('withdrawn', 'title', 200, pause_ms => 1500, skip_undecryptable => true)")
+        deadline = time.time() + 20
+        while other.execute("SELECT count(*) FROM psap_audit_log WHERE relation = 'public.withdrawn' AND batches > 0").fetchone()[0] == 0:
+            assert time.time() < deadline, "no batch committed"
+            time.sleep(0.05)
+        use_command(kc, emitting(f"v1 secretbox {KEY1}", name="only_v1.sh"), version="v2")
+        th.join(60)
+        assert not th.is_alive(), "the run went on"
+        state, message = result.get("error", (None, ""))
+        assert state is not None and not state.startswith("XX") and "v2" in message, result
+        assert "undecryptable" not in message, result
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}", name="both.sh"), version="v2")
+    with kc.connect() as c:
+        bad = c.execute("SELECT count(*) FROM withdrawn WHERE psap_decrypt(title) <> 'Incident ' || id").fetchone()[0]
+        assert bad == 0
+        c.execute("DROP TABLE withdrawn")
 
 
 def test_parallel_workers_verify_with_the_commands_keys(kc):

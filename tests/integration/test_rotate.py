@@ -1144,7 +1144,7 @@ def test_the_direct_batch_skips_rows_other_sessions_hold_and_never_waits(cluster
             c.execute("SET lock_timeout = '3s'")
             c.execute("CALL psap_rotate('incidents', 'title', 100)")
             assert "updating the rows of public.incidents directly on the heap" in said
-            assert any("4 rows still to do (locked by other sessions or written meanwhile)" in m for m in said), said
+            assert any("4 rows still to do (locked by other sessions, written meanwhile" in m for m in said), said
             assert census(c) == {("encrypted", "v1"): 4, ("encrypted", "v2"): 396}
             held = c.execute("SELECT array_agg(id ORDER BY id) FROM incidents WHERE title LIKE 'v1:%'").fetchone()[0]
             assert held == [10, 20, 30, 50]
@@ -1325,3 +1325,124 @@ def test_a_backend_terminated_while_its_crypto_thread_works_exits_cleanly(cluste
     with cluster.connect(dbname=db) as c:
         assert census(c) == {("encrypted", "v3"): 60000}
         assert plaintext_digest(c, "incidents") == before
+
+
+# Runs that must end: the second review's findings. Each test bounds the CALL with a
+# statement_timeout, so a run that would go on for ever fails the test instead of hanging it.
+
+
+@pytest.mark.parametrize("trigger,batch", [
+    ("IF OLD.closed THEN NEW.title := OLD.title; END IF; RETURN NEW;", 500),  # keeps the old value
+    ("IF OLD.closed THEN RETURN NULL; END IF; RETURN NEW;", 20),  # skips the update
+])
+def test_rows_a_trigger_keeps_as_they_were_end_the_run_as_still_to_do(cluster, db, trigger, batch):
+    """A BEFORE UPDATE trigger keeps closed incidents as they are (a common "closed records are
+    immutable" rule). The run rotates every other row and ends, reporting those as still to do:
+    it went on for ever (new batches over the same rows, 68 GB of WAL an hour; or a walk held on
+    one block when the batch is smaller than a block's rows)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE incidents (id bigint PRIMARY KEY, closed boolean, title text)")
+        c.execute("INSERT INTO incidents SELECT g, g <= 300, psap_encrypt('Incident ' || g) FROM generate_series(1, 3000) g")
+        c.execute(f"CREATE FUNCTION keep_closed() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN {trigger} END$$")
+        c.execute("CREATE TRIGGER keep_closed BEFORE UPDATE ON incidents FOR EACH ROW EXECUTE FUNCTION keep_closed()")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        said = []
+        c.add_notice_handler(lambda d: said.append(d.message_primary))
+        c.execute("SET statement_timeout = '120s'")
+        c.execute(f"CALL psap_rotate('incidents', 'title', {batch})")
+        said = [m for m in said if "] done" in m]
+        assert census(c) == {("encrypted", "v1"): 300, ("encrypted", "v2"): 2700}
+        status, planned, done = c.execute(
+            "SELECT status, rows_planned, rows_done FROM psap_audit WHERE operation = 'rotate'").fetchone()
+        assert (status, planned, done) == ("done", 3000, 2700)
+        assert "300 rows still to do" in said[-1] and "kept as they were by a trigger" in said[-1], said[-1]
+        check_all(c)
+
+
+def test_a_run_ends_while_the_application_keeps_writing_with_the_old_key(cluster, db):
+    """An application server not yet given the new key keeps inserting old-version rows during
+    the rotation (runbook step 5 with one server forgotten): the run makes at most a few passes
+    and ends, reporting the rows written meanwhile as still to do (it went on for ever)."""
+    with cluster.connect(dbname=db) as c:
+        fill(c, 20000)
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    stop = threading.Event()
+
+    def writer():
+        with cluster.connect(dbname=db) as w:
+            w.execute("SET psap.key_version = 'v1'")
+            i = 1_000_000
+            while not stop.is_set():
+                w.execute("INSERT INTO incidents (id, title) VALUES (%s, psap_encrypt('Incident ' || %s::text))", (i, i))
+                i += 1
+                time.sleep(0.002)
+
+    th = threading.Thread(target=writer)
+    th.start()
+    try:
+        with cluster.connect(dbname=db) as c:
+            said = []
+            c.add_notice_handler(lambda d: said.append(d.message_primary))
+            c.execute("SET statement_timeout = '120s'")
+            c.execute("CALL psap_rotate('incidents', 'title', 500, from_version => 'v1')")
+            assert any("] done" in m for m in said), said[-3:]
+    finally:
+        stop.set()
+        th.join()
+    with cluster.connect(dbname=db) as c:
+        left = census(c).get(("encrypted", "v1"), 0)
+        assert left < 20000
+        # The next call takes what was written meanwhile.
+        c.execute("CALL psap_rotate('incidents', 'title', 500, from_version => 'v1')")
+        assert census(c).get(("encrypted", "v1"), 0) == 0
+        bad = c.execute("SELECT count(*) FROM incidents WHERE psap_decrypt(title) <> 'Incident ' || id").fetchone()[0]
+        assert bad == 0
+
+
+def test_a_table_renamed_into_the_runs_place_between_batches_is_not_touched(cluster, db):
+    """On the batch statement's path (a table with a trigger), another table renamed into the
+    rotated table's name between two batches: the run stops instead of rotating the other table
+    (it did, and wrote unbound values into a column bound to a context)."""
+    with cluster.connect(dbname=db) as c:
+        for t in ("incidents", "incidents_new"):
+            c.execute(f"CREATE TABLE {t} (id bigint PRIMARY KEY, title text)")
+            c.execute(f"INSERT INTO {t} SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 2000) g")
+            c.execute(f"CREATE TRIGGER t_{t} BEFORE UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.no_crash(), cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as other:
+        th, result = psap_cluster.in_background(rotator, "CALL psap_rotate('incidents', 'title', 500, pause_ms => 3000)")
+        pid = rotator.info.backend_pid
+        deadline = time.time() + 20
+        while not other.execute("SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+            assert time.time() < deadline, "the run did not pause after its first batch"
+            time.sleep(0.05)
+        other.execute("BEGIN; ALTER TABLE incidents RENAME TO incidents_old; ALTER TABLE incidents_new RENAME TO incidents; COMMIT")
+        th.join(60)
+        assert result.get("error", (None, ""))[0] == "55000", result
+        assert "was renamed during the rotation" in result["error"][1], result
+        assert census(other, "incidents") == {("encrypted", "v1"): 2000}, "the other table was rotated"
+        assert census(other, "incidents_old") == {("encrypted", "v1"): 1500, ("encrypted", "v2"): 500}
+
+
+def test_a_run_of_a_session_with_track_activities_off_is_not_taken_for_interrupted(cluster, db):
+    """A session with track_activities off reports no state: its run in progress was shown as
+    interrupted, and closed so by the next run started elsewhere, its later progress lost."""
+    with cluster.connect(dbname=db) as c:
+        fill(c, 3000)
+        fill(c, 10, table="other_table")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as other:
+        rotator.execute("SET track_activities = off")
+        th, result = psap_cluster.in_background(rotator, "CALL psap_rotate('incidents', 'title', 500, pause_ms => 500)")
+        deadline = time.time() + 20
+        while other.execute("SELECT count(*) FROM psap_audit_log WHERE relation = 'public.incidents' AND batches > 0").fetchone()[0] == 0:
+            assert time.time() < deadline, "no batch committed"
+            time.sleep(0.05)
+        assert other.execute("SELECT status FROM psap_rotation_progress WHERE relation = 'public.incidents'").fetchone()[0] == "running"
+        other.execute("CALL psap_rotate('other_table', 'title')")
+        th.join(60)
+        assert result.get("ok"), result
+        status, done = other.execute(
+            "SELECT status, rows_done FROM psap_audit WHERE relation = 'public.incidents' AND operation = 'rotate'").fetchone()
+        assert (status, done) == ("done", 3000)

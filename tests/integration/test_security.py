@@ -363,6 +363,55 @@ def test_operators_get_the_documented_api_and_internals_refuse(cluster, db, mall
         assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == audit_before
 
 
+def test_an_operator_who_starts_a_run_by_hand_still_cannot_use_the_per_row_functions(cluster, db, mallory):
+    """The token `_psap_run_begin` returns is the run's handle, not what opens the per-row
+    functions: an operator who calls it directly (it is on the allow-list: the procedures call it
+    as their caller) cannot have chosen plaintext encrypted, values rotated or checked with it,
+    not even while the run is in progress (review finding: 0.2.0 forged with it)."""
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(user="mallory", dbname=db) as c:
+        c.execute("CREATE TABLE mallory_s.scratch (id int, title text)")
+        c.execute("INSERT INTO mallory_s.scratch VALUES (1, 'plaintext to encrypt')")
+        c.execute("CREATE TABLE mallory_s.enc AS SELECT id, title FROM mallory_s.calls")
+        env = c.execute("SELECT title FROM mallory_s.enc LIMIT 1").fetchone()[0]
+        begin = ("SELECT _psap_run_begin(%s, 'title', %s, 500, NULL, false, NULL, NULL, 0, false, false, true)")
+        for table, procedure, forge, args in [
+            ("mallory_s.scratch", "psap_encrypt_column", "SELECT _psap_encrypt_value('FORGED: unit 9 cancelled', NULL, %s)", ()),
+            ("mallory_s.enc", "psap_rotate", "SELECT _psap_rotate_value(%s, NULL, %s)", (env,)),
+            ("mallory_s.enc", "psap_rotate", "SELECT _psap_value_error(%s, 'incidents.title:7', %s)", (env,)),
+        ]:
+            token = c.execute(begin, (table, procedure)).fetchone()[0]
+            assert token is not None
+            state, _, _, _ = sqlstate_of(c, forge, args + (token,))
+            assert state == "42501", (procedure, forge, state)
+        assert c.execute("SELECT count(*) FROM mallory_s.enc WHERE title LIKE 'v2:%'").fetchone()[0] == 0
+
+
+def test_every_routine_an_operator_may_call_takes_nulls_without_an_internal_error(cluster, db, mallory):
+    """NULL in every argument of every routine an operator (and so PUBLIC) may execute: a
+    deliberate SQLSTATE or a result, never XX000 (pgrx's "argument N must not be null" was one,
+    review finding) and never a crash."""
+    with cluster.connect(dbname=db) as c:
+        routines = c.execute("""
+            SELECT p.oid::regprocedure::text, p.prokind = 'p', p.pronargs,
+                   array(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) t)
+              FROM _psap_routines() r JOIN pg_proc p ON p.oid = r.routine
+             WHERE has_function_privilege('mallory', r.routine, 'EXECUTE')
+               AND p.prorettype <> 'trigger'::regtype AND p.prorettype <> 'event_trigger'::regtype
+             ORDER BY 1""").fetchall()
+    assert len(routines) > 20
+    with cluster.no_crash(), cluster.connect(user="mallory", dbname=db) as c:
+        for signature, is_procedure, _, types in routines:
+            name = signature.split("(")[0]
+            args = ", ".join(f"NULL::{t}" for t in types)
+            sql = f"CALL {name}({args})" if is_procedure else f"SELECT {name}({args})"
+            try:
+                c.execute(sql).fetchall() if not is_procedure else c.execute(sql)
+            except Exception as e:  # noqa: BLE001: any error, as long as it is a deliberate one
+                state = getattr(getattr(e, "diag", None), "sqlstate", None)
+                assert state is not None and not state.startswith("XX"), (sql, state, str(e))
+
+
 def test_audit_log_writes_only_through_psap_encrypt_and_tampering_is_detected(cluster, db, mallory):
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     with cluster.connect(dbname=db) as c:
@@ -609,6 +658,182 @@ def test_rotate_all_rotates_every_other_column_when_one_fails(cluster, db):
         assert done == {"public.a_calls": "done", "public.b_notes": "failed", "public.c_xml": "done"}
         for t, n in (("a_calls", 200), ("b_notes", 0), ("c_xml", 200)):
             assert c.execute(f"SELECT count(*) FROM {t} WHERE v LIKE 'v2:%'").fetchone()[0] == n
+
+
+def test_a_table_owners_look_alike_cancel_fails_its_column_not_the_whole_job(cluster, db):
+    """The owner of one registered table raises query_canceled from its trigger during a
+    superuser's psap_rotate_all: that column fails (recorded as failed, not cancelled: no one
+    cancelled anything) and every other column is still rotated (review finding: the look-alike
+    stopped the job and the audit log said cancelled)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS evil; CREATE ROLE evil")
+        c.execute("CREATE SCHEMA e AUTHORIZATION evil")
+        for t in ("public.a_calls", "e.b_evil", "public.c_xml"):
+            c.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v text)")
+            c.execute(f"INSERT INTO {t} SELECT g, psap_encrypt('{t} ' || g) FROM generate_series(1, 200) g")
+            c.execute(f"SELECT psap_register_column('{t}', 'v')")
+        c.execute("ALTER TABLE e.b_evil OWNER TO evil")
+        c.execute("""CREATE FUNCTION e.stop() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN RAISE EXCEPTION 'canceling statement due to user request' USING ERRCODE = 'query_canceled'; END $$""")
+        c.execute("ALTER FUNCTION e.stop() OWNER TO evil")
+        c.execute("CREATE TRIGGER stop BEFORE UPDATE ON e.b_evil FOR EACH ROW EXECUTE FUNCTION e.stop()")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    try:
+        with cluster.connect(dbname=db) as c:
+            state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate_all(50)")
+            assert msg == "psap_rotate_all could not rotate 1 of 3 columns", (state, msg)
+            done = dict(c.execute("SELECT relation, status FROM psap_audit WHERE operation = 'rotate'").fetchall())
+            assert done == {"public.a_calls": "done", "e.b_evil": "failed", "public.c_xml": "done"}
+            error = c.execute("SELECT error FROM psap_audit WHERE relation = 'e.b_evil' AND operation = 'rotate'").fetchone()[0]
+            assert error.startswith("57014: error raised by the table's code"), error
+            for t, n in (("a_calls", 200), ("e.b_evil", 0), ("c_xml", 200)):
+                assert c.execute(f"SELECT count(*) FROM {t} WHERE v LIKE 'v2:%'").fetchone()[0] == n
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP SCHEMA e CASCADE; DROP ROLE evil")
+
+
+def test_a_real_cancel_still_stops_the_whole_job(cluster, db):
+    """The other side of the test above: the DBA's cancel (an interrupt) stops psap_rotate_all at
+    the column it is on, recorded as cancelled, and the next columns are left for the next call."""
+    with cluster.connect(dbname=db) as c:
+        for t in ("a_calls", "b_notes"):
+            c.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v text)")
+            c.execute(f"INSERT INTO {t} SELECT g, psap_encrypt('{t} ' || g) FROM generate_series(1, 200) g")
+            c.execute(f"SELECT psap_register_column('{t}', 'v')")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as other:
+        th, result = in_background(c, "CALL psap_rotate_all(50, pause_ms => 2000)")
+        pid = c.info.backend_pid
+        deadline = time.time() + 20
+        while not other.execute("SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+            assert time.time() < deadline, "the job did not pause after its first batch"
+            time.sleep(0.05)
+        other.execute("SELECT pg_cancel_backend(%s)", (pid,))
+        th.join(30)
+        assert result.get("error", (None,))[0] == "57014", result
+        done = dict(other.execute("SELECT relation, status FROM psap_audit WHERE operation = 'rotate'").fetchall())
+        assert done == {"public.a_calls": "cancelled"}, done
+        error = other.execute("SELECT error FROM psap_audit WHERE operation = 'rotate'").fetchone()[0]
+        assert error == "57014: canceling statement (a cancel request or statement_timeout)", error
+        assert other.execute("SELECT count(*) FROM b_notes WHERE v LIKE 'v2:%'").fetchone()[0] == 0
+
+
+def test_a_temporary_table_cannot_be_registered(cluster, db, mallory):
+    """A temporary table goes at the end of its session or transaction without the DROP that
+    takes it out of the registry; registered (0.2.0 let an operator), it made psap_status,
+    psap_compliance and psap_rotate_all fail for everyone, superusers included (review finding)."""
+    with cluster.connect(user="mallory", dbname=db) as c:
+        c.execute("BEGIN")
+        c.execute("CREATE TEMP TABLE gone (id int, title text) ON COMMIT DROP")
+        state, msg, detail, _ = sqlstate_of(c, "SELECT psap_register_column('gone', 'title')")
+        assert state == "22023" and msg.startswith("cannot register a column of temporary table"), (state, msg)
+        assert detail == "This operation is not supported for temporary tables."
+        c.execute("ROLLBACK")
+
+
+def test_a_registered_table_gone_unseen_does_not_break_status_or_the_job(cluster, db):
+    """A registry row whose table went without the DROP being seen (a 0.2.0 registry's temporary
+    table, an event trigger disabled by a superuser) is left out of psap_status, psap_compliance
+    and psap_rotate_all instead of failing them for every caller."""
+    with cluster.connect(dbname=db) as c:
+        fill(c, 20)
+        c.execute("SELECT psap_register_column('incidents', 'title')")
+        c.execute("CREATE TABLE doomed (id int, title text)")
+        c.execute("SELECT psap_register_column('doomed', 'title')")
+        c.execute("ALTER EVENT TRIGGER psap_registry_follow_drop DISABLE")
+        try:
+            c.execute("DROP TABLE doomed")
+        finally:
+            c.execute("ALTER EVENT TRIGGER psap_registry_follow_drop ENABLE")
+        assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 2
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        assert {r[0] for r in c.execute("SELECT relation::text FROM psap_status()")} == {"incidents"}
+        assert [r[0] for r in c.execute("SELECT relation::text FROM psap_compliance()")] == ["incidents"]
+        c.execute("CALL psap_rotate_all(100)")
+        assert census(c) == {("encrypted", "v2"): 20}
+
+
+OPERATOR_TRAPS = """
+CREATE TABLE public.sprung (op text, as_role name);
+GRANT INSERT ON public.sprung TO PUBLIC;
+CREATE FUNCTION public.trap_mul(numeric, bigint) RETURNS numeric LANGUAGE sql AS
+    $$ INSERT INTO public.sprung VALUES ('*', current_user) RETURNING $1 * $2::numeric $$;
+CREATE OPERATOR public.* (LEFTARG = numeric, RIGHTARG = bigint, FUNCTION = public.trap_mul);
+CREATE FUNCTION public.trap_div(bigint, numeric) RETURNS numeric LANGUAGE sql AS
+    $$ INSERT INTO public.sprung VALUES ('/', current_user) RETURNING $1::numeric / $2 $$;
+CREATE OPERATOR public./ (LEFTARG = bigint, RIGHTARG = numeric, FUNCTION = public.trap_div);
+CREATE FUNCTION public.trap_gt(numeric, integer) RETURNS boolean LANGUAGE sql AS
+    $$ INSERT INTO public.sprung VALUES ('>', current_user) RETURNING $1 > $2::numeric $$;
+CREATE OPERATOR public.> (LEFTARG = numeric, RIGHTARG = integer, FUNCTION = public.trap_gt);
+"""
+
+
+def test_operators_planted_in_the_schema_before_create_extension_are_not_bound(cluster):
+    """A role that can create objects in the schema the extension goes into (public, in a
+    database made before PostgreSQL 15) plants operators for the operand types the audit views
+    use and that pg_catalog has no exact match for: CREATE EXTENSION must not bind the views to
+    them, or every superuser reading psap_audit runs the role's code (review finding)."""
+    name = "t_operator_traps"
+    with cluster.connect() as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        c.execute(f'CREATE DATABASE "{name}"')
+        c.execute("DROP ROLE IF EXISTS mallet; CREATE ROLE mallet LOGIN")
+    try:
+        with cluster.connect(dbname=name) as c:
+            c.execute("GRANT CREATE ON SCHEMA public TO mallet")
+        with cluster.connect(user="mallet", dbname=name) as c:
+            c.execute(OPERATOR_TRAPS)
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+        with cluster.connect(dbname=name) as c:
+            c.execute("CREATE EXTENSION psap_encrypt")
+            fill(c, 20)
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+        with cluster.connect(dbname=name) as c:
+            c.execute("CALL psap_rotate('incidents', 'title', 5, pause_ms => 1, max_batches => 2)")
+            rows = c.execute("SELECT percent, rows_per_s, time_left FROM psap_rotation_progress").fetchall()
+            assert len(rows) == 1 and rows[0][0] == 50
+            c.execute("SELECT * FROM psap_audit").fetchall()
+            assert c.execute("SELECT count(*) FROM public.sprung").fetchone()[0] == 0
+            bound = c.execute("""SELECT count(*) FROM pg_depend d JOIN pg_operator o ON o.oid = d.refobjid
+                                  WHERE d.refclassid = 'pg_operator'::regclass
+                                    AND o.oprnamespace = 'public'::regnamespace""").fetchone()[0]
+            assert bound == 0
+    finally:
+        with cluster.connect() as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            c.execute("DROP ROLE IF EXISTS mallet")
+
+
+def test_a_constraint_that_changes_a_locked_row_fails_the_batch_with_a_deliberate_sqlstate(cluster, db):
+    """The owner's check constraint updates the next row, which the superuser's batch has locked
+    and is about to re-encrypt: the batch fails as PostgreSQL fails such an UPDATE (27000), not
+    with the internal error it gave (XX000, review finding), and nothing of it is written."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS evil; CREATE ROLE evil")
+        c.execute("CREATE SCHEMA e AUTHORIZATION evil")
+        c.execute("CREATE TABLE e.t (id int PRIMARY KEY, title text, note text)")
+        c.execute("ALTER TABLE e.t OWNER TO evil")
+        c.execute("""CREATE FUNCTION e.chk(i int, n text) RETURNS boolean LANGUAGE plpgsql AS $$
+                     BEGIN
+                         IF n = 'n' THEN UPDATE e.t SET note = 'x' WHERE id = i + 1; END IF;
+                         RETURN true;
+                     END $$""")
+        c.execute("ALTER FUNCTION e.chk(int, text) OWNER TO evil")
+        c.execute("INSERT INTO e.t SELECT g, psap_encrypt('t' || g), 'n' FROM generate_series(1, 50) g")
+        c.execute("ALTER TABLE e.t ADD CONSTRAINT c CHECK (e.chk(id, note))")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    try:
+        with cluster.no_crash(), cluster.connect(dbname=db) as c:
+            state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('e.t', 't' || 'itle', 50)")
+            assert state == "27000", (state, msg)
+            assert re.fullmatch(r"could not re-encrypt row ctid \(0,\d+\) of e\.t: the table's own code changed it during the batch", msg), msg
+            assert c.execute("SELECT count(*) FROM e.t WHERE title LIKE 'v2:%'").fetchone()[0] == 0
+            assert c.execute("SELECT status FROM psap_audit ORDER BY id DESC LIMIT 1").fetchone()[0] == "failed"
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP SCHEMA e CASCADE; DROP ROLE evil")
 
 
 # Who may do what, as each role would try it (the operator, the application, the auditor, a table's

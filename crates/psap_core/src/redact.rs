@@ -205,7 +205,11 @@ mod tests {
             assert!(redact(&mut text, key_context));
             assert!(text.iter().all(|&b| b == b'*' || b == b' '));
             let looked = scanned::BYTES.with(|b| b.get());
-            assert!(looked <= 2 * text.len(), "{looked} bytes looked at for {}", text.len());
+            assert!(
+                looked <= 2 * text.len(),
+                "{looked} bytes looked at for {}",
+                text.len()
+            );
         }
     }
 }
