@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from psap_cluster import BIN, KEY1, KEY2, KEY3, Cluster, as_postgres, in_background, sqlstate_of
+from psap_cluster import BIN, KEY1, KEY2, KEY3, Cluster, as_postgres, in_background, sqlstate_of, wait_until
 
 HERE = Path("/tmp") / f"psap-kc-{os.getpid()}"
 
@@ -97,10 +97,8 @@ def test_the_target_key_withdrawn_during_a_run_stops_it_naming_that_key(kc):
     with kc.no_crash(), kc.connect() as rotator, kc.connect() as other:
         th, result = in_background(
             rotator, "CALL psap_rotate('withdrawn', 'title', 200, pause_ms => 1500, skip_undecryptable => true)")
-        deadline = time.time() + 20
-        while other.execute("SELECT count(*) FROM psap_audit_log WHERE relation = 'public.withdrawn' AND batches > 0").fetchone()[0] == 0:
-            assert time.time() < deadline, "no batch committed"
-            time.sleep(0.05)
+        wait_until(other, "SELECT count(*) > 0 FROM psap_audit_log WHERE relation = 'public.withdrawn' AND batches > 0",
+                   what="a committed batch")
         use_command(kc, emitting(f"v1 secretbox {KEY1}", name="only_v1.sh"), version="v2")
         th.join(60)
         assert not th.is_alive(), "the run went on"

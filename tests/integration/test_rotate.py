@@ -1412,11 +1412,7 @@ def test_a_table_renamed_into_the_runs_place_between_batches_is_not_touched(clus
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     with cluster.no_crash(), cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as other:
         th, result = psap_cluster.in_background(rotator, "CALL psap_rotate('incidents', 'title', 500, pause_ms => 3000)")
-        pid = rotator.info.backend_pid
-        deadline = time.time() + 20
-        while not other.execute("SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
-            assert time.time() < deadline, "the run did not pause after its first batch"
-            time.sleep(0.05)
+        psap_cluster.paused(other, rotator.info.backend_pid)
         other.execute("BEGIN; ALTER TABLE incidents RENAME TO incidents_old; ALTER TABLE incidents_new RENAME TO incidents; COMMIT")
         th.join(60)
         assert result.get("error", (None, ""))[0] == "55000", result
@@ -1435,10 +1431,8 @@ def test_a_run_of_a_session_with_track_activities_off_is_not_taken_for_interrupt
     with cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as other:
         rotator.execute("SET track_activities = off")
         th, result = psap_cluster.in_background(rotator, "CALL psap_rotate('incidents', 'title', 500, pause_ms => 500)")
-        deadline = time.time() + 20
-        while other.execute("SELECT count(*) FROM psap_audit_log WHERE relation = 'public.incidents' AND batches > 0").fetchone()[0] == 0:
-            assert time.time() < deadline, "no batch committed"
-            time.sleep(0.05)
+        psap_cluster.wait_until(other, "SELECT count(*) > 0 FROM psap_audit_log WHERE relation = 'public.incidents' AND batches > 0",
+                                what="a committed batch")
         assert other.execute("SELECT status FROM psap_rotation_progress WHERE relation = 'public.incidents'").fetchone()[0] == "running"
         other.execute("CALL psap_rotate('other_table', 'title')")
         th.join(60)

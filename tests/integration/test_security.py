@@ -3,12 +3,13 @@ trusted role would try them: a table owner's code run by a superuser's rotation,
 called directly, a forged or altered audit trail, a hostile search_path, column values in messages
 (each failed on 0.1.0). Then who may do what: the operator, the application and the auditor roles,
 a table's and a partition's owner, and who can read or set a key."""
+import contextlib
 import re
 import time
 
 import pytest
 
-from psap_cluster import KEY1, KEY2, KEY3, in_background, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, in_background, paused, sqlstate_of
 from test_context import STORED, bound  # noqa: F401 (bound: a fixture)
 from test_keys import assert_no_key, probe, roles  # noqa: F401 (roles: a fixture)
 from test_operations import setup_tables
@@ -261,10 +262,7 @@ def test_a_new_owner_between_batches_stops_the_run(cluster, db):
     with cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as dba:
         th, result = in_background(rotator, "CALL psap_rotate('t', 'title', 100, pause_ms => 3000)")
         pid = rotator.info.backend_pid
-        deadline = time.time() + 20
-        while not dba.execute("SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
-            assert time.time() < deadline, "the run did not pause after its first batch"
-            time.sleep(0.02)
+        paused(dba, pid)
         dba.execute("ALTER TABLE t OWNER TO walter")
         th.join(30)
         state, message = result.get("error", (None, ""))
@@ -705,10 +703,7 @@ def test_a_real_cancel_still_stops_the_whole_job(cluster, db):
     with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as other:
         th, result = in_background(c, "CALL psap_rotate_all(50, pause_ms => 2000)")
         pid = c.info.backend_pid
-        deadline = time.time() + 20
-        while not other.execute("SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
-            assert time.time() < deadline, "the job did not pause after its first batch"
-            time.sleep(0.05)
+        paused(other, pid)
         other.execute("SELECT pg_cancel_backend(%s)", (pid,))
         th.join(30)
         assert result.get("error", (None,))[0] == "57014", result
@@ -770,12 +765,14 @@ CREATE OPERATOR public.> (LEFTARG = numeric, RIGHTARG = integer, FUNCTION = publ
 """
 
 
-def test_operators_planted_in_the_schema_before_create_extension_are_not_bound(cluster):
-    """A role that can create objects in the schema the extension goes into (public, in a
-    database made before PostgreSQL 15) plants operators for the operand types the audit views
-    use and that pg_catalog has no exact match for: CREATE EXTENSION must not bind the views to
-    them, or every superuser reading psap_audit runs the role's code (review finding)."""
-    name = "t_operator_traps"
+PLANTED = """SELECT count(*) FROM pg_depend d JOIN pg_operator o ON o.oid = d.refobjid
+              WHERE d.refclassid = 'pg_operator'::regclass AND o.oprnamespace = 'public'::regnamespace"""
+
+
+@contextlib.contextmanager
+def planted_operators(cluster, name):
+    """Database `name`, in whose public schema role mallet (CREATE on it, as in a database made
+    before PostgreSQL 15) has planted OPERATOR_TRAPS before psap_encrypt is installed."""
     with cluster.connect() as c:
         c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         c.execute(f'CREATE DATABASE "{name}"')
@@ -785,6 +782,19 @@ def test_operators_planted_in_the_schema_before_create_extension_are_not_bound(c
             c.execute("GRANT CREATE ON SCHEMA public TO mallet")
         with cluster.connect(user="mallet", dbname=name) as c:
             c.execute(OPERATOR_TRAPS)
+        yield name
+    finally:
+        with cluster.connect() as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            c.execute("DROP ROLE IF EXISTS mallet")
+
+
+def test_operators_planted_in_the_schema_before_create_extension_are_not_bound(cluster):
+    """A role that can create objects in the schema the extension goes into (public, in a
+    database made before PostgreSQL 15) plants operators for the operand types the audit views
+    use and that pg_catalog has no exact match for: CREATE EXTENSION must not bind the views to
+    them, or every superuser reading psap_audit runs the role's code (review finding)."""
+    with planted_operators(cluster, "t_operator_traps") as name:
         cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
         with cluster.connect(dbname=name) as c:
             c.execute("CREATE EXTENSION psap_encrypt")
@@ -796,14 +806,7 @@ def test_operators_planted_in_the_schema_before_create_extension_are_not_bound(c
             assert len(rows) == 1 and rows[0][0] == 50
             c.execute("SELECT * FROM psap_audit").fetchall()
             assert c.execute("SELECT count(*) FROM public.sprung").fetchone()[0] == 0
-            bound = c.execute("""SELECT count(*) FROM pg_depend d JOIN pg_operator o ON o.oid = d.refobjid
-                                  WHERE d.refclassid = 'pg_operator'::regclass
-                                    AND o.oprnamespace = 'public'::regnamespace""").fetchone()[0]
-            assert bound == 0
-    finally:
-        with cluster.connect() as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            c.execute("DROP ROLE IF EXISTS mallet")
+            assert c.execute(PLANTED).fetchone()[0] == 0
 
 
 def test_a_constraint_that_changes_a_locked_row_fails_the_batch_with_a_deliberate_sqlstate(cluster, db):

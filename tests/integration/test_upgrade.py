@@ -207,23 +207,12 @@ def test_the_update_binds_the_audit_views_again_and_forgets_dead_registry_rows(c
     """0.1.0 bound its audit views to operators a role with CREATE on the extension's schema had
     planted before CREATE EXTENSION, and registered temporary tables (gone at session end without
     the DROP that takes a table out of the registry): the update undoes both."""
-    from test_security import OPERATOR_TRAPS
+    from test_security import PLANTED, planted_operators
 
-    name = "t_upgrade_traps"
-    planted = """SELECT count(*) FROM pg_depend d JOIN pg_operator o ON o.oid = d.refobjid
-                  WHERE d.refclassid = 'pg_operator'::regclass AND o.oprnamespace = 'public'::regnamespace"""
-    with cluster.connect() as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        c.execute(f'CREATE DATABASE "{name}"')
-        c.execute("DROP ROLE IF EXISTS mallet; CREATE ROLE mallet LOGIN")
-    try:
-        with cluster.connect(dbname=name) as c:
-            c.execute("GRANT CREATE ON SCHEMA public TO mallet")
-        with cluster.connect(user="mallet", dbname=name) as c:
-            c.execute(OPERATOR_TRAPS)
+    with planted_operators(cluster, "t_upgrade_traps") as name:
         with cluster.connect(dbname=name) as c:
             c.execute(f"CREATE EXTENSION psap_encrypt VERSION '{OLD}'")
-            assert c.execute(planted).fetchone()[0] > 0  # what 0.1.0 did
+            assert c.execute(PLANTED).fetchone()[0] > 0  # what 0.1.0 did
             c.execute("CREATE TABLE kept (id int, title text)")
             c.execute("SELECT psap_register_column('kept', 'title')")
         with cluster.connect(dbname=name) as c:
@@ -232,12 +221,8 @@ def test_the_update_binds_the_audit_views_again_and_forgets_dead_registry_rows(c
         with cluster.connect(dbname=name) as c:
             assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 2
             c.execute("ALTER EXTENSION psap_encrypt UPDATE")
-            assert c.execute(planted).fetchone()[0] == 0
+            assert c.execute(PLANTED).fetchone()[0] == 0
             assert c.execute("SELECT relid::text FROM psap_encrypted_columns").fetchall() == [("kept",)]
             c.execute("SELECT * FROM psap_status()").fetchall()
             c.execute("SELECT * FROM psap_audit").fetchall()
             assert c.execute("SELECT count(*) FROM public.sprung").fetchone()[0] == 0
-    finally:
-        with cluster.connect() as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            c.execute("DROP ROLE IF EXISTS mallet")

@@ -156,6 +156,20 @@ def in_background(conn, sql, params=None):
     return th, result
 
 
+def wait_until(conn, sql, params=None, what="the condition", timeout=20):
+    """Polls sql (one boolean) on conn until it is true; fails the test after timeout seconds."""
+    deadline = time.time() + timeout
+    while not conn.execute(sql, params).fetchone()[0]:
+        assert time.time() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.02)
+
+
+def paused(conn, pid):
+    """Waits until backend pid sleeps between two batches (pause_ms)."""
+    wait_until(conn, "SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = %s", (pid,),
+               "the run's pause after a batch")
+
+
 def sqlstate_of(conn, sql, params=None):
     """Runs sql expecting an error; returns (sqlstate, message, detail, hint)."""
     with pytest.raises(psycopg.Error) as info:
