@@ -213,7 +213,7 @@ fn step(run: &mut Run) -> Option<Status> {
             continue;
         };
         state::take_row_failures();
-        let (locked, changed, last_block, kept) = run_batch(run, range, want);
+        let (locked, changed, last_block) = run_batch(run, range, want);
         let (failed_here, first_reason) = state::take_row_failures();
         if failed_here > 0 {
             handle_failures(run, range, first_reason);
@@ -221,7 +221,7 @@ fn step(run: &mut Run) -> Option<Status> {
         locked_total += locked;
         done += changed;
         failed += failed_here;
-        run.walk.advance(range, locked, want, last_block, kept);
+        run.walk.advance(range, locked, want, last_block);
     }
     run.counts.done += done;
     run.counts.skipped = run.skipped_rows();
@@ -326,7 +326,24 @@ fn remaining(run: &Run) -> i64 {
             .map(|leaf| leaf_rows(run, leaf, snapshot))
             .sum()
     });
-    (left - run.skipped_rows()).max(0)
+    (left - skipped_still_there(run)).max(0)
+}
+
+/// Rows skipped as undecryptable that are still there as they were: one the application has
+/// rewritten meanwhile (a repaired value) has a new ctid and counts as still to do.
+fn skipped_still_there(run: &Run) -> i64 {
+    let mut n = 0;
+    for (leaf, ctids) in run.skipped.iter().enumerate() {
+        if ctids.is_empty() {
+            continue;
+        }
+        let sql = sql::still_needing(&run.target, leaf, &run.needs);
+        let owner = run.target.leaves[leaf].owner;
+        n += sandbox::as_table_owner(owner, || {
+            spi::rows(&sql, &[ctids.clone().into()], |_| Ok(())).len() as i64
+        });
+    }
+    n
 }
 
 fn done_notice(run: &Run, left: i64) {
@@ -362,7 +379,7 @@ fn done_notice(run: &Run, left: i64) {
 /// Runs a batch over one block range, taking at most `limit` rows, as the leaf's owner: directly
 /// on the heap where it can ([`direct::batch`]), else with the batch statement. Returns rows
 /// locked, rows changed and the highest block a locked row was in.
-fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i64, u32, i64) {
+fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i64, u32) {
     let direct = direct::batch(run, (lo, hi), limit);
     if run.path != Some(direct.map(|_| ())) {
         run.path = Some(direct.map(|_| ()));
@@ -372,8 +389,8 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
             Err(why) => debug1!("updating the rows of {relation} with a batch statement: {why}"),
         }
     }
-    if let Ok((locked, changed, last)) = direct {
-        return (locked, changed, last, 0);
+    if let Ok(taken) = direct {
+        return taken;
     }
     let leaf = &run.target.leaves[run.leaf];
     // The statement names the leaf: a rename between two batches (another table renamed into
@@ -395,11 +412,13 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
         run.batch_lock = Some(lock);
     }
     if run.batch_plan.is_none() {
+        let t = &run.target;
+        let new_needs = sql::needs_of(t, run.opts.mode, run.to, &format!("t.{}", t.column));
         let sql = sql::batch(
-            &run.target,
+            t,
             run.leaf,
             run.opts.mode,
-            &run.needs,
+            (&run.needs, &new_needs),
             run.opts.skip_undecryptable,
             lock,
         );
@@ -417,8 +436,13 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
         format!("({lo},0)").into(),
         format!("({},0)", hi.unwrap_or(u32::MAX)).into(),
         limit.into(),
-        [&run.skipped[run.leaf][..], &run.held[run.leaf][..]]
-            .concat()
+        // Only those in the range: the statement compares each row it scans with every one.
+        run.skipped[run.leaf]
+            .iter()
+            .chain(&run.held[run.leaf])
+            .filter(|c| ctid_in(c, lo, hi))
+            .cloned()
+            .collect::<Vec<String>>()
             .into(),
         run.secret.into(),
     ];
@@ -433,16 +457,19 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
                     table.get::<i64>(3)?,
                     table.get::<i64>(4)?.unwrap_or(0),
                     table.get::<Vec<String>>(5)?.unwrap_or_default(),
+                    table.get::<Vec<String>>(6)?.unwrap_or_default(),
                 ))
             })
             .unwrap_or_else(|e| error::spi(e))
         })
     });
-    let (locked, changed, last, updated, ids) = row;
+    let (locked, changed, last, updated, ids, kept) = row;
+    // Rows a trigger of the table kept as they were still need work: they are left alone for the
+    // rest of this pass (still to do at its end), or every statement over their block would take
+    // them again first. A row updated with its old value kept has a new ctid (returned); one
+    // whose update a trigger skipped (returned NULL) keeps the ctid it was locked at.
+    run.held[run.leaf].extend(kept);
     if updated < locked {
-        // A trigger of the table skipped some updates (returned NULL): those rows keep their
-        // ctid and still need work. Left alone for the rest of this pass, they would otherwise be
-        // locked first by every statement over their block.
         let sql = sql::still_needing(&run.target, run.leaf, &run.needs);
         let held = sandbox::as_table_owner(leaf.owner, || {
             spi::rows(&sql, &[ids.into()], |r| {
@@ -455,10 +482,16 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
         locked,
         changed,
         last.and_then(|b| u32::try_from(b).ok()).unwrap_or(lo),
-        // Updated, but the new value still needs work: a trigger kept the old one. The new
-        // version has a new ctid; the walk moves past the block instead.
-        (updated - changed).max(0),
     )
+}
+
+/// Whether the row at `ctid` (`(block,offset)`) is in the block range `[lo, hi)`.
+fn ctid_in(ctid: &str, lo: u32, hi: Option<u32>) -> bool {
+    let block = ctid
+        .strip_prefix('(')
+        .and_then(|c| c.split_once(','))
+        .and_then(|(b, _)| b.parse::<u32>().ok());
+    block.is_some_and(|b| b >= lo && hi.is_none_or(|hi| b < hi))
 }
 
 /// Some values of the batch could not be decrypted (they were left unchanged). Find them; either

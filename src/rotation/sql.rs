@@ -12,7 +12,12 @@ use crate::names::{ENCRYPT_VALUE, IS_PLAINTEXT, NEEDS_ROTATION, ROTATE_VALUE, VA
 /// SQL for "this row still needs work". Reads only the first characters of the value, so
 /// TOASTed values are not fetched whole.
 pub fn needs(t: &Target, mode: Mode, to: Version) -> String {
-    let prefix = format!("pg_catalog.substr({}, 1, 4)", t.column);
+    needs_of(t, mode, to, &t.column)
+}
+
+/// [`needs`] of the value `column` (an expression: the column, qualified).
+pub fn needs_of(t: &Target, mode: Mode, to: Version, column: &str) -> String {
+    let prefix = format!("pg_catalog.substr({column}, 1, 4)");
     match mode {
         Mode::Rotate { from } => {
             let from = from.map_or("NULL".to_string(), |f| f.get().to_string());
@@ -80,8 +85,9 @@ pub fn exclusion(skipped: &[String]) -> String {
     format!(" AND ctid OPERATOR(pg_catalog.<>) ALL ('{{{list}}}'::pg_catalog.tid[])")
 }
 
-/// Which of the rows at ctids `$1` (text[]) still need work: the ones a batch statement locked
-/// and a trigger of the table kept from being updated.
+/// Which of the rows at ctids `$1` (text[]) are still there and need work: the ones a batch
+/// statement locked and a trigger of the table kept from being updated, or the ones skipped as
+/// undecryptable that no one has rewritten since.
 pub fn still_needing(t: &Target, leaf: usize, needs: &str) -> String {
     format!(
         "SELECT ctid::pg_catalog.text FROM ONLY {}
@@ -106,16 +112,25 @@ pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
 /// The batch statement of a leaf, locking rows `FOR {lock}` (`NO KEY UPDATE`, or `UPDATE` when
 /// the update changes a key: [`super::direct::statement_lock`]). Parameters: `$1`, `$2` the block range as tids, `$3` the most
 /// rows to take, `$4` ctids to leave alone (skipped as undecryptable), `$5` the run's secret.
-/// Returns rows locked, rows changed (whose new value needs no more work: a trigger of the table
-/// can keep the old one, or skip the update), the highest block a locked row was in, rows
-/// updated (whatever their new value), and the ctids locked.
+/// `new_needs` is [`needs_of`] the updated row's column (`t.<column>`). Returns rows locked,
+/// rows changed (whose new value needs no more work), the highest block a locked row was in,
+/// rows updated (whatever their new value), the ctids locked, and the new ctids of rows
+/// updated whose value still needs work: a trigger of the table can keep the old value, or skip
+/// the update (then the row keeps its ctid).
 ///
 /// It locks the rows (skipping those others hold), then updates exactly those row versions by
 /// ctid, computing the new value from the version it holds locked. A value that cannot be
 /// transformed is counted by the per-row function: normally the caller then raises, rolling the
 /// whole batch back; with `skip` the statement leaves such rows untouched (a slightly slower
 /// form that computes the values before the UPDATE) and the caller lists them.
-pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool, lock: &str) -> String {
+pub fn batch(
+    t: &Target,
+    leaf: usize,
+    mode: Mode,
+    (needs, new_needs): (&str, &str),
+    skip: bool,
+    lock: &str,
+) -> String {
     let transform = match mode {
         Mode::Rotate { .. } => ROTATE_VALUE,
         Mode::Encrypt => ENCRYPT_VALUE,
@@ -132,7 +147,7 @@ pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool, lock:
              ), changed AS (
                  UPDATE ONLY {rel} AS t SET {col} = fresh.val FROM fresh
                   WHERE t.ctid OPERATOR(pg_catalog.=) fresh.id AND fresh.val IS NOT NULL
-                 RETURNING pg_catalog.substr(t.{col}, 1, 4) AS {col}
+                 RETURNING t.ctid AS id, NOT {new_needs} AS done
              )"
         )
     } else {
@@ -140,7 +155,7 @@ pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool, lock:
             "changed AS (
                  UPDATE ONLY {rel} AS t SET {col} = COALESCE({ext}.{transform}({col}, {ctx}, $5), {col})
                   WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM locked)) AND {needs}
-                 RETURNING pg_catalog.substr(t.{col}, 1, 4) AS {col}
+                 RETURNING t.ctid AS id, NOT {new_needs} AS done
              )"
         )
     };
@@ -155,10 +170,11 @@ pub fn batch(t: &Target, leaf: usize, mode: Mode, needs: &str, skip: bool, lock:
                 FOR {lock} SKIP LOCKED
          ), {update}
          SELECT (SELECT pg_catalog.count(*) FROM locked),
-                (SELECT pg_catalog.count(*) FROM changed WHERE NOT {needs}),
+                (SELECT pg_catalog.count(*) FROM changed WHERE done),
                 (SELECT ((pg_catalog.max(id))::pg_catalog.text::pg_catalog.point)[0]::pg_catalog.int8
                    FROM locked),
                 (SELECT pg_catalog.count(*) FROM changed),
-                ARRAY(SELECT id::pg_catalog.text FROM locked)"
+                ARRAY(SELECT id::pg_catalog.text FROM locked),
+                ARRAY(SELECT id::pg_catalog.text FROM changed WHERE NOT done)"
     )
 }

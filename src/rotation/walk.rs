@@ -4,10 +4,10 @@
 //! A leaf is walked in ranges of `step` blocks sized so that a range holds about two batches of
 //! rows to do. The walk starts at a block derived from the backend's PID (so two sessions
 //! rotating the same column start apart), goes to the end of the table as it was when the walk
-//! started, and wraps around to the blocks before its start. It always moves forward, so a walk
-//! ends: rows appended behind it (the new versions of rows it updated among them) are the next
-//! pass's, and a statement that left some of its locked rows as they were (a trigger of the
-//! table kept the old value, or skipped the update) moves past the block they are in.
+//! started, and wraps around to the blocks before its start, so a walk ends: rows appended behind
+//! it (the new versions of rows it updated among them) are the next pass's. (It never takes a
+//! row twice: every row a statement locks is rotated, skipped, or left alone for the rest of the
+//! pass: the caller's exclusion list.)
 
 /// Where the walk of one leaf is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,23 +73,12 @@ impl Walk {
     }
 
     /// Moves past `range` after a statement over it locked `locked` of the `wanted` rows, the
-    /// last of them in block `last_block`, and left `unchanged` of them as they were.
-    pub fn advance(
-        &mut self,
-        (lo, hi): Range,
-        locked: i64,
-        wanted: i64,
-        last_block: u32,
-        unchanged: i64,
-    ) {
-        self.block = if locked == wanted && unchanged == 0 {
+    /// last of them in block `last_block`.
+    pub fn advance(&mut self, (lo, hi): Range, locked: i64, wanted: i64, last_block: u32) {
+        self.block = if locked == wanted {
             // Full: the next statement starts at the block where this one stopped (rows are
             // taken in block order), so each statement scans only its own blocks.
             last_block.max(lo)
-        } else if locked == wanted {
-            // Full, but rows it left still need work: taken again first, they would hold the
-            // walk on this block for ever. The rest of the block waits for the next pass.
-            last_block.max(lo).saturating_add(1)
         } else {
             hi.unwrap_or(u32::MAX)
         };
@@ -110,7 +99,7 @@ mod tests {
         let mut out = Vec::new();
         while let Some(r) = w.next_range() {
             out.push(r);
-            w.advance(r, 0, 1, 0, 0);
+            w.advance(r, 0, 1, 0);
             assert!(out.len() < 10_000, "the walk ends");
         }
         out
@@ -168,12 +157,12 @@ mod tests {
     fn a_full_statement_continues_where_it_stopped() {
         let mut w = Walk::new(1000, 100_000, 500, 0);
         let r = w.next_range().unwrap();
-        w.advance(r, 500, 500, 7, 0);
+        w.advance(r, 500, 500, 7);
         assert_eq!(w.block, 7);
         assert!(!w.wrapped);
         // A stale last block below the range never moves the walk backwards.
         let r = w.next_range().unwrap();
-        w.advance(r, 500, 500, 3, 0);
+        w.advance(r, 500, 500, 3);
         assert_eq!(w.block, 7);
     }
 
@@ -190,26 +179,8 @@ mod tests {
         w.block = 95;
         let r = w.next_range().unwrap();
         assert_eq!(r, (95, Some(100)));
-        w.advance(r, 500, 500, 99, 1);
+        w.advance(r, 10, 500, 99);
         assert!(w.wrapped && w.next_range().is_none());
-    }
-
-    #[test]
-    fn rows_left_as_they_were_do_not_hold_the_walk() {
-        // A trigger keeps the old value of every row (or skips the update): each statement
-        // locks a full batch and changes none. Taken again from the same block, the same rows
-        // would be locked for ever; the walk moves past their block instead.
-        let mut w = Walk::new(1000, 100_000, 20, 0);
-        let mut statements = 0;
-        while let Some(r) = w.next_range() {
-            w.advance(r, 20, 20, r.0, 20);
-            statements += 1;
-            assert!(statements <= 1000, "the walk ends");
-        }
-        let mut w = Walk::new(1000, 100_000, 500, 0);
-        let r = w.next_range().unwrap();
-        w.advance(r, 500, 500, 4, 1);
-        assert_eq!(w.block, 5);
     }
 
     #[test]
