@@ -77,17 +77,25 @@ pub fn exclusion(skipped: &[String]) -> String {
     if skipped.is_empty() {
         return String::new();
     }
-    let list = skipped
+    format!(" AND ctid OPERATOR(pg_catalog.<>) ALL ({})", tids(skipped))
+}
+
+/// `ctid` one of `ctids` (as [`exclusion`] takes them).
+pub fn among(ctids: &[String]) -> String {
+    format!("ctid OPERATOR(pg_catalog.=) ANY ({})", tids(ctids))
+}
+
+fn tids(ctids: &[String]) -> String {
+    let list = ctids
         .iter()
         .map(|c| format!("\"{c}\""))
         .collect::<Vec<_>>()
         .join(",");
-    format!(" AND ctid OPERATOR(pg_catalog.<>) ALL ('{{{list}}}'::pg_catalog.tid[])")
+    format!("'{{{list}}}'::pg_catalog.tid[]")
 }
 
 /// Which of the rows at ctids `$1` (text[]) are still there and need work: the ones a batch
-/// statement locked and a trigger of the table kept from being updated, or the ones skipped as
-/// undecryptable that no one has rewritten since.
+/// statement locked and a trigger of the table kept from being updated.
 pub fn still_needing(t: &Target, leaf: usize, needs: &str) -> String {
     format!(
         "SELECT ctid::pg_catalog.text FROM ONLY {}
