@@ -175,6 +175,7 @@ fn step(run: &mut Run) -> Option<Status> {
         );
     }
     run.stepped = true;
+    run.name_checked = None;
     check_table_unchanged(run);
     if run.opts.disable_triggers {
         spi::run("SET LOCAL session_replication_role = replica", &[]);
@@ -398,13 +399,17 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
     let leaf = &run.target.leaves[run.leaf];
     // The statement names the leaf: a rename between two batches (another table renamed into
     // its place) must not send it to another table. Locked by OID (check_table_unchanged), the
-    // leaf keeps its name until the transaction ends, and no other table can take it.
-    let named = spi::one::<pg_sys::Oid>(
-        "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
-        &[leaf.relation.as_str().into()],
-    );
-    if named != Some(leaf.oid) {
-        error::renamed(&leaf.relation);
+    // leaf keeps its name until the transaction ends, and no other table can take it: checked
+    // once per leaf and batch.
+    if run.name_checked != Some(run.leaf) {
+        let named = spi::one::<pg_sys::Oid>(
+            "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
+            &[leaf.relation.as_str().into()],
+        );
+        if named != Some(leaf.oid) {
+            error::renamed(&leaf.relation);
+        }
+        run.name_checked = Some(run.leaf);
     }
     // As the owner: reading the table's index definitions can fold their constants. Every batch:
     // a unique index built on the column meanwhile changes the lock the statement needs.

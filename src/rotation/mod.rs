@@ -75,6 +75,8 @@ pub struct Run {
     /// Rows a trigger of the table kept from being updated in this pass, per leaf: their ctids
     /// (excluded from the rest of the pass; still to do).
     pub held: Vec<Vec<String>>,
+    /// The leaf whose name this batch found still naming it (see `batch::run_batch`).
+    pub name_checked: Option<usize>,
     /// The leaf being walked, and where its walk is.
     pub leaf: usize,
     pub walk: walk::Walk,

@@ -182,6 +182,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         audit,
         skipped: vec![Vec::new(); target.leaves.len()],
         held: vec![Vec::new(); target.leaves.len()],
+        name_checked: None,
         counted: count.per_leaf.into_iter().map(Some).collect(),
         target,
         to,

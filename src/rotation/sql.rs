@@ -122,7 +122,8 @@ pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
 /// rows to take, `$4` ctids to leave alone (skipped as undecryptable), `$5` the run's secret.
 /// `new_needs` is [`needs_of`] the updated row's column (`t.<column>`). Returns rows locked,
 /// rows changed (whose new value needs no more work), the highest block a locked row was in,
-/// rows updated (whatever their new value), the ctids locked, and the new ctids of rows
+/// rows updated (whatever their new value), the ctids locked (when fewer were updated), and the
+/// new ctids of rows
 /// updated whose value still needs work: a trigger of the table can keep the old value, or skip
 /// the update (then the row keeps its ctid).
 ///
@@ -182,7 +183,9 @@ pub fn batch(
                 (SELECT ((pg_catalog.max(id))::pg_catalog.text::pg_catalog.point)[0]::pg_catalog.int8
                    FROM locked),
                 (SELECT pg_catalog.count(*) FROM changed),
-                ARRAY(SELECT id::pg_catalog.text FROM locked),
+                CASE WHEN (SELECT pg_catalog.count(*) FROM changed) OPERATOR(pg_catalog.<)
+                          (SELECT pg_catalog.count(*) FROM locked)
+                     THEN ARRAY(SELECT id::pg_catalog.text FROM locked) END,
                 ARRAY(SELECT id::pg_catalog.text FROM changed WHERE NOT done)"
     )
 }
