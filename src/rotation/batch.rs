@@ -495,11 +495,7 @@ fn run_batch(run: &mut Run, (lo, hi): super::walk::Range, limit: i64) -> (i64, i
 
 /// Whether the row at `ctid` (`(block,offset)`) is in the block range `[lo, hi)`.
 fn ctid_in(ctid: &str, lo: u32, hi: Option<u32>) -> bool {
-    let block = ctid
-        .strip_prefix('(')
-        .and_then(|c| c.split_once(','))
-        .and_then(|(b, _)| b.parse::<u32>().ok());
-    block.is_some_and(|b| b >= lo && hi.is_none_or(|hi| b < hi))
+    sql::parse_tid(ctid).is_some_and(|(b, _)| b >= lo && hi.is_none_or(|hi| b < hi))
 }
 
 /// Some values of the batch could not be decrypted (they were left unchanged). Find them; either

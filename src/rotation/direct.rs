@@ -42,7 +42,7 @@ use psap_core::{CoreError, Version};
 use super::helper;
 use super::options::Mode;
 use super::walk::Range;
-use super::{state, Run};
+use super::{sql, state, Run};
 use crate::api::crypto;
 use crate::api::target::Leaf;
 use crate::scan::{self, Kind};
@@ -539,13 +539,7 @@ fn generated_columns(constr: &pg_sys::TupleConstr) -> bool {
 
 /// The ctids skipped as undecryptable (as tidout prints them: `(block,offset)`).
 fn skipped_tids(ctids: &[String]) -> HashSet<(u32, u16)> {
-    ctids
-        .iter()
-        .filter_map(|c| {
-            let (block, offset) = c.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
-            Some((block.parse().ok()?, offset.parse().ok()?))
-        })
-        .collect()
+    ctids.iter().filter_map(|c| sql::parse_tid(c)).collect()
 }
 
 /// The executor state an update of one relation needs for its index entries and constraints,

@@ -80,6 +80,12 @@ pub fn exclusion(skipped: &[String]) -> String {
     format!(" AND ctid OPERATOR(pg_catalog.<>) ALL ({})", tids(skipped))
 }
 
+/// (block, offset) of a ctid as tidout prints it (`(13,77)`), the form runs keep ctids in.
+pub fn parse_tid(ctid: &str) -> Option<(u32, u16)> {
+    let (block, offset) = ctid.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+    Some((block.parse().ok()?, offset.parse().ok()?))
+}
+
 /// `ctid` one of `ctids` (as [`exclusion`] takes them).
 pub fn among(ctids: &[String]) -> String {
     format!("ctid OPERATOR(pg_catalog.=) ANY ({})", tids(ctids))

@@ -1354,8 +1354,7 @@ def test_rows_a_trigger_keeps_as_they_were_end_the_run_as_still_to_do(cluster, d
         c.execute("CREATE TRIGGER keep_closed BEFORE UPDATE ON incidents FOR EACH ROW EXECUTE FUNCTION keep_closed()")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     with cluster.connect(dbname=db) as c:
-        said = []
-        c.add_notice_handler(lambda d: said.append(d.message_primary))
+        said = psap_cluster.noting(c)
         c.execute("SET statement_timeout = '120s'")
         c.execute(f"CALL psap_rotate('incidents', 'title', {batch})")
         said = [m for m in said if "] done" in m]
@@ -1390,8 +1389,7 @@ def test_a_run_ends_while_the_application_keeps_writing_with_the_old_key(cluster
     th.start()
     try:
         with cluster.connect(dbname=db) as c:
-            said = []
-            c.add_notice_handler(lambda d: said.append(d.message_primary))
+            said = psap_cluster.noting(c)
             c.execute("SET statement_timeout = '120s'")
             c.execute("CALL psap_rotate('incidents', 'title', 500, from_version => 'v1')")
             assert any("] done" in m for m in said), said[-3:]
@@ -1460,8 +1458,7 @@ def test_a_skipped_row_the_application_repairs_during_the_run_is_not_forgotten(c
         c.execute("UPDATE incidents SET title = 'v1:' || substr(title, 4, 10) || repeat('A', 56) WHERE id = 1")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     with cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as app:
-        said = []
-        rotator.add_notice_handler(lambda d: said.append(d.message_primary))
+        said = psap_cluster.noting(rotator)
         th, result = psap_cluster.in_background(
             rotator, "CALL psap_rotate('incidents', 'title', 100, skip_undecryptable => true, pause_ms => 300)")
         psap_cluster.paused(app, rotator.info.backend_pid)
@@ -1489,8 +1486,7 @@ def test_a_row_that_takes_a_skipped_rows_ctid_after_vacuum_is_not_hidden(cluster
             c.execute("CREATE TRIGGER tf BEFORE UPDATE ON incidents FOR EACH ROW EXECUTE FUNCTION tf()")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     with cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as app:
-        said = []
-        rotator.add_notice_handler(lambda d: said.append(d.message_primary))
+        said = psap_cluster.noting(rotator)
         th, result = psap_cluster.in_background(
             rotator, "CALL psap_rotate('incidents', 'title', 50, skip_undecryptable => true, pause_ms => 1500)")
         pid = rotator.info.backend_pid

@@ -156,6 +156,13 @@ def in_background(conn, sql, params=None):
     return th, result
 
 
+def noting(conn):
+    """The list that session conn's notices and warnings go into (their primary message)."""
+    said = []
+    conn.add_notice_handler(lambda d: said.append(d.message_primary))
+    return said
+
+
 def wait_until(conn, sql, params=None, what="the condition", timeout=20):
     """Polls sql (one boolean) on conn until it is true; fails the test after timeout seconds."""
     deadline = time.time() + timeout
