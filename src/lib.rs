@@ -11,6 +11,7 @@
 //! - [`memory`]: the global allocator's reserve, so that out of memory is an ERROR, not an abort;
 //! - [`spi`]: running psap_encrypt's own statements;
 //! - [`names`]: the names of its own SQL objects that Rust calls by string;
+//! - [`nesting`]: counts of calls in progress (table code, a run's own statements);
 //! - [`audit`]: the audit log's only writer, and its hash chain;
 //! - [`api`]: SQL functions (`crypto`: encrypt/decrypt/keys; `census`; `registry`; `target`:
 //!   table/column checks; `compat`: the 0.1.0 entry points);
@@ -30,6 +31,7 @@ pub mod hooks;
 pub mod keysource;
 pub mod memory;
 pub mod names;
+pub mod nesting;
 pub mod rotation;
 pub mod sandbox;
 pub mod scan;

@@ -17,6 +17,8 @@ use std::cell::Cell;
 
 use pgrx::pg_sys;
 
+use crate::nesting::{self, Inside};
+
 /// What `search_path` is while psap_encrypt's own statements and a table's code run.
 const SAFE_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
 
@@ -76,7 +78,7 @@ fn as_role<R>(owner: pg_sys::Oid, extra: u32, f: impl FnOnce() -> R) -> R {
 /// log (a trigger's `RAISE WARNING '%', NEW.title` quotes the new ciphertext), and so in what the
 /// client gets of those: [`running_table_code`].
 pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let _table_code = TableCode::enter();
+    let _table_code = Inside::enter(&TABLE_CODE);
     as_role(owner, pg_sys::SECURITY_RESTRICTED_OPERATION, f)
 }
 
@@ -85,26 +87,10 @@ thread_local! {
     static TABLE_CODE: Cell<u32> = const { Cell::new(0) };
 }
 
-/// Counts an [`as_table_owner`] call while it lives (also while an error unwinds it).
-struct TableCode;
-
-impl TableCode {
-    fn enter() -> TableCode {
-        TABLE_CODE.set(TABLE_CODE.get() + 1);
-        TableCode
-    }
-}
-
-impl Drop for TableCode {
-    fn drop(&mut self) {
-        TABLE_CODE.set(TABLE_CODE.get().saturating_sub(1));
-    }
-}
-
 /// Whether a table's code may be running on psap_encrypt's behalf (inside [`as_table_owner`]).
 /// Allocates nothing: the log hook asks.
 pub fn running_table_code() -> bool {
-    TABLE_CODE.get() > 0
+    nesting::inside(&TABLE_CODE)
 }
 
 /// Runs `f` as the owner of the extension's own tables (to write the audit log and registry).

@@ -216,10 +216,10 @@ fn _psap_all_failed(job: Option<i64>, sqlstate: Option<&str>, message: Option<&s
             return;
         };
         if let Some(column) = job.starting.take() {
-            let failure = job.start_failure.take().unwrap_or_else(|| {
-                let code = error::code_of(sqlstate.unwrap_or_default());
-                Failure::caught(code, message.unwrap_or_default(), None, None)
-            });
+            let failure = job
+                .start_failure
+                .take()
+                .unwrap_or_else(|| Failure::passed(sqlstate, message, None, None));
             if failure.status() == Status::Cancelled {
                 job.stopped = true;
                 job.cancelled = Some(failure);

@@ -86,10 +86,9 @@ fn _psap_run_failed(
             None => return,
         },
     };
-    let failure = rec.failure.unwrap_or_else(|| {
-        let code = error::code_of(sqlstate.unwrap_or_default());
-        Failure::caught(code, message.unwrap_or_default(), detail, hint)
-    });
+    let failure = rec
+        .failure
+        .unwrap_or_else(|| Failure::passed(sqlstate, message, detail, hint));
     let status = failure.status();
     sandbox::with_safe_search_path(|| {
         rec.audit.end(

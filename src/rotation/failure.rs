@@ -73,6 +73,23 @@ impl Failure {
         }
     }
 
+    /// [`Failure::caught`] of what a procedure's EXCEPTION handler passes on (SQLSTATE and
+    /// MESSAGE_TEXT of GET STACKED DIAGNOSTICS), for when no error was noted as it was raised
+    /// ([`noting_errors`]). A SQLSTATE that is not one counts as XX000.
+    pub fn passed(
+        sqlstate: Option<&str>,
+        message: Option<&str>,
+        detail: Option<&str>,
+        hint: Option<&str>,
+    ) -> Failure {
+        Failure::caught(
+            error::code_of(sqlstate.unwrap_or_default()),
+            message.unwrap_or_default(),
+            detail,
+            hint,
+        )
+    }
+
     /// [`Failure::caught`] of an error as it was raised, with where it came from.
     fn of_report(e: &ErrorReportWithLevel) -> Failure {
         let mut f = Failure::caught(e.sql_error_code(), e.message(), e.detail(), e.hint());

@@ -13,6 +13,7 @@ use super::failure::Failure;
 use super::options::Mode;
 use super::Run;
 use crate::audit::{AuditLog, Counts};
+use crate::nesting::{self, Inside};
 
 /// How a run ended.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -202,7 +203,7 @@ pub fn close_gate() {
 /// The gate, if `secret` opens it now: one of the run's statements is executing, and it is the
 /// run's secret (never 0).
 pub fn gate(secret: i64) -> Option<Gate> {
-    if IN_STATEMENT.with(Cell::get) == 0 {
+    if !nesting::inside(&IN_STATEMENT) {
         return None;
     }
     GATE.with(|g| Some(g.get()).filter(|g| g.secret == secret && secret != 0))
@@ -211,14 +212,7 @@ pub fn gate(secret: i64) -> Option<Gate> {
 /// Runs `f`, which executes one of the run's own statements, with the gate open (closed again
 /// however `f` ends: an error unwinds through the guard).
 pub fn run_statement<R>(f: impl FnOnce() -> R) -> R {
-    struct Open;
-    impl Drop for Open {
-        fn drop(&mut self) {
-            IN_STATEMENT.with(|n| n.set(n.get().saturating_sub(1)));
-        }
-    }
-    IN_STATEMENT.with(|n| n.set(n.get() + 1));
-    let _open = Open;
+    let _open = Inside::enter(&IN_STATEMENT);
     f()
 }
 
