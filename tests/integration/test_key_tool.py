@@ -62,6 +62,32 @@ def test_the_runbook_with_an_hsm(hsm_world):
     # v1 cannot be retired while rows use it.
     refused = hsm.keys("retire", "v1", "--database", dsn, check=False)
     assert refused.returncode == 1 and "500" in refused.stderr
+    # Nor when a role that may create a schema plants a psap_status() where the operator's
+    # search_path ("$user", public) finds it first: it would answer 0 and run as the operator.
+    with c.connect() as conn:
+        conn.execute("CREATE ROLE planter LOGIN")
+        conn.execute("GRANT CREATE ON DATABASE postgres TO planter")
+        conn.execute("SET ROLE planter")
+        conn.execute("CREATE SCHEMA postgres")
+        conn.execute("""CREATE FUNCTION postgres.psap_status() RETURNS TABLE (relation regclass, column_name name,
+            state text, version text, rows bigint) LANGUAGE plpgsql AS $$
+            BEGIN
+              IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+                EXECUTE 'ALTER ROLE planter SUPERUSER';
+              END IF;
+              RETURN;
+            END $$""")
+        conn.execute("RESET ROLE")
+    try:
+        planted = hsm.keys("retire", "v1", "--database", dsn, check=False)
+        assert planted.returncode == 1 and "500" in planted.stderr, planted.stderr
+        with c.connect() as conn:
+            assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'planter'").fetchone()[0] is False
+    finally:
+        with c.connect() as conn:
+            conn.execute("DROP SCHEMA postgres CASCADE")
+            conn.execute("REVOKE CREATE ON DATABASE postgres FROM planter")
+            conn.execute("DROP ROLE planter")
     with c.connect() as conn:
         conn.execute("CALL psap_rotate_all(200)")
         assert conn.execute("SELECT count(*) FROM psap_status() WHERE version = 'v1'").fetchone()[0] == 0

@@ -214,7 +214,8 @@ pub fn export(ctx: &Context, backup_key: &Path, out: &Path) -> Outcome {
         });
     }
     drop(session_key);
-    store::write_atomic(out, backup.to_text().as_bytes())?;
+    // Not over a file that appeared since the check above.
+    store::write_new(out, backup.to_text().as_bytes())?;
     for r in &backup.records {
         println!(
             "{} {} {} fingerprint {}",

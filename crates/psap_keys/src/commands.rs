@@ -259,14 +259,26 @@ pub fn retire(ctx: &Context, version: Version, database: Option<&str>, force: bo
     Ok(())
 }
 
-/// Asks the database how many rows use `version`:
-/// `psql -X -At -d CONNINFO -c "SELECT coalesce(sum(rows), 0) FROM psap_status() WHERE version = 'vN'"`.
+/// The first statement [`rows_using`] runs: the search_path set to pg_catalog, then the
+/// extension's schema (none if it is not installed: the question then fails), then pg_temp. It
+/// is itself qualified throughout (COALESCE is syntax, not a function), so no object a database role created on the connection's
+/// search_path (`"$user", public`) runs: the operator retiring a key is often a superuser.
+const PIN_SEARCH_PATH: &str = "SELECT pg_catalog.set_config('search_path', 'pg_catalog, ' \
+     OPERATOR(pg_catalog.||) COALESCE((SELECT pg_catalog.quote_ident(n.nspname) \
+     FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) \
+     e.extnamespace WHERE e.extname OPERATOR(pg_catalog.=) 'psap_encrypt') OPERATOR(pg_catalog.||) \
+     ', ', '') OPERATOR(pg_catalog.||) 'pg_temp', false)";
+
+/// Asks the database how many rows use `version`: `psql -X -q -At -v ON_ERROR_STOP=1 -d CONNINFO
+/// -c PIN_SEARCH_PATH -c "SELECT coalesce(sum(rows), 0) FROM psap_status() WHERE version =
+/// 'vN'"`; the answer is psql's last line.
 fn rows_using(conninfo: &str, version: Version) -> Result<u128> {
     // The version is `v` and at most two digits (checked by Version::parse): safe to quote.
     let sql =
         format!("SELECT coalesce(sum(rows), 0) FROM psap_status() WHERE version = '{version}'");
     let output = Process::new("psql")
-        .args(["-X", "-At", "-d", conninfo, "-c", &sql])
+        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", conninfo])
+        .args(["-c", PIN_SEARCH_PATH, "-c", &sql])
         .stdin(Stdio::inherit())
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
@@ -280,7 +292,7 @@ fn rows_using(conninfo: &str, version: Version) -> Result<u128> {
         ));
     }
     let text = String::from_utf8_lossy(&output.stdout);
-    let answer = text.trim();
+    let answer = text.trim().lines().last().unwrap_or_default().trim();
     answer.parse::<u128>().map_err(|_| {
         format!("refusing to retire {version}: psql answered {answer:?}, not a row count")
     })

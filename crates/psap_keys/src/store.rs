@@ -314,6 +314,16 @@ impl Store {
 /// Writes `contents` to `path` atomically: a temporary file (mode 0600) in the same directory,
 /// fsync, rename over `path`, fsync of the directory.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    write_whole(path, contents, true)
+}
+
+/// [`write_atomic`] of a file that must not exist yet: it fails, atomically, if one appears
+/// at `path` meanwhile (a hard link, not a rename, puts it in place).
+pub fn write_new(path: &Path, contents: &[u8]) -> Result<()> {
+    write_whole(path, contents, false)
+}
+
+fn write_whole(path: &Path, contents: &[u8], replace: bool) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
@@ -335,7 +345,12 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         f.write_all(contents)?;
         f.sync_all()?;
         drop(f);
-        fs::rename(&tmp, path)?;
+        if replace {
+            fs::rename(&tmp, path)?;
+        } else {
+            fs::hard_link(&tmp, path)?;
+            fs::remove_file(&tmp)?;
+        }
         File::open(&dir)?.sync_all()
     })();
     if let Err(e) = result {

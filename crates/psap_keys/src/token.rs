@@ -4,6 +4,7 @@
 //! Plaintext data keys handed to or received from the token live in `psap_core::Key` (locked
 //! memory, wiped on drop); any other buffer that held key bytes is wiped before it is freed.
 
+use std::io::Read as _;
 use std::path::Path;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -42,7 +43,12 @@ pub fn read_pin(path: &Path) -> Result<AuthPin> {
             );
         }
     }
-    let mut bytes = std::fs::read(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?;
+    // At most 4 KiB: the PIN is its first line (a PIN file that is a device or a huge file
+    // must not fill memory).
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_end(&mut bytes))
+        .map_err(|e| format!("PIN file {}: {e}", path.display()))?;
     let end = bytes
         .iter()
         .position(|&b| b == b'\n')

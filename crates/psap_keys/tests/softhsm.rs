@@ -664,7 +664,12 @@ fn retire_asks_the_database_through_psql() {
     assert!(stderr.contains("42 row"), "{stderr}");
     assert_eq!(
         fs::read_to_string(&args_file).unwrap(),
-        "-X\n-At\n-d\ndbname=cad host=/run/pg\n-c\n\
+        "-X\n-q\n-At\n-v\nON_ERROR_STOP=1\n-d\ndbname=cad host=/run/pg\n-c\n\
+         SELECT pg_catalog.set_config('search_path', 'pg_catalog, ' OPERATOR(pg_catalog.||) \
+         COALESCE((SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
+         WHERE e.extname OPERATOR(pg_catalog.=) 'psap_encrypt') OPERATOR(pg_catalog.||) ', ', '') \
+         OPERATOR(pg_catalog.||) 'pg_temp', false)\n-c\n\
          SELECT coalesce(sum(rows), 0) FROM psap_status() WHERE version = 'v1'\n"
     );
     assert_eq!(parse_emit(&hsm.ok(&["emit"])).len(), 2);
