@@ -82,6 +82,39 @@ pub fn raised_by_us(code: PgSqlErrorCode, message: &str) -> bool {
     })
 }
 
+/// Whether an error being reported (its SQLSTATE as PostgreSQL packs it, its message) is the
+/// last one psap_encrypt raised. For the log hook: allocates nothing, raises nothing.
+pub fn is_ours(sqlerrcode: i32, message: &[u8]) -> bool {
+    LAST_RAISED.with(|l| {
+        l.try_borrow().is_ok_and(|last| {
+            last.as_ref()
+                .is_some_and(|(c, m)| *c as i32 == sqlerrcode && m.as_bytes() == message)
+        })
+    })
+}
+
+/// Logs (once per process, at LOG: the server log only) that key memory could not be locked
+/// against swapping: RLIMIT_MEMLOCK is too low (a container's default is 64 KiB). The keys still
+/// work, and are still kept out of core files.
+pub fn keys_not_locked(process: &str) {
+    // The process that logged it last (a backend forked from a postmaster that logged it
+    // inherits the value, and logs it again for itself).
+    static LOGGED_BY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if LOGGED_BY.swap(std::process::id(), std::sync::atomic::Ordering::Relaxed)
+        == std::process::id()
+    {
+        return;
+    }
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
+        format!("psap_encrypt could not lock the key memory of {process} against swapping"),
+        ORIGIN,
+    )
+    .set_detail("Keys can be written to swap space. The locked-memory limit (RLIMIT_MEMLOCK) is too low.")
+    .set_hint("Raise the server's limit: LimitMEMLOCK in its systemd unit, ulimit -l, or a container's --ulimit memlock.")
+    .report(PgLogLevel::LOG);
+}
+
 /// Raises an ERROR with the given SQLSTATE, message, and optional detail and hint.
 pub fn raise(
     code: PgSqlErrorCode,

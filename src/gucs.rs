@@ -93,9 +93,14 @@ static ROTATION_THREAD: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(t
 const KEY_VERSION_DEFAULT: &CStr = c"v1";
 
 /// Defines every setting. Called once from `_PG_init`.
-pub fn init() {
+/// Whether the library is being loaded through shared_preload_libraries now (in `_PG_init`).
+pub fn preloading() -> bool {
     // SAFETY: reading a PostgreSQL global in the single-threaded backend/postmaster.
-    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    unsafe { pg_sys::process_shared_preload_libraries_in_progress }
+}
+
+pub fn init() {
+    if !preloading() {
         return;
     }
     PRELOADED.store(true, Ordering::Relaxed);
@@ -214,6 +219,12 @@ fn warn_keys_in_data_directory() {
 }
 
 /// Whether a setting's name is that of a key (`psap.key_v<digits>`, in any case).
+/// Whether `name` is a setting ALTER SYSTEM may not set: a key, or the key command (which can
+/// hold a credential).
+pub fn is_secret_setting(name: &[u8]) -> bool {
+    is_key_setting(name) || name.eq_ignore_ascii_case(b"psap.key_command")
+}
+
 pub fn is_key_setting(name: &[u8]) -> bool {
     name.len() > 10
         && name[..10].eq_ignore_ascii_case(b"psap.key_v")
@@ -640,9 +651,11 @@ impl Keys {
         let pid = unsafe { pg_sys::MyProcPid };
         if self.locked_by != pid {
             self.locked_by = pid;
-            self.settings.relock();
-            self.command.relock();
-            self.effective.relock();
+            let settings = self.settings.relock();
+            let command = self.command.relock();
+            if !(settings & command & self.effective.relock()) {
+                error::keys_not_locked("this session");
+            }
         }
         if let Some(mut snap) = keysource::Snapshot::read_if_changed(&mut self.seen) {
             self.command = KeyRing::default();
@@ -773,15 +786,28 @@ fn define_key_command_settings() {
         pg_sys::DefineCustomStringVariable(
             c"psap.key_command".as_ptr(),
             c"Shell command that prints psap_encrypt's keys, one version per line; run by the postmaster at start and reload.".as_ptr(),
-            c"Each output line is: version, cipher, 64 hexadecimal digits (v2 aes-256-gcm 0a1b...). Runs as the server's OS user with stdin from /dev/null.".as_ptr(),
+            c"Each output line is: version, cipher, 64 hexadecimal digits (v2 aes-256-gcm 0a1b...). Runs as the server's OS user with stdin from /dev/null. Settable only in the server configuration; never displayed (it can hold a credential).".as_ptr(),
             &raw mut KEY_COMMAND_VAR,
             c"".as_ptr(),
             pg_sys::GucContext::PGC_SIGHUP,
-            pg_sys::GUC_SUPERUSER_ONLY as i32,
+            (pg_sys::GUC_SUPERUSER_ONLY | pg_sys::GUC_NOT_IN_SAMPLE) as i32,
             None,
             Some(assign_key_command),
-            None,
+            Some(show_key_command),
         );
+    }
+}
+
+/// Show hook of `psap.key_command`: whether it is set, never the command. It can hold a
+/// credential (a token in a `curl` header, a key in an `echo`), and GUC_SUPERUSER_ONLY alone
+/// would show it to pg_read_all_settings (pg_monitor). Superusers can read the file it is in.
+#[pg_guard]
+unsafe extern "C-unwind" fn show_key_command() -> *const c_char {
+    // SAFETY: a copy of the setting's own variable, a C string or null.
+    let value = unsafe { KEY_COMMAND_VAR };
+    match setting_text(value).is_some_and(|c| !c.trim().is_empty()) {
+        true => c"(set, hidden)".as_ptr(),
+        false => c"".as_ptr(),
     }
 }
 

@@ -71,6 +71,11 @@ unsafe extern "C-unwind" fn scrub_log_line(edata: *mut pg_sys::ErrorData) {
                 || fields
                     .iter()
                     .any(|&f| c_bytes(f).is_some_and(|t| redact::mentions_key_setting(t)));
+            // An error psap_encrypt raised: its statement is not logged (it holds the plaintext
+            // of psap_encrypt('...') or the ciphertext of psap_decrypt('v1:...')); the message
+            // says what failed.
+            let ours = e.elevel >= PgLogLevel::ERROR as i32
+                && c_bytes(e.message).is_some_and(|m| error::is_ours(e.sqlerrcode, m));
             let table_code = sandbox::running_table_code();
             for field in fields {
                 if let Some(text) = c_bytes(field) {
@@ -80,7 +85,7 @@ unsafe extern "C-unwind" fn scrub_log_line(edata: *mut pg_sys::ErrorData) {
                     }
                 }
             }
-            if key_context {
+            if key_context || ours {
                 e.hide_stmt = true;
             }
         }
@@ -105,12 +110,17 @@ unsafe extern "C-unwind" fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
             return;
         }
         let name = CStr::from_ptr((*set).name).to_bytes();
-        if (*set).kind == pg_sys::VariableSetKind::VAR_SET_VALUE && gucs::is_key_setting(name) {
+        if (*set).kind == pg_sys::VariableSetKind::VAR_SET_VALUE && gucs::is_secret_setting(name) {
+            let (what, hint) = if gucs::is_key_setting(name) {
+                ("keys", "Use psap.key_command, or a key file outside the data directory that postgresql.conf includes.")
+            } else {
+                ("psap.key_command", "Set it in postgresql.conf, or in a file outside the data directory that postgresql.conf includes.")
+            };
             error::raise(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
-                "keys cannot be set with ALTER SYSTEM",
+                format!("{what} cannot be set with ALTER SYSTEM"),
                 Some("ALTER SYSTEM writes the value into postgresql.auto.conf inside the data directory, which every base backup copies, and statement text can reach the server log and pg_stat_statements.".into()),
-                Some("Use psap.key_command, or a key file outside the data directory that postgresql.conf includes.".into()),
+                Some(hint.into()),
             );
         }
     }

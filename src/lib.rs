@@ -54,10 +54,12 @@ pub extern "C-unwind" fn _PG_init() {
             None,
         );
     }
-    gucs::init();
-    if gucs::is_preloaded() {
+    // The hooks first: defining the settings runs the key command (at server start), and the
+    // log hook masks what the server logs from then on.
+    if gucs::preloading() {
         hooks::install();
     }
+    gucs::init();
 }
 
 /// Refuses CREATE EXTENSION unless the library is preloaded and the database encoding is UTF8.

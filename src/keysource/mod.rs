@@ -3,10 +3,12 @@
 //!
 //! - The **postmaster** (never a backend) runs the command at server start and at every
 //!   configuration reload ([`load`], called from the setting's assign hook): `/bin/sh -c
-//!   <command>` as the server's OS user, stdin from /dev/null, in a process group of its own that
-//!   is killed as a whole after `psap.key_command_timeout`. Its standard output (at most
-//!   64 KiB) is read straight into locked memory and parsed by `psap_core::keylines`; its
-//!   standard error (at most 4 KiB) goes to the server log, masked like every log line.
+//!   <command>` as the server's OS user, through a runner process of its own that kills what
+//!   the command leaves and everything at `psap.key_command_timeout` ([`process`]). Its standard
+//!   output (at most 64 KiB) is read straight into locked memory and parsed by
+//!   `psap_core::keylines`; its standard error (at most 4 KiB) goes to the server log, masked
+//!   as key material (`psap_core::redact::mask_key_command_output`). An output with no key is a
+//!   failure.
 //! - The keys go into a small **shared table**: an anonymous shared mapping the postmaster
 //!   creates before the first backend is forked (so every backend has it), locked in memory and
 //!   excluded from core dumps, written under a sequence lock. Backends copy it into their own
@@ -15,12 +17,8 @@
 //! - On failure the table says why (exit status, timeout, line number: never output). At a
 //!   reload the previous keys stay in effect; at start there are none from the command.
 
-use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{fence, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -30,6 +28,8 @@ use psap_core::sodium::Secret;
 use psap_core::{Cipher, Key, Version};
 
 use crate::error;
+
+mod process;
 
 /// What the command's last run left.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +112,9 @@ pub fn create_table() {
             return;
         }
         libc::madvise(p, size, libc::MADV_DONTDUMP);
-        libc::mlock(p, size);
+        if libc::mlock(p, size) != 0 {
+            error::keys_not_locked("the postmaster");
+        }
         TABLE.store(p.cast(), Ordering::Release);
     }
 }
@@ -223,7 +225,7 @@ pub fn load(command: &str, timeout: Duration) {
             let consequence = if had_keys {
                 "the keys it gave before stay in effect"
             } else {
-                "psap_encrypt has no keys from it"
+                "no key from it is in effect"
             };
             pgrx::pg_sys::panic::ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
@@ -239,156 +241,39 @@ pub fn load(command: &str, timeout: Duration) {
     }
 }
 
-/// Runs the command with its timeout; its keys, or why not (never any of its output).
+/// Runs the command with its timeout ([`process`]); its keys, or why not (never any of its
+/// output).
 fn run(command: &str, timeout: Duration) -> Result<Vec<(Version, Key)>, String> {
-    let deadline = Instant::now() + timeout;
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(command)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    let mut out = Secret::<MAX_OUTPUT>::zeroed().ok_or("no locked memory for its output")?;
     // SAFETY: DataDir is set in the postmaster before libraries are loaded.
     let data_dir = unsafe { pg_sys::DataDir };
-    if !data_dir.is_null() {
+    let data_dir = (!data_dir.is_null()).then(|| {
         // SAFETY: a NUL-terminated path.
-        let dir = unsafe { std::ffi::CStr::from_ptr(data_dir) };
-        cmd.env("PSAP_DATA_DIRECTORY", dir.to_string_lossy().as_ref());
-    }
-    // SIGCHLD blocked while the command runs: the postmaster's own reaper must never collect
-    // (and misread as a crashed backend) the command's process, which this module waits for itself.
-    let _blocked = crate::signals::Blocked::only(libc::SIGCHLD);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("it could not be started ({})", e.kind()))?;
-    let mut out = Secret::<MAX_OUTPUT>::zeroed().ok_or("no locked memory for its output")?;
-    let mut err = Vec::with_capacity(4096);
-    let stdout = child.stdout.take().expect("piped");
-    let stderr = child.stderr.take().expect("piped");
-    let read = read_both(stdout, stderr, out.bytes_mut(), &mut err, deadline);
-    let status = match read {
-        Ok(n) => wait(&mut child, deadline).map(|s| (s, n)),
-        Err(e) => Err(e),
-    };
-    let (status, n) = match status {
-        Ok(s) => s,
-        Err(why) => {
-            // SAFETY: the child leads its own process group; kill it and all it started.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            log_stderr(&err);
-            return Err(why);
-        }
-    };
-    log_stderr(&err);
-    if !status.success() {
-        return Err(
-            match (
-                status.code(),
-                std::os::unix::process::ExitStatusExt::signal(&status),
-            ) {
-                (Some(code), _) => format!("it exited with status {code}"),
-                (None, Some(sig)) => format!("it was terminated by signal {sig}"),
-                _ => "it failed".into(),
-            },
-        );
-    }
-    if n > MAX_OUTPUT {
+        unsafe { std::ffi::CStr::from_ptr(data_dir) }
+            .to_string_lossy()
+            .into_owned()
+    });
+    let mut ran = process::run(command, timeout, data_dir.as_deref(), out.bytes_mut());
+    log_stderr(&mut ran.stderr, ran.stderr_cut);
+    ran.result?;
+    if ran.out_len > MAX_OUTPUT {
         return Err(format!("its output is longer than {MAX_OUTPUT} bytes"));
     }
-    keylines::parse(&out.bytes()[..n]).map_err(|e| format!("its output was rejected: {e}"))
-}
-
-/// Reads the child's stdout into `out` and its stderr (first 4 KiB) into `err` until both close
-/// or the deadline passes. Returns how many bytes of stdout came (more than `out` holds means
-/// too long).
-fn read_both(
-    mut stdout: std::process::ChildStdout,
-    mut stderr: std::process::ChildStderr,
-    out: &mut [u8],
-    err: &mut Vec<u8>,
-    deadline: Instant,
-) -> Result<usize, String> {
-    let (mut n, mut out_open, mut err_open) = (0usize, true, true);
-    let mut sink = [0u8; 4096];
-    while out_open || err_open {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timed_out(deadline));
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: if out_open { stdout.as_raw_fd() } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: if err_open { stderr.as_raw_fd() } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfd entries (a negative fd is ignored by poll).
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis().min(1000) as i32) };
-        if ready < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err("its output could not be read".into());
-        }
-        if out_open && fds[0].revents != 0 {
-            let room = if n < out.len() {
-                &mut out[n..]
-            } else {
-                &mut sink[..]
-            };
-            match stdout.read(room) {
-                Ok(0) => out_open = false,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => out_open = false,
-            }
-        }
-        if err_open && fds[1].revents != 0 {
-            match stderr.read(&mut sink) {
-                Ok(0) => err_open = false,
-                Ok(k) => {
-                    let keep = k.min(4096usize.saturating_sub(err.len()));
-                    err.extend_from_slice(&sink[..keep]);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => err_open = false,
-            }
-        }
+    let keys = keylines::parse(&out.bytes()[..ran.out_len])
+        .map_err(|e| format!("its output was rejected: {e}"))?;
+    if keys.is_empty() {
+        // Most likely a secrets manager that answered with nothing: withdrawing every key
+        // at a reload would stop every session's decryption.
+        return Err("it printed no keys".into());
     }
-    psap_core::sodium::memzero(&mut sink);
-    Ok(n)
+    Ok(keys)
 }
 
-fn wait(
-    child: &mut std::process::Child,
-    deadline: Instant,
-) -> Result<std::process::ExitStatus, String> {
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(status),
-            Ok(None) if Instant::now() >= deadline => return Err(timed_out(deadline)),
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(_) => return Err("its exit status could not be read".into()),
-        }
-    }
-}
-
-fn timed_out(_deadline: Instant) -> String {
-    format!(
-        "it did not finish within psap.key_command_timeout ({} s) and was killed",
-        crate::gucs::key_command_timeout().as_secs_f64()
-    )
-}
-
-/// The command's standard error, line by line, in the server log.
-fn log_stderr(err: &[u8]) {
+/// The command's standard error in the server log, line by line, masked here already
+/// ([`psap_core::redact::mask_key_command_output`]: it runs at server start before the log
+/// hook is installed, and a cut may fall inside a key), then wiped.
+fn log_stderr(err: &mut [u8], cut: bool) {
+    psap_core::redact::mask_key_command_output(err, cut);
     for line in String::from_utf8_lossy(err)
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -399,6 +284,7 @@ fn log_stderr(err: &[u8]) {
             format!("psap.key_command: {line}")
         );
     }
+    psap_core::sodium::memzero(err);
 }
 
 /// What a backend knows of the command's keys.

@@ -1,8 +1,11 @@
 """Keys from a key command (psap.key_command), run by the postmaster at start and at every
 reload: success, every way it can fail, a new version reaching sessions already open, a version
 configured twice, a standby running its own command, and base backups without keys."""
+import contextlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -165,6 +168,169 @@ def test_a_hung_command_is_killed_with_everything_it_started(kc):
     assert "it did not finish within psap.key_command_timeout (2 s) and was killed" in kc.log_text()
     left = subprocess.run(["pgrep", "-f", hang], capture_output=True, text=True).stdout.split()
     assert left == [], "the command's processes were left running"
+
+
+def test_the_commands_stderr_is_masked_at_start_in_groups_and_where_it_is_cut(kc):
+    """A key command traced with `set -x` prints its keys on stderr. They are masked at server
+    start (the command runs while the library loads), in groups (`4e c0 59 ...`), and where the
+    4 KiB of stderr kept ends inside a key, however little of it is left."""
+    spaced = " ".join(KEY2[i:i + 2] for i in range(0, 64, 2))
+    use_command(kc, script("traced.sh", f"set -x\nprintf 'v1 secretbox %s\\n' {KEY1}\necho 'key {spaced}' >&2"),
+                restart=True)
+    with kc.connect() as c:
+        assert keys(c)["v1"][2:4] == ("ok", "command")
+    log = kc.log_text()
+    assert "psap.key_command: + printf" in log  # the trace is logged
+    assert KEY1[:16] not in log and spaced[:11] not in log, log
+    # 4096 bytes kept: a first line of 4086, then the key; the cut leaves 10 of its digits.
+    at = kc.log_size()
+    filler = "x" * 4085
+    use_command(kc, script("cut.sh", f"echo '{filler}' >&2\necho {KEY2} >&2\necho 'v1 secretbox {KEY1}'"))
+    log = kc.log_text_from(at)
+    assert "psap.key_command: **********\n" in log, log[-300:]
+    assert KEY2[:10] not in log
+
+
+def test_the_command_gets_no_descriptor_of_the_server_and_leaves_nothing_running(kc):
+    """The command holds only its stdin, stdout and stderr (before: the postmaster's listening
+    socket and its death-watch pipe, which a helper left running kept open), runs in /, and
+    whatever it leaves running is killed, also a process in a session of its own."""
+    left = f"sleep 301.{os.getpid()}"
+    body = (f"setsid {left} </dev/null >/dev/null 2>&1 &\n"
+            'ls -l /proc/$$/fd >&2\n'
+            'echo "cwd $(pwd)" >&2\n'
+            f"echo 'v1 secretbox {KEY1}'")
+    at = kc.log_size()
+    use_command(kc, script("leaves.sh", body))
+    log = kc.log_text_from(at)
+    fds = re.findall(r"psap\.key_command: .* (\d+) -> (\S+)$", log, re.M)
+    assert fds, log
+    assert not [t for _, t in fds if t.startswith("socket:")], fds
+    # Two pipes: its stdout and its stderr (the shell keeps a copy of stdout while it redirects).
+    assert len({t for _, t in fds if t.startswith("pipe:")}) == 2, fds
+    assert re.search(r"psap\.key_command: cwd /$", log, re.M), log
+    assert subprocess.run(["pgrep", "-f", left], capture_output=True, text=True).stdout.split() == []
+    with kc.connect() as c:
+        assert keys(c)["v1"][2:4] == ("ok", "command")
+
+
+def test_a_command_that_prints_no_key_at_reload_keeps_the_keys(kc):
+    """A secrets manager that answers with nothing (exit 0, no line) would have withdrawn every
+    key of every session at the reload."""
+    use_command(kc, emitting(f"v1 secretbox {KEY1}"), restart=True)
+    use_command(kc, script("nothing.sh", "exit 0"))
+    with kc.connect() as c:
+        note = c.execute("SELECT note FROM psap_keys() WHERE version IS NULL").fetchone()[0]
+        assert note == "it printed no keys; the keys it gave before stay in effect"
+        assert keys(c)["v1"][2:4] == ("ok", "command")
+
+
+def test_the_command_cannot_be_set_with_alter_system_nor_read_by_monitoring_roles(kc):
+    """The command can hold a credential (a token in a curl header, a key in an echo):
+    ALTER SYSTEM would write it into postgresql.auto.conf (and base backups), and
+    GUC_SUPERUSER_ONLY alone shows it to pg_read_all_settings."""
+    use_command(kc, emitting(f"v1 secretbox {KEY1}"), restart=True)
+    with kc.connect() as c:
+        state, msg, _, _ = sqlstate_of(c, f"ALTER SYSTEM SET psap.key_command = 'echo v2 secretbox {KEY2}'")
+        assert (state, msg) == ("42501", "psap.key_command cannot be set with ALTER SYSTEM")
+        c.execute("DROP ROLE IF EXISTS kc_monitor")
+        c.execute("CREATE ROLE kc_monitor LOGIN IN ROLE pg_monitor")
+        assert c.execute("SHOW psap.key_command").fetchone()[0] == "(set, hidden)"
+    with kc.connect(user="kc_monitor") as m:
+        assert m.execute("SHOW psap.key_command").fetchone()[0] == "(set, hidden)"
+        assert m.execute("SELECT setting FROM pg_settings WHERE name = 'psap.key_command'").fetchone()[0] == "(set, hidden)"
+    assert KEY2 not in (kc.dir / "postgresql.auto.conf").read_text()
+    with kc.connect() as c:
+        c.execute("DROP ROLE kc_monitor")
+
+
+def test_a_statement_psap_encrypt_fails_is_not_logged(kc):
+    """With log_min_error_statement = error (the default), PostgreSQL logs the statement of an
+    error: the plaintext of psap_encrypt('...'), the ciphertext of psap_decrypt('v1:...')."""
+    use_command(kc, emitting(f"v1 secretbox {KEY1}"), restart=True)
+    at = kc.log_size()
+    with kc.connect() as c:
+        state, _, _, _ = sqlstate_of(c, "SELECT psap_encrypt('caller Jane Roe, SSN 123-45-6789', 'incidents.notes:7')")
+        assert state == "0A000"  # secretbox cannot bind a context
+        body = "A" * 60
+        state, _, _, _ = sqlstate_of(c, f"SELECT psap_decrypt('v1:{body}')")
+        assert state == "39000"
+        # Another error of the same session is logged with its statement as before.
+        sqlstate_of(c, "SELECT 1/0 AS divided")
+    log = kc.log_text_from(at)
+    assert "cannot bind a context" in log and "wrong key or corrupt data" in log, log
+    assert "Jane Roe" not in log and body not in log, log
+    assert "STATEMENT:  SELECT 1/0 AS divided" in log
+
+
+@contextlib.contextmanager
+def server_started_with(prefix, name, port):
+    """A cluster whose postmaster is started directly under `prefix` (a PID namespace, a
+    resource limit), its log in server.log; stopped with SIGINT (pg_ctl would signal the PID
+    the postmaster wrote, which is 1 in its namespace)."""
+    d = Path("/tmp") / f"psap-{name}-{os.getpid()}"
+    c = Cluster(d, port, ["log_min_messages = warning"])
+    c.destroy()
+    c.start()
+    c.stop()
+    env = {k: v for k, v in os.environ.items() if k != "RUST_BACKTRACE"}
+    with open(d / "server.log", "ab") as log:
+        p = subprocess.Popen(prefix + ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--",
+                                       str(BIN / "postgres"), "-D", str(d)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        # The postmaster: the process started, or (under unshare --fork) its child.
+        postmaster = p.pid
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if Path(f"/proc/{p.pid}/comm").read_text().strip() != "postgres":
+                postmaster = int(subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()[0])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(postmaster, signal.SIGINT)
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        c.destroy()
+
+
+def test_a_killed_command_does_not_reset_a_server_running_as_pid_1():
+    """In a container the postmaster is often PID 1, so the processes a killed command leaves
+    become its children; its reaper counted one killed by a signal as a crashed backend and
+    reset every session of the server. The runner adopts and reaps them instead."""
+    hang = f"sleep 302.{os.getpid()}"
+    with server_started_with(["unshare", "--pid", "--fork"], "pid1", 5494) as c:
+        with c.connect() as session:
+            assert session.execute("SELECT pg_backend_pid()").fetchone()[0] > 1
+            # The timeout first: a reload applies the file's settings in order.
+            c.write_conf("psap_keys.conf", "psap.key_command_timeout = 1\n"
+                                           f"psap.key_command = '{script('hung1.sh', f'{hang} & {hang}')}'\n")
+            session.execute("SELECT pg_reload_conf()")
+            deadline = time.time() + 30
+            while "and was killed" not in c.log_text() and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(1)  # a reset would have followed at once
+            assert session.execute("SELECT 1").fetchone()[0] == 1  # the session lived
+            log = c.log_text()
+            assert "it did not finish within psap.key_command_timeout (1 s) and was killed" in log, log
+            assert "terminated by signal" not in log and "terminating any other active server processes" not in log, log
+        assert subprocess.run(["pgrep", "-f", hang], capture_output=True, text=True).stdout.split() == []
+
+
+def test_key_memory_that_cannot_be_locked_is_logged():
+    """Under a locked-memory limit of 0 (a container's is 64 KiB) keys can be swapped out: the
+    server says so instead of nothing."""
+    with server_started_with(["prlimit", "--memlock=0:0"], "memlock", 5495) as c:
+        c.write_conf("psap_keys.conf", f"psap.key_v1 = '{KEY1}'\npsap.key_version = 'v1'\n")
+        c.reload()
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION psap_encrypt")
+            assert conn.execute("SELECT psap_decrypt(psap_encrypt('x'))").fetchone()[0] == "x"
+        log = c.log_text()
+        assert "could not lock the key memory of the postmaster against swapping" in log, log
+        assert "could not lock the key memory of this session against swapping" in log, log
 
 
 def test_a_failure_at_reload_keeps_the_keys_in_effect(kc):

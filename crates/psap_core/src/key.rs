@@ -198,9 +198,10 @@ impl KeyRing {
 
     /// Locks every key's memory again (in a forked process). Returns false if any lock failed.
     pub fn relock(&self) -> bool {
-        self.slots.iter().all(|s| match s {
-            Slot::Key(k) => k.relock(),
-            _ => true,
+        // Every key, also after one that could not be locked.
+        self.slots.iter().fold(true, |locked, s| match s {
+            Slot::Key(k) => k.relock() & locked,
+            _ => locked,
         })
     }
 }

@@ -15,6 +15,9 @@
 //! applies it to the errors it raises again after a failed batch (the table's code can quote the
 //! row it refused, with the new ciphertext in it).
 //!
+//! The key command's standard error gets more ([`mask_key_command_output`]): it is the output of
+//! a program that holds keys (a script traced with `set -x` prints its `printf` of them).
+//!
 //! Lengths never change and nothing is allocated, so the caller can rewrite a C string where it
 //! lies, inside error reporting.
 
@@ -134,6 +137,46 @@ pub fn mask_envelopes(text: &mut [u8]) -> bool {
     changed
 }
 
+/// Separators between the groups of hex digits [`mask_key_command_output`] reads as one run
+/// (`4e c0 59`, `4e:c0:59`, `4e-c0-59`, a UUID).
+const HEX_GROUP_SEPARATORS: &[u8] = b" :-,";
+
+/// The key command's standard error, before it is logged: [`redact`] as about a key (runs of 16
+/// or more hex digits), and also hex digits in groups (`4e c0 59 b5 ...`, one separator of
+/// [`HEX_GROUP_SEPARATORS`] between groups) that hold 16 or more digits in all. `truncated`:
+/// the text was cut at its end, so a run there may be the start of a longer one and is hidden
+/// however short. Returns whether anything changed.
+pub fn mask_key_command_output(text: &mut [u8], truncated: bool) -> bool {
+    let mut changed = redact(text, true);
+    let mut i = 0;
+    while i < text.len() {
+        if !text[i].is_ascii_hexdigit() {
+            i += 1;
+            continue;
+        }
+        // A run of groups: hex digits, single separators between them.
+        let start = i;
+        let (mut digits, mut end) = (0, i);
+        while i < text.len() {
+            if text[i].is_ascii_hexdigit() {
+                digits += 1;
+                i += 1;
+                end = i;
+            } else if HEX_GROUP_SEPARATORS.contains(&text[i])
+                && text.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            {
+                i += 1;
+            } else {
+                break;
+            }
+        }
+        if digits >= MIN_HEX_RUN_IN_KEY_CONTEXT || (truncated && end == text.len()) {
+            changed |= mask(&mut text[start..end]);
+        }
+    }
+    changed
+}
+
 fn mask(bytes: &mut [u8]) -> bool {
     let changed = bytes.iter().any(|&b| b != b'*');
     bytes.fill(b'*');
@@ -193,6 +236,44 @@ fn find_ci(text: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_command_output_is_masked_in_groups_and_at_a_cut() {
+        let key = "4ec059b5f782eb5aff8c0ab0835f964b92c746af3850204e4c6650e977bbea4a";
+        let spaced: Vec<String> = key
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        for line in [
+            format!("+ printf '%s' v1 secretbox {key}"),
+            format!("key={}", spaced.join(" ")),
+            format!("key={}", spaced.join(":")),
+            format!("id 0c5e3f3a-4d1b-4a8e-9f00-{}", &key[..12]),
+        ] {
+            let mut text = line.clone().into_bytes();
+            assert!(mask_key_command_output(&mut text, false), "{line}");
+            let text = String::from_utf8(text).unwrap();
+            assert!(
+                !text.contains(&key[..8]) && !text.contains("4e c0") && !text.contains("4e:c0"),
+                "{text}"
+            );
+            assert_eq!(text.len(), line.len());
+        }
+        // Ordinary words and dates stay.
+        for line in [
+            "curl: (7) Failed to connect to vault port 8200: a bad face",
+            "2026-12-06 11:17:19.123 UTC",
+        ] {
+            let mut text = line.as_bytes().to_vec();
+            assert!(!mask_key_command_output(&mut text, false), "{line}");
+        }
+        // Cut inside a key: the part before the cut is hidden, however short.
+        let mut text = format!("trace: {}", &key[..10]).into_bytes();
+        assert!(!mask_key_command_output(&mut text.clone(), false));
+        assert!(mask_key_command_output(&mut text, true));
+        assert_eq!(String::from_utf8(text).unwrap(), "trace: **********");
+    }
 
     /// A message of many key-like runs (anyone can have one logged: `SELECT '<hex> <hex> ...'::int`)
     /// is rewritten in one pass: each byte looked at a bounded number of times, however many runs.
