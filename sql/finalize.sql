@@ -48,6 +48,12 @@ AS $$
 DECLARE
     f regprocedure;
 BEGIN
+    IF grantee IS NULL THEN
+        RAISE EXCEPTION 'psap_grant_operator arguments must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF grantee::pg_catalog.oid OPERATOR(pg_catalog.=) 0 THEN
+        RAISE EXCEPTION 'role "-" does not exist' USING ERRCODE = '42704';
+    END IF;
     FOR f IN
         SELECT routine FROM @extschema@._psap_routines()
          WHERE name IN ('psap_rotate', 'psap_encrypt_column', 'psap_rotate_all',

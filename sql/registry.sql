@@ -59,43 +59,61 @@ CREATE EVENT TRIGGER psap_registry_follow_drop ON sql_drop
 -- version or not encrypted, else "all on vN". No row with version = 'v1' means the v1 key can go.
 -- A registry row whose table is gone without the DROP that removes it, or is temporary (both only
 -- from 0.2.0, which registered temporary tables), is left out: it would make every call fail.
+-- A column that cannot be counted (its type changed, a partition that is not a table, no
+-- privilege to read it) is one row, state 'not counted', its verdict saying why: it must not
+-- hide every other column from an audit.
 CREATE FUNCTION @extschema@.psap_status()
 RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
                key_configured boolean, is_current boolean, cipher text, verdict text)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH c AS (
-        SELECT r.relid, r.column_name, c.state, c.version, c.rows, c.key_configured,
-               c.version = current_setting('psap.key_version') AS is_current, c.cipher
-          FROM @extschema@.psap_encrypted_columns r
-          JOIN pg_catalog.pg_class t ON t.oid = r.relid AND t.relpersistence <> 't',
-               LATERAL @extschema@.psap_census(r.relid, r.column_name::text) c
-    ), per_column AS (
-        SELECT c.relid, c.column_name,
-               sum(c.rows) FILTER (WHERE c.state = 'encrypted' AND NOT c.key_configured) AS keyless,
-               string_agg(c.version, ', ' ORDER BY length(c.version), c.version)
-                   FILTER (WHERE c.state = 'encrypted' AND NOT c.key_configured) AS keyless_versions,
-               sum(c.rows) FILTER (WHERE c.state = 'encrypted' AND c.key_configured AND NOT c.is_current) AS behind,
-               string_agg(c.version, ', ' ORDER BY length(c.version), c.version)
-                   FILTER (WHERE c.state = 'encrypted' AND c.key_configured AND NOT c.is_current) AS behind_versions,
-               sum(c.rows) FILTER (WHERE c.state = 'not encrypted') AS plain,
-               sum(c.rows) FILTER (WHERE c.state = 'encrypted') AS encrypted
-          FROM c GROUP BY c.relid, c.column_name
-    )
-    SELECT c.relid, c.column_name, c.state, c.version, c.rows, c.key_configured, c.is_current, c.cipher,
-           concat_ws('; ',
-               CASE WHEN v.keyless > 0 THEN v.keyless || CASE WHEN v.keyless = 1 THEN ' row needs' ELSE ' rows need' END
-                                        || ' a key the server lacks (' || v.keyless_versions || ')' END,
-               CASE WHEN v.behind > 0
-                    THEN v.behind || CASE WHEN v.behind = 1 THEN ' row' ELSE ' rows' END
-                         || ' still on ' || v.behind_versions END,
-               CASE WHEN v.plain > 0 THEN v.plain || CASE WHEN v.plain = 1 THEN ' row' ELSE ' rows' END
-                                       || ' not encrypted' END,
-               CASE WHEN v.encrypted > 0 AND v.keyless IS NULL AND v.behind IS NULL AND v.plain IS NULL
-                    THEN 'all on ' || current_setting('psap.key_version') END,
-               CASE WHEN v.encrypted IS NULL AND v.plain IS NULL THEN 'no encrypted rows' END)
-      FROM c JOIN per_column v ON v.relid = c.relid AND v.column_name = c.column_name
-     ORDER BY c.relid::text, c.column_name, c.state, length(c.version), c.version
+#variable_conflict use_column
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT e.relid, e.column_name FROM @extschema@.psap_encrypted_columns e
+               JOIN pg_catalog.pg_class t ON t.oid = e.relid AND t.relpersistence <> 't'
+              ORDER BY e.relid::text, e.column_name
+    LOOP
+        BEGIN
+            RETURN QUERY
+            WITH c AS (
+                SELECT c.state, c.version, c.rows, c.key_configured,
+                       c.version = current_setting('psap.key_version') AS is_current, c.cipher
+                  FROM @extschema@.psap_census(r.relid, r.column_name::text) c
+            ), v AS (
+                SELECT sum(c.rows) FILTER (WHERE c.state = 'encrypted' AND NOT c.key_configured) AS keyless,
+                       string_agg(c.version, ', ' ORDER BY length(c.version), c.version)
+                           FILTER (WHERE c.state = 'encrypted' AND NOT c.key_configured) AS keyless_versions,
+                       sum(c.rows) FILTER (WHERE c.state = 'encrypted' AND c.key_configured AND NOT c.is_current) AS behind,
+                       string_agg(c.version, ', ' ORDER BY length(c.version), c.version)
+                           FILTER (WHERE c.state = 'encrypted' AND c.key_configured AND NOT c.is_current) AS behind_versions,
+                       sum(c.rows) FILTER (WHERE c.state = 'not encrypted') AS plain,
+                       sum(c.rows) FILTER (WHERE c.state = 'encrypted') AS encrypted
+                  FROM c
+            )
+            SELECT r.relid::regclass, r.column_name::name, c.state, c.version, c.rows, c.key_configured,
+                   c.is_current, c.cipher,
+                   concat_ws('; ',
+                       CASE WHEN v.keyless > 0 THEN v.keyless || CASE WHEN v.keyless = 1 THEN ' row needs' ELSE ' rows need' END
+                                                || ' a key the server lacks (' || v.keyless_versions || ')' END,
+                       CASE WHEN v.behind > 0
+                            THEN v.behind || CASE WHEN v.behind = 1 THEN ' row' ELSE ' rows' END
+                                 || ' still on ' || v.behind_versions END,
+                       CASE WHEN v.plain > 0 THEN v.plain || CASE WHEN v.plain = 1 THEN ' row' ELSE ' rows' END
+                                               || ' not encrypted' END,
+                       CASE WHEN v.encrypted > 0 AND v.keyless IS NULL AND v.behind IS NULL AND v.plain IS NULL
+                            THEN 'all on ' || current_setting('psap.key_version') END,
+                       CASE WHEN v.encrypted IS NULL AND v.plain IS NULL THEN 'no encrypted rows' END)
+              FROM c, v
+             ORDER BY c.state, length(c.version), c.version;
+        EXCEPTION WHEN OTHERS THEN
+            RETURN QUERY SELECT r.relid::regclass, r.column_name::name, 'not counted'::text, NULL::text,
+                                NULL::bigint, NULL::boolean, NULL::boolean, NULL::text,
+                                'not counted: ' || SQLERRM;
+        END;
+    END LOOP;
+END
 $$;
 
 -- A CJIS audit in one query: per registered column, the key versions and ciphers its rows use,
@@ -112,6 +130,9 @@ AS $$
     WITH s AS (
         SELECT st.relation, st.column_name, st.state, st.version, st.rows, st.cipher
           FROM @extschema@.psap_status() st
+    ), uncounted AS (
+        -- A column psap_status could not count: its row counts are unknown (NULL), not 0.
+        SELECT DISTINCT s.relation, s.column_name FROM s WHERE s.state = 'not counted'
     ), k AS (
         SELECT kk.version, kk.source, kk.module, kk.fips_validated FROM @extschema@.psap_keys() kk
          WHERE kk.version IS NOT NULL
@@ -122,13 +143,16 @@ AS $$
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
            (SELECT array_agg(DISTINCT coalesce(s.cipher, 'unknown')) FROM s
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
+           CASE WHEN u.relation IS NULL THEN
            (SELECT coalesce(sum(s.rows), 0)::bigint FROM s
-             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'encrypted'),
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'encrypted') END,
+           CASE WHEN u.relation IS NULL THEN
            (SELECT coalesce(sum(s.rows), 0)::bigint FROM s LEFT JOIN k ON k.version = s.version
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'encrypted'
-               AND NOT coalesce(k.fips_validated, false)),
+               AND NOT coalesce(k.fips_validated, false)) END,
+           CASE WHEN u.relation IS NULL THEN
            (SELECT coalesce(sum(s.rows), 0)::bigint FROM s
-             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'not encrypted'),
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'not encrypted') END,
            (SELECT array_agg(DISTINCT coalesce(k.source, 'none')) FROM s LEFT JOIN k ON k.version = s.version
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
            (SELECT min(k.module) FROM k WHERE k.fips_validated),
@@ -138,6 +162,7 @@ AS $$
       FROM @extschema@.psap_encrypted_columns r
       JOIN pg_catalog.pg_class c ON c.oid = r.relid AND c.relpersistence <> 't'
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN uncounted u ON u.relation = r.relid AND u.column_name = r.column_name
       LEFT JOIN LATERAL (
           SELECT l.ended_at, l.to_version FROM @extschema@.psap_audit l
            WHERE l.operation IN ('rotate', 'encrypt') AND l.status = 'done'

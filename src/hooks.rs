@@ -71,11 +71,14 @@ unsafe extern "C-unwind" fn scrub_log_line(edata: *mut pg_sys::ErrorData) {
                 || fields
                     .iter()
                     .any(|&f| c_bytes(f).is_some_and(|t| redact::mentions_key_setting(t)));
-            // An error psap_encrypt raised: its statement is not logged (it holds the plaintext
-            // of psap_encrypt('...') or the ciphertext of psap_decrypt('v1:...')); the message
-            // says what failed.
+            // An error psap_encrypt raised, or any error of a statement that calls psap_encrypt
+            // or psap_decrypt: the statement is not logged (it holds the plaintext of
+            // psap_encrypt('...') or the ciphertext of psap_decrypt('v1:...')); the message says
+            // what failed.
             let ours = e.elevel >= PgLogLevel::ERROR as i32
-                && c_bytes(e.message).is_some_and(|m| error::is_ours(e.sqlerrcode, m));
+                && (c_bytes(e.message).is_some_and(|m| error::is_ours(e.sqlerrcode, m))
+                    || (!statement.is_null()
+                        && redact::calls_psap_crypto(CStr::from_ptr(statement).to_bytes())));
             let table_code = sandbox::running_table_code();
             for field in fields {
                 if let Some(text) = c_bytes(field) {

@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 use pgrx::PgRelation;
 use psap_core::{cipher, envelope, Version};
 
-use crate::api::target::{self, Access};
+use crate::api::target::{self, Access, Regclass};
 use crate::{gucs, sandbox, scan};
 
 /// Whether a value (its first characters) is an envelope to rotate: its version is not `target`
@@ -65,7 +65,7 @@ pub fn decrypt_error(value: &[u8], context: &[u8]) -> Option<String> {
 #[allow(clippy::type_complexity)]
 #[pg_extern(name = "psap_census", stable)]
 fn census(
-    tbl: PgRelation,
+    tbl: Regclass,
     col: &str,
 ) -> TableIterator<
     'static,
@@ -77,7 +77,7 @@ fn census(
         name!(cipher, Option<&'static str>),
     ),
 > {
-    let rows = census_rows(&tbl, col, true)
+    let rows = census_rows(&tbl.open(), col, true)
         .into_iter()
         .map(|(state, v, n, configured, cipher)| {
             (state, v, n, configured, cipher.map(|c| c.name()))

@@ -9,15 +9,14 @@
 //! one 0.2.0 closed.
 
 use pgrx::prelude::*;
-use pgrx::PgRelation;
 
-use crate::api::target::{self, Access};
+use crate::api::target::{self, Access, Regclass};
 use crate::{error, gucs, sandbox};
 
 /// 0.1.0's check behind psap_register_column: the column exists, is text, and the caller can
 /// read and update it. Unchanged.
 #[pg_extern(stable, sql = false)]
-fn _psap_check_column(tbl: Option<PgRelation>, col: Option<&str>) {
+fn _psap_check_column(tbl: Option<Regclass>, col: Option<&str>) {
     gucs::ensure_preloaded();
     let (Some(tbl), Some(col)) = (tbl, col) else {
         error::raise(
@@ -27,6 +26,7 @@ fn _psap_check_column(tbl: Option<PgRelation>, col: Option<&str>) {
             None,
         );
     };
+    let tbl = tbl.open();
     sandbox::with_safe_search_path(|| {
         target::resolve(&tbl, col, Access::Rotate);
     });
@@ -35,7 +35,7 @@ fn _psap_check_column(tbl: Option<PgRelation>, col: Option<&str>) {
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, sql = false)]
 fn _psap_rotate_begin(
-    _tbl: Option<PgRelation>,
+    _tbl: Option<Regclass>,
     _col: Option<&str>,
     _mode: Option<&str>,
     _batch: Option<i32>,
@@ -113,7 +113,7 @@ fn psap_keys() -> TableIterator<
 /// 0.1.0's psap_census(): state, version, rows, key_configured.
 #[pg_extern(stable, sql = false)]
 fn psap_census(
-    tbl: PgRelation,
+    tbl: Regclass,
     col: &str,
 ) -> TableIterator<
     'static,
@@ -124,7 +124,7 @@ fn psap_census(
         name!(key_configured, Option<bool>),
     ),
 > {
-    let rows = crate::api::census::census_rows(&tbl, col, true)
+    let rows = crate::api::census::census_rows(&tbl.open(), col, true)
         .into_iter()
         .map(|(state, v, n, configured, _)| (state, v, n, configured))
         .collect::<Vec<_>>();

@@ -4,12 +4,11 @@
 //! the registry's owner, so no role needs privileges on the table.
 
 use pgrx::prelude::*;
-use pgrx::PgRelation;
 
 use psap_core::context::{self, ContextExpr};
 
 use crate::api::census;
-use crate::api::target::{self, Access};
+use crate::api::target::{self, Access, Regclass};
 use crate::audit::AuditLog;
 use crate::names::ENCRYPTED_COLUMNS;
 use crate::{error, gucs, sandbox, spi};
@@ -17,8 +16,9 @@ use crate::{error, gucs, sandbox, spi};
 /// Registers a column: it exists, is text, and the caller can read and update it. Returns false
 /// if it was registered already.
 #[pg_extern(volatile, strict)]
-fn psap_register_column(tbl: PgRelation, col: &str) -> bool {
+fn psap_register_column(tbl: Regclass, col: &str) -> bool {
     gucs::ensure_preloaded();
+    let tbl = tbl.open();
     sandbox::with_safe_search_path(|| {
         let t = target::resolve(&tbl, col, Access::Rotate);
         // SAFETY: rd_rel of an open relation.
@@ -52,8 +52,9 @@ fn psap_register_column(tbl: PgRelation, col: &str) -> bool {
 /// Takes a column out of the registry (the caller must be able to update it). Returns false if it
 /// was not registered.
 #[pg_extern(volatile, strict)]
-fn psap_unregister_column(tbl: PgRelation, col: &str) -> bool {
+fn psap_unregister_column(tbl: Regclass, col: &str) -> bool {
     gucs::ensure_preloaded();
+    let tbl = tbl.open();
     sandbox::with_safe_search_path(|| {
         let can_update = spi::one::<bool>(
             "SELECT pg_catalog.has_column_privilege($1, $2, 'UPDATE')",
@@ -97,11 +98,12 @@ fn psap_unregister_column(tbl: PgRelation, col: &str) -> bool {
 /// only while the column holds no AES-256-GCM rows (they are bound to the context they were
 /// written with). The table is locked (SHARE) meanwhile, so no batch writes under the old one.
 #[pg_extern(volatile)]
-fn psap_set_column_context(tbl: Option<PgRelation>, col: Option<&str>, context: Option<&str>) {
+fn psap_set_column_context(tbl: Option<Regclass>, col: Option<&str>, context: Option<&str>) {
     gucs::ensure_preloaded();
     let (Some(tbl), Some(col)) = (tbl, col) else {
         error::null_argument("psap_set_column_context");
     };
+    let tbl = tbl.open();
     sandbox::with_safe_search_path(|| {
         let t = target::resolve(&tbl, col, Access::Rotate);
         require_owner(&t);

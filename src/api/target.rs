@@ -10,6 +10,78 @@ use pgrx::PgSqlErrorCode::*;
 use crate::error::{self, raise};
 use crate::spi;
 
+/// A `regclass` argument, not opened yet. pgrx's `PgRelation` argument opens the relation while
+/// it converts the argument, with PostgreSQL's `relation_open`, for which an OID that names no
+/// relation is an internal error (XX000): a table dropped after the caller's statement named it,
+/// or a number cast to regclass. [`Regclass::open`] says 42P01 instead.
+#[derive(Clone, Copy, Debug)]
+pub struct Regclass(pub pg_sys::Oid);
+
+impl pgrx::datum::FromDatum for Regclass {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Regclass> {
+        // SAFETY: a regclass datum is an OID.
+        unsafe { pg_sys::Oid::from_polymorphic_datum(datum, is_null, pg_sys::OIDOID) }.map(Regclass)
+    }
+}
+
+// SAFETY: as pgrx's own impl for a FromDatum type (its argue_from_datum!): the argument is a
+// regclass datum, checked for null before it is read.
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for Regclass {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        // SAFETY: as above.
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(
+        arg: pgrx::callconv::Arg<'_, 'fcx>,
+    ) -> pgrx::nullable::Nullable<Self> {
+        // SAFETY: as above.
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}
+
+pgrx::impl_sql_translatable!(Regclass, arg_only = "regclass");
+
+impl Regclass {
+    /// The relation, locked AccessShareLock until it is dropped (as pgrx's argument is), or
+    /// 42P01 if it no longer exists.
+    pub fn open(self) -> PgRelation {
+        open_if_exists(self.0).unwrap_or_else(|| {
+            raise(
+                ERRCODE_UNDEFINED_TABLE,
+                format!("relation with OID {} does not exist", self.0.to_u32()),
+                Some("It was dropped after the statement named it, or the number given is no relation's.".into()),
+                None,
+            )
+        })
+    }
+}
+
+/// The relation `oid` locked AccessShareLock (released when it drops), or None if there is no
+/// such relation (any more).
+pub fn open_if_exists(oid: pg_sys::Oid) -> Option<PgRelation> {
+    let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+    // SAFETY: try_relation_open returns null for an OID that names no relation, else an open
+    // relation locked with `lock`. Holding that lock, the relation cannot go before pgrx opens
+    // it again (a second reference and lock, which PgRelation releases when it drops); the
+    // first reference is then closed with its lock.
+    unsafe {
+        let first = pg_sys::try_relation_open(oid, lock);
+        if first.is_null() {
+            return None;
+        }
+        let rel = PgRelation::with_lock(oid, lock);
+        pg_sys::relation_close(first, lock);
+        Some(rel)
+    }
+}
+
 /// A column ready to be used in generated SQL. Every name here is already quoted.
 pub struct Target {
     pub oid: pg_sys::Oid,

@@ -6,7 +6,6 @@
 use std::cell::RefCell;
 
 use pgrx::prelude::*;
-use pgrx::PgRelation;
 
 use super::failure::{self, Failure};
 use super::options::{Args, Options, Procedure};
@@ -176,13 +175,21 @@ fn _psap_all_next(job: i64) -> Option<i64> {
         let (oid, _, col) = &job.columns[column];
         Some((*oid, col.clone(), opts))
     })?;
+    // A table dropped since the job began (its registry row went with it): nothing to rotate.
+    let Some(rel) = crate::api::target::open_if_exists(oid) else {
+        JOB.with(|j| {
+            if let Some(job) = j.borrow_mut().as_mut() {
+                if let Some(column) = job.starting.take() {
+                    job.done_columns += 1;
+                    let (_, table, col) = &job.columns[column];
+                    notice(format!("skipping {table}.{col}: the table was dropped"));
+                }
+            }
+        });
+        return _psap_all_next(job);
+    };
     let run = failure::noting_errors(note_start_failure, || {
-        sandbox::with_safe_search_path(|| {
-            // SAFETY: opens the relation by OID with a lock; a table dropped meanwhile raises an
-            // error like any other refusal to start.
-            let rel = unsafe { PgRelation::with_lock(oid, pg_sys::AccessShareLock as _) };
-            plan::begin(&rel, &col, opts)
-        })
+        sandbox::with_safe_search_path(|| plan::begin(&rel, &col, opts))
     });
     JOB.with(|j| {
         if let Some(job) = j.borrow_mut().as_mut() {

@@ -9,6 +9,9 @@ use psap_core::Version;
 use crate::error;
 use crate::scan::Kind;
 
+/// The largest max_seconds: about 31 years.
+const MAX_SECONDS: f64 = 1e9;
+
 /// What a run does to each row.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Mode {
@@ -138,6 +141,13 @@ impl Options {
             .is_some_and(|s| s.is_nan() || s <= 0.0 || s.is_infinite())
         {
             error::invalid_argument("max_seconds must be a positive number of seconds");
+        }
+        // The deadline is now + max_seconds on the monotonic clock: 1e19 overflowed it, and 1e300
+        // is no duration at all (both were Rust panics, XX000).
+        if a.max_seconds.is_some_and(|s| s > MAX_SECONDS) {
+            error::invalid_argument(&format!(
+                "max_seconds must be at most {MAX_SECONDS} (about 31 years)"
+            ));
         }
         if disable_triggers && !crate::sandbox::is_superuser() {
             error::disable_triggers_needs_superuser();

@@ -11,7 +11,7 @@ use super::state::{self, Outcome, Status};
 use super::walk::Walk;
 use super::{sql, Run};
 use crate::api::registry;
-use crate::api::target::{self, Access, Target};
+use crate::api::target::{self, Access, Regclass, Target};
 use crate::audit::{AuditLog, Counts, Start};
 use crate::scan::{self, Kind, Tally};
 use crate::{error, gucs, sandbox, spi};
@@ -20,7 +20,7 @@ use crate::{error, gucs, sandbox, spi};
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile)]
 fn _psap_run_begin(
-    tbl: Option<PgRelation>,
+    tbl: Option<Regclass>,
     col: Option<&str>,
     procedure: Option<&str>,
     batch: Option<i32>,
@@ -57,7 +57,7 @@ fn _psap_run_begin(
         };
         check_context(procedure);
         error::forget_raised();
-        failure::masking_errors(|| begin(&tbl, col, opts))
+        failure::masking_errors(|| begin(&tbl.open(), col, opts))
     })
 }
 

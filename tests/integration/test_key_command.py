@@ -244,9 +244,10 @@ def test_the_command_cannot_be_set_with_alter_system_nor_read_by_monitoring_role
         c.execute("DROP ROLE kc_monitor")
 
 
-def test_a_statement_psap_encrypt_fails_is_not_logged(kc):
+def test_a_failing_statement_that_calls_psap_encrypt_is_not_logged(kc):
     """With log_min_error_statement = error (the default), PostgreSQL logs the statement of an
-    error: the plaintext of psap_encrypt('...'), the ciphertext of psap_decrypt('v1:...')."""
+    error: the plaintext of psap_encrypt('...'), the ciphertext of psap_decrypt('v1:...'), when
+    psap_encrypt fails and when anything else in the statement does."""
     use_command(kc, emitting(f"v1 secretbox {KEY1}"), restart=True)
     at = kc.log_size()
     with kc.connect() as c:
@@ -255,11 +256,16 @@ def test_a_statement_psap_encrypt_fails_is_not_logged(kc):
         body = "A" * 60
         state, _, _, _ = sqlstate_of(c, f"SELECT psap_decrypt('v1:{body}')")
         assert state == "39000"
+        # An application's error in a statement that calls psap_encrypt (a NOT NULL column).
+        c.execute("CREATE TABLE notes (id int, body text, n int NOT NULL)")
+        state, _, _, _ = sqlstate_of(c, "INSERT INTO notes VALUES (3, psap_encrypt('caller Sam Doe'), NULL)")
+        assert state == "23502"
+        c.execute("DROP TABLE notes")
         # Another error of the same session is logged with its statement as before.
         sqlstate_of(c, "SELECT 1/0 AS divided")
     log = kc.log_text_from(at)
     assert "cannot bind a context" in log and "wrong key or corrupt data" in log, log
-    assert "Jane Roe" not in log and body not in log, log
+    assert "Jane Roe" not in log and body not in log and "Sam Doe" not in log, log
     assert "STATEMENT:  SELECT 1/0 AS divided" in log
 
 

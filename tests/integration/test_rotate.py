@@ -295,6 +295,17 @@ def test_refusals(cluster, db):
             ("CALL psap_rotate('incidents', 'title', from_version => 'x1')", "22023"),
             ("CALL psap_rotate('incidents', 'title', max_seconds => -1)", "22023"),
             ("CALL psap_rotate('incidents', 'title', pause_ms => -1)", "22023"),
+            # Past the monotonic clock (1e19 s) or no duration at all (1e300): were Rust panics.
+            ("CALL psap_rotate('incidents', 'title', max_seconds => 1e19)", "22023"),
+            ("CALL psap_rotate('incidents', 'title', max_seconds => 1e300)", "22023"),
+            ("CALL psap_encrypt_column('incidents', 'other', max_seconds => 1e300)", "22023"),
+            ("CALL psap_rotate_all(max_seconds => 1e19)", "22023"),
+            # An OID that names no relation (dropped after the statement named it): was XX000.
+            ("CALL psap_rotate(4000000000::oid::regclass, 'title')", "42P01"),
+            ("SELECT * FROM psap_census(4000000000::oid::regclass, 'title')", "42P01"),
+            ("SELECT psap_register_column(4000000000::oid::regclass, 'title')", "42P01"),
+            ("SELECT psap_unregister_column(4000000000::oid::regclass, 'title')", "42P01"),
+            ("SELECT psap_set_column_context(4000000000::oid::regclass, 'title', NULL)", "42P01"),
         ]
         for sql, want in cases:
             assert sqlstate_of(c, sql)[0] == want, sql

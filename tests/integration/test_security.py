@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from psap_cluster import KEY1, KEY2, KEY3, in_background, paused, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, in_background, noting, paused, sqlstate_of, wait_until
 from test_context import STORED, bound  # noqa: F401 (bound: a fixture)
 from test_keys import assert_no_key, probe, roles  # noqa: F401 (roles: a fixture)
 from test_operations import setup_tables
@@ -293,12 +293,16 @@ def test_a_role_that_row_level_security_restricts_gets_no_counts(cluster, db):
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     with cluster.connect(user="centre_a", dbname=db) as c:
         assert c.execute("SELECT count(*) FROM calls").fetchone()[0] == 10
-        for sql in ("SELECT * FROM psap_census('calls', 'title')", "SELECT * FROM psap_status()",
-                    "SELECT * FROM psap_compliance()", "CALL psap_encrypt_column('calls', 'title', 100)",
+        for sql in ("SELECT * FROM psap_census('calls', 'title')", "CALL psap_encrypt_column('calls', 'title', 100)",
                     "CALL psap_rotate('calls', 'title', 100)", "CALL psap_rotate('calls', 'title', 100, dry_run => true)"):
             state, msg, detail, hint = sqlstate_of(c, sql)
             assert (state, msg) == ("42501", 'row-level security restricts what the current role sees of "public.calls"'), (sql, state, msg)
             assert "BYPASSRLS" in hint
+        # psap_status and psap_compliance cover every other column: this one is not counted.
+        assert c.execute("SELECT state, rows, verdict FROM psap_status()").fetchall() == [
+            ("not counted", None, 'not counted: row-level security restricts what the current role sees of "public.calls"')]
+        assert c.execute("SELECT encrypted_rows, non_fips_rows, plaintext_rows, versions FROM psap_compliance()").fetchall() == [
+            (None, None, None, None)]
         # Turning row security off does not turn the policies off for this role: it makes them errors.
         c.execute("SET row_security = off")
         assert sqlstate_of(c, "SELECT * FROM psap_census('calls', 'title')")[0] == "42501"
@@ -748,6 +752,55 @@ def test_a_registered_table_gone_unseen_does_not_break_status_or_the_job(cluster
         assert [r[0] for r in c.execute("SELECT relation::text FROM psap_compliance()")] == ["incidents"]
         c.execute("CALL psap_rotate_all(100)")
         assert census(c) == {("encrypted", "v2"): 20}
+
+
+def test_a_registered_column_that_cannot_be_counted_does_not_hide_the_others(cluster, db):
+    """The owner of a registered table retypes its column: psap_status says so on that column's
+    row, and psap_compliance reports its counts as unknown, instead of both failing for every
+    caller (superusers included) until someone finds the table."""
+    with cluster.connect(dbname=db) as c:
+        fill(c, 20)
+        c.execute("SELECT psap_register_column('incidents', 'title')")
+        c.execute("CREATE TABLE retyped (id int, title text)")
+        c.execute("INSERT INTO retyped VALUES (1, psap_encrypt('x'))")
+        c.execute("SELECT psap_register_column('retyped', 'title')")
+        c.execute("ALTER TABLE retyped ALTER COLUMN title TYPE bytea USING convert_to(title, 'UTF8')")
+        rows = c.execute("SELECT relation::text, state, version, rows, verdict FROM psap_status()").fetchall()
+        assert ("incidents", "encrypted", "v1", 20, "all on v1") in rows, rows
+        [(state, version, n, verdict)] = [r[1:] for r in rows if r[0] == "retyped"]
+        assert (state, version, n) == ("not counted", None, None)
+        assert verdict.startswith("not counted: ") and "bytea" in verdict, verdict
+        comp = {r[0]: r[1:] for r in c.execute(
+            "SELECT relation::text, encrypted_rows, non_fips_rows, plaintext_rows FROM psap_compliance()")}
+        assert comp == {"incidents": (20, 20, 0), "retyped": (None, None, None)}, comp
+
+
+def test_a_table_dropped_while_psap_rotate_all_runs_is_skipped(cluster, db):
+    """The job lists the registered columns at its start; a table dropped meanwhile was an
+    internal error (XX000) that failed the whole call (a pg_cron job's)."""
+    with cluster.connect(dbname=db) as c:
+        fill(c, 200)
+        fill(c, 20, table="zdoomed")
+        c.execute("SELECT psap_register_column('incidents', 'title')")
+        c.execute("SELECT psap_register_column('zdoomed', 'title')")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as job, cluster.connect(dbname=db) as other:
+        said = noting(job)
+        th, result = in_background(job, "CALL psap_rotate_all(20, pause_ms => 200)")
+        wait_until(other, "SELECT count(*) > 0 FROM psap_audit_log WHERE relation = 'public.incidents' AND batches > 0",
+                   what="a batch of the first table")
+        other.execute("DROP TABLE zdoomed")
+        th.join(60)
+        assert result == {"ok": True}, result
+        assert "skipping public.zdoomed.title: the table was dropped" in said, said
+        assert census(other) == {("encrypted", "v2"): 200}
+
+
+def test_psap_grant_operator_refuses_no_role_clearly(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        assert sqlstate_of(c, "SELECT psap_grant_operator(NULL)")[:2] == \
+            ("22004", "psap_grant_operator arguments must not be null")
+        assert sqlstate_of(c, "SELECT psap_grant_operator(0::regrole)")[:2] == ("42704", 'role "-" does not exist')
 
 
 OPERATOR_TRAPS = """

@@ -44,6 +44,14 @@ fn key_setting_at(text: &[u8]) -> Option<usize> {
     None
 }
 
+/// Whether a statement's text calls psap_encrypt or psap_decrypt (any of their names, any case):
+/// its literals are then plaintext or whole ciphertext, and the log hook does not log the
+/// statement with an error (an application's literal, `INSERT ... psap_encrypt('<plaintext>')`
+/// that fails a constraint).
+pub fn calls_psap_crypto(text: &[u8]) -> bool {
+    find_ci(text, b"psap_encrypt").is_some() || find_ci(text, b"psap_decrypt").is_some()
+}
+
 /// Whether `text` holds a run of at least [`MIN_HEX_RUN`] hex digits.
 pub fn has_hex_run(text: &[u8]) -> bool {
     hex_runs(text, MIN_HEX_RUN).next().is_some()
