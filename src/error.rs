@@ -396,6 +396,17 @@ pub fn not_a_table(relation: &str, changed: bool) -> ! {
     )
 }
 
+/// A system catalog as a job's or census's table: batches write rows directly and a superuser's
+/// rotation would change catalog rows behind the catalog caches (PostgreSQL's own wording).
+pub fn system_catalog(relation: &str) -> ! {
+    raise(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("permission denied: \"{relation}\" is a system catalog"),
+        None,
+        Some("psap_encrypt works on columns of user tables.".into()),
+    )
+}
+
 /// psap_register_column of a temporary table: it goes at the end of its session (or transaction)
 /// without the DROP that takes a registered table out of the registry, and other sessions cannot
 /// read it (psap_status and psap_rotate_all read every registered table).

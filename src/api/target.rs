@@ -144,6 +144,10 @@ pub fn resolve(tbl: &PgRelation, col: &str, access: Access) -> Target {
     if !matches!(kind, b'r' | b'p') {
         error::not_a_table(&relation, false);
     }
+    // SAFETY: an open relation.
+    if unsafe { pg_sys::IsSystemRelation(tbl.as_ptr()) } {
+        error::system_catalog(&relation);
+    }
     // The column's type, or the base type of its domain (domains over domains included).
     let column_type = spi::one::<String>(
         "WITH RECURSIVE base(typ, depth) AS (

@@ -306,6 +306,10 @@ def test_refusals(cluster, db):
             ("SELECT psap_register_column(4000000000::oid::regclass, 'title')", "42P01"),
             ("SELECT psap_unregister_column(4000000000::oid::regclass, 'title')", "42P01"),
             ("SELECT psap_set_column_context(4000000000::oid::regclass, 'title', NULL)", "42P01"),
+            # A system catalog (a superuser's run would have written catalog rows behind the caches).
+            ("CALL psap_rotate('pg_catalog.pg_description', 'description')", "42501"),
+            ("CALL psap_encrypt_column('pg_catalog.pg_description', 'description')", "42501"),
+            ("SELECT psap_register_column('pg_catalog.pg_description', 'description')", "42501"),
         ]
         for sql, want in cases:
             assert sqlstate_of(c, sql)[0] == want, sql
