@@ -337,7 +337,7 @@ fn runner_main(
             };
             let _ = report.write_all(&pid.to_ne_bytes());
             let (status, killed) = wait_for(pid, deadline);
-            kill_what_is_left(pid);
+            kill_what_is_left();
             let mut end = [0u8; 5];
             end[..4].copy_from_slice(&status.to_ne_bytes());
             end[4] = u8::from(killed);
@@ -406,42 +406,51 @@ unsafe fn close_from(from: RawFd, to: RawFd) {
     }
 }
 
-/// Waits for the command; at the deadline kills its process group. (wait status, killed).
+/// Waits for the command to end, or for the deadline; then kills its process group (what it
+/// left in it, or all of it at the deadline) and reaps it. (wait status, killed at the deadline).
+/// The command is reaped only after its group is killed: until then its pid, which is the
+/// group's id, cannot be given to another process.
 fn wait_for(pid: libc::pid_t, deadline: Instant) -> (libc::c_int, bool) {
+    let killed = loop {
+        // SAFETY: waitid for the runner's own child; WNOWAIT leaves it to be reaped below.
+        let ended = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let r = libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            );
+            (r == 0 && info.si_pid() == pid)
+                || (r < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
+        };
+        if ended {
+            break false;
+        }
+        if Instant::now() >= deadline {
+            break true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: the command leads its own process group (pid > 0), and is not reaped yet.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
     let mut status = 0;
     loop {
         // SAFETY: waitpid for the runner's own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return (status, false);
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid
+            || (r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
+        {
+            return (status, killed);
         }
-        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return (status, false);
-        }
-        if Instant::now() >= deadline {
-            // SAFETY: the command leads its own process group (pid > 0).
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
-            loop {
-                // SAFETY: as above.
-                let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-                if r == pid
-                    || (r < 0
-                        && std::io::Error::last_os_error().kind()
-                            != std::io::ErrorKind::Interrupted)
-                {
-                    return (status, true);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-/// Kills and reaps everything the command left: its process group, then every child the
-/// runner adopted (Linux lists them in /proc), until none is left or [`SWEEP`] has passed.
-fn kill_what_is_left(group: libc::pid_t) {
-    // SAFETY: the command's process group (group > 0); ESRCH if it is empty.
-    unsafe { libc::kill(-group, libc::SIGKILL) };
+/// Kills and reaps everything the command left outside its process group (killed by
+/// [`wait_for`]): every child the runner adopted (Linux lists them in /proc), until none is left
+/// or [`SWEEP`] has passed.
+fn kill_what_is_left() {
     // SAFETY: getpid cannot fail.
     let children = format!("/proc/self/task/{}/children", unsafe { libc::getpid() });
     let until = Instant::now() + SWEEP;
