@@ -269,13 +269,17 @@ const PIN_SEARCH_PATH: &str = "SELECT pg_catalog.set_config('search_path', 'pg_c
      e.extnamespace WHERE e.extname OPERATOR(pg_catalog.=) 'psap_encrypt') OPERATOR(pg_catalog.||) \
      ', ', '') OPERATOR(pg_catalog.||) 'pg_temp', false)";
 
-/// Asks the database how many rows use `version`: `psql -X -q -At -v ON_ERROR_STOP=1 -d CONNINFO
-/// -c PIN_SEARCH_PATH -c "SELECT coalesce(sum(rows), 0) FROM psap_status() WHERE version =
-/// 'vN'"`; the answer is psql's last line.
+/// Asks the database how many rows use `version`, and how many registered columns it could not
+/// count (psap_status() reports such a column as `not counted`: its type changed, or the role
+/// connected cannot read the table); any such column makes the answer no answer. Runs
+/// `psql -X -q -At -v ON_ERROR_STOP=1 -d CONNINFO -c PIN_SEARCH_PATH -c "SELECT ..."`; the
+/// answer is psql's last line, `<rows> <columns not counted>`.
 fn rows_using(conninfo: &str, version: Version) -> Result<u128> {
     // The version is `v` and at most two digits (checked by Version::parse): safe to quote.
-    let sql =
-        format!("SELECT coalesce(sum(rows), 0) FROM psap_status() WHERE version = '{version}'");
+    let sql = format!(
+        "SELECT coalesce(sum(rows) FILTER (WHERE version = '{version}'), 0) || ' ' || \
+         count(*) FILTER (WHERE state = 'not counted') FROM psap_status()"
+    );
     let output = Process::new("psql")
         .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", conninfo])
         .args(["-c", PIN_SEARCH_PATH, "-c", &sql])
@@ -293,7 +297,16 @@ fn rows_using(conninfo: &str, version: Version) -> Result<u128> {
     }
     let text = String::from_utf8_lossy(&output.stdout);
     let answer = text.trim().lines().last().unwrap_or_default().trim();
-    answer.parse::<u128>().map_err(|_| {
-        format!("refusing to retire {version}: psql answered {answer:?}, not a row count")
-    })
+    let counts: Vec<u128> = answer.split(' ').filter_map(|n| n.parse().ok()).collect();
+    match counts[..] {
+        [rows, 0] => Ok(rows),
+        [_, uncounted] => Err(format!(
+            "refusing to retire {version}: the database could not count {uncounted} registered \
+             column(s) (psap_status() shows why); check as a role that can read every registered \
+             table, such as the tables' owner or a superuser"
+        )),
+        _ => Err(format!(
+            "refusing to retire {version}: psql answered {answer:?}, not a row count"
+        )),
+    }
 }

@@ -658,7 +658,7 @@ fn retire_asks_the_database_through_psql() {
         cmd.output().unwrap()
     };
 
-    let out = retire("42", false);
+    let out = retire("42 0", false);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("42 row"), "{stderr}");
@@ -670,7 +670,18 @@ fn retire_asks_the_database_through_psql() {
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
          WHERE e.extname OPERATOR(pg_catalog.=) 'psap_encrypt') OPERATOR(pg_catalog.||) ', ', '') \
          OPERATOR(pg_catalog.||) 'pg_temp', false)\n-c\n\
-         SELECT coalesce(sum(rows), 0) FROM psap_status() WHERE version = 'v1'\n"
+         SELECT coalesce(sum(rows) FILTER (WHERE version = 'v1'), 0) || ' ' || \
+         count(*) FILTER (WHERE state = 'not counted') FROM psap_status()\n"
+    );
+    assert_eq!(parse_emit(&hsm.ok(&["emit"])).len(), 2);
+
+    // A column the database could not count: no answer, however few rows it reports.
+    let out = retire("0 1", false);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("could not count 1 registered column"),
+        "{stderr}"
     );
     assert_eq!(parse_emit(&hsm.ok(&["emit"])).len(), 2);
 
@@ -679,7 +690,7 @@ fn retire_asks_the_database_through_psql() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("connection refused"));
     assert_eq!(parse_emit(&hsm.ok(&["emit"])).len(), 2);
 
-    let out = retire("0", false);
+    let out = retire("0 0", false);
     assert!(
         out.status.success(),
         "{}",
