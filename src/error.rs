@@ -182,7 +182,8 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
             ERRCODE_CONFIG_FILE_ERROR,
             format!("version v{n} has a key from two sources"),
             Some(format!("Both psap.key_v{n} and psap.key_command configure version v{n}; neither key is used.")),
-            Some(format!("Remove psap.key_v{n} from the server configuration (or the version from the key command's output) and reload it.")),
+            // No apostrophe after the setting's name: the log hook hides what follows a quote there.
+            Some(format!("Remove psap.key_v{n} from the server configuration, or the version from the output of the key command, and reload it.")),
         ),
         CoreError::Authentication => (
             ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,

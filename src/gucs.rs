@@ -413,28 +413,40 @@ unsafe extern "C-unwind" fn check_key<const N: usize>(
         }
     };
     // SAFETY: the check hook protocol: `*newval` is a GUC-allocated C string this hook may
-    // replace with another GUC allocation (freeing the old one), and `*extra` receives a GUC
-    // allocation that PostgreSQL hands to the assign hook and frees. The mask is copied with its
-    // NUL; the old value is wiped over exactly its length before it is freed.
+    // replace (replace_value), and `*extra` receives a GUC allocation that PostgreSQL hands to the
+    // assign hook and frees.
     unsafe {
         if change != KeyChange::Keep {
-            let mask = guc_alloc(MASK.to_bytes_with_nul().len()).cast::<c_char>();
-            std::ptr::copy_nonoverlapping(MASK.as_ptr(), mask, MASK.to_bytes_with_nul().len());
-            let old = *newval;
-            if !old.is_null() {
-                psap_core::sodium::memzero(std::slice::from_raw_parts_mut(
-                    old.cast::<u8>(),
-                    CStr::from_ptr(old).to_bytes().len(),
-                ));
-                guc_release(old.cast());
-            }
-            *newval = mask;
+            replace_value(newval, MASK);
         }
         let marker = guc_alloc(1).cast::<u8>();
         *marker = change as u8;
         *extra = marker.cast();
     }
     true
+}
+
+/// Replaces a proposed setting value with `with`, in a check hook: the old text is wiped over
+/// exactly its length and freed.
+///
+/// # Safety
+/// `newval` is the check hook's pointer to a GUC-allocated C string (or NULL).
+unsafe fn replace_value(newval: *mut *mut c_char, with: &CStr) {
+    // SAFETY: as promised by the caller; the copy includes the NUL.
+    unsafe {
+        let len = with.to_bytes_with_nul().len();
+        let new = guc_alloc(len).cast::<c_char>();
+        std::ptr::copy_nonoverlapping(with.as_ptr(), new, len);
+        let old = *newval;
+        if !old.is_null() {
+            psap_core::sodium::memzero(std::slice::from_raw_parts_mut(
+                old.cast::<u8>(),
+                CStr::from_ptr(old).to_bytes().len(),
+            ));
+            guc_release(old.cast());
+        }
+        *newval = new;
+    }
 }
 
 /// Assign hook of `psap.key_vN`: moves the checked key into the key ring (once per configuration
@@ -791,7 +803,7 @@ fn define_key_command_settings() {
             c"".as_ptr(),
             pg_sys::GucContext::PGC_SIGHUP,
             (pg_sys::GUC_SUPERUSER_ONLY | pg_sys::GUC_NOT_IN_SAMPLE) as i32,
-            None,
+            Some(check_key_command),
             Some(assign_key_command),
             Some(show_key_command),
         );
@@ -811,11 +823,38 @@ unsafe extern "C-unwind" fn show_key_command() -> *const c_char {
     }
 }
 
+/// The key command's text, out of GUC memory: what PostgreSQL stores is [`MASK`] (or empty), so
+/// the postmaster's reload message `parameter "psap.key_command" changed to "..."`, which prints
+/// the file's raw value, is never emitted for it (the command can hold a credential), and
+/// `pg_settings.reset_val` shows none.
+static KEY_COMMAND: BackendCell<String> = BackendCell::new(String::new());
+
+/// Check hook of `psap.key_command`: keeps the text in [`KEY_COMMAND`] and stores the mask.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_key_command(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value (a C string or NULL).
+    let text = setting_text(unsafe { *newval }).unwrap_or("");
+    // The mask is the stored value applied again (a parallel worker): the command stays.
+    if text != MASK.to_str().unwrap_or_default() {
+        let command = text.trim().to_string();
+        let empty = command.is_empty();
+        *KEY_COMMAND.get() = command;
+        // SAFETY: the check hook's own value.
+        unsafe { replace_value(newval, if empty { c"" } else { MASK }) };
+    }
+    true
+}
+
 /// Runs the command in the postmaster, at start and at every reload that reads this setting.
 #[pg_guard]
-unsafe extern "C-unwind" fn assign_key_command(newval: *const c_char, _extra: *mut c_void) {
+unsafe extern "C-unwind" fn assign_key_command(_newval: *const c_char, _extra: *mut c_void) {
     if keysource::is_postmaster() {
-        keysource::load(setting_text(newval).unwrap_or(""), key_command_timeout());
+        let command = KEY_COMMAND.get().clone();
+        keysource::load(&command, key_command_timeout());
     }
 }
 

@@ -6,9 +6,8 @@
 //!   <command>` as the server's OS user, through a runner process of its own that kills what
 //!   the command leaves and everything at `psap.key_command_timeout` ([`process`]). Its standard
 //!   output (at most 64 KiB) is read straight into locked memory and parsed by
-//!   `psap_core::keylines`; its standard error (at most 4 KiB) goes to the server log, masked
-//!   as key material (`psap_core::redact::mask_key_command_output`). An output with no key is a
-//!   failure.
+//!   `psap_core::keylines`; its standard error is read and dropped (the log says how many bytes:
+//!   it can hold key material in any encoding). An output with no key is a failure.
 //! - The keys go into a small **shared table**: an anonymous shared mapping the postmaster
 //!   creates before the first backend is forked (so every backend has it), locked in memory and
 //!   excluded from core dumps, written under a sequence lock. Backends copy it into their own
@@ -253,8 +252,10 @@ fn run(command: &str, timeout: Duration) -> Result<Vec<(Version, Key)>, String> 
             .to_string_lossy()
             .into_owned()
     });
-    let mut ran = process::run(command, timeout, data_dir.as_deref(), out.bytes_mut());
-    log_stderr(&mut ran.stderr, ran.stderr_cut);
+    let ran = process::run(command, timeout, data_dir.as_deref(), out.bytes_mut());
+    if ran.stderr_bytes > 0 {
+        log_stderr_withheld(ran.stderr_bytes);
+    }
     ran.result?;
     if ran.out_len > MAX_OUTPUT {
         return Err(format!("its output is longer than {MAX_OUTPUT} bytes"));
@@ -269,22 +270,18 @@ fn run(command: &str, timeout: Duration) -> Result<Vec<(Version, Key)>, String> 
     Ok(keys)
 }
 
-/// The command's standard error in the server log, line by line, masked here already
-/// ([`psap_core::redact::mask_key_command_output`]: it runs at server start before the log
-/// hook is installed, and a cut may fall inside a key), then wiped.
-fn log_stderr(err: &mut [u8], cut: bool) {
-    psap_core::redact::mask_key_command_output(err, cut);
-    for line in String::from_utf8_lossy(err)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-    {
-        ereport!(
-            PgLogLevel::LOG,
-            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-            format!("psap.key_command: {line}")
-        );
-    }
-    psap_core::sodium::memzero(err);
+/// Says that the command wrote to its standard error, without what: it can hold key material in
+/// any encoding (a script traced with `set -x` prints its keys; a secrets manager's client, a
+/// base64 secret; a debug line, a list of bytes), which no masking recognises reliably.
+fn log_stderr_withheld(bytes: usize) {
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+        format!("psap.key_command wrote {bytes} bytes to its standard error, not logged"),
+        error::ORIGIN,
+    )
+    .set_detail("The output of the key command is never logged: it can hold key material.")
+    .set_hint("To see it, run the command as the server's OS user.")
+    .report(PgLogLevel::LOG);
 }
 
 /// What a backend knows of the command's keys.

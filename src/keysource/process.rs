@@ -1,21 +1,26 @@
-//! Running the key command, so that nothing it starts outlives it or reaches the postmaster.
+//! Running the key command, so that nothing it starts outlives it unreaped or reaches the
+//! postmaster.
 //!
 //! The postmaster forks a **runner** of its own (no exec), and the runner starts
 //! `/bin/sh -c <command>`:
 //!
 //! - The runner is a child subreaper (Linux): whatever the command starts and leaves behind
-//!   becomes the runner's child, not the postmaster's. When the command ends, or is killed at
-//!   `psap.key_command_timeout`, the runner kills and reaps everything left, then reports and
-//!   exits. The postmaster reaps the runner itself (SIGCHLD blocked meanwhile), so its reaper
-//!   never sees a process it did not start. (A process the postmaster's reaper collects that is
-//!   not one of its own, and that was killed or exited with a status above 1, counts as a
-//!   crashed backend: every session is reset. That is what a killed helper of the command did
-//!   where the postmaster is PID 1, as in a container, when it was reparented there.)
+//!   becomes the runner's child, never the postmaster's. A process the postmaster's reaper
+//!   collects that is not one of its own, and that was killed or exited with a status above 1,
+//!   counts as a crashed backend: every session is reset. That is what a helper of the command
+//!   did where the postmaster is PID 1 (a container), when it was reparented there and died.
+//! - When the command ends, or at `psap.key_command_timeout`, the runner kills its process group
+//!   and reports (the wait status, or that it was killed, or that it could not be: a command that
+//!   runs as another user through sudo cannot be signalled by the server's OS user). Then it kills
+//!   what it can of what is left (the children it adopted, listed in /proc when /proc is this
+//!   PID namespace's), reaps every child as it ends, however long that takes, and exits with
+//!   status 0, which the postmaster's reaper takes for an ordinary exit.
+//! - The postmaster reads the command's output and the report, then reaps the runner if it has
+//!   ended; it never signals the runner or anything the runner started.
 //! - The command gets only its stdin (/dev/null), stdout and stderr (pipes): no descriptor of
-//!   the postmaster's (the listening sockets, its death-watch pipe), none of which survived in a
-//!   helper left behind.
-//! - It runs in a process group of its own, with `/` as its working directory (not the data
-//!   directory, which base backups copy) and `PSAP_DATA_DIRECTORY` set.
+//!   the postmaster's (the listening sockets, its death-watch pipe). It runs in a process group
+//!   of its own, with `/` as its working directory (not the data directory, which base backups
+//!   copy) and `PSAP_DATA_DIRECTORY` set.
 //!
 //! The runner touches nothing of PostgreSQL's: it resets the signal handlers it inherited, calls
 //! no PostgreSQL function and ends with `_exit`, so none of the postmaster's exit handlers run.
@@ -27,21 +32,21 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How much of the command's standard error is kept (for the server log).
-pub const STDERR_BYTES: usize = 4096;
-/// How long the runner may take, past the timeout, to kill what is left and report.
+/// How long the postmaster waits, past the timeout, for the runner's report.
 const GRACE: Duration = Duration::from_secs(3);
-/// How long the runner goes on killing what the command left (a process that forks as fast as
-/// it is killed is left to the init process after this).
-const SWEEP: Duration = Duration::from_secs(2);
+/// How long the runner waits for a command it killed to end before it reports that it could not
+/// stop it.
+const KILL_WAIT: Duration = Duration::from_secs(1);
+/// How long the postmaster goes on reading output after the report (what is already in the
+/// pipes), and waits for the runner to end before leaving it to its own reaper.
+const AFTER_REPORT: Duration = Duration::from_millis(200);
 
 /// How a run ended.
 pub struct Finished {
     /// Bytes of standard output that came (more than the buffer holds: too long).
     pub out_len: usize,
-    /// The first [`STDERR_BYTES`] of its standard error, and whether more came.
-    pub stderr: Vec<u8>,
-    pub stderr_cut: bool,
+    /// Bytes of standard error that came (read and dropped: never logged).
+    pub stderr_bytes: usize,
     /// Why it failed (its exit, a signal, the timeout), in words that quote none of its output.
     pub result: Result<(), String>,
 }
@@ -52,8 +57,7 @@ pub fn run(command: &str, timeout: Duration, data_dir: Option<&str>, out: &mut [
     let deadline = Instant::now() + timeout;
     let mut finished = Finished {
         out_len: 0,
-        stderr: Vec::with_capacity(STDERR_BYTES),
-        stderr_cut: false,
+        stderr_bytes: 0,
         result: Ok(()),
     };
     let (Some((out_r, out_w)), Some((err_r, err_w)), Some((report_r, report_w))) =
@@ -62,13 +66,12 @@ pub fn run(command: &str, timeout: Duration, data_dir: Option<&str>, out: &mut [
         finished.result = Err("it could not be started (no pipe)".into());
         return finished;
     };
-    // SIGCHLD blocked until the runner is reaped here: the postmaster's own reaper must never
-    // collect it.
+    // SIGCHLD blocked while this waits for the runner (it reaps it itself when it has ended).
     let _blocked = crate::signals::Blocked::only(libc::SIGCHLD);
     // SAFETY: getpid cannot fail.
     let postmaster = unsafe { libc::getpid() };
     // SAFETY: the postmaster is single-threaded, so the child may run ordinary code; it ends
-    // with _exit (runner never returns).
+    // with _exit (runner_main never returns).
     let runner = unsafe { libc::fork() };
     if runner == 0 {
         drop((out_r, err_r, report_r));
@@ -85,56 +88,59 @@ pub fn run(command: &str, timeout: Duration, data_dir: Option<&str>, out: &mut [
         finished.result = Err("it could not be started (fork failed)".into());
         return finished;
     }
-    let hard = deadline + GRACE;
-    let read = read_both(
-        File::from(out_r),
-        File::from(err_r),
-        out,
-        &mut finished,
-        hard,
-    );
-    let report = read_report(File::from(report_r), hard);
-    let not_started = matches!(report.started, Some(e) if e <= 0);
-    if read.is_err() || (report.ended.is_none() && !not_started) {
-        // The runner did not finish in time: stop it and the command's group.
-        // SAFETY: signals to the runner (our child, not yet reaped: its pid cannot be reused)
-        // and to the command's process group (a pid the runner reported: > 0).
-        unsafe {
-            if let Some(group) = report.started.filter(|&p| p > 0) {
-                libc::kill(-group, libc::SIGKILL);
-            }
-            libc::kill(runner, libc::SIGKILL);
-        }
-    }
-    reap(runner);
-    finished.result = match (read, report) {
-        (Err(why), _) => Err(why),
-        (
-            _,
-            Report {
-                started: Some(e), ..
-            },
-        ) if e <= 0 => Err(format!(
-            "it could not be started ({})",
-            std::io::Error::from_raw_os_error(-e).kind()
-        )),
-        (
-            _,
-            Report {
-                ended: Some((_, true)),
-                ..
-            },
-        )
-        | (_, Report { ended: None, .. }) => Err(timed_out()),
-        (
-            _,
-            Report {
-                ended: Some((status, false)),
-                ..
-            },
-        ) => exit_result(status),
+    let mut pipes = Pipes {
+        out: Some(File::from(out_r)),
+        err: Some(File::from(err_r)),
+        report: Some(File::from(report_r)),
+    };
+    let read = pipes.collect(out, &mut finished, deadline + GRACE);
+    reap_if_ended(runner);
+    finished.result = match read {
+        Err(why) => Err(why),
+        Ok(report) => report.result(),
     };
     finished
+}
+
+/// What the runner reported.
+#[derive(Default)]
+struct Report {
+    bytes: [u8; 9],
+    len: usize,
+}
+
+/// How the command ended, the third part of the report.
+const EXITED: u8 = 0;
+const KILLED: u8 = 1;
+const NOT_STOPPED: u8 = 2;
+
+impl Report {
+    fn complete(&self) -> bool {
+        self.len == self.bytes.len() || (self.len >= 4 && self.word(0) <= 0) // the command did not start
+    }
+
+    fn word(&self, at: usize) -> i32 {
+        i32::from_ne_bytes(self.bytes[at..at + 4].try_into().expect("4 bytes"))
+    }
+
+    /// The run's outcome: `[pid or -errno][wait status][EXITED | KILLED | NOT_STOPPED]`.
+    fn result(&self) -> Result<(), String> {
+        if self.len >= 4 && self.word(0) <= 0 {
+            return Err(format!(
+                "it could not be started ({})",
+                std::io::Error::from_raw_os_error(-self.word(0)).kind()
+            ));
+        }
+        if self.len < self.bytes.len() {
+            // The runner ended without saying how the command did (it could not become one).
+            return Err("it failed (its runner did not report how it ended)".into());
+        }
+        match self.bytes[8] {
+            EXITED => exit_result(self.word(4)),
+            KILLED => Err(timed_out(true)),
+            _ => Err(timed_out(false)),
+        }
+    }
 }
 
 fn exit_result(status: libc::c_int) -> Result<(), String> {
@@ -153,11 +159,17 @@ fn exit_result(status: libc::c_int) -> Result<(), String> {
     }
 }
 
-pub fn timed_out() -> String {
-    format!(
-        "it did not finish within psap.key_command_timeout ({} s) and was killed",
-        crate::gucs::key_command_timeout().as_secs_f64()
-    )
+/// Why a run that outlived its timeout failed: killed, or left to end by itself (it runs as
+/// another user, or does not die).
+fn timed_out(killed: bool) -> String {
+    let limit = crate::gucs::key_command_timeout().as_secs_f64();
+    if killed {
+        format!("it did not finish within psap.key_command_timeout ({limit} s) and was killed")
+    } else {
+        format!(
+            "it did not finish within psap.key_command_timeout ({limit} s) and could not be killed (it runs as another user, or does not die); it is left to end by itself"
+        )
+    }
 }
 
 /// A pipe whose ends are closed at exec.
@@ -172,137 +184,122 @@ fn pipe() -> Option<(OwnedFd, OwnedFd)> {
     }
 }
 
-/// Reaps the runner (which ends shortly after its report, or was killed).
-fn reap(runner: libc::pid_t) {
-    let mut status = 0;
-    // SAFETY: waitpid for our own child.
-    while unsafe { libc::waitpid(runner, &mut status, 0) } < 0 {
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            break;
-        }
-    }
-}
-
-/// What the runner reported: the command's pid (or minus the errno of its failed start), then
-/// its wait status and whether it was killed at the timeout.
-struct Report {
-    started: Option<i32>,
-    ended: Option<(libc::c_int, bool)>,
-}
-
-fn read_report(mut pipe: File, deadline: Instant) -> Report {
-    let mut bytes = [0u8; 9];
-    let mut n = 0;
-    while n < bytes.len() && wait_readable(pipe.as_raw_fd(), deadline) {
-        match pipe.read(&mut bytes[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    let word = |at: usize| i32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-    Report {
-        started: (n >= 4).then(|| word(0)),
-        ended: (n == 9).then(|| (word(4), bytes[8] != 0)),
-    }
-}
-
-fn wait_readable(fd: RawFd, deadline: Instant) -> bool {
+/// Reaps the runner if it ends within [`AFTER_REPORT`]; otherwise (it is reaping what the
+/// command left) the postmaster's reaper collects it later, with status 0.
+fn reap_if_ended(runner: libc::pid_t) {
+    let until = Instant::now() + AFTER_REPORT;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
+        // SAFETY: waitpid for our own child.
+        let r = unsafe { libc::waitpid(runner, std::ptr::null_mut(), libc::WNOHANG) };
+        if r != 0 || Instant::now() >= until {
+            return;
         }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, 1000) as i32) };
-        if ready > 0 {
-            return true;
-        }
-        if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return false;
-        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
-/// Reads standard output into `out` and standard error into `finished` until both close or the
-/// deadline passes; what does not fit goes through a buffer wiped before returning.
-fn read_both(
-    mut stdout: File,
-    mut stderr: File,
-    out: &mut [u8],
-    finished: &mut Finished,
-    deadline: Instant,
-) -> Result<(), String> {
-    let mut sink = [0u8; 4096];
-    let result = (|| {
-        let (mut out_open, mut err_open) = (true, true);
-        while out_open || err_open {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(timed_out());
-            }
-            let mut fds = [
-                libc::pollfd {
-                    fd: if out_open { stdout.as_raw_fd() } else { -1 },
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: if err_open { stderr.as_raw_fd() } else { -1 },
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfd entries (a negative fd is ignored by poll).
-            let ready =
-                unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis().clamp(1, 1000) as i32) };
-            if ready < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err("its output could not be read".to_string());
-            }
-            if out_open && fds[0].revents != 0 {
-                let n = finished.out_len;
-                let room = if n < out.len() {
-                    &mut out[n..]
-                } else {
-                    &mut sink[..]
-                };
-                match stdout.read(room) {
-                    Ok(0) => out_open = false,
-                    Ok(k) => finished.out_len += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => out_open = false,
-                }
-            }
-            if err_open && fds[1].revents != 0 {
-                match stderr.read(&mut sink) {
-                    Ok(0) => err_open = false,
-                    Ok(k) => {
-                        let keep = k.min(STDERR_BYTES.saturating_sub(finished.stderr.len()));
-                        finished.stderr.extend_from_slice(&sink[..keep]);
-                        finished.stderr_cut |= keep < k;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => err_open = false,
-                }
-            }
-        }
-        Ok(())
-    })();
-    psap_core::sodium::memzero(&mut sink);
-    result
+/// The three pipes the postmaster reads: the command's stdout and stderr, the runner's report.
+struct Pipes {
+    out: Option<File>,
+    err: Option<File>,
+    report: Option<File>,
 }
 
-/// The runner: starts the command, waits for it (killing its group at the deadline), kills
-/// whatever it left, reports, and exits. Never returns.
+impl Pipes {
+    /// Reads stdout into `out`, counts and drops stderr, and reads the report, until the report
+    /// is complete and the output pipes are closed or quiet for [`AFTER_REPORT`] (a process the
+    /// command left may hold them open), or until `deadline`. What does not fit in `out` goes
+    /// through a buffer wiped before returning.
+    fn collect(
+        &mut self,
+        out: &mut [u8],
+        finished: &mut Finished,
+        deadline: Instant,
+    ) -> Result<Report, String> {
+        let mut sink = [0u8; 4096];
+        let mut report = Report::default();
+        let result = (|| {
+            let mut reported_at: Option<Instant> = None;
+            loop {
+                let now = Instant::now();
+                let outputs_open = self.out.is_some() || self.err.is_some();
+                match reported_at {
+                    Some(at) if !outputs_open || now >= at + AFTER_REPORT => return Ok(()),
+                    None if now >= deadline => return Err(timed_out(false)),
+                    _ => {}
+                }
+                let until = reported_at.map_or(deadline, |at| at + AFTER_REPORT);
+                let wait = until.saturating_duration_since(now);
+                let mut fds =
+                    [self.out.as_ref(), self.err.as_ref(), self.report.as_ref()].map(|f| {
+                        libc::pollfd {
+                            fd: f.map_or(-1, AsRawFd::as_raw_fd),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        }
+                    });
+                // SAFETY: three valid pollfd entries (a negative fd is ignored by poll).
+                let ready = unsafe {
+                    libc::poll(fds.as_mut_ptr(), 3, wait.as_millis().clamp(1, 1000) as i32)
+                };
+                if ready < 0 {
+                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err("its output could not be read".to_string());
+                }
+                if fds[0].revents != 0 {
+                    let n = finished.out_len;
+                    let room = if n < out.len() {
+                        &mut out[n..]
+                    } else {
+                        &mut sink[..]
+                    };
+                    match read_some(&mut self.out, room) {
+                        Some(k) => finished.out_len += k,
+                        None => self.out = None,
+                    }
+                }
+                if fds[1].revents != 0 {
+                    match read_some(&mut self.err, &mut sink) {
+                        Some(k) => finished.stderr_bytes += k,
+                        None => self.err = None,
+                    }
+                }
+                if fds[2].revents != 0 {
+                    let len = report.len;
+                    match read_some(&mut self.report, &mut report.bytes[len..]) {
+                        Some(k) => report.len += k,
+                        None => self.report = None,
+                    }
+                    if reported_at.is_none() && (report.complete() || self.report.is_none()) {
+                        reported_at = Some(Instant::now());
+                    }
+                }
+            }
+        })();
+        psap_core::sodium::memzero(&mut sink);
+        result.map(|()| report)
+    }
+}
+
+/// Reads what is there into `buf`: Some(bytes) (0 after an interrupted read), None at the end
+/// of the pipe or on an error (the pipe is then dropped by the caller).
+fn read_some(pipe: &mut Option<File>, buf: &mut [u8]) -> Option<usize> {
+    let file = pipe.as_mut()?;
+    if buf.is_empty() {
+        return None;
+    }
+    match file.read(buf) {
+        Ok(0) => None,
+        Ok(k) => Some(k),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Some(0),
+        Err(_) => None,
+    }
+}
+
+/// The runner: starts the command, waits for it (killing its group at the deadline), reports,
+/// then kills and reaps whatever it left, and exits with status 0. Never returns.
 fn runner_main(
     command: &str,
     data_dir: Option<&str>,
@@ -310,47 +307,51 @@ fn runner_main(
     postmaster: libc::pid_t,
     [out_w, err_w, report_w]: [OwnedFd; 3],
 ) -> ! {
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        become_runner(postmaster, &[&out_w, &err_w, &report_w]).then(|| {
-            let mut report = File::from(report_w);
-            let mut cmd = Command::new("/bin/sh");
-            cmd.arg("-c")
-                .arg(command)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(out_w))
-                .stderr(Stdio::from(err_w))
-                .process_group(0)
-                .current_dir("/");
-            if let Some(dir) = data_dir {
-                cmd.env("PSAP_DATA_DIRECTORY", dir);
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if !become_runner(postmaster, &[&out_w, &err_w, &report_w]) {
+            return;
+        }
+        let mut report = File::from(report_w);
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out_w))
+            .stderr(Stdio::from(err_w))
+            .process_group(0)
+            .current_dir("/");
+        if let Some(dir) = data_dir {
+            cmd.env("PSAP_DATA_DIRECTORY", dir);
+        }
+        let spawned = cmd.spawn();
+        // The runner's copies of the output pipes: closed, so that they end with the command's.
+        drop(cmd);
+        let pid = match spawned {
+            Ok(child) => child.id() as i32,
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::ENOENT).max(1);
+                let _ = report.write_all(&(-errno).to_ne_bytes());
+                return;
             }
-            let spawned = cmd.spawn();
-            // The runner's copies of the output pipes: closed, so that they end with the command's.
-            drop(cmd);
-            let pid = match spawned {
-                Ok(child) => child.id() as i32,
-                Err(e) => {
-                    let errno = e.raw_os_error().unwrap_or(libc::ENOENT).max(1);
-                    let _ = report.write_all(&(-errno).to_ne_bytes());
-                    return;
-                }
-            };
-            let _ = report.write_all(&pid.to_ne_bytes());
-            let (status, killed) = wait_for(pid, deadline);
-            kill_what_is_left();
-            let mut end = [0u8; 5];
-            end[..4].copy_from_slice(&status.to_ne_bytes());
-            end[4] = u8::from(killed);
-            let _ = report.write_all(&end);
-        })
+        };
+        let _ = report.write_all(&pid.to_ne_bytes());
+        let (status, how) = wait_for(pid, deadline);
+        let mut end = [0u8; 5];
+        end[..4].copy_from_slice(&status.to_ne_bytes());
+        end[4] = how;
+        let _ = report.write_all(&end);
+        drop(report);
+        reap_what_is_left();
     }));
-    // SAFETY: ends the runner without the postmaster's exit handlers.
-    unsafe { libc::_exit(if matches!(run, Ok(Some(()))) { 0 } else { 1 }) }
+    // SAFETY: ends the runner without the postmaster's exit handlers; status 0 is an ordinary
+    // exit to the postmaster's reaper, whatever happened here.
+    unsafe { libc::_exit(0) }
 }
 
-/// Makes this forked process a runner: PostgreSQL's signal handlers and mask gone, dies with
-/// the postmaster, adopts what the command leaves (Linux), and holds no descriptor but `keep`
-/// and the standard ones. False if the postmaster is already gone.
+/// Makes this forked process a runner: PostgreSQL's signal handlers and mask gone (SIGPIPE
+/// ignored: a report to a postmaster that stopped reading must not kill it), dies with the
+/// postmaster, adopts what the command leaves (Linux), and holds no descriptor but `keep` and
+/// the standard ones. False if the postmaster is already gone.
 fn become_runner(postmaster: libc::pid_t, keep: &[&OwnedFd]) -> bool {
     // SAFETY: signal dispositions, mask and process attributes of this process only;
     // descriptors closed are the postmaster's copies, which this process does not use.
@@ -360,6 +361,7 @@ fn become_runner(postmaster: libc::pid_t, keep: &[&OwnedFd]) -> bool {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
@@ -406,56 +408,63 @@ unsafe fn close_from(from: RawFd, to: RawFd) {
     }
 }
 
-/// Waits for the command to end, or for the deadline; then kills its process group (what it
-/// left in it, or all of it at the deadline) and reaps it. (wait status, killed at the deadline).
-/// The command is reaped only after its group is killed: until then its pid, which is the
-/// group's id, cannot be given to another process.
-fn wait_for(pid: libc::pid_t, deadline: Instant) -> (libc::c_int, bool) {
-    let killed = loop {
-        // SAFETY: waitid for the runner's own child; WNOWAIT leaves it to be reaped below.
-        let ended = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            let r = libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            );
-            (r == 0 && info.si_pid() == pid)
-                || (r < 0
-                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
-        };
-        if ended {
-            break false;
-        }
-        if Instant::now() >= deadline {
-            break true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    // SAFETY: the command leads its own process group (pid > 0), and is not reaped yet.
-    unsafe { libc::kill(-pid, libc::SIGKILL) };
-    let mut status = 0;
-    loop {
-        // SAFETY: waitpid for the runner's own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid
+/// Whether the runner's child `pid` has ended (it is left unreaped: WNOWAIT).
+fn has_ended(pid: libc::pid_t) -> bool {
+    // SAFETY: waitid for the runner's own child, into a siginfo of our own.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        (r == 0 && info.si_pid() == pid)
             || (r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
-        {
-            return (status, killed);
-        }
     }
 }
 
-/// Kills and reaps everything the command left outside its process group (killed by
-/// [`wait_for`]): every child the runner adopted (Linux lists them in /proc), until none is left
-/// or [`SWEEP`] has passed.
-fn kill_what_is_left() {
-    // SAFETY: getpid cannot fail.
-    let children = format!("/proc/self/task/{}/children", unsafe { libc::getpid() });
-    let until = Instant::now() + SWEEP;
+/// Waits for the command to end, or for the deadline; then kills its process group (what it
+/// left in it, or all of it at the deadline). Returns its wait status (reaped) and how it ended:
+/// [`EXITED`], [`KILLED`] at the deadline, or [`NOT_STOPPED`] (the kill was refused or did not
+/// take within [`KILL_WAIT`]: it is reaped later, by [`reap_what_is_left`]). The command is
+/// reaped only after its group is killed: until then its pid, the group's id, is not reused.
+fn wait_for(pid: libc::pid_t, deadline: Instant) -> (libc::c_int, u8) {
+    let mut how = EXITED;
+    while !has_ended(pid) {
+        if Instant::now() >= deadline {
+            how = KILLED;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: the command leads its own process group (pid > 0), and is not reaped yet.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    if how == KILLED {
+        let until = Instant::now() + KILL_WAIT;
+        while !has_ended(pid) {
+            if Instant::now() >= until {
+                return (0, NOT_STOPPED);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waitpid for the runner's own child, which has ended.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            break;
+        }
+    }
+    (status, how)
+}
+
+/// Kills what it can of what the command left outside its process group (the children the
+/// runner adopted, when /proc lists them for this PID namespace) and reaps every child as it
+/// ends, until the runner has none.
+fn reap_what_is_left() {
+    let started = Instant::now();
     loop {
-        // Reap what has ended; none left at all: done.
         loop {
             // SAFETY: waitpid for any child of the runner.
             let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
@@ -469,20 +478,49 @@ fn kill_what_is_left() {
         }
         // A child listed now is alive or an unreaped zombie until the next reap above, so its
         // pid cannot be reused before this kill.
-        if let Ok(list) = std::fs::read_to_string(&children) {
-            for pid in list
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                if pid > 0 {
-                    // SAFETY: a child of the runner (pid > 0).
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
+        for pid in adopted_children() {
+            // SAFETY: a child of the runner (pid > 0).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        if Instant::now() >= until {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(2));
+        // Quickly at first (the usual case: killed at once), then at a slow pace for a process
+        // that cannot be killed or listed and is waited for until it ends.
+        let pace = if started.elapsed() < Duration::from_secs(2) {
+            2
+        } else {
+            100
+        };
+        std::thread::sleep(Duration::from_millis(pace));
     }
+}
+
+/// The runner's children, from /proc, if /proc is this PID namespace's (in a namespace of its
+/// own without its own /proc mount, /proc lists pids of another namespace: none are trusted).
+fn adopted_children() -> Vec<libc::pid_t> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: getpid cannot fail.
+        let me = unsafe { libc::getpid() };
+        let Ok(link) = std::fs::read_link("/proc/thread-self") else {
+            return Vec::new();
+        };
+        // "<tgid>/task/<tid>", as the /proc mount's namespace numbers them.
+        let ours = link
+            .to_str()
+            .and_then(|l| l.split('/').next())
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            == Some(me);
+        if !ours {
+            return Vec::new();
+        }
+        std::fs::read_to_string("/proc/thread-self/children")
+            .map(|list| {
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<libc::pid_t>().ok())
+                    .filter(|&p| p > 0)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    #[cfg(not(target_os = "linux"))]
+    Vec::new()
 }

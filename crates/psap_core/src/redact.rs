@@ -4,9 +4,10 @@
 //! - a run of 64 or more hexadecimal digits (a key, as `openssl rand -hex 32` prints it) becomes
 //!   asterisks; in a message about a statement that sets a key (`key_context`), any run of 16 or
 //!   more does (the SQL parser quotes the part of a key it stopped at);
-//! - in a text that mentions a key setting (`psap.key_v1` .. `psap.key_v99`, any case), the
-//!   content of every single-quoted literal after the mention becomes asterisks (a malformed key,
-//!   or one with a cipher prefix);
+//! - in a text that mentions a key setting (`psap.key_v1` .. `psap.key_v99`, any case) or sets
+//!   the key command (`psap.key_command =`, which can hold a credential), the content of every
+//!   single-quoted literal after the mention becomes asterisks (a malformed key, one with a
+//!   cipher prefix, a command with a token in it);
 //! - in a configuration-file syntax error, the token quoted after `near token` becomes asterisks
 //!   (an unquoted key in a key file).
 //!
@@ -14,9 +15,6 @@
 //! (`v<N>:` and [`MIN_ENVELOPE_BODY`] or more base64 characters) becomes asterisks. psap_rotate
 //! applies it to the errors it raises again after a failed batch (the table's code can quote the
 //! row it refused, with the new ciphertext in it).
-//!
-//! The key command's standard error gets more ([`mask_key_command_output`]): it is the output of
-//! a program that holds keys (a script traced with `set -x` prints its `printf` of them).
 //!
 //! Lengths never change and nothing is allocated, so the caller can rewrite a C string where it
 //! lies, inside error reporting.
@@ -26,18 +24,27 @@ pub const MIN_HEX_RUN: usize = 64;
 /// The same, in a message about a statement that sets a key.
 pub const MIN_HEX_RUN_IN_KEY_CONTEXT: usize = 16;
 
-/// Whether `text` names a key setting (`psap.key_v1` .. `psap.key_v99`, in any case).
+/// Whether `text` names a key setting (`psap.key_v1` .. `psap.key_v99`), or sets the key command
+/// (`psap.key_command` followed by `=`, `TO` or a quote: it can hold a credential), in any case.
 pub fn mentions_key_setting(text: &[u8]) -> bool {
     key_setting_at(text).is_some()
 }
 
-/// Where the first `psap.key_v<digit>` starts.
+/// Where the first key setting's name (see [`mentions_key_setting`]) ends.
 fn key_setting_at(text: &[u8]) -> Option<usize> {
-    let needle = b"psap.key_v";
+    let needle = b"psap.key_";
     let mut from = 0;
     while let Some(at) = find_ci(&text[from..], needle).map(|p| p + from) {
-        if text.get(at + needle.len()).is_some_and(u8::is_ascii_digit) {
-            return Some(at);
+        let rest = &text[at + needle.len()..];
+        let key = rest.len() > 1 && rest[0].eq_ignore_ascii_case(&b'v') && rest[1].is_ascii_digit();
+        let command =
+            rest.len() >= 7 && rest[..7].eq_ignore_ascii_case(b"command") && assigned(&rest[7..]);
+        if key {
+            let digits = rest[1..].iter().take_while(|b| b.is_ascii_digit()).count();
+            return Some(at + needle.len() + 1 + digits);
+        }
+        if command {
+            return Some(at + needle.len() + 7);
         }
         from = at + 1;
     }
@@ -50,6 +57,16 @@ fn key_setting_at(text: &[u8]) -> Option<usize> {
 /// that fails a constraint).
 pub fn calls_psap_crypto(text: &[u8]) -> bool {
     find_ci(text, b"psap_encrypt").is_some() || find_ci(text, b"psap_decrypt").is_some()
+}
+
+/// Whether what follows a setting's name gives it a value: `=`, `TO`, or a quote (the name in a
+/// literal or an identifier, as `set_config('psap.key_command', ...)` and messages quote it).
+fn assigned(after: &[u8]) -> bool {
+    let t = &after[after.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
+    matches!(t.first(), Some(b'=' | b'\'' | b'"'))
+        || (t.len() >= 2
+            && t[..2].eq_ignore_ascii_case(b"to")
+            && !t.get(2).is_some_and(u8::is_ascii_alphanumeric))
 }
 
 /// Whether `text` holds a run of at least [`MIN_HEX_RUN`] hex digits.
@@ -75,8 +92,10 @@ pub fn redact(text: &mut [u8], key_context: bool) -> bool {
         changed = true;
         from = end;
     }
-    if let Some(at) = key_setting_at(text) {
-        let mut i = at;
+    if let Some(end) = key_setting_at(text) {
+        // The name quoted as a literal (`set_config('psap.key_v1', '...')`): its closing quote
+        // is not the start of the value's.
+        let mut i = end + usize::from(text.get(end) == Some(&b'\''));
         while let Some(open) = text[i..].iter().position(|&b| b == b'\'').map(|p| p + i) {
             let Some(close) = text[open + 1..]
                 .iter()
@@ -145,46 +164,6 @@ pub fn mask_envelopes(text: &mut [u8]) -> bool {
     changed
 }
 
-/// Separators between the groups of hex digits [`mask_key_command_output`] reads as one run
-/// (`4e c0 59`, `4e:c0:59`, `4e-c0-59`, a UUID).
-const HEX_GROUP_SEPARATORS: &[u8] = b" :-,";
-
-/// The key command's standard error, before it is logged: [`redact`] as about a key (runs of 16
-/// or more hex digits), and also hex digits in groups (`4e c0 59 b5 ...`, one separator of
-/// [`HEX_GROUP_SEPARATORS`] between groups) that hold 16 or more digits in all. `truncated`:
-/// the text was cut at its end, so a run there may be the start of a longer one and is hidden
-/// however short. Returns whether anything changed.
-pub fn mask_key_command_output(text: &mut [u8], truncated: bool) -> bool {
-    let mut changed = redact(text, true);
-    let mut i = 0;
-    while i < text.len() {
-        if !text[i].is_ascii_hexdigit() {
-            i += 1;
-            continue;
-        }
-        // A run of groups: hex digits, single separators between them.
-        let start = i;
-        let (mut digits, mut end) = (0, i);
-        while i < text.len() {
-            if text[i].is_ascii_hexdigit() {
-                digits += 1;
-                i += 1;
-                end = i;
-            } else if HEX_GROUP_SEPARATORS.contains(&text[i])
-                && text.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
-            {
-                i += 1;
-            } else {
-                break;
-            }
-        }
-        if digits >= MIN_HEX_RUN_IN_KEY_CONTEXT || (truncated && end == text.len()) {
-            changed |= mask(&mut text[start..end]);
-        }
-    }
-    changed
-}
-
 fn mask(bytes: &mut [u8]) -> bool {
     let changed = bytes.iter().any(|&b| b != b'*');
     bytes.fill(b'*');
@@ -244,44 +223,6 @@ fn find_ci(text: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn key_command_output_is_masked_in_groups_and_at_a_cut() {
-        let key = "4ec059b5f782eb5aff8c0ab0835f964b92c746af3850204e4c6650e977bbea4a";
-        let spaced: Vec<String> = key
-            .as_bytes()
-            .chunks(2)
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect();
-        for line in [
-            format!("+ printf '%s' v1 secretbox {key}"),
-            format!("key={}", spaced.join(" ")),
-            format!("key={}", spaced.join(":")),
-            format!("id 0c5e3f3a-4d1b-4a8e-9f00-{}", &key[..12]),
-        ] {
-            let mut text = line.clone().into_bytes();
-            assert!(mask_key_command_output(&mut text, false), "{line}");
-            let text = String::from_utf8(text).unwrap();
-            assert!(
-                !text.contains(&key[..8]) && !text.contains("4e c0") && !text.contains("4e:c0"),
-                "{text}"
-            );
-            assert_eq!(text.len(), line.len());
-        }
-        // Ordinary words and dates stay.
-        for line in [
-            "curl: (7) Failed to connect to vault port 8200: a bad face",
-            "2026-12-06 11:17:19.123 UTC",
-        ] {
-            let mut text = line.as_bytes().to_vec();
-            assert!(!mask_key_command_output(&mut text, false), "{line}");
-        }
-        // Cut inside a key: the part before the cut is hidden, however short.
-        let mut text = format!("trace: {}", &key[..10]).into_bytes();
-        assert!(!mask_key_command_output(&mut text.clone(), false));
-        assert!(mask_key_command_output(&mut text, true));
-        assert_eq!(String::from_utf8(text).unwrap(), "trace: **********");
-    }
 
     /// A message of many key-like runs (anyone can have one logged: `SELECT '<hex> <hex> ...'::int`)
     /// is rewritten in one pass: each byte looked at a bounded number of times, however many runs.

@@ -467,6 +467,16 @@ fn log_redaction_hides_keys_and_only_keys() {
     let hint = "Set psap.key_version to a version that is not revoked; then rotate the revoked version's rows";
     assert_eq!(r(hint), hint);
     assert!(!mentions_key_setting(b"psap.key_command failed"));
+    // Setting the key command, which can hold a credential, is treated as setting a key.
+    for set in [
+        "SET psap.key_command = 'VAULT_TOKEN=hvs.abc /bin/emit'",
+        "ALTER SYSTEM SET PSAP.KEY_COMMAND TO 'VAULT_TOKEN=hvs.abc /bin/emit'",
+        "SELECT set_config('psap.key_command', 'VAULT_TOKEN=hvs.abc /bin/emit', false)",
+    ] {
+        assert!(mentions_key_setting(set.as_bytes()), "{set}");
+        assert!(!r(set).contains("hvs.abc"), "{}", r(set));
+    }
+    assert!(!mentions_key_setting(b"psap.key_command_timeout = 5"));
     assert!(has_hex_run(KEY_HEX.as_bytes()) && !has_hex_run(short.as_bytes()));
 }
 
