@@ -56,7 +56,8 @@ CREATE EVENT TRIGGER psap_registry_follow_drop ON sql_drop
 -- Per registered column: rows per version, NULLs and plaintext, whether each version's key is
 -- configured, whether it is current, its cipher, and the verdict a person reads first (the same
 -- on each row of the column): what needs a key the server lacks, then what is still on another
--- version or not encrypted, else "all on vN". No row with version = 'v1' means the v1 key can go.
+-- version or not encrypted, else "all on vN". No row with version = 'v1', and none 'not counted',
+-- means the v1 key can go (as far as this database goes).
 -- A registry row whose table is gone without the DROP that removes it, or is temporary (both only
 -- from 0.2.0, which registered temporary tables), is left out: it would make every call fail.
 -- A column that cannot be counted (its type changed, a partition that is not a table, no
@@ -107,7 +108,10 @@ BEGIN
                        CASE WHEN v.encrypted IS NULL AND v.plain IS NULL THEN 'no encrypted rows' END)
               FROM c, v
              ORDER BY c.state, length(c.version), c.version;
-        EXCEPTION WHEN OTHERS THEN
+        -- Only what makes a column uncountable for this role; a lock timeout, a deadlock or
+        -- running out of memory fail the call as before.
+        EXCEPTION WHEN insufficient_privilege OR datatype_mismatch OR wrong_object_type
+                    OR undefined_column OR undefined_table THEN
             RETURN QUERY SELECT r.relid::regclass, r.column_name::name, 'not counted'::text, NULL::text,
                                 NULL::bigint, NULL::boolean, NULL::boolean, NULL::text,
                                 'not counted: ' || SQLERRM;
@@ -165,7 +169,7 @@ AS $$
       LEFT JOIN uncounted u ON u.relation = r.relid AND u.column_name = r.column_name
       LEFT JOIN LATERAL (
           SELECT l.ended_at, l.to_version FROM @extschema@.psap_audit l
-           WHERE l.operation IN ('rotate', 'encrypt') AND l.status = 'done'
+           WHERE l.operation IN ('rotate', 'encrypt') AND l.status = 'done' AND l.rows_done > 0
              AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
              AND l.column_name = r.column_name
            ORDER BY l.ended_at DESC LIMIT 1) a ON true

@@ -107,6 +107,11 @@ def test_require_fips_and_the_move_from_secretbox_to_gcm_and_back(cluster, gcm):
         assert census == [("v3", 1500, "aes-256-gcm")]
         comp = c.execute("SELECT versions, ciphers, non_fips_rows, fips_module IS NOT NULL, last_rotation IS NOT NULL, last_rotation_to FROM psap_compliance()").fetchone()
         assert comp == (["v3"], ["aes-256-gcm"], 0, True, True, "v3")
+        # A run that finds nothing to do (a pg_cron job's, every ten minutes) is no rotation.
+        rotated_at = c.execute("SELECT last_rotation FROM psap_compliance()").fetchone()[0]
+        c.execute("CALL psap_rotate('incidents', 'title', 400)")
+        assert c.execute("SELECT count(*) FROM psap_audit WHERE status = 'done' AND rows_done = 0").fetchone()[0] >= 1
+        assert c.execute("SELECT last_rotation FROM psap_compliance()").fetchone()[0] == rotated_at
     # psap.require_fips: new ciphertext only with a FIPS cipher; secretbox ciphertext only rotates.
     cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": GCM3}, "v3", extra="psap.require_fips = on\n")
     with cluster.connect(dbname=gcm) as c:
