@@ -254,7 +254,11 @@ def test_the_commands_text_is_not_logged_at_reload(kc):
         assert keys(c)["v1"][2:4] == ("ok", "command")
         assert c.execute("SELECT reset_val FROM pg_settings WHERE name = 'psap.key_command'").fetchone()[0] \
             in ("(hidden)", "")
-    assert "hvs.NotForTheLog" not in kc.log_text_from(at)
+    with kc.connect() as c:
+        # A mistaken SET: refused by PostgreSQL, whose STATEMENT line would quote the token.
+        assert sqlstate_of(c, "SET psap.key_command = 'VAULT_TOKEN=hvs.Mistyped /x'")[0] == "55P02"
+    log = kc.log_text_from(at)
+    assert "hvs.NotForTheLog" not in log and "hvs.Mistyped" not in log, log
 
 
 def test_a_failing_statement_that_calls_psap_encrypt_is_not_logged(kc):
