@@ -719,6 +719,14 @@ fn keys() -> RefMut<'static, Keys> {
 }
 
 /// Changes the keys of the psap.key_vN settings (their hooks).
+/// Drops this process's key rings (each key wiped as it drops): for the key command's runner,
+/// a fork of the postmaster that may live on reaping what the command left, and must not keep
+/// a copy of the keys meanwhile (memory locks are not inherited across fork).
+pub fn forget_keys() {
+    *KEYS.get() = Keys::default();
+    *PENDING.get() = KeyRing::default();
+}
+
 fn with_settings<R>(f: impl FnOnce(&mut KeyRing) -> R) -> R {
     let mut k = keys();
     k.dirty = true;
@@ -842,7 +850,9 @@ unsafe extern "C-unwind" fn check_key_command(
     if text != MASK.to_str().unwrap_or_default() {
         let command = text.trim().to_string();
         let empty = command.is_empty();
-        *KEY_COMMAND.get() = command;
+        // The text it replaces is wiped (it can hold a credential).
+        let mut old = std::mem::replace(&mut *KEY_COMMAND.get(), command).into_bytes();
+        psap_core::sodium::memzero(&mut old);
         // SAFETY: the check hook's own value.
         unsafe { replace_value(newval, if empty { c"" } else { MASK }) };
     }

@@ -2,9 +2,9 @@
 //! postmaster reads them, and every backend gets them through memory only.
 //!
 //! - The **postmaster** (never a backend) runs the command at server start and at every
-//!   configuration reload ([`load`], called from the setting's assign hook): `/bin/sh -c
-//!   <command>` as the server's OS user, through a runner process of its own that kills what
-//!   the command leaves and everything at `psap.key_command_timeout` ([`process`]). Its standard
+//!   configuration reload ([`load`], called from the setting's assign hook), with `/bin/sh` as
+//!   the server's OS user, through a runner process of its own that kills the command at
+//!   `psap.key_command_timeout` and reaps whatever it leaves ([`process`]). Its standard
 //!   output (at most 64 KiB) is read straight into locked memory and parsed by
 //!   `psap_core::keylines`; its standard error is read and dropped (the log says how many bytes:
 //!   it can hold key material in any encoding). An output with no key is a failure.
@@ -116,6 +116,23 @@ pub fn create_table() {
         }
         TABLE.store(p.cast(), Ordering::Release);
     }
+}
+
+/// Unmaps the shared table in the key command's runner (a fork of the postmaster, which must
+/// hold no key: the mapping is shared, so it is unmapped, never wiped).
+fn unmap_table() {
+    let p = TABLE.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    if !p.is_null() {
+        // SAFETY: the mapping create_table made, of the table's size; no reference to it is held.
+        unsafe { libc::munmap(p.cast(), std::mem::size_of::<Table>()) };
+    }
+}
+
+/// What the key command's runner must not keep of the postmaster's: the shared table and the
+/// key rings.
+fn forget_keys_in_runner() {
+    unmap_table();
+    crate::gucs::forget_keys();
 }
 
 fn table() -> Option<&'static Table> {

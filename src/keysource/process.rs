@@ -1,8 +1,9 @@
 //! Running the key command, so that nothing it starts outlives it unreaped or reaches the
 //! postmaster.
 //!
-//! The postmaster forks a **runner** of its own (no exec), and the runner starts
-//! `/bin/sh -c <command>`:
+//! The postmaster forks a **runner** of its own (no exec), and the runner starts the command
+//! with `/bin/sh`, its text passed through the environment (`/proc/<pid>/cmdline` is readable by
+//! every local user, `environ` only by the same one):
 //!
 //! - The runner is a child subreaper (Linux): whatever the command starts and leaves behind
 //!   becomes the runner's child, never the postmaster's. A process the postmaster's reaper
@@ -31,6 +32,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use psap_core::sodium::Secret;
 
 /// How long the postmaster waits, past the timeout, for the runner's report.
 const GRACE: Duration = Duration::from_secs(3);
@@ -74,6 +77,13 @@ pub fn run(command: &str, timeout: Duration, data_dir: Option<&str>, out: &mut [
     // with _exit (runner_main never returns).
     let runner = unsafe { libc::fork() };
     if runner == 0 {
+        // Every signal blocked at once: the postmaster's handlers are still installed here.
+        // SAFETY: the mask of this (single-threaded) process.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        }
         drop((out_r, err_r, report_r));
         runner_main(
             command,
@@ -93,11 +103,11 @@ pub fn run(command: &str, timeout: Duration, data_dir: Option<&str>, out: &mut [
         err: Some(File::from(err_r)),
         report: Some(File::from(report_r)),
     };
-    let read = pipes.collect(out, &mut finished, deadline + GRACE);
+    let read = pipes.collect(out, &mut finished, deadline + GRACE, timeout);
     reap_if_ended(runner);
     finished.result = match read {
         Err(why) => Err(why),
-        Ok(report) => report.result(),
+        Ok(report) => report.result(timeout),
     };
     finished
 }
@@ -113,6 +123,8 @@ struct Report {
 const EXITED: u8 = 0;
 const KILLED: u8 = 1;
 const NOT_STOPPED: u8 = 2;
+/// Its wait status could not be read.
+const UNKNOWN: u8 = 3;
 
 impl Report {
     fn complete(&self) -> bool {
@@ -124,7 +136,7 @@ impl Report {
     }
 
     /// The run's outcome: `[pid or -errno][wait status][EXITED | KILLED | NOT_STOPPED]`.
-    fn result(&self) -> Result<(), String> {
+    fn result(&self, timeout: Duration) -> Result<(), String> {
         if self.len >= 4 && self.word(0) <= 0 {
             return Err(format!(
                 "it could not be started ({})",
@@ -137,8 +149,9 @@ impl Report {
         }
         match self.bytes[8] {
             EXITED => exit_result(self.word(4)),
-            KILLED => Err(timed_out(true)),
-            _ => Err(timed_out(false)),
+            KILLED => Err(timed_out(timeout, true)),
+            NOT_STOPPED => Err(timed_out(timeout, false)),
+            _ => Err("it failed (its exit status could not be read)".into()),
         }
     }
 }
@@ -161,8 +174,8 @@ fn exit_result(status: libc::c_int) -> Result<(), String> {
 
 /// Why a run that outlived its timeout failed: killed, or left to end by itself (it runs as
 /// another user, or does not die).
-fn timed_out(killed: bool) -> String {
-    let limit = crate::gucs::key_command_timeout().as_secs_f64();
+fn timed_out(timeout: Duration, killed: bool) -> String {
+    let limit = timeout.as_secs_f64();
     if killed {
         format!("it did not finish within psap.key_command_timeout ({limit} s) and was killed")
     } else {
@@ -215,8 +228,11 @@ impl Pipes {
         out: &mut [u8],
         finished: &mut Finished,
         deadline: Instant,
+        timeout: Duration,
     ) -> Result<Report, String> {
-        let mut sink = [0u8; 4096];
+        // Locked, as `out` is: what it holds can be key material.
+        let mut sink = Secret::<4096>::zeroed().ok_or("no locked memory for its output")?;
+        let sink = sink.bytes_mut();
         let mut report = Report::default();
         let result = (|| {
             let mut reported_at: Option<Instant> = None;
@@ -225,7 +241,12 @@ impl Pipes {
                 let outputs_open = self.out.is_some() || self.err.is_some();
                 match reported_at {
                     Some(at) if !outputs_open || now >= at + AFTER_REPORT => return Ok(()),
-                    None if now >= deadline => return Err(timed_out(false)),
+                    None if now >= deadline => {
+                        return Err(format!(
+                            "it did not finish within psap.key_command_timeout ({} s), and its runner did not report in time; it is left to end by itself",
+                            timeout.as_secs_f64()
+                        ))
+                    }
                     _ => {}
                 }
                 let until = reported_at.map_or(deadline, |at| at + AFTER_REPORT);
@@ -261,7 +282,7 @@ impl Pipes {
                     }
                 }
                 if fds[1].revents != 0 {
-                    match read_some(&mut self.err, &mut sink) {
+                    match read_some(&mut self.err, &mut sink[..]) {
                         Some(k) => finished.stderr_bytes += k,
                         None => self.err = None,
                     }
@@ -278,7 +299,6 @@ impl Pipes {
                 }
             }
         })();
-        psap_core::sodium::memzero(&mut sink);
         result.map(|()| report)
     }
 }
@@ -311,10 +331,15 @@ fn runner_main(
         if !become_runner(postmaster, &[&out_w, &err_w, &report_w]) {
             return;
         }
+        // It may live on, reaping what the command left: no copy of the keys meanwhile.
+        super::forget_keys_in_runner();
         let mut report = File::from(report_w);
+        // The text through the environment, not argv: /proc/<pid>/cmdline is readable by every
+        // local user, environ only by the same one; the shell drops it before running it.
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
-            .arg(command)
+            .arg("c=$PSAP_KEY_COMMAND; unset PSAP_KEY_COMMAND; eval \"$c\"")
+            .env("PSAP_KEY_COMMAND", command)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out_w))
             .stderr(Stdio::from(err_w))
@@ -356,23 +381,43 @@ fn become_runner(postmaster: libc::pid_t, keep: &[&OwnedFd]) -> bool {
     // SAFETY: signal dispositions, mask and process attributes of this process only;
     // descriptors closed are the postmaster's copies, which this process does not use.
     unsafe {
-        for sig in 1..libc::SIGRTMAX() {
+        for sig in 1..=libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // Every signal stays blocked (a terminal's SIGINT, systemd's SIGTERM to the whole unit,
+        // a signal to the postmaster's process group must not kill it: a runner that dies by a
+        // signal is a crashed backend to the postmaster's reaper) but the faults of its own
+        // code, which end it with status 1 instead (an allocation failure aborts). The command
+        // starts with an empty mask (std's spawn sets it).
+        let faults = [
+            libc::SIGABRT,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+        ];
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut mask);
+        for sig in faults {
+            libc::signal(sig, exit_on_fault as *const () as libc::sighandler_t);
+            libc::sigdelset(&mut mask, sig);
+        }
+        libc::sigprocmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
         #[cfg(target_os = "linux")]
         {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                || libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) != 0
+            {
+                return false;
+            }
         }
         if libc::getppid() != postmaster {
             return false;
         }
+        adjust_oom_score();
         let mut keep: Vec<RawFd> = keep.iter().map(|f| f.as_raw_fd()).collect();
         keep.sort_unstable();
         let mut from: RawFd = 3;
@@ -383,6 +428,22 @@ fn become_runner(postmaster: libc::pid_t, keep: &[&OwnedFd]) -> bool {
         close_from(from, RawFd::MAX);
     }
     true
+}
+
+/// Ends the runner on a fault of its own with status 1, which the postmaster's reaper takes for
+/// an ordinary exit.
+extern "C" fn exit_on_fault(_signal: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(1) }
+}
+
+/// What PostgreSQL's own fork_process does for every child: the OOM score from
+/// PG_OOM_ADJUST_FILE / PG_OOM_ADJUST_VALUE (the postmaster's protection is not the command's).
+fn adjust_oom_score() {
+    if let Ok(file) = std::env::var("PG_OOM_ADJUST_FILE") {
+        let value = std::env::var("PG_OOM_ADJUST_VALUE").unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(file, value);
+    }
 }
 
 /// Closes descriptors `from..=to` (nothing if the range is empty).
@@ -453,7 +514,7 @@ fn wait_for(pid: libc::pid_t, deadline: Instant) -> (libc::c_int, u8) {
     // SAFETY: waitpid for the runner's own child, which has ended.
     while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
         if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            break;
+            return (0, UNKNOWN);
         }
     }
     (status, how)
@@ -500,15 +561,17 @@ fn adopted_children() -> Vec<libc::pid_t> {
     {
         // SAFETY: getpid cannot fail.
         let me = unsafe { libc::getpid() };
-        let Ok(link) = std::fs::read_link("/proc/thread-self") else {
-            return Vec::new();
-        };
-        // "<tgid>/task/<tid>", as the /proc mount's namespace numbers them.
-        let ours = link
-            .to_str()
-            .and_then(|l| l.split('/').next())
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
-            == Some(me);
+        // NSpid lists this process's pid in each namespace from the /proc mount's down to its
+        // own: one field, equal to getpid(), only if /proc is this namespace's.
+        let ours = std::fs::read_to_string("/proc/thread-self/status").is_ok_and(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .is_some_and(|ids| {
+                    let ids: Vec<&str> = ids.split_whitespace().collect();
+                    ids.len() == 1 && ids[0].parse::<libc::pid_t>().ok() == Some(me)
+                })
+        });
         if !ours {
             return Vec::new();
         }
