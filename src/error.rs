@@ -420,6 +420,20 @@ pub fn cannot_register_temporary(relation: &str) -> ! {
     )
 }
 
+/// A regclass argument whose OID names no relation (dropped after the statement named it, or a
+/// number cast to regclass).
+pub fn no_relation_with_oid(oid: u32) -> ! {
+    raise(
+        ERRCODE_UNDEFINED_TABLE,
+        format!("relation with OID {oid} does not exist"),
+        Some(
+            "It was dropped after the statement named it, or the number given is no relation's."
+                .into(),
+        ),
+        None,
+    )
+}
+
 /// A run's table was dropped after the run checked it.
 pub fn table_gone(relation: &str) -> ! {
     raise(

@@ -52,14 +52,7 @@ impl Regclass {
     /// The relation, locked AccessShareLock until it is dropped (as pgrx's argument is), or
     /// 42P01 if it no longer exists.
     pub fn open(self) -> PgRelation {
-        open_if_exists(self.0).unwrap_or_else(|| {
-            raise(
-                ERRCODE_UNDEFINED_TABLE,
-                format!("relation with OID {} does not exist", self.0.to_u32()),
-                Some("It was dropped after the statement named it, or the number given is no relation's.".into()),
-                None,
-            )
-        })
+        open_if_exists(self.0).unwrap_or_else(|| error::no_relation_with_oid(self.0.to_u32()))
     }
 }
 
