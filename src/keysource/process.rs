@@ -18,6 +18,10 @@
 //!   status 0, which the postmaster's reaper takes for an ordinary exit.
 //! - The postmaster reads the command's output and the report, then reaps the runner if it has
 //!   ended; it never signals the runner or anything the runner started.
+//! - If the postmaster dies meanwhile (killed, or crashed), the runner ends the command as at
+//!   its timeout and does the rest as above: a key command hung on its HSM or secrets manager is
+//!   not left running with nobody to end it. (It does not die with the postmaster itself: that
+//!   would orphan the command.)
 //! - The command gets only its stdin (/dev/null), stdout and stderr (pipes): no descriptor of
 //!   the postmaster's (the listening sockets, its death-watch pipe). It runs in a process group
 //!   of its own, with `/` as its working directory (not the data directory, which base backups
@@ -360,7 +364,7 @@ fn runner_main(
             }
         };
         let _ = report.write_all(&pid.to_ne_bytes());
-        let (status, how) = wait_for(pid, deadline);
+        let (status, how) = wait_for(pid, deadline, postmaster);
         let mut end = [0u8; 5];
         end[..4].copy_from_slice(&status.to_ne_bytes());
         end[4] = how;
@@ -374,9 +378,9 @@ fn runner_main(
 }
 
 /// Makes this forked process a runner: PostgreSQL's signal handlers and mask gone (SIGPIPE
-/// ignored: a report to a postmaster that stopped reading must not kill it), dies with the
-/// postmaster, adopts what the command leaves (Linux), and holds no descriptor but `keep` and
-/// the standard ones. False if the postmaster is already gone.
+/// ignored: a report to a postmaster that stopped reading must not kill it), adopts what the
+/// command leaves (Linux), and holds no descriptor but `keep` and the standard ones. False if the
+/// postmaster is already gone.
 fn become_runner(postmaster: libc::pid_t, keep: &[&OwnedFd]) -> bool {
     // SAFETY: signal dispositions, mask and process attributes of this process only;
     // descriptors closed are the postmaster's copies, which this process does not use.
@@ -408,13 +412,11 @@ fn become_runner(postmaster: libc::pid_t, keep: &[&OwnedFd]) -> bool {
         libc::sigprocmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
         #[cfg(target_os = "linux")]
         {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
-                || libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) != 0
-            {
+            if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) != 0 {
                 return false;
             }
         }
-        if libc::getppid() != postmaster {
+        if postmaster_gone(postmaster) {
             return false;
         }
         adjust_oom_score();
@@ -485,15 +487,22 @@ fn has_ended(pid: libc::pid_t) -> bool {
     }
 }
 
-/// Waits for the command to end, or for the deadline; then kills its process group (what it
-/// left in it, or all of it at the deadline). Returns its wait status (reaped) and how it ended:
-/// [`EXITED`], [`KILLED`] at the deadline, or [`NOT_STOPPED`] (the kill was refused or did not
-/// take within [`KILL_WAIT`]: it is reaped later, by [`reap_what_is_left`]). The command is
-/// reaped only after its group is killed: until then its pid, the group's id, is not reused.
-fn wait_for(pid: libc::pid_t, deadline: Instant) -> (libc::c_int, u8) {
+/// Whether the postmaster that forked the runner has ended (the runner was reparented).
+fn postmaster_gone(postmaster: libc::pid_t) -> bool {
+    // SAFETY: getppid cannot fail.
+    unsafe { libc::getppid() != postmaster }
+}
+
+/// Waits for the command to end, or for the deadline, or for the postmaster to end; then kills
+/// its process group (what it left in it, or all of it at the deadline or once the postmaster is
+/// gone). Returns its wait status (reaped) and how it ended: [`EXITED`], [`KILLED`], or
+/// [`NOT_STOPPED`] (the kill was refused or did not take within [`KILL_WAIT`]: it is reaped
+/// later, by [`reap_what_is_left`]). The command is reaped only after its group is killed: until
+/// then its pid, the group's id, is not reused.
+fn wait_for(pid: libc::pid_t, deadline: Instant, postmaster: libc::pid_t) -> (libc::c_int, u8) {
     let mut how = EXITED;
     while !has_ended(pid) {
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || postmaster_gone(postmaster) {
             how = KILLED;
             break;
         }

@@ -363,6 +363,47 @@ def test_what_a_command_leaves_does_not_reset_a_server_running_as_pid_1():
         sudoers.unlink(missing_ok=True)
 
 
+def test_a_command_hung_when_the_postmaster_dies_is_ended():
+    """If the postmaster dies (killed, or crashed) while its key command runs, the runner ends
+    the command as at its timeout. Before, the runner died with the postmaster and the command,
+    in a process group of its own, ran on with nothing left to end it (a command hung on its HSM:
+    forever)."""
+    hang = f"sleep 304.{os.getpid()}"
+    d = Path("/tmp") / f"psap-pmdeath-{os.getpid()}"
+    c = Cluster(d, 5493, ["log_min_messages = warning"])
+    c.destroy()
+    c.start()
+    c.stop()
+    c.write_conf("psap_keys.conf", "psap.key_command_timeout = 600\n"
+                 f"psap.key_command = '{script('hung_at_start.sh', f'{hang} & {hang}')}'\n")
+    env = {k: v for k, v in os.environ.items() if k != "RUST_BACKTRACE"}
+
+    def running(pattern):
+        return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+
+    with open(d / "server.log", "ab") as log:
+        p = subprocess.Popen(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--",
+                              str(BIN / "postgres"), "-D", str(d)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        # The postmaster runs the command while it loads the library, before it accepts connections.
+        deadline = time.time() + 30
+        while len(running(hang)) < 2:
+            assert time.time() < deadline and p.poll() is None, "the key command did not start"
+            time.sleep(0.1)
+        p.kill()
+        p.wait()
+        deadline = time.time() + 10
+        while running(hang) or running(f"postgres -D {d}"):
+            assert time.time() < deadline, ("left running after the postmaster died:", running(hang), running(f"postgres -D {d}"))
+            time.sleep(0.1)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        subprocess.run(["pkill", "-KILL", "-f", hang], check=False)
+        c.destroy()
+
+
 def test_key_memory_that_cannot_be_locked_is_logged():
     """Under a locked-memory limit of 0 (a container's is 64 KiB) keys can be swapped out: the
     server says so instead of nothing."""
