@@ -18,24 +18,6 @@ AS $$
       JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
 $$;
 
-DO $$
-DECLARE
-    f regprocedure;
-BEGIN
-    FOR f IN
-        SELECT routine FROM @extschema@._psap_routines()
-         WHERE name NOT IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
-                            '_psap_backend_alive', '_psap_rotate_value', '_psap_encrypt_value',
-                            '_psap_value_error')
-    LOOP
-        EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
-    END LOOP;
-END
-$$;
-REVOKE ALL ON TABLE @extschema@.psap_audit_log, @extschema@.psap_audit_chain,
-                    @extschema@.psap_encrypted_columns FROM PUBLIC;
-REVOKE ALL ON @extschema@.psap_audit, @extschema@.psap_rotation_progress FROM PUBLIC;
-
 -- Grants a role what operating key rotation needs, by allow-list: the documented operator API
 -- (psap_rotate, psap_encrypt_column, psap_rotate_all, the registry, psap_status, psap_census,
 -- psap_verify, psap_keys, psap_audit_verify, reading the audit trail) and the internal routines
@@ -71,6 +53,68 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION @extschema@.psap_grant_operator(regrole) FROM PUBLIC;
+
+-- Only the grants made here stay: the default privileges (ALTER DEFAULT PRIVILEGES) of the role
+-- running CREATE EXTENSION reach the extension's objects too, and could give another role the
+-- audit log or the registry, or take the helpers below from PUBLIC. This script runs with the
+-- extension's schema on its search_path, where other roles may create operators: every operator
+-- here is pg_catalog's, by name.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT pg_catalog.format('ROUTINE %s', r.routine) AS object, a.grantee
+          FROM @extschema@._psap_routines() r
+          JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) r.routine::pg_catalog.oid,
+               pg_catalog.aclexplode(p.proacl) a
+         WHERE a.grantee OPERATOR(pg_catalog.<>) p.proowner
+        UNION ALL
+        SELECT pg_catalog.format(CASE WHEN c.relkind OPERATOR(pg_catalog.=) 'S'::pg_catalog."char"
+                                      THEN 'SEQUENCE %s' ELSE 'TABLE %s' END, c.oid::pg_catalog.regclass),
+               a.grantee
+          FROM pg_catalog.pg_depend d
+          JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+          JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) d.objid,
+               pg_catalog.aclexplode(c.relacl) a
+         WHERE e.extname OPERATOR(pg_catalog.=) 'psap_encrypt'::pg_catalog.name
+           AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
+           AND d.deptype OPERATOR(pg_catalog.=) 'e'::pg_catalog."char"
+           AND a.grantee OPERATOR(pg_catalog.<>) c.relowner
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON %s FROM %s', g.object,
+                                  CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN 'PUBLIC'
+                                       ELSE g.grantee::pg_catalog.regrole::pg_catalog.text END);
+    END LOOP;
+END
+$$;
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT routine FROM @extschema@._psap_routines()
+         WHERE name NOT IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
+                            '_psap_backend_alive', '_psap_rotate_value', '_psap_encrypt_value',
+                            '_psap_value_error')
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
+    END LOOP;
+    -- Explicitly: a default privilege may have taken EXECUTE from PUBLIC.
+    FOR f IN
+        SELECT routine FROM @extschema@._psap_routines()
+         WHERE name IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
+                        '_psap_backend_alive', '_psap_rotate_value', '_psap_encrypt_value',
+                        '_psap_value_error')
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON ROUTINE %s TO PUBLIC', f);
+    END LOOP;
+END
+$$;
+REVOKE ALL ON TABLE @extschema@.psap_audit_log, @extschema@.psap_audit_chain,
+                    @extschema@.psap_encrypted_columns FROM PUBLIC;
+REVOKE ALL ON @extschema@.psap_audit, @extschema@.psap_rotation_progress FROM PUBLIC;
+
 
 -- Descriptions: one line for every object of the extension, in PostgreSQL's own style (what
 -- \dx+, \df+, \dv+ and \dt+ show). tests/integration/test_docs.py fails when an object has none.
@@ -116,6 +160,8 @@ COMMENT ON FUNCTION @extschema@._psap_audit_guard() IS 'internal: keeps psap_aud
 COMMENT ON FUNCTION @extschema@._psap_routines() IS 'internal: the extension''s functions and procedures, for grants';
 COMMENT ON FUNCTION @extschema@._psap_registry_follow_ddl() IS 'internal: keeps the registry''s column names in step with renames';
 COMMENT ON FUNCTION @extschema@._psap_registry_follow_drop() IS 'internal: forgets dropped tables and columns in the registry';
+COMMENT ON FUNCTION @extschema@._psap_registry_attnum() IS 'internal: keeps a registry row''s column number that of the column it names';
+COMMENT ON FUNCTION @extschema@._psap_schema_guard() IS 'internal: refuses renaming the extension''s schema';
 
 COMMENT ON TABLE @extschema@.psap_encrypted_columns IS 'registry of encrypted columns, with each one''s context';
 COMMENT ON TABLE @extschema@.psap_audit_log IS 'append-only record of every rotation, column encryption, dry run and registry change';
@@ -125,3 +171,4 @@ COMMENT ON VIEW @extschema@.psap_audit IS 'the audit log, with runs whose backen
 COMMENT ON VIEW @extschema@.psap_rotation_progress IS 'rotations and column encryptions: progress, rate and time left';
 COMMENT ON EVENT TRIGGER psap_registry_follow_ddl IS 'keeps psap_encrypted_columns in step with column renames';
 COMMENT ON EVENT TRIGGER psap_registry_follow_drop IS 'removes dropped tables and columns from psap_encrypted_columns';
+COMMENT ON EVENT TRIGGER psap_schema_guard IS 'refuses renaming the schema psap_encrypt''s functions name';

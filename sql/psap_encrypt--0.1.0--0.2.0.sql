@@ -12,6 +12,25 @@
 -- psap_keys() says more (cipher, source, load time, module) and psap_census() gives each version's
 -- cipher: new result types, so new functions (0.1.0's C symbols stay in the library for databases
 -- not yet updated). psap_status() is rebuilt on the new census below.
+-- Default privileges (ALTER DEFAULT PRIVILEGES) of the role running the update would reach the
+-- objects it creates (giving another role the new audit chain, or taking helpers from PUBLIC),
+-- and cannot be told apart afterwards from grants a DBA made: the update does not run under them.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_default_acl d
+                WHERE d.defaclrole OPERATOR(pg_catalog.=) (SELECT o.oid FROM pg_catalog.pg_roles o
+                                                          WHERE o.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
+                  AND d.defaclobjtype OPERATOR(pg_catalog.=) ANY ('{r,S,f}'::pg_catalog."char"[])
+                  AND (d.defaclnamespace OPERATOR(pg_catalog.=) 0::pg_catalog.oid
+                       OR d.defaclnamespace OPERATOR(pg_catalog.=) pg_catalog.to_regnamespace('@extschema@')::pg_catalog.oid)) THEN
+        RAISE EXCEPTION 'ALTER EXTENSION psap_encrypt UPDATE does not run under default privileges'
+            USING ERRCODE = '55000',
+                  DETAIL = pg_catalog.format('Role %s has default privileges (ALTER DEFAULT PRIVILEGES) for the objects the update creates.', CURRENT_USER),
+                  HINT = 'Run the update as a superuser without default privileges for tables, sequences and functions.';
+    END IF;
+END
+$$;
+
 DROP FUNCTION @extschema@.psap_keys();
 DROP FUNCTION @extschema@.psap_status();
 DROP FUNCTION @extschema@.psap_census(regclass, text);
@@ -322,6 +341,83 @@ DELETE FROM @extschema@.psap_encrypted_columns r
  WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_class c
                     WHERE c.oid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
                       AND c.relpersistence OPERATOR(pg_catalog.<>) 't');
+
+-- Keeps column names in step with renames, and forgets dropped tables and columns. A row's
+-- attnum follows a rename; its name, the registry's key, decides what a drop removes and is
+-- never taken from a column that still exists under it.
+CREATE OR REPLACE FUNCTION @extschema@._psap_registry_follow_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE @extschema@.psap_encrypted_columns r SET column_name = a.attname
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = r.relid AND a.attnum = r.attnum AND NOT a.attisdropped
+       AND a.attname <> r.column_name
+       AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute b
+                        WHERE b.attrelid = r.relid AND b.attname = r.column_name AND NOT b.attisdropped);
+EXCEPTION WHEN OTHERS THEN
+    -- Never block a DDL statement because of the registry.
+    RAISE WARNING 'psap_encrypt could not update its column registry: %', SQLERRM;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION @extschema@._psap_registry_follow_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM @extschema@.psap_encrypted_columns r
+     USING pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = r.relid::oid
+       AND (d.objsubid = 0 OR d.address_names[3] = r.column_name);
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'psap_encrypt could not update its column registry: %', SQLERRM;
+END
+$$;
+
+-- A row's attnum is always that of the column it names, whoever writes it: pg_restore copies the
+-- rows back after the tables were created anew, without their dropped columns, so the stored
+-- numbers can name other columns (the next column added took a registered column's row away).
+CREATE FUNCTION @extschema@._psap_registry_attnum() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    SELECT a.attnum INTO NEW.attnum FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = NEW.relid AND a.attname = NEW.column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', NEW.column_name, NEW.relid
+            USING ERRCODE = '42703';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER psap_registry_attnum BEFORE INSERT OR UPDATE ON @extschema@.psap_encrypted_columns
+    FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_registry_attnum();
+-- Rows restored before this update with another column's number get their own.
+UPDATE @extschema@.psap_encrypted_columns r SET attnum = a.attnum
+  FROM pg_catalog.pg_attribute a
+ WHERE a.attrelid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
+   AND a.attname OPERATOR(pg_catalog.=) r.column_name AND NOT a.attisdropped
+   AND a.attnum OPERATOR(pg_catalog.<>) r.attnum;
+
+-- The extension's schema keeps the name its objects were created with. SQL bodies name it
+-- (`@extschema@.psap_encrypted_columns`) and look the name up when they run: renamed, a schema
+-- made under the old name would supply those objects to the event triggers above, which run as
+-- their (superuser) owner on every role's DDL. In PostgreSQL 15 `public` is owned by the database
+-- owner, who could rename it.
+CREATE FUNCTION @extschema@._psap_schema_guard() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_catalog.to_regnamespace('@extschema@') IS DISTINCT FROM
+       (SELECT e.extnamespace FROM pg_catalog.pg_extension e WHERE e.extname = 'psap_encrypt') THEN
+        RAISE EXCEPTION 'the schema of extension psap_encrypt cannot be renamed'
+            USING ERRCODE = '0A000',
+                  HINT = 'The extension''s functions name their schema; its name must stay as it was at CREATE EXTENSION.';
+    END IF;
+END
+$$;
+CREATE EVENT TRIGGER psap_schema_guard ON ddl_command_end
+    WHEN TAG IN ('ALTER SCHEMA') EXECUTE FUNCTION @extschema@._psap_schema_guard();
 CREATE FUNCTION @extschema@.psap_status()
 RETURNS TABLE (relation regclass, column_name name, state text, version text, rows bigint,
                key_configured boolean, is_current boolean, cipher text, verdict text)
@@ -486,10 +582,10 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     more     boolean := true;
-    e_state  text;
-    e_msg    text;
-    e_detail text;
-    e_hint   text;
+    e_state  pg_catalog.text;
+    e_msg    pg_catalog.text;
+    e_detail pg_catalog.text;
+    e_hint   pg_catalog.text;
 BEGIN
     -- Commits the audit record; fails here, before any row is touched, if the caller is atomic.
     COMMIT;
@@ -569,8 +665,8 @@ DECLARE
                                               max_seconds, pause_ms, skip_undecryptable,
                                               disable_triggers, verify);
     run     bigint;
-    e_state text;
-    e_msg   text;
+    e_state pg_catalog.text;
+    e_msg   pg_catalog.text;
 BEGIN
     IF job IS NULL THEN
         RETURN;
@@ -643,24 +739,45 @@ BEGIN
     LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
     END LOOP;
+    -- Explicitly: a default privilege may have taken EXECUTE from PUBLIC.
+    FOR f IN
+        SELECT routine FROM @extschema@._psap_routines()
+         WHERE name IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
+                        '_psap_backend_alive', '_psap_rotate_value', '_psap_encrypt_value',
+                        '_psap_value_error')
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON ROUTINE %s TO PUBLIC', f);
+    END LOOP;
 END
 $$;
 REVOKE ALL ON TABLE @extschema@.psap_audit_chain FROM PUBLIC;
 
--- Operators made by 0.1.0's psap_grant_operator held every routine but six: take back all but
--- the application's four (never part of it, so granted separately), then grant the 0.2.0
--- allow-list.
+-- Operators made by 0.1.0's psap_grant_operator held every routine but six, and SELECT on the
+-- audit views and the registry: take back all but the application's four (never part of it, so
+-- granted separately), then grant the 0.2.0 allow-list. A role that held only part of that (its
+-- grants made by hand, for a purpose the update cannot know) keeps them as they are, named in a
+-- WARNING. Operators are pg_catalog's by name: roles may create operators in the schema on this
+-- script's search_path.
 DO $$
 DECLARE
     r regrole;
     f regprocedure;
 BEGIN
     FOR r IN
-        SELECT DISTINCT a.grantee::regrole
+        SELECT DISTINCT a.grantee::pg_catalog.regrole
           FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
-         WHERE p.oid = '@extschema@.psap_rotate(regclass, name, integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean)'::pg_catalog.regprocedure
-           AND a.grantee <> p.proowner AND a.grantee <> 0
+         WHERE p.oid OPERATOR(pg_catalog.=) '@extschema@.psap_rotate(regclass, name, integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean)'::pg_catalog.regprocedure::pg_catalog.oid
+           AND a.grantee OPERATOR(pg_catalog.<>) p.proowner AND a.grantee OPERATOR(pg_catalog.<>) 0::pg_catalog.oid
     LOOP
+        IF NOT (pg_catalog.has_function_privilege(r::pg_catalog.oid, '@extschema@.psap_rotate_all(integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean)', 'EXECUTE')
+                AND pg_catalog.has_function_privilege(r::pg_catalog.oid, '@extschema@.psap_encrypt_column(regclass, name, integer, boolean, integer, double precision, integer, boolean)', 'EXECUTE')
+                AND pg_catalog.has_table_privilege(r::pg_catalog.oid, '@extschema@.psap_audit', 'SELECT')
+                AND pg_catalog.has_table_privilege(r::pg_catalog.oid, '@extschema@.psap_rotation_progress', 'SELECT')
+                AND pg_catalog.has_table_privilege(r::pg_catalog.oid, '@extschema@.psap_encrypted_columns', 'SELECT')) THEN
+            RAISE WARNING 'role % holds part of what psap_grant_operator gave in 0.1.0: its grants are left as they were', r
+                USING HINT = 'Review them: psap_grant_operator grants what operating key rotation needs in 0.2.0.';
+            CONTINUE;
+        END IF;
         FOR f IN
             SELECT routine FROM @extschema@._psap_routines()
              WHERE name NOT IN ('psap_encrypt', 'psap_decrypt', 'psap_encrypt_bytea', 'psap_decrypt_bytea')
@@ -716,6 +833,8 @@ COMMENT ON FUNCTION @extschema@._psap_audit_guard() IS 'internal: keeps psap_aud
 COMMENT ON FUNCTION @extschema@._psap_routines() IS 'internal: the extension''s functions and procedures, for grants';
 COMMENT ON FUNCTION @extschema@._psap_registry_follow_ddl() IS 'internal: keeps the registry''s column names in step with renames';
 COMMENT ON FUNCTION @extschema@._psap_registry_follow_drop() IS 'internal: forgets dropped tables and columns in the registry';
+COMMENT ON FUNCTION @extschema@._psap_registry_attnum() IS 'internal: keeps a registry row''s column number that of the column it names';
+COMMENT ON FUNCTION @extschema@._psap_schema_guard() IS 'internal: refuses renaming the extension''s schema';
 
 COMMENT ON TABLE @extschema@.psap_encrypted_columns IS 'registry of encrypted columns, with each one''s context';
 COMMENT ON TABLE @extschema@.psap_audit_log IS 'append-only record of every rotation, column encryption, dry run and registry change';
@@ -725,6 +844,7 @@ COMMENT ON VIEW @extschema@.psap_audit IS 'the audit log, with runs whose backen
 COMMENT ON VIEW @extschema@.psap_rotation_progress IS 'rotations and column encryptions: progress, rate and time left';
 COMMENT ON EVENT TRIGGER psap_registry_follow_ddl IS 'keeps psap_encrypted_columns in step with column renames';
 COMMENT ON EVENT TRIGGER psap_registry_follow_drop IS 'removes dropped tables and columns from psap_encrypted_columns';
+COMMENT ON EVENT TRIGGER psap_schema_guard IS 'refuses renaming the schema psap_encrypt''s functions name';
 
 -- What psap_encrypt.control says of 0.2.0 (CREATE EXTENSION sets it; an update does not).
 COMMENT ON EXTENSION psap_encrypt IS 'field-level encryption with in-database key rotation (libsodium secretbox, AES-256-GCM from a FIPS 140-3 module)';

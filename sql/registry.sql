@@ -20,7 +20,9 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.psap_encrypted_columns',
 -- psap_unregister_column and psap_set_column_context (Rust, src/api/registry.rs): they check the
 -- caller's privileges and write as the registry's owner.
 
--- Keeps column names in step with renames, and forgets dropped tables and columns.
+-- Keeps column names in step with renames, and forgets dropped tables and columns. A row's
+-- attnum follows a rename; its name, the registry's key, decides what a drop removes and is
+-- never taken from a column that still exists under it.
 CREATE FUNCTION @extschema@._psap_registry_follow_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -28,7 +30,9 @@ BEGIN
     UPDATE @extschema@.psap_encrypted_columns r SET column_name = a.attname
       FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = r.relid AND a.attnum = r.attnum AND NOT a.attisdropped
-       AND a.attname <> r.column_name;
+       AND a.attname <> r.column_name
+       AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute b
+                        WHERE b.attrelid = r.relid AND b.attname = r.column_name AND NOT b.attisdropped);
 EXCEPTION WHEN OTHERS THEN
     -- Never block a DDL statement because of the registry.
     RAISE WARNING 'psap_encrypt could not update its column registry: %', SQLERRM;
@@ -42,7 +46,7 @@ BEGIN
     DELETE FROM @extschema@.psap_encrypted_columns r
      USING pg_catalog.pg_event_trigger_dropped_objects() d
      WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = r.relid::oid
-       AND (d.objsubid = 0 OR d.objsubid = r.attnum);
+       AND (d.objsubid = 0 OR d.address_names[3] = r.column_name);
 EXCEPTION WHEN OTHERS THEN
     RAISE WARNING 'psap_encrypt could not update its column registry: %', SQLERRM;
 END
@@ -52,6 +56,45 @@ CREATE EVENT TRIGGER psap_registry_follow_ddl ON ddl_command_end
     WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION @extschema@._psap_registry_follow_ddl();
 CREATE EVENT TRIGGER psap_registry_follow_drop ON sql_drop
     EXECUTE FUNCTION @extschema@._psap_registry_follow_drop();
+
+-- A row's attnum is always that of the column it names, whoever writes it: pg_restore copies the
+-- rows back after the tables were created anew, without their dropped columns, so the stored
+-- numbers can name other columns (the next column added took a registered column's row away).
+CREATE FUNCTION @extschema@._psap_registry_attnum() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    SELECT a.attnum INTO NEW.attnum FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = NEW.relid AND a.attname = NEW.column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', NEW.column_name, NEW.relid
+            USING ERRCODE = '42703';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER psap_registry_attnum BEFORE INSERT OR UPDATE ON @extschema@.psap_encrypted_columns
+    FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_registry_attnum();
+
+-- The extension's schema keeps the name its objects were created with. SQL bodies name it
+-- (`@extschema@.psap_encrypted_columns`) and look the name up when they run: renamed, a schema
+-- made under the old name would supply those objects to the event triggers above, which run as
+-- their (superuser) owner on every role's DDL. In PostgreSQL 15 `public` is owned by the database
+-- owner, who could rename it.
+CREATE FUNCTION @extschema@._psap_schema_guard() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_catalog.to_regnamespace('@extschema@') IS DISTINCT FROM
+       (SELECT e.extnamespace FROM pg_catalog.pg_extension e WHERE e.extname = 'psap_encrypt') THEN
+        RAISE EXCEPTION 'the schema of extension psap_encrypt cannot be renamed'
+            USING ERRCODE = '0A000',
+                  HINT = 'The extension''s functions name their schema; its name must stay as it was at CREATE EXTENSION.';
+    END IF;
+END
+$$;
+CREATE EVENT TRIGGER psap_schema_guard ON ddl_command_end
+    WHEN TAG IN ('ALTER SCHEMA') EXECUTE FUNCTION @extschema@._psap_schema_guard();
 
 -- Per registered column: rows per version, NULLs and plaintext, whether each version's key is
 -- configured, whether it is current, its cipher, and the verdict a person reads first (the same

@@ -2,7 +2,8 @@
 --
 -- They must stay plain PL/pgSQL procedures: no SET clause and not SECURITY DEFINER, or
 -- PostgreSQL runs them atomically and COMMIT fails. Every name is schema-qualified instead, and
--- the bodies use no operator and no type that a caller's search_path could substitute. The logic
+-- the bodies use no operator and no type that a caller's search_path could substitute (also the
+-- types of their variables: `text` is a name looked up there, `bigint` and `boolean` are not). The logic
 -- is in Rust (src/rotation/): _psap_run_begin checks, counts and plans; _psap_run_step does one
 -- batch; _psap_run_failed records a step that failed; _psap_run_end raises that error again once
 -- its audit record is committed.
@@ -15,10 +16,10 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     more     boolean := true;
-    e_state  text;
-    e_msg    text;
-    e_detail text;
-    e_hint   text;
+    e_state  pg_catalog.text;
+    e_msg    pg_catalog.text;
+    e_detail pg_catalog.text;
+    e_hint   pg_catalog.text;
 BEGIN
     -- Commits the audit record; fails here, before any row is touched, if the caller is atomic.
     COMMIT;
@@ -107,8 +108,8 @@ DECLARE
                                               max_seconds, pause_ms, skip_undecryptable,
                                               disable_triggers, verify);
     run     bigint;
-    e_state text;
-    e_msg   text;
+    e_state pg_catalog.text;
+    e_msg   pg_catalog.text;
 BEGIN
     IF job IS NULL THEN
         RETURN;

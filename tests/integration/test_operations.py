@@ -164,6 +164,43 @@ def test_encrypt_column_migrates_plaintext_with_passthrough_for_views(cluster, d
 
 
 @pytest.mark.slow
+def test_the_registry_keeps_its_columns_after_a_restore_without_dropped_columns(cluster, db):
+    """pg_restore makes a table anew without its dropped columns, so a registered column gets
+    another number, and the registry's rows came back with the old one: the next column added
+    took over the registered column's row, psap_rotate_all then rotated nothing of it and
+    psap_status no longer showed it (review finding). A row's number is now always its
+    column's."""
+    cluster.set_keys({"v1": KEY1}, "v1")
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE dispatch (id int PRIMARY KEY, junk int, title text)")
+        c.execute("ALTER TABLE dispatch DROP COLUMN junk")
+        c.execute("INSERT INTO dispatch SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 20) g")
+        assert c.execute("SELECT psap_register_column('dispatch', 'title')").fetchone()[0] is True
+    dump = Path(f"/tmp/psap-dump-dropped-{os.getpid()}.pgdump")
+    env = {**os.environ, "PGHOST": str(cluster.dir), "PGPORT": str(cluster.port), "PGUSER": "postgres"}
+    subprocess.run(["pg_dump", "-Fc", "-f", dump, db], check=True, env=env)
+    restored = db + "_dropped"
+    with cluster.connect() as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{restored}"')
+        c.execute(f'CREATE DATABASE "{restored}"')
+    try:
+        subprocess.run(["pg_restore", "-d", restored, dump], check=True, env=env)
+        with cluster.connect(dbname=restored) as c:
+            registry = "SELECT relid::text, column_name, attnum FROM psap_encrypted_columns"
+            assert c.execute(registry).fetchall() == [("dispatch", "title", 2)]
+            c.execute("ALTER TABLE dispatch ADD COLUMN note text")
+            c.execute("ALTER TABLE dispatch DROP COLUMN note")
+            assert c.execute(registry).fetchall() == [("dispatch", "title", 2)]
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+        with cluster.connect(dbname=restored) as c:
+            c.execute("CALL psap_rotate_all(100)")
+            assert status(c) == {("dispatch", "title", "v2"): 20}
+    finally:
+        dump.unlink(missing_ok=True)
+        with cluster.connect() as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{restored}" WITH (FORCE)')
+
+
 def test_pg_cron_job_rotates_in_slices(tmp_path):
     """A real pg_cron job (Debian's postgresql-15-cron 1.4: minute schedules) makes progress on
     every run and ends in a fully rotated table."""
@@ -179,9 +216,21 @@ def test_pg_cron_job_rotates_in_slices(tmp_path):
             conn.execute("CREATE TABLE incidents (id int PRIMARY KEY, title text)")
             conn.execute("INSERT INTO incidents SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 500) g")
             conn.execute("SELECT psap_register_column('incidents', 'title')")
+            # The README's job: an operator role, the procedure named with its schema. A role
+            # with CREATE on the database has put a look-alike on the job's search_path.
+            conn.execute("CREATE ROLE psap_rotator LOGIN; CREATE ROLE squatter LOGIN")
+            conn.execute("SELECT psap_grant_operator('psap_rotator')")
+            conn.execute("GRANT SELECT, UPDATE ON incidents TO psap_rotator")
+            conn.execute("GRANT CREATE ON DATABASE postgres TO squatter")
+        with c.connect(user="squatter") as conn:
+            conn.execute("CREATE SCHEMA psap_rotator; GRANT USAGE ON SCHEMA psap_rotator TO PUBLIC")
+            conn.execute("""CREATE PROCEDURE psap_rotator.psap_rotate_all(b integer, max_batches integer)
+                            LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the look-alike ran'; END $$""")
+            conn.execute("GRANT EXECUTE ON PROCEDURE psap_rotator.psap_rotate_all(integer, integer) TO PUBLIC")
         c.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
         with c.connect() as conn:
-            conn.execute("SELECT cron.schedule('psap-rotate', '* * * * *', $$CALL psap_rotate_all(100, max_batches => 3)$$)")
+            conn.execute("SELECT cron.schedule_in_database('psap-rotate', '* * * * *', "
+                         "$$CALL public.psap_rotate_all(100, max_batches => 3)$$, 'postgres', 'psap_rotator')")
             deadline = time.time() + 200
             while time.time() < deadline:
                 left = conn.execute("SELECT count(*) FROM psap_census('incidents', 'title') WHERE version = 'v1'").fetchone()[0]
@@ -191,8 +240,9 @@ def test_pg_cron_job_rotates_in_slices(tmp_path):
             runs = conn.execute("SELECT status, return_message FROM cron.job_run_details ORDER BY runid").fetchall()
             assert runs and all(s == "succeeded" for s, _ in runs), runs
             assert conn.execute("SELECT rows FROM psap_census('incidents', 'title')").fetchall() == [(500,)]
-            audit = conn.execute("SELECT status, rows_done FROM psap_audit WHERE operation = 'rotate' ORDER BY id").fetchall()
-            assert audit[0] == ("stopped", 300) and audit[-1][0] == "done" and sum(n for _, n in audit) == 500
+            audit = conn.execute("SELECT status, rows_done, session_role FROM psap_audit WHERE operation = 'rotate' ORDER BY id").fetchall()
+            assert audit[0][:2] == ("stopped", 300) and audit[-1][0] == "done" and sum(n for _, n, _ in audit) == 500
+            assert {r for _, _, r in audit} == {"psap_rotator"}
             assert conn.execute("SELECT count(*) FROM incidents WHERE psap_decrypt(title) <> 'Incident ' || id").fetchone()[0] == 0
     finally:
         c.destroy()

@@ -598,6 +598,9 @@ CREATE FUNCTION evil.format(f text, VARIADIC a text[]) RETURNS text LANGUAGE plp
 CREATE FUNCTION evil.current_setting(t text) RETURNS text LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('current_setting'); RETURN pg_catalog.current_setting(t); END $$;
 CREATE FUNCTION evil.count_step(s bigint) RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('count'); RETURN s OPERATOR(pg_catalog.+) 1; END $$;
 CREATE AGGREGATE evil.count(*) (SFUNC = evil.count_step, STYPE = bigint, INITCOND = '0');
+-- `text` itself: a PL/pgSQL variable declared `text` is looked up on the caller's search_path.
+CREATE FUNCTION evil.text_ok(t pg_catalog.text) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM evil.log('text domain'); RETURN true; END $$;
+CREATE DOMAIN evil.text AS pg_catalog.text CHECK (evil.text_ok(VALUE));
 """
 
 
@@ -860,6 +863,77 @@ def test_operators_planted_in_the_schema_before_create_extension_are_not_bound(c
             c.execute("SELECT * FROM psap_audit").fetchall()
             assert c.execute("SELECT count(*) FROM public.sprung").fetchone()[0] == 0
             assert c.execute(PLANTED).fetchone()[0] == 0
+
+
+def test_the_database_owner_cannot_rename_the_extensions_schema(cluster):
+    """In PostgreSQL 15 the database owner owns `public`. Renamed, with a new `public` holding a
+    look-alike registry table with a trigger, it had the registry's event triggers (run as their
+    superuser owner on every role's DDL) write to that table: the owner became a superuser
+    (review finding). Renaming the extension's schema is refused, for a superuser too."""
+    name = "t_schema_rename"
+    with cluster.connect() as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        c.execute("DROP ROLE IF EXISTS dbo; CREATE ROLE dbo LOGIN")
+        c.execute(f'CREATE DATABASE "{name}" OWNER dbo')
+    try:
+        with cluster.connect(dbname=name) as c:
+            c.execute("CREATE EXTENSION psap_encrypt")
+        with cluster.connect(user="dbo", dbname=name) as c:
+            assert sqlstate_of(c, "ALTER SCHEMA public RENAME TO public_old")[:2] == \
+                ("0A000", "the schema of extension psap_encrypt cannot be renamed")
+            c.execute("CREATE TABLE mine (a int)")
+            c.execute("ALTER TABLE mine ADD COLUMN b int")  # the event triggers still work
+            c.execute("ALTER SCHEMA public OWNER TO dbo")  # other ALTER SCHEMA commands too
+        with cluster.connect(dbname=name) as c:
+            assert sqlstate_of(c, "ALTER SCHEMA public RENAME TO public_old")[0] == "0A000"
+            c.execute("CREATE SCHEMA other; ALTER SCHEMA other RENAME TO other2")
+            assert c.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'dbo'").fetchone()[0] is False
+    finally:
+        with cluster.connect() as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            c.execute("DROP ROLE IF EXISTS dbo")
+
+
+def test_default_privileges_of_the_installer_do_not_reach_the_extensions_objects(cluster):
+    """ALTER DEFAULT PRIVILEGES of the superuser running CREATE EXTENSION applied to the
+    extension's objects: a role could write the registry and the audit tables; the opposite
+    default (EXECUTE taken from PUBLIC) stopped rotations of a table another role owns (review
+    finding). The install keeps only its own grants."""
+    name = "t_default_privileges"
+    with cluster.connect() as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        c.execute(f'CREATE DATABASE "{name}"')
+        c.execute("DROP ROLE IF EXISTS dp_app; CREATE ROLE dp_app LOGIN")
+    try:
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+        with cluster.connect(dbname=name) as c:
+            c.execute("ALTER DEFAULT PRIVILEGES GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO dp_app")
+            c.execute("ALTER DEFAULT PRIVILEGES GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO dp_app")
+            c.execute("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO dp_app")
+            c.execute("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC")
+            try:
+                c.execute("CREATE EXTENSION psap_encrypt")
+            finally:
+                c.execute("ALTER DEFAULT PRIVILEGES REVOKE SELECT, INSERT, UPDATE, DELETE ON TABLES FROM dp_app")
+                c.execute("ALTER DEFAULT PRIVILEGES REVOKE USAGE, SELECT, UPDATE ON SEQUENCES FROM dp_app")
+                c.execute("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM dp_app")
+                c.execute("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO PUBLIC")
+            from test_upgrade import grants_of
+            assert grants_of(c, "dp_app") == []
+            # A table of another role rotates (its batch statements call the public helpers as it).
+            c.execute("GRANT CREATE ON SCHEMA public TO dp_app")
+        with cluster.connect(user="dp_app", dbname=name) as c:
+            c.execute("CREATE TABLE calls (id int PRIMARY KEY, title text)")
+        with cluster.connect(dbname=name) as c:
+            c.execute("INSERT INTO calls SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 50) g")
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+        with cluster.connect(dbname=name) as c:
+            c.execute("CALL psap_rotate('calls', 'title', 20)")
+            assert c.execute("SELECT count(*) FROM calls WHERE title LIKE 'v2:%'").fetchone()[0] == 50
+    finally:
+        with cluster.connect() as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            c.execute("DROP ROLE IF EXISTS dp_app")
 
 
 def test_a_constraint_that_changes_a_locked_row_fails_the_batch_with_a_deliberate_sqlstate(cluster, db):

@@ -226,3 +226,75 @@ def test_the_update_binds_the_audit_views_again_and_forgets_dead_registry_rows(c
             c.execute("SELECT * FROM psap_status()").fetchall()
             c.execute("SELECT * FROM psap_audit").fetchall()
             assert c.execute("SELECT count(*) FROM public.sprung").fetchone()[0] == 0
+
+
+# Operand types the update's own statements compare and pg_catalog has no exact operator for.
+UPDATE_TRAPS = """
+CREATE FUNCTION public.trap_eq_proc(oid, regprocedure) RETURNS boolean LANGUAGE sql AS
+    $$ INSERT INTO public.sprung VALUES ('=(oid,regprocedure)', current_user) RETURNING $1 OPERATOR(pg_catalog.=) $2::oid $$;
+CREATE OPERATOR public.= (LEFTARG = oid, RIGHTARG = regprocedure, FUNCTION = public.trap_eq_proc);
+CREATE FUNCTION public.trap_ne_int(oid, integer) RETURNS boolean LANGUAGE sql AS
+    $$ INSERT INTO public.sprung VALUES ('<>(oid,integer)', current_user) RETURNING $1 OPERATOR(pg_catalog.<>) $2::oid $$;
+CREATE OPERATOR public.<> (LEFTARG = oid, RIGHTARG = integer, FUNCTION = public.trap_ne_int);
+CREATE FUNCTION public.trap_eq_class(oid, regclass) RETURNS boolean LANGUAGE sql AS
+    $$ INSERT INTO public.sprung VALUES ('=(oid,regclass)', current_user) RETURNING $1 OPERATOR(pg_catalog.=) $2::oid $$;
+CREATE OPERATOR public.= (LEFTARG = oid, RIGHTARG = regclass, FUNCTION = public.trap_eq_class);
+"""
+
+
+def test_operators_planted_before_the_update_are_not_called_by_it(cluster):
+    """A role with CREATE on the extension's schema (the database owner, in PostgreSQL 15) plants
+    operators for operand types the update script compares: ALTER EXTENSION UPDATE, run by a
+    superuser, called them 3286 times (review finding: they could make the role a superuser)."""
+    from test_security import planted_operators
+
+    with planted_operators(cluster, "t_update_traps") as name:
+        with cluster.connect(dbname=name) as c:
+            c.execute(f"CREATE EXTENSION psap_encrypt VERSION '{OLD}'")
+            c.execute("DROP ROLE IF EXISTS trap_op; CREATE ROLE trap_op")
+            c.execute("SELECT psap_grant_operator('trap_op')")
+        with cluster.connect(user="mallet", dbname=name) as c:
+            c.execute(UPDATE_TRAPS)
+        with cluster.connect(dbname=name) as c:
+            c.execute("TRUNCATE public.sprung")
+            c.execute("ALTER EXTENSION psap_encrypt UPDATE")
+            assert c.execute("SELECT op, as_role, count(*) FROM public.sprung GROUP BY 1, 2").fetchall() == []
+            # The operator still got 0.2.0's allow-list.
+            assert ("psap_rotate_all(integer,text,boolean,integer,double precision,integer,boolean,boolean,boolean)", "EXECUTE") in grants_of(c, "trap_op")
+            c.execute("DROP OWNED BY trap_op; DROP ROLE trap_op")
+
+
+def test_the_update_leaves_grants_made_by_hand_as_they_were_and_says_so(cluster, old_db):
+    """A role given psap_rotate and a few internals by hand (not psap_grant_operator) is not
+    widened to the whole operator set: the update names it in a WARNING instead."""
+    from psap_cluster import noting
+
+    with cluster.connect(dbname=old_db) as c:
+        c.execute("DROP ROLE IF EXISTS narrow_op; CREATE ROLE narrow_op")
+        c.execute("GRANT EXECUTE ON PROCEDURE psap_rotate(regclass, name, integer, text, boolean, integer, "
+                  "double precision, integer, boolean, boolean, boolean) TO narrow_op")
+        said = noting(c)
+        c.execute("ALTER EXTENSION psap_encrypt UPDATE")
+        assert any("role narrow_op holds part of what psap_grant_operator gave in 0.1.0" in s for s in said), said
+        assert grants_of(c, "narrow_op") == [
+            ("psap_rotate(regclass,name,integer,text,boolean,integer,double precision,integer,boolean,boolean,boolean)", "EXECUTE")]
+        c.execute("DROP OWNED BY narrow_op; DROP ROLE narrow_op")
+
+
+def test_the_update_does_not_run_under_default_privileges(cluster, old_db):
+    """Default privileges of the role running the update would reach the objects it creates
+    (another role given the audit chain): it refuses, and runs once they are gone."""
+    from psap_cluster import sqlstate_of
+
+    with cluster.connect(dbname=old_db) as c:
+        c.execute("DROP ROLE IF EXISTS dp_app; CREATE ROLE dp_app")
+        c.execute("ALTER DEFAULT PRIVILEGES GRANT SELECT, INSERT ON TABLES TO dp_app")
+        try:
+            state, message, detail, _ = sqlstate_of(c, "ALTER EXTENSION psap_encrypt UPDATE")
+            assert (state, message) == ("55000", "ALTER EXTENSION psap_encrypt UPDATE does not run under default privileges")
+            assert detail.startswith("Role postgres has default privileges"), detail
+        finally:
+            c.execute("ALTER DEFAULT PRIVILEGES REVOKE SELECT, INSERT ON TABLES FROM dp_app")
+        c.execute("ALTER EXTENSION psap_encrypt UPDATE")
+        assert grants_of(c, "dp_app") == []
+        c.execute("DROP ROLE dp_app")
