@@ -1,5 +1,6 @@
 """Operating rotations: the registry of encrypted columns, psap_rotate_all, psap_status, the
 audit trail, plaintext migration with psap_encrypt_column, and pg_cron (the roles: test_security.py)."""
+import contextlib
 import os
 import subprocess
 import time
@@ -109,15 +110,7 @@ def test_registry_follows_renames_and_drops_and_survives_dump_restore(cluster, d
         assert c.execute("SELECT psap_unregister_column('calls', 'summary')").fetchone()[0] is True
         assert c.execute("SELECT psap_register_column('calls', 'summary')").fetchone()[0] is True
         n_audit = c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0]
-    dump = Path(f"/tmp/psap-dump-{os.getpid()}.pgdump")
-    env = {**os.environ, "PGHOST": str(cluster.dir), "PGPORT": str(cluster.port), "PGUSER": "postgres"}
-    subprocess.run(["pg_dump", "-Fc", "-f", dump, db], check=True, env=env)
-    restored = db + "_r"
-    with cluster.connect() as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{restored}"')
-        c.execute(f'CREATE DATABASE "{restored}"')
-    try:
-        subprocess.run(["pg_restore", "-d", restored, dump], check=True, env=env)
+    with restored_copy(cluster, db) as restored:
         with cluster.connect(dbname=restored) as c:
             assert c.execute("SELECT relid::text, column_name FROM psap_encrypted_columns").fetchall() == [("calls", "summary")]
             assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == n_audit
@@ -128,6 +121,22 @@ def test_registry_follows_renames_and_drops_and_survives_dump_restore(cluster, d
         with cluster.connect(dbname=restored) as c:
             c.execute("CALL psap_rotate_all(1000)")
             assert status(c) == {("calls", "summary", "v2"): 1200}
+
+
+@contextlib.contextmanager
+def restored_copy(cluster, db):
+    """Database `db` dumped with pg_dump -Fc and restored with pg_restore into a new database,
+    whose name this yields; dropped afterwards."""
+    dump = Path(f"/tmp/psap-dump-{os.getpid()}.pgdump")
+    env = {**os.environ, "PGHOST": str(cluster.dir), "PGPORT": str(cluster.port), "PGUSER": "postgres"}
+    subprocess.run(["pg_dump", "-Fc", "-f", dump, db], check=True, env=env)
+    restored = db + "_r"
+    with cluster.connect() as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{restored}" WITH (FORCE)')
+        c.execute(f'CREATE DATABASE "{restored}"')
+    try:
+        subprocess.run(["pg_restore", "-d", restored, dump], check=True, env=env)
+        yield restored
     finally:
         dump.unlink(missing_ok=True)
         with cluster.connect() as c:
@@ -176,15 +185,7 @@ def test_the_registry_keeps_its_columns_after_a_restore_without_dropped_columns(
         c.execute("ALTER TABLE dispatch DROP COLUMN junk")
         c.execute("INSERT INTO dispatch SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 20) g")
         assert c.execute("SELECT psap_register_column('dispatch', 'title')").fetchone()[0] is True
-    dump = Path(f"/tmp/psap-dump-dropped-{os.getpid()}.pgdump")
-    env = {**os.environ, "PGHOST": str(cluster.dir), "PGPORT": str(cluster.port), "PGUSER": "postgres"}
-    subprocess.run(["pg_dump", "-Fc", "-f", dump, db], check=True, env=env)
-    restored = db + "_dropped"
-    with cluster.connect() as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{restored}"')
-        c.execute(f'CREATE DATABASE "{restored}"')
-    try:
-        subprocess.run(["pg_restore", "-d", restored, dump], check=True, env=env)
+    with restored_copy(cluster, db) as restored:
         with cluster.connect(dbname=restored) as c:
             registry = "SELECT relid::text, column_name, attnum FROM psap_encrypted_columns"
             assert c.execute(registry).fetchall() == [("dispatch", "title", 2)]
@@ -195,10 +196,6 @@ def test_the_registry_keeps_its_columns_after_a_restore_without_dropped_columns(
         with cluster.connect(dbname=restored) as c:
             c.execute("CALL psap_rotate_all(100)")
             assert status(c) == {("dispatch", "title", "v2"): 20}
-    finally:
-        dump.unlink(missing_ok=True)
-        with cluster.connect() as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{restored}" WITH (FORCE)')
 
 
 def test_pg_cron_job_rotates_in_slices(tmp_path):
