@@ -1,6 +1,11 @@
 //! Every SQL statement a run executes, in one place. Names are quoted and schema-qualified,
 //! operators and functions written as `OPERATOR(pg_catalog.=)` and `pg_catalog.count`: nothing
 //! here is resolved through the caller's search_path (which is also pinned while they run).
+//! Every argument of the extension's own functions is cast to the exact type of their
+//! parameters ([`arg`]): other roles may create functions in the extension's schema (the database
+//! owner owns `public`), and an overload that matched a `varchar` column, a domain or an untyped
+//! NULL better than the extension's own would run with the table owner's rights and see every
+//! plaintext. With exact types, a look-alike can at most make the call ambiguous (an error).
 //! Values travel as parameters; the run's secret (`$n`) is what opens the per-row functions ([`super::state::gate`]).
 
 use psap_core::Version;
@@ -17,14 +22,40 @@ pub fn needs(t: &Target, mode: Mode, to: Version) -> String {
 
 /// [`needs`] of the value `column` (an expression: the column, qualified).
 pub fn needs_of(t: &Target, mode: Mode, to: Version, column: &str) -> String {
-    let prefix = format!("pg_catalog.substr({column}, 1, 4)");
+    let prefix = arg(&format!("pg_catalog.substr({column}, 1, 4)"), TEXT);
     match mode {
         Mode::Rotate { from } => {
             let from = from.map_or("NULL".to_string(), |f| f.get().to_string());
-            format!("{}.{NEEDS_ROTATION}({prefix}, {}, {from})", t.ext, to.get())
+            format!(
+                "{}.{NEEDS_ROTATION}({prefix}, {}, {})",
+                t.ext,
+                arg(&to.get().to_string(), INT4),
+                arg(&from, INT4)
+            )
         }
         Mode::Encrypt => format!("{}.{IS_PLAINTEXT}({prefix})", t.ext),
     }
+}
+
+const TEXT: &str = "pg_catalog.text";
+const INT4: &str = "pg_catalog.int4";
+const INT8: &str = "pg_catalog.int8";
+
+/// `expr` as an argument of type `ty` of one of the extension's functions (see the module's
+/// documentation).
+fn arg(expr: &str, ty: &str) -> String {
+    format!("({expr})::{ty}")
+}
+
+/// The arguments of the per-row functions (`_psap_value_error`, `_psap_rotate_value`,
+/// `_psap_encrypt_value`: value, context, the run's secret in parameter `secret`).
+fn per_row_args(t: &Target, secret: &str) -> String {
+    format!(
+        "{}, {}, {}",
+        arg(&t.column, TEXT),
+        arg(&context(t), TEXT),
+        arg(secret, INT8)
+    )
 }
 
 /// The text each value of the row is bound to: the column's context expression, written out by
@@ -46,10 +77,9 @@ pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify
     };
     let bad = if verify {
         format!(
-            "pg_catalog.count(*) FILTER (WHERE {}.{VALUE_ERROR}({}, {}, $1) IS NOT NULL)",
+            "pg_catalog.count(*) FILTER (WHERE {}.{VALUE_ERROR}({}) IS NOT NULL)",
             t.ext,
-            t.column,
-            context(t)
+            per_row_args(t, "$1")
         )
     } else {
         "0::pg_catalog.int8".into()
@@ -114,11 +144,10 @@ pub fn still_needing(t: &Target, leaf: usize, needs: &str) -> String {
 pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
     format!(
         "SELECT ctid::pg_catalog.text, err FROM (
-             SELECT ctid, {ext}.{VALUE_ERROR}({col}, {ctx}, $1) AS err FROM ONLY {rel} WHERE {filter}) s
+             SELECT ctid, {ext}.{VALUE_ERROR}({args}) AS err FROM ONLY {rel} WHERE {filter}) s
           WHERE err IS NOT NULL ORDER BY ctid",
         ext = t.ext,
-        col = t.column,
-        ctx = context(t),
+        args = per_row_args(t, "$1"),
         rel = t.leaves[leaf].relation,
     )
 }
@@ -150,13 +179,18 @@ pub fn batch(
         Mode::Rotate { .. } => ROTATE_VALUE,
         Mode::Encrypt => ENCRYPT_VALUE,
     };
-    let (rel, col, ext, ctx) = (&t.leaves[leaf].relation, &t.column, &t.ext, context(t));
+    let (rel, col, ext, args) = (
+        &t.leaves[leaf].relation,
+        &t.column,
+        &t.ext,
+        per_row_args(t, "$5"),
+    );
     // The context expression names the table's columns unqualified: `fresh` reads the table
     // alone, so they cannot resolve to anything else.
     let update = if skip {
         format!(
             "fresh AS (
-                 SELECT ctid AS id, {ext}.{transform}({col}, {ctx}, $5) AS val
+                 SELECT ctid AS id, {ext}.{transform}({args}) AS val
                    FROM ONLY {rel}
                   WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM locked))
              ), changed AS (
@@ -168,7 +202,7 @@ pub fn batch(
     } else {
         format!(
             "changed AS (
-                 UPDATE ONLY {rel} AS t SET {col} = COALESCE({ext}.{transform}({col}, {ctx}, $5), {col})
+                 UPDATE ONLY {rel} AS t SET {col} = COALESCE({ext}.{transform}({args}), {col})
                   WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM locked)) AND {needs}
                  RETURNING t.ctid AS id, NOT {new_needs} AS done
              )"

@@ -936,6 +936,60 @@ def test_default_privileges_of_the_installer_do_not_reach_the_extensions_objects
             c.execute("DROP ROLE IF EXISTS dp_app")
 
 
+# Overloads of the per-row functions that a varchar column, or the untyped NULL of a rotation
+# without from_version, matched better than the extension's own; each records what it saw.
+OVERLOAD_TRAPS = """
+CREATE TABLE public.loot (who name, what text);
+GRANT SELECT, INSERT ON public.loot TO PUBLIC;
+CREATE FUNCTION public._psap_needs_rotation(p text, t integer, f text) RETURNS boolean LANGUAGE plpgsql AS
+    $$ BEGIN INSERT INTO public.loot VALUES (current_user, 'needs_rotation'); RETURN p NOT LIKE ('v' || t || ':%'); END $$;
+CREATE FUNCTION public._psap_rotate_value(v varchar, c text, s bigint) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN INSERT INTO public.loot VALUES (current_user, v); RETURN public._psap_rotate_value(v::text, c, s); END $$;
+CREATE FUNCTION public._psap_encrypt_value(v varchar, c text, s bigint) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN INSERT INTO public.loot VALUES (current_user, v); RETURN public._psap_encrypt_value(v::text, c, s); END $$;
+CREATE FUNCTION public._psap_value_error(v varchar, c text, s bigint) RETURNS text LANGUAGE plpgsql AS
+    $$ BEGIN INSERT INTO public.loot VALUES (current_user, v); RETURN public._psap_value_error(v::text, c, s); END $$;
+"""
+
+
+def test_overloads_planted_in_the_schema_are_not_called_by_a_run(cluster):
+    """A role with CREATE on the extension's schema (the database owner, in PostgreSQL 15) adds
+    overloads of the per-row functions. The batch statements passed a varchar column as it was
+    and an untyped NULL for from_version, which those overloads matched better: they ran as the
+    table's owner and saw every plaintext (review of the last fixes). Arguments are now cast to
+    the exact parameter types."""
+    with planted_operators(cluster, "t_overload_traps") as name:
+        cluster.set_keys({"v1": KEY1}, "v1")
+        with cluster.connect(dbname=name) as c:
+            c.execute("CREATE EXTENSION psap_encrypt")
+            c.execute("DROP ROLE IF EXISTS trap_app; CREATE ROLE trap_app LOGIN")
+            c.execute("GRANT CREATE ON SCHEMA public TO trap_app")
+            c.execute("GRANT EXECUTE ON FUNCTION psap_encrypt(text) TO trap_app")
+        with cluster.connect(user="trap_app", dbname=name) as c:
+            # A trigger makes the batches statements (the direct path writes without SQL).
+            c.execute("""CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+                         CREATE TABLE calls (id int PRIMARY KEY, note text);
+                         CREATE TRIGGER touch BEFORE UPDATE ON calls FOR EACH ROW EXECUTE FUNCTION touch();
+                         CREATE TABLE units (id int PRIMARY KEY, note varchar(300));
+                         CREATE TABLE units_old (id int PRIMARY KEY, note varchar(300))""")
+            c.execute("INSERT INTO calls SELECT g, psap_encrypt('secret call ' || g) FROM generate_series(1, 20) g")
+            c.execute("INSERT INTO units SELECT g, 'secret unit ' || g FROM generate_series(1, 10) g")
+            c.execute("INSERT INTO units_old SELECT g, psap_encrypt('secret old unit ' || g) FROM generate_series(1, 10) g")
+        with cluster.connect(user="mallet", dbname=name) as c:
+            c.execute(OVERLOAD_TRAPS)
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+        with cluster.connect(dbname=name) as c:
+            c.execute("CALL psap_rotate('calls', 'note', 5)")
+            c.execute("CALL psap_encrypt_column('units', 'note', 5)")
+            c.execute("CALL psap_rotate('units_old', 'note', 5)")
+            assert c.execute("SELECT who, count(*) FROM public.loot GROUP BY 1").fetchall() == []
+            for table, n in (("calls", 20), ("units", 10), ("units_old", 10)):
+                assert c.execute(f"SELECT count(*) FROM {table} WHERE note LIKE 'v2:%' AND psap_decrypt(note) LIKE 'secret %'").fetchone()[0] == n
+        with cluster.connect() as c:
+            c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            c.execute("DROP ROLE trap_app")
+
+
 def test_a_constraint_that_changes_a_locked_row_fails_the_batch_with_a_deliberate_sqlstate(cluster, db):
     """The owner's check constraint updates the next row, which the superuser's batch has locked
     and is about to re-encrypt: the batch fails as PostgreSQL fails such an UPDATE (27000), not
