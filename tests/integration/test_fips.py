@@ -77,6 +77,84 @@ def test_context_binding_both_ways(cluster, gcm):
         assert (state, msg) == ("0A000", "cipher secretbox cannot bind a context")
 
 
+SERVICE = ROOT / "clients" / "php" / "src" / "EncryptionService.php"
+
+
+def php_code(code, env=None):
+    """Runs PHP code with EncryptionService loaded, stack traces keeping arguments (PHP's
+    built-in default, which error trackers read); returns (exit status, stdout + stderr)."""
+    p = subprocess.run(["php", "-d", "zend.exception_ignore_args=0", "-d", "display_errors=stderr", "-r",
+                        f"require '{SERVICE}'; use Psap\\EncryptionService; {code}"],
+                       capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_the_php_side_keeps_keys_and_values_out_of_traces_and_dumps(cluster, gcm):
+    """Review of clients/php: stack traces showed every key (a typo in the current version) and
+    the plaintext (secretbox asked for a context); var_dump and serialize showed the key bytes."""
+    keys = f"['v1' => '{KEY1}', 'v3' => '{GCM3}']"
+    status, out = php_code(f"""
+        try {{ new EncryptionService({keys}, 'V3'); }} catch (RuntimeException $e) {{ echo $e; }}
+        $s = new EncryptionService({keys}, 'v1');
+        try {{ $s->encrypt('Caller Jane Doe', 'incidents.title:42'); }} catch (RuntimeException $e) {{ echo $e; }}
+        try {{ $s->decrypt('v3:AAAA', 'incidents.title:42'); }} catch (RuntimeException $e) {{ echo $e; }}
+        try {{ EncryptionService::fromEnvironment(['LIBSODIUM_ENCRYPTION_KEY' => '{KEY2}', 'LIBSODIUM_ENCRYPTION_KEY_VERSION' => 'v9']); }}
+            catch (RuntimeException $e) {{ echo $e; }}
+        var_dump($s); print_r($s); echo "\n";
+        try {{ serialize($s); }} catch (LogicException $e) {{ echo $e->getMessage(), "\n"; }}
+        echo bin2hex(var_export($s, true)), "\n";
+    """)
+    assert status == 0, out
+    assert "cipher secretbox cannot bind a context" in out and "cannot be serialized" in out, out
+    assert "key versions are written v1 to v99" in out, out
+    for secret in (KEY1[:16], KEY2[:16], KEY3[:16], "Caller Jane", "incidents.title:42", "v3:AAAA",
+                   bytes.fromhex(KEY1)[:8].hex(), bytes.fromhex(KEY3)[:8].hex()):
+        assert secret.lower() not in out.lower(), secret
+
+
+def test_the_php_side_reads_keys_and_contexts_as_the_server_does(cluster, gcm):
+    """Where the review found the two sides apart: an empty context is no context; a version
+    `v2` followed by a newline is no version; an empty key variable is no key; v1 set twice is an
+    error, not whichever came last; and the fingerprint of each version is psap_keys()'s."""
+    with cluster.connect(dbname=gcm) as c:
+        c.execute("SET psap.key_version = 'v1'")
+        env = c.execute("SELECT psap_encrypt('legacy')").fetchone()[0]
+        assert c.execute("SELECT psap_decrypt(%s, '')", (env,)).fetchone()[0] == "legacy"
+        fingerprints = dict(c.execute("SELECT version, fingerprint FROM psap_keys() WHERE version IN ('v1', 'v3')").fetchall())
+    keys = f"['v1' => ' {KEY1}\n', 'v2' => '', 'v3' => '{GCM3}']"
+    status, out = php_code(f"""
+        $s = new EncryptionService({keys}, 'v1');
+        echo $s->decrypt('{env}', ''), "\n";
+        echo $s->fingerprintOf('v1'), " ", $s->fingerprintOf('v3'), " ", var_export($s->fingerprintOf('v2'), true), "\n";
+        try {{ new EncryptionService({keys}, "v1\n"); }} catch (RuntimeException $e) {{ echo $e->getMessage(), "\n"; }}
+        try {{ EncryptionService::fromEnvironment(['LIBSODIUM_ENCRYPTION_KEY' => '{KEY1}', 'LIBSODIUM_ENCRYPTION_KEY_V1' => '{KEY2}']); }}
+            catch (RuntimeException $e) {{ echo $e->getMessage(), "\n"; }}
+    """)
+    assert status == 0, out
+    assert out.splitlines() == [
+        "legacy",
+        f"{fingerprints['v1']} {fingerprints['v3']} NULL",
+        "key versions are written v1 to v99",
+        "the key of v1 is set twice (LIBSODIUM_ENCRYPTION_KEY and LIBSODIUM_ENCRYPTION_KEY_V1)",
+    ], out
+
+
+def test_the_php_command_line_takes_crlf_and_base64(cluster, gcm):
+    value = "line one\nline two"
+    p = subprocess.run(["php", PHP, "encrypt", "--base64"], input=base64.b64encode(value.encode()).decode() + "\r\n",
+                       capture_output=True, text=True, env={**os.environ, "LIBSODIUM_ENCRYPTION_KEY": KEY1,
+                                                              "LIBSODIUM_ENCRYPTION_KEY_V3": GCM3,
+                                                              "LIBSODIUM_ENCRYPTION_KEY_VERSION": "v3"})
+    assert p.returncode == 0, p.stderr
+    env = p.stdout.strip()
+    with cluster.connect(dbname=gcm) as c:
+        assert c.execute("SELECT psap_decrypt(%s)", (env,)).fetchone()[0] == value
+    p = subprocess.run(["php", PHP, "decrypt", "--base64"], input=env + "\r\n", capture_output=True, text=True,
+                       env={**os.environ, "LIBSODIUM_ENCRYPTION_KEY": KEY1, "LIBSODIUM_ENCRYPTION_KEY_V3": GCM3})
+    assert p.returncode == 0, p.stderr
+    assert base64.b64decode(p.stdout.strip()).decode() == value
+
+
 def test_tampered_gcm_values_are_refused(cluster, gcm):
     with cluster.connect(dbname=gcm) as c:
         env = c.execute("SELECT psap_encrypt('Cardiac arrest, 5th floor')").fetchone()[0]
