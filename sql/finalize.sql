@@ -88,26 +88,20 @@ BEGIN
     END LOOP;
 END
 $$;
+-- PUBLIC keeps EXECUTE on the helpers only, granted explicitly (a default privilege may have
+-- taken it), and loses it on every other routine.
 DO $$
 DECLARE
-    f regprocedure;
+    r record;
 BEGIN
-    FOR f IN
-        SELECT routine FROM @extschema@._psap_routines()
-         WHERE name NOT IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
-                            '_psap_backend_alive', '_psap_rotate_value', '_psap_encrypt_value',
-                            '_psap_value_error')
+    FOR r IN
+        SELECT routine, name IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
+                                 '_psap_backend_alive', '_psap_rotate_value', '_psap_encrypt_value',
+                                 '_psap_value_error') AS public
+          FROM @extschema@._psap_routines()
     LOOP
-        EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
-    END LOOP;
-    -- Explicitly: a default privilege may have taken EXECUTE from PUBLIC.
-    FOR f IN
-        SELECT routine FROM @extschema@._psap_routines()
-         WHERE name IN ('_psap_needs_rotation', '_psap_is_plaintext', '_psap_envelope_version',
-                        '_psap_backend_alive', '_psap_rotate_value', '_psap_encrypt_value',
-                        '_psap_value_error')
-    LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON ROUTINE %s TO PUBLIC', f);
+        EXECUTE pg_catalog.format(CASE WHEN r.public THEN 'GRANT EXECUTE ON ROUTINE %s TO PUBLIC'
+                                       ELSE 'REVOKE ALL ON ROUTINE %s FROM PUBLIC' END, r.routine);
     END LOOP;
 END
 $$;
