@@ -5,7 +5,7 @@
 //! File format (line-based, like the store; blank lines and `#` comments ignored):
 //!
 //! ```text
-//! format psap-keys-backup 1
+//! format psap-keys-backup 2
 //! backup-key <fingerprint of the backup key, 16 hex>
 //! created <RFC 3339 UTC>
 //! versions <count>
@@ -33,7 +33,7 @@ use crate::{Context, Failure, Result};
 
 type Outcome = std::result::Result<(), Failure>;
 
-pub const BACKUP_FORMAT: &str = "psap-keys-backup 1";
+pub const BACKUP_FORMAT: &str = "psap-keys-backup 2";
 
 /// A parsed backup file.
 pub struct Backup {
@@ -79,7 +79,7 @@ impl Backup {
                 "backup-key" => &mut backup_key,
                 "created" => &mut created,
                 "versions" => &mut count,
-                other => return Err(format!("line {}: unknown header field {other:?}", f.line)),
+                _ => return Err(format!("line {}: unknown header field", f.line)),
             };
             if slot.replace(f.value.clone()).is_some() {
                 return Err(format!(
@@ -132,8 +132,21 @@ impl Backup {
 /// Reads the offline backup key: 64 hex digits (surrounding whitespace ignored). The file's
 /// buffer is wiped; the key goes to locked memory.
 fn read_backup_key(path: &Path) -> Result<Key> {
-    let mut bytes =
-        std::fs::read(path).map_err(|e| format!("backup key {}: {e}", path.display()))?;
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "psap-keys: warning: backup key {} is readable by group or others (use mode 0600)",
+                path.display()
+            );
+        }
+    }
+    // At most 4 KiB, as the PIN file: 64 hex digits and a line ending.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_end(&mut bytes))
+        .map_err(|e| format!("backup key {}: {e}", path.display()))?;
     let key = match std::str::from_utf8(&bytes) {
         Ok(text) => Key::from_hex(text, Cipher::Aes256Gcm)
             .map_err(|e| format!("backup key {}: {e}", path.display())),
@@ -157,13 +170,30 @@ fn check_backup_key(backup: &Backup, key: &Key, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Decrypts one record under `wrapping` and checks the key's fingerprint against the record's.
+/// The associated data of a key in a backup: what the store's binds (version and cipher) and the
+/// record's status and creation time too, so that a backup edited to bring a retired key back
+/// (`status retired` made `active`) or to change a key's age no longer decrypts. (In the store
+/// these two are protected by its directory, which only the key user may write.)
+fn backup_aad(r: &Record) -> Vec<u8> {
+    format!(
+        "psap-keys-backup:{}:{}:{}:{}",
+        r.version,
+        r.cipher,
+        r.status.name(),
+        r.created
+    )
+    .into_bytes()
+}
+
+/// Decrypts one record under `wrapping` with associated data `aad` and checks the key's
+/// fingerprint against the record's.
 fn unwrap_checked(
     token: &Token,
     wrapping: cryptoki::object::ObjectHandle,
     r: &Record,
+    aad: &[u8],
 ) -> Result<Key> {
-    let key = token.open_sealed(wrapping, &r.iv, &r.wrapped, &r.aad(), r.cipher)?;
+    let key = token.open_sealed(wrapping, &r.iv, &r.wrapped, aad, r.cipher)?;
     let fp = key.fingerprint();
     if fp != r.fingerprint {
         return Err(format!(
@@ -205,8 +235,8 @@ pub fn export(ctx: &Context, backup_key: &Path, out: &Path) -> Outcome {
     drop(key);
     for r in &records {
         let data_key =
-            unwrap_checked(&token, wrap, r).map_err(|e| format!("{}: {e}", r.version))?;
-        let (iv, wrapped) = token.seal(session_key.handle, &data_key, &r.aad())?;
+            unwrap_checked(&token, wrap, r, &r.aad()).map_err(|e| format!("{}: {e}", r.version))?;
+        let (iv, wrapped) = token.seal(session_key.handle, &data_key, &backup_aad(r))?;
         backup.records.push(Record {
             iv,
             wrapped,
@@ -251,7 +281,7 @@ pub fn import(ctx: &Context, backup_key: &Path, input: &Path, force: bool) -> Ou
     let mut plan = Vec::new();
     let mut conflicts = Vec::new();
     for r in &backup.records {
-        unwrap_checked(&token, session_key.handle, r)
+        unwrap_checked(&token, session_key.handle, r, &backup_aad(r))
             .map_err(|e| format!("{}: cannot restore from the backup: {e}", r.version))?;
         let existing = if store.exists(r.version) {
             Some(
@@ -286,7 +316,7 @@ pub fn import(ctx: &Context, backup_key: &Path, input: &Path, force: bool) -> Ou
     // Second pass: re-wrap under this token's psap-wrap and write.
     for (r, what) in &plan {
         if *what != "unchanged" {
-            let data_key = unwrap_checked(&token, session_key.handle, r)
+            let data_key = unwrap_checked(&token, session_key.handle, r, &backup_aad(r))
                 .map_err(|e| format!("{}: {e}", r.version))?;
             let (iv, wrapped) = token.seal(wrap, &data_key, &r.aad())?;
             drop(data_key);
@@ -323,7 +353,8 @@ pub fn verify(ctx: &Context, backup_key: &Path, input: &Path) -> Outcome {
 
     let mut in_backup: BTreeMap<Version, Result<String>> = BTreeMap::new();
     for r in &backup.records {
-        let result = unwrap_checked(&token, session_key.handle, r).map(|k| k.fingerprint());
+        let result =
+            unwrap_checked(&token, session_key.handle, r, &backup_aad(r)).map(|k| k.fingerprint());
         in_backup.insert(r.version, result);
     }
     drop(session_key);

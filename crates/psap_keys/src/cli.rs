@@ -110,6 +110,10 @@ pub fn parse(
         let arg = args[i].as_str();
         i += 1;
         if arg == "-h" || arg == "--help" {
+            // emit's standard output is the server's: keys and nothing else, even for --help.
+            if args.iter().any(|a| a == "emit") {
+                return usage("emit takes no --help (its standard output is for keys only); run psap-keys help");
+            }
             return Ok(Invocation {
                 command: Command::Help,
                 options: Options::default(),
@@ -304,6 +308,20 @@ mod tests {
         assert_eq!(inv.options.store, Some(PathBuf::from("/s")));
         assert_eq!(inv.options.token.as_deref(), Some("T"));
         assert_eq!(inv.options.module, None);
+    }
+
+    #[test]
+    fn help_never_reaches_emits_standard_output() {
+        assert!(parse(&args("emit --help"), no_env).is_err());
+        assert!(parse(&args("-h emit"), no_env).is_err());
+        assert_eq!(
+            parse(&args("--help"), no_env).unwrap().command,
+            Command::Help
+        );
+        assert_eq!(
+            parse(&args("list -h"), no_env).unwrap().command,
+            Command::Help
+        );
     }
 
     #[test]

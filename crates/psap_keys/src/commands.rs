@@ -74,12 +74,19 @@ pub fn generate(ctx: &Context, version: Version, cipher: Cipher) -> Outcome {
         iv,
         wrapped,
     };
+    let appeared =
+        || format!("{version} appeared in the store while it was being generated; nothing written");
     if store.exists(version) {
-        return Err(Failure::Error(format!(
-            "{version} appeared in the store while it was being generated; nothing written"
-        )));
+        return Err(Failure::Error(appeared()));
     }
-    store.save(&record)?;
+    // Never over another key: two `generate vN` at once, one of them fails.
+    if let Err(e) = store.save_new(&record) {
+        return Err(Failure::Error(if store.exists(version) {
+            appeared()
+        } else {
+            e
+        }));
+    }
     println!("{version} {cipher} fingerprint {}", record.fingerprint);
     Ok(())
 }

@@ -18,7 +18,7 @@
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -103,8 +103,8 @@ impl Record {
             Some(f) if f.key == "format" && f.value == STORE_FORMAT => {}
             Some(f) if f.key == "format" => {
                 return Err(format!(
-                    "line {}: unsupported format {:?} (expected {STORE_FORMAT:?})",
-                    f.line, f.value
+                    "line {}: unsupported format (expected {STORE_FORMAT:?})",
+                    f.line
                 ))
             }
             _ => return Err(format!("does not start with \"format {STORE_FORMAT}\"")),
@@ -126,7 +126,7 @@ impl Record {
         let mut values: [Option<(usize, &str)>; 7] = [None; 7];
         for f in fields {
             let Some(i) = KEYS.iter().position(|k| *k == f.key) else {
-                return Err(format!("line {}: unknown field {:?}", f.line, f.key));
+                return Err(format!("line {}: unknown field", f.line));
             };
             if values[i].is_some() {
                 return Err(format!("line {}: field {:?} appears twice", f.line, f.key));
@@ -138,10 +138,10 @@ impl Record {
         };
         let (line, v) = get(0)?;
         let version = Version::parse(v)
-            .ok_or_else(|| format!("line {line}: {v:?} is not a key version v1 to v99"))?;
+            .ok_or_else(|| format!("line {line}: the version is not v1 to v99"))?;
         let (line, c) = get(1)?;
         let cipher = Cipher::parse(c)
-            .ok_or_else(|| format!("line {line}: {c:?} is not secretbox or aes-256-gcm"))?;
+            .ok_or_else(|| format!("line {line}: the cipher is not secretbox or aes-256-gcm"))?;
         let (line, fp) = get(2)?;
         if !is_fingerprint(fp) {
             return Err(format!(
@@ -154,7 +154,7 @@ impl Record {
         }
         let (line, s) = get(4)?;
         let status = Status::parse(s)
-            .ok_or_else(|| format!("line {line}: status {s:?} is not active or retired"))?;
+            .ok_or_else(|| format!("line {line}: the status is not active or retired"))?;
         let (line, iv_hex) = get(5)?;
         let mut iv = [0u8; IV_BYTES];
         hex::decode_to_slice(iv_hex, &mut iv)
@@ -204,7 +204,9 @@ pub fn fields(text: &str) -> Result<Vec<Field>> {
         let (key, value) = line.split_once(' ').unwrap_or((line, ""));
         let value = value.trim();
         if value.is_empty() {
-            return Err(format!("line {}: {key:?} has no value", i + 1));
+            // Never the line itself: a file given in the wrong place (the backup key, a PIN
+            // file) is one word, which would be quoted whole.
+            return Err(format!("line {}: a field without a value", i + 1));
         }
         out.push(Field {
             line: i + 1,
@@ -224,6 +226,12 @@ impl Store {
     /// Opens an existing store.
     pub fn open(dir: &Path) -> Result<Store> {
         match fs::metadata(dir) {
+            // Whoever may write the directory may remove keys or replace their records.
+            Ok(m) if m.is_dir() && m.mode() & 0o022 != 0 => Err(format!(
+                "store {} is writable by other users (mode {:o}): only its owner may write it (chmod 700)",
+                dir.display(),
+                m.mode() & 0o7777
+            )),
             Ok(m) if m.is_dir() => Ok(Store {
                 dir: dir.to_owned(),
             }),
@@ -309,6 +317,12 @@ impl Store {
     pub fn save(&self, record: &Record) -> Result<()> {
         write_atomic(&self.path(record.version), record.to_file_text().as_bytes())
     }
+
+    /// Saves a record of a version the store must not hold yet: fails if another process
+    /// stored one meanwhile (two `generate vN` at once: one fails, no key is replaced).
+    pub fn save_new(&self, record: &Record) -> Result<()> {
+        write_new(&self.path(record.version), record.to_file_text().as_bytes())
+    }
 }
 
 /// Writes `contents` to `path` atomically: a temporary file (mode 0600) in the same directory,
@@ -336,12 +350,14 @@ fn write_whole(path: &Path, contents: &[u8], replace: bool) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
+    let mut created = false;
     let result = (|| -> std::io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
+        created = true;
         f.write_all(contents)?;
         f.sync_all()?;
         drop(f);
@@ -354,7 +370,10 @@ fn write_whole(path: &Path, contents: &[u8], replace: bool) -> Result<()> {
         File::open(&dir)?.sync_all()
     })();
     if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
+        // Only a temporary file this process made (another's of the same name is not ours).
+        if created {
+            let _ = fs::remove_file(&tmp);
+        }
         return Err(format!("cannot write {}: {e}", path.display()));
     }
     Ok(())
@@ -443,6 +462,56 @@ mod tests {
         for bad in cases {
             assert!(Record::parse_file(&bad).is_err(), "accepted:\n{bad}");
         }
+    }
+
+    /// A file handed over in the wrong place (a backup key, a PIN file) or a field's value in
+    /// the wrong form is refused without quoting any of it: it can be key material.
+    #[test]
+    fn no_error_quotes_what_the_file_holds() {
+        let secret = "c7b518e9a0d4f1e2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7c51c0";
+        let text = sample().to_file_text();
+        let cases = [
+            format!("{secret}\n"),
+            format!("format {secret}\n"),
+            text.replace("version v7", &format!("version {secret}")),
+            text.replace("cipher aes-256-gcm", &format!("cipher {secret}")),
+            text.replace("status retired", &format!("status {secret}")),
+            text.replace("status retired", &format!("status retired\n{secret} x")),
+            text.replace("status retired", &format!("status retired\n{secret}")),
+        ];
+        for bad in cases {
+            let e = Record::parse_file(&bad).unwrap_err();
+            assert!(!e.contains(&secret[..8]), "{e}");
+            let Err(e) = crate::backup::Backup::parse(&bad) else {
+                panic!("accepted as a backup:\n{bad}");
+            };
+            assert!(!e.contains(&secret[..8]), "{e}");
+        }
+        let header = format!("format {}\n{secret} x\n", crate::backup::BACKUP_FORMAT);
+        let Err(e) = crate::backup::Backup::parse(&header) else {
+            panic!("accepted as a backup:\n{header}");
+        };
+        assert!(!e.contains(&secret[..8]), "{e}");
+    }
+
+    #[test]
+    fn a_new_record_never_replaces_one_and_a_shared_store_is_refused() {
+        let dir = std::env::temp_dir().join(format!("psap-keys-store-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (store, created) = Store::create(&dir).unwrap();
+        assert!(created);
+        let first = sample();
+        store.save_new(&first).unwrap();
+        let mut second = sample();
+        second.fingerprint = "fedcba9876543210".into();
+        assert!(store.save_new(&second).is_err());
+        assert_eq!(store.load(first.version).unwrap(), first);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Store::open(&dir)
+            .err()
+            .expect("a store others may write was opened");
+        assert!(e.contains("writable by other users"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -307,7 +307,7 @@ fn full_lifecycle_generate_emit_backup_restore_retire() {
     );
     assert_no_key_in(std::slice::from_ref(&backup), &keys);
     let text = fs::read_to_string(&backup).unwrap();
-    assert!(text.starts_with("format psap-keys-backup 1\n"));
+    assert!(text.starts_with("format psap-keys-backup 2\n"));
     let bk_hex = fs::read_to_string(&bk).unwrap();
     assert!(text.contains(&format!(
         "backup-key {}",
@@ -559,6 +559,49 @@ fn backup_verification_and_import_conflicts() {
         ],
     );
     assert!(stdout.contains("v1 UNREADABLE"), "{stdout}");
+    // So does one whose key's status or creation time was edited (a retired key brought back
+    // into service by whoever can write the backup media, without the backup key), and import
+    // refuses it.
+    for (field, edit) in [
+        ("status ", "status retired"),
+        ("created ", "created 2020-01-01T00:00:00Z"),
+    ] {
+        // In v1's block (the header has a `created` of its own, the export's time).
+        let text = fs::read_to_string(&backup).unwrap();
+        let block = text.find("\nversion v1").unwrap();
+        let at = block + text[block..].find(&format!("\n{field}")).unwrap() + 1;
+        let end = at + text[at..].find('\n').unwrap();
+        fs::write(&tampered, format!("{}{edit}{}", &text[..at], &text[end..])).unwrap();
+        assert_ne!(fs::read_to_string(&tampered).unwrap(), text);
+        let (stdout, _) = hsm.fails(
+            1,
+            &[
+                "verify-backup",
+                "--backup-key",
+                s(&bk),
+                "--in",
+                s(&tampered),
+            ],
+        );
+        assert!(stdout.contains("v1 UNREADABLE"), "{field}: {stdout}");
+        let fresh = Hsm::new(&format!("psap-bk-{}", field.trim()));
+        fresh.ok(&["init"]);
+        let (_, stderr) = fresh.fails(
+            1,
+            &[
+                "import-backup",
+                "--backup-key",
+                s(&bk),
+                "--in",
+                s(&tampered),
+            ],
+        );
+        assert!(stderr.contains("cannot restore"), "{field}: {stderr}");
+        assert!(
+            !fresh.ok(&["list"]).contains(&fp1),
+            "a refused import writes nothing"
+        );
+    }
     // A truncated backup is refused outright.
     let text = fs::read_to_string(&backup).unwrap();
     let cut = text.find("\nversion v1").unwrap();
