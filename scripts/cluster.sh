@@ -13,13 +13,20 @@ as_pg() { if [ "$(id -u)" = 0 ]; then sudo -u postgres env -u RUST_BACKTRACE "$@
 
 cmd=${1:?usage: cluster.sh start|stop|destroy DIR [PORT]}
 dir=${2:?cluster directory}
+# Run as root on a path another user could have made (a fixed name in /tmp): never through a
+# symbolic link (chown and chmod would follow it to whatever it names). Prefer `mktemp -d`.
+if [ -L "$dir" ]; then
+    echo "cluster.sh: $dir is a symbolic link; refused" >&2
+    exit 2
+fi
 case "$cmd" in
 start)
     port=${3:?port}
     shift 3
     if [ ! -f "$dir/PG_VERSION" ]; then
         mkdir -p "$dir"
-        [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir"
+        [ -L "$dir" ] && { echo "cluster.sh: $dir is a symbolic link; refused" >&2; exit 2; }
+        [ "$(id -u)" = 0 ] && chown -h postgres:postgres "$dir"
         chmod 700 "$dir"
         as_pg "$BIN/initdb" -D "$dir" -U postgres -E UTF8 --locale=C.UTF-8 --auth=trust >/dev/null
         {

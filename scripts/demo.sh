@@ -13,17 +13,15 @@ cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE
 scripts/setup.sh >/dev/null
 
-dir=/tmp/psap-demo
+umask 077
+dir=$(mktemp -d /tmp/psap-demo.XXXXXX)  # a name no other user can make first
 port=5498
-scripts/cluster.sh destroy "$dir"
 trap 'scripts/cluster.sh destroy "$dir"' EXIT
 scripts/cluster.sh start "$dir" "$port"
 psql() { command psql -X -q -h "$dir" -p "$port" -U postgres -v ON_ERROR_STOP=1 "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-keys() {  # writes the key file as a DBA would (postgres-owned, mode 600) and reloads
-    printf '%s\n' "$@" > /tmp/psap-demo-keys.conf
-    install -o postgres -m 600 /tmp/psap-demo-keys.conf "$dir/psap_keys.conf"
-    rm -f /tmp/psap-demo-keys.conf
+keys() {  # writes the key file as a DBA would (postgres-owned, mode 600; no copy elsewhere) and reloads
+    printf '%s\n' "$@" | install -o postgres -m 600 /dev/stdin "$dir/psap_keys.conf"
     psql -c "SELECT pg_reload_conf()" >/dev/null
     sleep 0.5
 }

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 unset RUST_BACKTRACE
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 name=postgresql-15-psap-encrypt
-dir=/tmp/psap-pkgtest
+dir=$(mktemp -d /tmp/psap-pkgtest.XXXXXX)
 port=5479
 fail() { echo "package test FAILED: $*" >&2; exit 1; }
 restore() {
@@ -33,7 +33,6 @@ dpkg -i "$deb" >/dev/null
 installed=$(dpkg -L "$name")
 psap-keys help >/dev/null || fail "psap-keys does not run"
 
-scripts/cluster.sh destroy "$dir"
 scripts/cluster.sh start "$dir" "$port"
 psql() { command psql -X -q -A -t -h "$dir" -p "$port" -U postgres -v ON_ERROR_STOP=1 "$@"; }
 keys() {
