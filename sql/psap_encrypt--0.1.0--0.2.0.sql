@@ -570,6 +570,7 @@ AS $$
       LEFT JOIN LATERAL (
           SELECT l.ended_at, l.to_version FROM @extschema@.psap_audit l
            WHERE l.operation IN ('rotate', 'encrypt') AND l.status = 'done' AND l.rows_done > 0
+             AND l.error IS NULL  -- a run done with rows left says so there: not a completed one
              AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
              AND l.column_name = r.column_name
            ORDER BY l.ended_at DESC LIMIT 1) a ON true

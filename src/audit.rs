@@ -9,7 +9,14 @@
 //! `BLAKE2b-256(hash of record n-1 || canonical text of record n)`, and the chain's head is kept
 //! in `psap_audit_chain`. `psap_audit_verify()` recomputes the chain and names every record that
 //! was changed, removed or added by hand. The head of each sealing is also written to the server
-//! log, so a rewrite of the whole chain by a superuser is visible against the log.
+//! log once its transaction has committed, so a rewrite of the whole chain by a superuser is
+//! visible against the log.
+//!
+//! Sealing takes the chain head's row lock, which serializes it across sessions. It is done at
+//! the end of the writing transaction ([`at_xact_event`], just before the commit), not where the
+//! record is written: a registry change is written inside its caller's transaction, and a role
+//! allowed to register columns could otherwise hold the lock for as long as it kept that
+//! transaction open, stalling every other session's sealing (rotations included).
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -44,6 +51,18 @@ pub struct Start<'a> {
 
 thread_local! {
     static WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Records written in this transaction and still to seal at its commit.
+    static PENDING: std::cell::RefCell<Option<Pending>> = const { std::cell::RefCell::new(None) };
+    /// The LOG line of this transaction's sealing, written once the commit is done.
+    static SEALED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// What the end of the transaction has to seal.
+struct Pending {
+    ext: String,
+    owner: pg_sys::Oid,
+    ids: Vec<i64>,
 }
 
 /// For the guard trigger: whether this backend's audit writer is writing now.
@@ -239,10 +258,31 @@ impl AuditLog {
         });
     }
 
-    /// Seals `ids`, in that order, as the next records of the chain (the caller holds the flag).
+    /// Seals `ids` (in id order) at the end of this transaction, as the next records of the chain.
     fn seal(&self, ids: &[i64]) {
         if ids.is_empty() {
             return;
+        }
+        if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
+            // SAFETY: registers a static function once per backend, as extensions do.
+            unsafe { pg_sys::RegisterXactCallback(Some(at_xact_event), std::ptr::null_mut()) };
+        }
+        PENDING.with(|p| {
+            let mut p = p.borrow_mut();
+            let pending = p.get_or_insert_with(|| Pending {
+                ext: self.ext.clone(),
+                owner: self.owner,
+                ids: Vec::new(),
+            });
+            pending.ids.extend_from_slice(ids);
+        });
+    }
+
+    /// Seals `ids`, in that order, as the next records of the chain (the caller holds the flag);
+    /// returns the LOG line that says so.
+    fn seal_now(&self, ids: &[i64]) -> Option<String> {
+        if ids.is_empty() {
+            return None;
         }
         let ext = &self.ext;
         spi::run(
@@ -260,9 +300,7 @@ impl AuditLog {
                 ))
             },
         );
-        let Some((mut seq, mut hash)) = head.into_iter().next() else {
-            return;
-        };
+        let (mut seq, mut hash) = head.into_iter().next()?;
         let set_seq = format!(
             "UPDATE {ext}.{AUDIT_LOG} SET seal_seq = $2 WHERE id OPERATOR(pg_catalog.=) $1"
         );
@@ -282,15 +320,102 @@ impl AuditLog {
             &format!("UPDATE {ext}.{AUDIT_CHAIN} SET seq = $1, hash = $2"),
             &[seq.into(), hash.clone().into()],
         );
+        let database =
+            spi::one::<String>("SELECT pg_catalog.current_database()::pg_catalog.text", &[])
+                .unwrap_or_default();
         // Half the hash: enough to compare, and never 64 hex digits (which log lines hide).
-        ereport!(
-            PgLogLevel::LOG,
-            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-            format!(
-                "psap_encrypt sealed audit records up to id {last} (number {seq}); chain {}",
-                &hash[..32]
-            )
-        );
+        Some(format!(
+            "psap_encrypt sealed audit records up to id {last} (number {seq}) in database \"{database}\"; chain {}",
+            &hash[..32]
+        ))
+    }
+}
+
+/// Seals the records this transaction wrote (those still there: a rolled-back subtransaction
+/// takes its own away), just before it commits.
+fn seal_pending() {
+    let Some(p) = PENDING.with(|p| p.borrow_mut().take()) else {
+        return;
+    };
+    let log = AuditLog {
+        ext: p.ext,
+        owner: p.owner,
+        progress_plan: None,
+    };
+    // Statements need an active snapshot, which a commit no longer has: a new one, as for a
+    // statement (it sees every record this transaction wrote). An error before the pop aborts
+    // the transaction, which clears the snapshot stack.
+    // SAFETY: in a transaction (its pre-commit), pushed and popped around our own statements.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let line = sandbox::with_safe_search_path(|| {
+        // DROP EXTENSION later in the same transaction took the log with it.
+        let table = format!("{}.{AUDIT_LOG}", log.ext);
+        if spi::one::<bool>(
+            "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+            &[table.as_str().into()],
+        ) != Some(true)
+        {
+            return None;
+        }
+        log.write(|| {
+            let ids = spi::rows(
+                &format!(
+                    "SELECT id FROM {}.{AUDIT_LOG}
+                      WHERE id OPERATOR(pg_catalog.=) ANY ($1) AND seal_seq IS NULL
+                        AND status OPERATOR(pg_catalog.<>) 'running'
+                      ORDER BY id",
+                    log.ext
+                ),
+                &[p.ids.into()],
+                |r| Ok(r.get::<i64>(1)?.unwrap_or(0)),
+            );
+            log.seal_now(&ids)
+        })
+    });
+    // SAFETY: the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    SEALED.with(|s| *s.borrow_mut() = line);
+}
+
+/// Whether this transaction has records still to seal (psap_audit_verify does not report them).
+fn pending_ids() -> Vec<i64> {
+    PENDING.with(|p| {
+        p.borrow()
+            .as_ref()
+            .map(|p| p.ids.clone())
+            .unwrap_or_default()
+    })
+}
+
+/// The transaction callback: seals before the commit, logs after it, and forgets both when the
+/// transaction ends any other way.
+#[pg_guard]
+unsafe extern "C-unwind" fn at_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT => seal_pending(),
+        XACT_EVENT_COMMIT => {
+            if let Some(line) = SEALED.with(|s| s.borrow_mut().take()) {
+                ereport!(
+                    PgLogLevel::LOG,
+                    PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+                    line
+                );
+            }
+        }
+        // Sealed at PREPARE, the chain head would stay locked until COMMIT PREPARED.
+        XACT_EVENT_PRE_PREPARE if PENDING.with(|p| p.borrow().is_some()) => {
+            error::cannot_prepare_audit();
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PREPARE => {
+            PENDING.with(|p| p.borrow_mut().take());
+            SEALED.with(|s| s.borrow_mut().take());
+            WRITING.with(|w| w.set(false));
+        }
+        _ => {}
     }
 }
 
@@ -413,7 +538,9 @@ fn verify(ext: &str) -> Vec<(Option<i64>, Option<i64>, String)> {
         &[],
         |r| Ok(r.get::<i64>(1)?.unwrap_or(0)),
     );
-    for id in unsealed {
+    // Records this transaction wrote are sealed at its commit.
+    let pending = pending_ids();
+    for id in unsealed.into_iter().filter(|id| !pending.contains(id)) {
         problems.push((
             None,
             Some(id),

@@ -123,7 +123,9 @@ pub fn raise(
     hint: Option<String>,
 ) -> ! {
     let message = message.into();
-    LAST_RAISED.with(|l| *l.borrow_mut() = Some((code, message.clone())));
+    if !crate::sandbox::called_by_table_code() {
+        LAST_RAISED.with(|l| *l.borrow_mut() = Some((code, message.clone())));
+    }
     raise_foreign(code, message, detail, hint)
 }
 
@@ -668,6 +670,20 @@ pub fn cannot_encrypt_null_context() -> ! {
         "cannot encrypt a value of the column: its context expression is NULL for the row",
         Some("The batch was rolled back.".into()),
         Some("The column's context expression (psap_set_column_context) must yield a value for every row.".into()),
+    )
+}
+
+/// PREPARE TRANSACTION of a transaction that wrote audit records: they are sealed at the commit,
+/// and sealed at PREPARE they would keep the chain head locked until COMMIT PREPARED.
+pub fn cannot_prepare_audit() -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        "cannot PREPARE a transaction that wrote psap_encrypt's audit log",
+        None,
+        Some(
+            "Register columns, change contexts and run rotations outside two-phase transactions."
+                .into(),
+        ),
     )
 }
 

@@ -476,6 +476,9 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
         }
         KeyChange::Unset => {
             let old = with_settings(|ring| ring.take(version));
+            if keysource::is_postmaster() {
+                log_setting_change(key_id(version, &old), None);
+            }
             // SAFETY: ParallelWorkerNumber is set before a parallel worker restores its settings.
             if unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
                 PENDING.get().set(version, old);
@@ -484,12 +487,34 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
         }
         KeyChange::Set => {
             let slot = std::mem::take(&mut *PENDING.get().slot_mut(version));
-            if matches!(slot, Slot::Key(_)) {
+            let new = key_id(version, &slot);
+            if new.is_some() {
+                let old = with_settings(|ring| key_id(version, ring.slot(version)));
                 with_settings(|ring| ring.set(version, slot));
-                keys().setting_loaded_at[version.get() as usize] = keysource::now_micros();
+                // A reload applies every key again: only a different key is a change.
+                if old != new {
+                    keys().setting_loaded_at[version.get() as usize] = keysource::now_micros();
+                    if keysource::is_postmaster() {
+                        log_setting_change(old, new);
+                    }
+                }
             }
         }
     }
+}
+
+/// Version, cipher and fingerprint of a slot's key.
+fn key_id(version: Version, slot: &Slot) -> Option<keysource::KeyId> {
+    match slot {
+        Slot::Key(k) => Some((version, k.cipher(), k.fingerprint())),
+        _ => None,
+    }
+}
+
+/// (The line names the source "the key settings", not the setting: a line that names a key
+/// setting has its hex digits masked, fingerprints included.)
+fn log_setting_change(old: Option<keysource::KeyId>, new: Option<keysource::KeyId>) {
+    keysource::log_key_changes("the key settings", old.as_slice(), new.as_slice());
 }
 
 /// Show hook of `psap.key_vN`: what SHOW, current_setting() and pg_settings display.

@@ -93,6 +93,26 @@ pub fn running_table_code() -> bool {
     nesting::inside(&TABLE_CODE)
 }
 
+thread_local! {
+    /// How many of psap_encrypt's SQL functions taking names or expressions are running because
+    /// a table's code called them during a run (see [`sql_call`]).
+    static CALLED_BY_TABLE_CODE: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Marks a call of one of psap_encrypt's SQL functions that take names or expressions (and can
+/// quote them in an error), for as long as the guard lives. Made by a table's code while a run
+/// executes it, its errors are the table's code's own: they can quote whatever that code passed
+/// (a row's value as a column name), so a run does not record them as psap_encrypt's in the
+/// audit log ([`called_by_table_code`]).
+pub fn sql_call() -> Option<Inside> {
+    running_table_code().then(|| Inside::enter(&CALLED_BY_TABLE_CODE))
+}
+
+/// Whether a call marked by [`sql_call`] as made by a table's code is in progress.
+pub fn called_by_table_code() -> bool {
+    nesting::inside(&CALLED_BY_TABLE_CODE)
+}
+
 /// Runs `f` as the owner of the extension's own tables (to write the audit log and registry).
 pub fn as_extension_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     as_role(

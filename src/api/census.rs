@@ -77,6 +77,7 @@ fn census(
         name!(cipher, Option<&'static str>),
     ),
 > {
+    let _call = crate::sandbox::sql_call();
     let rows = census_rows(&tbl.open(), col, true)
         .into_iter()
         .map(|(state, v, n, configured, cipher)| {

@@ -18,6 +18,7 @@ use crate::{error, gucs, sandbox};
 #[pg_extern(stable, sql = false)]
 fn _psap_check_column(tbl: Option<Regclass>, col: Option<&str>) {
     gucs::ensure_preloaded();
+    let _call = sandbox::sql_call();
     let (Some(tbl), Some(col)) = (tbl, col) else {
         error::raise(
             pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
@@ -124,6 +125,7 @@ fn psap_census(
         name!(key_configured, Option<bool>),
     ),
 > {
+    let _call = sandbox::sql_call();
     let rows = crate::api::census::census_rows(&tbl.open(), col, true)
         .into_iter()
         .map(|(state, v, n, configured, _)| (state, v, n, configured))

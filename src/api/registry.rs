@@ -18,6 +18,7 @@ use crate::{error, gucs, sandbox, spi};
 #[pg_extern(volatile, strict)]
 fn psap_register_column(tbl: Regclass, col: &str) -> bool {
     gucs::ensure_preloaded();
+    let _call = sandbox::sql_call();
     let tbl = tbl.open();
     sandbox::with_safe_search_path(|| {
         let t = target::resolve(&tbl, col, Access::Rotate);
@@ -54,6 +55,7 @@ fn psap_register_column(tbl: Regclass, col: &str) -> bool {
 #[pg_extern(volatile, strict)]
 fn psap_unregister_column(tbl: Regclass, col: &str) -> bool {
     gucs::ensure_preloaded();
+    let _call = sandbox::sql_call();
     let tbl = tbl.open();
     sandbox::with_safe_search_path(|| {
         let can_update = spi::one::<bool>(
@@ -100,6 +102,7 @@ fn psap_unregister_column(tbl: Regclass, col: &str) -> bool {
 #[pg_extern(volatile)]
 fn psap_set_column_context(tbl: Option<Regclass>, col: Option<&str>, context: Option<&str>) {
     gucs::ensure_preloaded();
+    let _call = sandbox::sql_call();
     let (Some(tbl), Some(col)) = (tbl, col) else {
         error::null_argument("psap_set_column_context");
     };

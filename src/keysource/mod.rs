@@ -211,7 +211,13 @@ pub fn load(command: &str, timeout: Duration) {
     let previous = table().map(|t| State::from_u32(t.state.load(Ordering::Acquire)));
     match run(command, timeout) {
         Ok(keys) => {
+            let before = published_keys();
             publish(State::Loaded, Some(&keys), None);
+            let after: Vec<KeyId> = keys
+                .iter()
+                .map(|(v, k)| (*v, k.cipher(), k.fingerprint()))
+                .collect();
+            log_key_changes("psap.key_command", &before, &after);
             let versions: Vec<String> = keys
                 .iter()
                 .map(|(v, k)| format!("{v} ({})", k.cipher()))
@@ -254,6 +260,49 @@ pub fn load(command: &str, timeout: Duration) {
             ))
             .report(PgLogLevel::WARNING);
         }
+    }
+}
+
+/// A key as the server log names it: version, cipher, fingerprint.
+pub type KeyId = (Version, Cipher, String);
+
+/// The keys the table holds now (the postmaster only: it is the table's only writer).
+fn published_keys() -> Vec<KeyId> {
+    let Some(t) = table() else {
+        return Vec::new();
+    };
+    let n = (t.count.load(Ordering::Acquire) as usize).min(t.entries.len());
+    t.entries[..n]
+        .iter()
+        .filter_map(|e| {
+            Some((
+                Version::new(u32::from(e.version))?,
+                cipher_of(e.cipher)?,
+                psap_core::key::fingerprint_of(&e.key),
+            ))
+        })
+        .collect()
+}
+
+/// Logs each key `source` added, replaced or removed (SC-12: a key change is on record with its
+/// time, version, cipher and fingerprints; the postmaster logs it once per change, at start and
+/// at each reload).
+pub fn log_key_changes(source: &str, before: &[KeyId], after: &[KeyId]) {
+    let find = |ids: &[KeyId], v: Version| ids.iter().find(|(w, _, _)| *w == v).cloned();
+    for v in Version::all() {
+        let line = match (find(before, v), find(after, v)) {
+            (None, Some((_, c, f))) => format!("added: {c}, fingerprint {f}"),
+            (Some((_, c, f)), None) => format!("removed: was {c}, fingerprint {f}"),
+            (Some((_, c0, f0)), Some((_, c1, f1))) if (c0, &f0) != (c1, &f1) => {
+                format!("replaced: {c0}, fingerprint {f0}, by {c1}, fingerprint {f1}")
+            }
+            _ => continue,
+        };
+        ereport!(
+            PgLogLevel::LOG,
+            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+            format!("psap_encrypt key {v} from {source} {line}")
+        );
     }
 }
 

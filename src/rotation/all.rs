@@ -59,6 +59,7 @@ fn _psap_all_begin(
     verify: Option<bool>,
 ) -> Option<i64> {
     gucs::ensure_preloaded();
+    let _call = crate::sandbox::sql_call();
     let args = Args {
         batch,
         from_version,

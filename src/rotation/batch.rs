@@ -124,7 +124,10 @@ fn _psap_run_end(run: i64) {
 
 /// Records how a run ended and keeps the outcome for `_psap_run_end`.
 fn finish(run: Run, status: Status, failure: Option<Failure>) {
-    let error = failure.as_ref().map(Failure::audit_text);
+    let error = match &failure {
+        Some(f) => Some(f.audit_text()),
+        None => left_text(&run, run.left),
+    };
     run.audit
         .end(run.audit_id, status.as_str(), run.counts, error);
     state::set_ended(
@@ -368,15 +371,24 @@ fn done_notice(run: &Run, left: i64) {
     if skipped > 0 {
         msg.push_str(&format!("; {skipped} undecryptable rows skipped"));
     }
-    if left > 0 {
-        let why = if run.target.leaves.iter().any(|l| l.forced_on_owner) {
-            "hidden from the table's owner by row-level security, locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
-        } else {
-            "locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
-        };
-        msg.push_str(&format!("; {left} rows still to do ({why}): call again"));
+    if let Some(left) = left_text(run, left) {
+        msg.push_str(&format!("; {left}"));
     }
     notice(msg);
+}
+
+/// What a run that ended done left to do, and why (its notice, and its audit record's `error`:
+/// a run that left rows is no completed rotation for psap_compliance).
+fn left_text(run: &Run, left: i64) -> Option<String> {
+    if left <= 0 {
+        return None;
+    }
+    let why = if run.target.leaves.iter().any(|l| l.forced_on_owner) {
+        "hidden from the table's owner by row-level security, locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
+    } else {
+        "locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
+    };
+    Some(format!("{left} rows still to do ({why}): call again"))
 }
 
 /// Runs a batch over one block range, taking at most `limit` rows, as the leaf's owner: directly

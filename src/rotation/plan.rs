@@ -34,6 +34,7 @@ fn _psap_run_begin(
     verify: Option<bool>,
 ) -> i64 {
     gucs::ensure_preloaded();
+    let _call = crate::sandbox::sql_call();
     let procedure = match procedure.unwrap_or_default() {
         "psap_rotate" => Procedure::Rotate,
         "psap_encrypt_column" => Procedure::EncryptColumn,
@@ -239,7 +240,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
             Mode::Encrypt => "would be encrypted ",
         };
         notice(format!("dry run: {}", plan(would)));
-        dry_run_verify(&run);
+        run.counts.failed = dry_run_verify(&run);
         return end_now(run, Status::Done);
     }
     if total == 0 {
@@ -409,14 +410,18 @@ fn from_fingerprints(versions: &[(String, i64)]) -> Option<String> {
     (!fps.is_empty()).then(|| fps.join(", "))
 }
 
-fn dry_run_verify(run: &Run) {
+/// Decrypts every envelope of the column, whatever its version (those already on the target
+/// version too: a value that only looks like one, or written with a wrong key, is found before
+/// anyone relies on it); returns how many cannot be decrypted (the audit record's rows_failed).
+fn dry_run_verify(run: &Run) -> i64 {
     if run.opts.mode == Mode::Encrypt {
         notice("dry run: nothing was changed".into());
-        return;
+        return 0;
     }
-    let mut bad = 0usize;
+    let every_envelope = sql::envelopes(&run.target);
+    let mut bad = 0i64;
     for (i, leaf) in run.target.leaves.iter().enumerate() {
-        for row in failure::undecryptable_rows(&run.target, i, &run.needs, run.secret) {
+        for row in failure::undecryptable_rows(&run.target, i, &every_envelope, run.secret) {
             bad += 1;
             if bad <= 20 {
                 warning(
@@ -431,6 +436,7 @@ fn dry_run_verify(run: &Run) {
         }
     }
     notice(format!(
-        "dry run: every row verified; {bad} rows cannot be decrypted; nothing was changed"
+        "dry run: every envelope verified; {bad} rows cannot be decrypted; nothing was changed"
     ));
+    bad
 }

@@ -37,6 +37,12 @@ pub fn needs_of(t: &Target, mode: Mode, to: Version, column: &str) -> String {
     }
 }
 
+/// SQL for "this row holds an envelope" (any version): what a dry run verifies.
+pub fn envelopes(t: &Target) -> String {
+    let prefix = arg(&format!("pg_catalog.substr({}, 1, 4)", t.column), TEXT);
+    format!("NOT {}.{IS_PLAINTEXT}({prefix})", t.ext)
+}
+
 const TEXT: &str = "pg_catalog.text";
 const INT4: &str = "pg_catalog.int4";
 const INT8: &str = "pg_catalog.int8";

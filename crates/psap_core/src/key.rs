@@ -106,9 +106,14 @@ impl Key {
     /// Reproducible outside the database, e.g. in Python:
     /// `hashlib.blake2b(b"psap_encrypt key fingerprint:" + bytes.fromhex(k), digest_size=32).hexdigest()[:16]`.
     pub fn fingerprint(&self) -> String {
-        let digest = sodium::blake2b_256(&[FINGERPRINT_CONTEXT, self.bytes()]);
-        hex::encode(&digest[..8])
+        fingerprint_of(self.bytes())
     }
+}
+
+/// [`Key::fingerprint`] of a key's bytes.
+pub fn fingerprint_of(key: &[u8; KEY_BYTES]) -> String {
+    let digest = sodium::blake2b_256(&[FINGERPRINT_CONTEXT, key]);
+    hex::encode(&digest[..8])
 }
 
 /// Domain separation for fingerprints, so a fingerprint is never a hash used anywhere else.

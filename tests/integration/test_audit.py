@@ -1,0 +1,200 @@
+"""The audit trail and the evidence an auditor reads (CJIS AU-2, AU-9, SC-12), tried the way a
+review of them as an attacker did: a registry change held in an open transaction must not stall
+other sessions' sealing; a record is sealed, and its chain head logged, only when its transaction
+commits; a run that left rows behind is no completed rotation; a dry run verifies every envelope
+and records what it found; key changes reach the server log with their fingerprints.
+(Who may write the log, and tampering: test_security.py.)"""
+import re
+import time
+
+import psycopg
+import pytest
+
+from psap_cluster import KEY1, KEY2, in_background, sqlstate_of
+
+KEY3 = "33" * 32
+
+
+def encrypted_table(c, name, rows):
+    c.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, title text)")
+    c.execute(f"INSERT INTO {name} SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, {rows}) g")
+
+
+def test_a_registry_change_in_an_open_transaction_does_not_stall_other_sessions(cluster, db):
+    """An operator that registers a column and keeps its transaction open held the chain head's
+    lock until it ended: a superuser's rotation then waited for it past its statement_timeout
+    and was recorded as failed although every row was rotated. Records are now sealed when their
+    transaction commits."""
+    with cluster.connect(dbname=db) as c:
+        encrypted_table(c, "calls", 50)
+        c.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        c.execute("CREATE ROLE op_hold LOGIN")
+        c.execute("SELECT psap_grant_operator('op_hold')")
+        c.execute("ALTER TABLE notes OWNER TO op_hold")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(user="op_hold", dbname=db) as op, cluster.connect(dbname=db) as dba:
+        op.execute("BEGIN")
+        assert op.execute("SELECT psap_register_column('notes', 'body')").fetchone()[0] is True
+        dba.execute("SET statement_timeout = '10s'")
+        dba.execute("SET lock_timeout = '5s'")  # (before the fix: waited past both, forever)
+        started = time.monotonic()
+        dba.execute("CALL psap_rotate('calls', 'title', 20)")
+        assert time.monotonic() - started < 10
+        assert dba.execute("SELECT psap_register_column('calls', 'title')").fetchone()[0] is True
+        last = dba.execute("SELECT status, rows_done, error FROM psap_audit WHERE operation = 'rotate'").fetchone()
+        assert last == ("done", 50, None)
+        # The open transaction's record is not visible, and not reported, to anyone else.
+        assert dba.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+        op.execute("COMMIT")
+        ops = dba.execute("SELECT operation, relation, seal_seq IS NOT NULL FROM psap_audit_log ORDER BY seal_seq").fetchall()
+        assert ops == [("rotate", "public.calls", True), ("register", "public.calls", True),
+                       ("register", "public.notes", True)]
+        assert dba.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+
+
+def test_records_are_sealed_and_logged_only_when_their_transaction_commits(cluster, db):
+    """The chain head's LOG line was written before the commit: a role that may register columns
+    filled the server log with heads of chains that were rolled back, the evidence against a
+    rewrite of the chain. The line now comes after the commit, naming the database; a
+    transaction that wrote a record cannot be PREPAREd (sealed at PREPARE, the head would stay
+    locked until COMMIT PREPARED)."""
+    with cluster.connect(dbname=db) as c:
+        encrypted_table(c, "calls", 3)
+        start = cluster.log_size()
+        c.execute("BEGIN")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        # Inside its own transaction, the record waiting for the commit is not a problem.
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+        c.execute("ROLLBACK")
+        c.execute("BEGIN")
+        c.execute("SAVEPOINT s")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        c.execute("ROLLBACK TO SAVEPOINT s")
+        c.execute("CREATE TABLE other (id int, note text)")
+        c.execute("SELECT psap_register_column('other', 'note')")
+        c.execute("COMMIT")
+        time.sleep(0.3)
+        lines = re.findall(r"psap_encrypt sealed audit records up to id (\d+) \(number (\d+)\) in database \"([^\"]+)\"; chain ([0-9a-f]{32})",
+                           cluster.log_text_from(start))
+        head = c.execute("SELECT seq, left(hash, 32) FROM psap_audit_chain").fetchone()
+        last_id = c.execute("SELECT max(id) FROM psap_audit_log").fetchone()[0]
+        # One line: the committed sealing (the rolled-back transaction and savepoint left none).
+        assert lines == [(str(last_id), str(head[0]), db, head[1])]
+        assert c.execute("SELECT relation FROM psap_audit_log WHERE seal_seq IS NOT NULL").fetchall() == [("public.other",)]
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+        c.execute("BEGIN")
+        c.execute("SELECT psap_unregister_column('other', 'note')")
+        state, msg, _, hint = sqlstate_of(c, "PREPARE TRANSACTION 'psap_t'")
+        assert (state, msg) == ("0A000", "cannot PREPARE a transaction that wrote psap_encrypt's audit log"), msg
+        c.execute("ROLLBACK")
+        assert c.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == 1
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+        # A record whose log is dropped before the commit: nothing left to seal, the commit works.
+        c.execute("BEGIN")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        c.execute("DROP EXTENSION psap_encrypt CASCADE")
+        c.execute("COMMIT")
+        c.execute("CREATE EXTENSION psap_encrypt")
+    assert cluster.no_crash()
+
+
+def test_a_run_that_left_rows_is_no_completed_rotation(cluster, db):
+    """Rows the application held through a run were left on the old key; the record said `done`
+    and psap_compliance() gave the run as the column's last completed rotation."""
+    with cluster.connect(dbname=db) as c:
+        encrypted_table(c, "calls", 100)
+        c.execute("SELECT psap_register_column('calls', 'title')")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as app, cluster.connect(dbname=db) as c:
+        app.execute("BEGIN")
+        app.execute("SELECT * FROM calls WHERE id <= 5 FOR UPDATE")
+        c.execute("CALL psap_rotate('calls', 'title', 30)")
+        status, done, error = c.execute("SELECT status, rows_done, error FROM psap_audit WHERE operation = 'rotate'").fetchone()
+        assert (status, done) == ("done", 95)
+        assert error.startswith("5 rows still to do (locked by other sessions"), error
+        assert c.execute("SELECT last_rotation, non_fips_rows FROM psap_compliance()").fetchone() == (None, 100)
+        app.execute("COMMIT")
+        c.execute("CALL psap_rotate('calls', 'title', 30)")
+        last = c.execute("SELECT ended_at, error FROM psap_audit WHERE operation = 'rotate' ORDER BY id DESC LIMIT 1").fetchone()
+        assert last[1] is None
+        assert c.execute("SELECT last_rotation, last_rotation_to FROM psap_compliance()").fetchone() == (last[0], "v2")
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+
+
+def test_a_dry_run_verifies_every_envelope_and_records_what_it_found(cluster, db):
+    """The dry run decrypted only the rows it would rotate and recorded `rows_failed = 0`: a
+    plaintext written with the current version's prefix (by the application role) passed it, and
+    psap_compliance() counts it as encrypted."""
+    with cluster.connect(dbname=db) as c:
+        encrypted_table(c, "calls", 10)
+        c.execute("SELECT psap_register_column('calls', 'title')")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        c.execute("INSERT INTO calls VALUES (11, psap_encrypt('Incident 11')), "
+                  "(12, 'v2:Caller JOHN DOE reports assault at 12 Main St'), (13, 'v1:looks like v1')")
+        said = []
+        c.add_notice_handler(lambda d: said.append((d.severity_nonlocalized, d.message_primary)))
+        c.execute("CALL psap_rotate('calls', 'title', dry_run => true)")
+        warned = sorted(m for s, m in said if s == "WARNING")
+        # Row 12 is on the current version: the dry run did not read it before.
+        assert warned == ["row ctid (0,12) of public.calls cannot be decrypted", "row ctid (0,13) of public.calls cannot be decrypted"], warned
+        assert said[-1] == ("NOTICE", "dry run: every envelope verified; 2 rows cannot be decrypted; nothing was changed")
+        assert not any("JOHN" in m or "looks like" in m for _, m in said)
+        rec = c.execute("SELECT operation, status, rows_failed FROM psap_audit ORDER BY id DESC LIMIT 1").fetchone()
+        assert rec == ("rotate dry run", "done", 2)
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+
+
+def key_lines(cluster, start):
+    return re.findall(r"LOG:  (psap_encrypt key .*)", cluster.log_text_from(start))
+
+
+def fingerprint(c, version):
+    return c.execute("SELECT fingerprint FROM psap_keys() WHERE version = %s", (version,)).fetchone()[0]
+
+
+def test_key_changes_reach_the_server_log_once_with_their_fingerprints(cluster, db):
+    """Replacing, adding or removing a key was recorded nowhere (SC-12), and a reload reset every
+    key's loaded_at, so psap_keys() could not tell which key had changed."""
+    with cluster.connect(dbname=db) as c:
+        fp1, fp2 = fingerprint(c, "v1"), fingerprint(c, "v2")
+        loaded_v1 = c.execute("SELECT loaded_at FROM psap_keys() WHERE version = 'v1'").fetchone()[0]
+    start = cluster.log_size()
+    # The same keys again: nothing changed, nothing logged.
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+    assert key_lines(cluster, start) == []
+    cluster.set_keys({"v1": KEY1, "v2": "aes-256-gcm:" + KEY3, "v3": KEY2}, "v1")
+    with cluster.connect(dbname=db) as c:
+        fp3 = fingerprint(c, "v2")
+        assert fingerprint(c, "v3") == fp2
+        assert c.execute("SELECT loaded_at FROM psap_keys() WHERE version = 'v1'").fetchone()[0] == loaded_v1
+    cluster.set_keys({"v1": KEY1, "v3": KEY2}, "v1")
+    # One line per change, by the postmaster alone (not once per backend).
+    assert key_lines(cluster, start) == [
+        f"psap_encrypt key v2 from the key settings replaced: secretbox, fingerprint {fp2}, by aes-256-gcm, fingerprint {fp3}",
+        f"psap_encrypt key v3 from the key settings added: secretbox, fingerprint {fp2}",
+        f"psap_encrypt key v2 from the key settings removed: was aes-256-gcm, fingerprint {fp3}",
+    ]
+    assert fp1 not in cluster.log_text_from(start)
+    assert KEY2 not in cluster.log_text_from(start) and KEY3 not in cluster.log_text_from(start)
+
+
+def test_a_tables_code_cannot_write_its_text_into_an_audit_record(cluster, db):
+    """A trigger that called psap_census with a row's value as the column name made psap_encrypt
+    raise an error quoting it, which the run recorded as its own: the value went into a sealed
+    audit record (and the owner chose the record's wording)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE notes (id int PRIMARY KEY, title text, caller_name text)")
+        c.execute("INSERT INTO notes VALUES (1, 'note one', 'JOHN Q DOE DOB 1970-01-01')")
+        c.execute("SELECT psap_register_column('notes', 'title')")
+        c.execute("""CREATE FUNCTION notes_trg() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN PERFORM public.psap_census('public.notes'::regclass, NEW.caller_name); RETURN NEW; END $$""")
+        c.execute("CREATE TRIGGER t BEFORE UPDATE ON notes FOR EACH ROW EXECUTE FUNCTION notes_trg()")
+        with pytest.raises(psycopg.Error) as info:
+            c.execute("CALL psap_encrypt_column('notes', 'title')")
+        assert info.value.diag.sqlstate == "42703"
+        status, error = c.execute("SELECT status, error FROM psap_audit WHERE operation = 'encrypt'").fetchone()
+        assert status == "failed"
+        assert "JOHN" not in error and error.startswith("42703: error raised by the table's code or the server"), error
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
