@@ -38,6 +38,9 @@ def site():
     keys = base / "offline"
     keys.mkdir(mode=0o700)
     shutil.chown(keys, KEY_USER, KEY_USER)
+    backup_key_medium = base / "offline-key"  # the backup key apart from the backups
+    backup_key_medium.mkdir(mode=0o700)
+    shutil.chown(backup_key_medium, KEY_USER, KEY_USER)
     cdir = Path("/tmp") / f"psap-rbc-{os.getpid()}"
     c = Cluster(cdir, 5482, ["log_min_messages = warning", f"unix_socket_directories = '{cdir}, {sock}'"])
     c.destroy()
@@ -84,6 +87,7 @@ def test_runbook_end_to_end(site):
         **{k: v for k, v in os.environ.items() if k != "RUST_BACKTRACE"},
         "PGHOST": str(sock), "PGPORT": str(c.port), "PGUSER": "postgres", "PGDATABASE": "postgres",
         "PGDATA": str(c.dir), "KEYS": str(keys), "KEY_USER": KEY_USER,
+        "BACKUP_KEY": str(base / "offline-key" / "backup.key"),
         "KEY_COMMAND": f"sudo -n -u {KEY_USER} {base / 'emit'}",
     }
     outputs = []
