@@ -132,21 +132,7 @@ impl Backup {
 /// Reads the offline backup key: 64 hex digits (surrounding whitespace ignored). The file's
 /// buffer is wiped; the key goes to locked memory.
 fn read_backup_key(path: &Path) -> Result<Key> {
-    use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            eprintln!(
-                "psap-keys: warning: backup key {} is readable by group or others (use mode 0600)",
-                path.display()
-            );
-        }
-    }
-    // At most 4 KiB, as the PIN file: 64 hex digits and a line ending.
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(4096).read_to_end(&mut bytes))
-        .map_err(|e| format!("backup key {}: {e}", path.display()))?;
+    let mut bytes = store::read_secret_file(path, "backup key")?;
     let key = match std::str::from_utf8(&bytes) {
         Ok(text) => Key::from_hex(text, Cipher::Aes256Gcm)
             .map_err(|e| format!("backup key {}: {e}", path.display())),

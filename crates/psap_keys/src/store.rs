@@ -17,7 +17,7 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -377,6 +377,25 @@ fn write_whole(path: &Path, contents: &[u8], replace: bool) -> Result<()> {
         return Err(format!("cannot write {}: {e}", path.display()));
     }
     Ok(())
+}
+
+/// Reads a small secret file (the PIN file, the backup key), `what` naming it in messages: at
+/// most 4 KiB (one that is a device or a huge file must not fill memory), with a warning when
+/// group or others may read it. The caller wipes the bytes.
+pub fn read_secret_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    if let Ok(meta) = fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "psap-keys: warning: {what} {} is readable by group or others (use mode 0600)",
+                path.display()
+            );
+        }
+    }
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(4096).read_to_end(&mut bytes))
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    Ok(bytes)
 }
 
 /// The current time, RFC 3339 in UTC to the second (`2025-01-31T12:00:00Z`).

@@ -4,7 +4,6 @@
 //! Plaintext data keys handed to or received from the token live in `psap_core::Key` (locked
 //! memory, wiped on drop); any other buffer that held key bytes is wiped before it is freed.
 
-use std::io::Read as _;
 use std::path::Path;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -34,21 +33,8 @@ pub struct Token {
 /// Reads the user PIN: the first line of the file (without its line ending). The file's buffer
 /// is wiped.
 pub fn read_pin(path: &Path) -> Result<AuthPin> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            eprintln!(
-                "psap-keys: warning: PIN file {} is readable by group or others (use mode 0600)",
-                path.display()
-            );
-        }
-    }
-    // At most 4 KiB: the PIN is its first line (a PIN file that is a device or a huge file
-    // must not fill memory).
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(4096).read_to_end(&mut bytes))
-        .map_err(|e| format!("PIN file {}: {e}", path.display()))?;
+    // The PIN is the first line.
+    let mut bytes = crate::store::read_secret_file(path, "PIN file")?;
     let end = bytes
         .iter()
         .position(|&b| b == b'\n')

@@ -546,18 +546,19 @@ fn backup_verification_and_import_conflicts() {
 
     // A backup whose key was changed fails verify with UNREADABLE.
     let tampered = hsm.path("b1-tampered");
-    fs::copy(&backup, &tampered).unwrap();
-    edit_line(&tampered, "wrapped ", flip_last_hex_digit);
-    let (stdout, _) = hsm.fails(
-        1,
-        &[
+    let verify_tampered = || {
+        let args = [
             "verify-backup",
             "--backup-key",
             s(&bk),
             "--in",
             s(&tampered),
-        ],
-    );
+        ];
+        hsm.fails(1, &args).0
+    };
+    fs::copy(&backup, &tampered).unwrap();
+    edit_line(&tampered, "wrapped ", flip_last_hex_digit);
+    let stdout = verify_tampered();
     assert!(stdout.contains("v1 UNREADABLE"), "{stdout}");
     // So does one whose key's status or creation time was edited (a retired key brought back
     // into service by whoever can write the backup media, without the backup key), and import
@@ -573,16 +574,7 @@ fn backup_verification_and_import_conflicts() {
         let end = at + text[at..].find('\n').unwrap();
         fs::write(&tampered, format!("{}{edit}{}", &text[..at], &text[end..])).unwrap();
         assert_ne!(fs::read_to_string(&tampered).unwrap(), text);
-        let (stdout, _) = hsm.fails(
-            1,
-            &[
-                "verify-backup",
-                "--backup-key",
-                s(&bk),
-                "--in",
-                s(&tampered),
-            ],
-        );
+        let stdout = verify_tampered();
         assert!(stdout.contains("v1 UNREADABLE"), "{field}: {stdout}");
         let fresh = Hsm::new(&format!("psap-bk-{}", field.trim()));
         fresh.ok(&["init"]);
@@ -606,16 +598,7 @@ fn backup_verification_and_import_conflicts() {
     let text = fs::read_to_string(&backup).unwrap();
     let cut = text.find("\nversion v1").unwrap();
     fs::write(&tampered, &text[..cut]).unwrap();
-    hsm.fails(
-        1,
-        &[
-            "verify-backup",
-            "--backup-key",
-            s(&bk),
-            "--in",
-            s(&tampered),
-        ],
-    );
+    verify_tampered();
 
     // Import into a token whose store already has a different v1: refused, then --force.
     let other = Hsm::new("psap-bk-other");
