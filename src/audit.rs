@@ -12,11 +12,12 @@
 //! log once its transaction has committed, so a rewrite of the whole chain by a superuser is
 //! visible against the log.
 //!
-//! Sealing takes the chain head's row lock, which serializes it across sessions. It is done at
-//! the end of the writing transaction ([`at_xact_event`], just before the commit), not where the
-//! record is written: a registry change is written inside its caller's transaction, and a role
-//! allowed to register columns could otherwise hold the lock for as long as it kept that
-//! transaction open, stalling every other session's sealing (rotations included).
+//! Sealing takes the chain head's row lock, which serializes it across sessions. A registry
+//! change's record is sealed at the end of its caller's transaction ([`at_xact_event`], just
+//! before the commit), not where it is written: a role allowed to register columns could
+//! otherwise hold the lock for as long as it kept that transaction open, stalling every other
+//! session's sealing (rotations included). A batch job's records are sealed where they end, in
+//! the job's own short transactions, where a failure to seal is recorded as the run's failure.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -113,10 +114,8 @@ impl AuditLog {
     /// Runs `f` as the log's owner with the guard's flag set.
     fn write<R>(&self, f: impl FnOnce() -> R) -> R {
         sandbox::as_extension_owner(self.owner, || {
-            WRITING.with(|w| w.set(true));
-            let result = f();
-            WRITING.with(|w| w.set(false));
-            result
+            let _writing = Writing::start();
+            f()
         })
     }
 
@@ -150,7 +149,7 @@ impl AuditLog {
     pub fn progress(&mut self, id: i64, c: Counts) {
         let (ext, plan) = (&self.ext, &mut self.progress_plan);
         sandbox::as_extension_owner(self.owner, || {
-            WRITING.with(|w| w.set(true));
+            let writing = Writing::start();
             let result = Spi::connect_mut(|client| {
                 if plan.is_none() {
                     let sql = format!(
@@ -170,7 +169,7 @@ impl AuditLog {
                     .update(plan.as_ref().expect("prepared above"), None, &args)
                     .map(|_| ())
             });
-            WRITING.with(|w| w.set(false));
+            drop(writing);
             result.unwrap_or_else(|e| error::spi(e));
         });
     }
@@ -220,7 +219,7 @@ impl AuditLog {
         ];
         self.write(|| {
             let added = spi::rows_mut(&sql, &args, |r| Ok(r.get::<i64>(1)?.unwrap_or(0)));
-            self.seal(&added);
+            self.seal_at_commit(&added);
         });
     }
 
@@ -258,15 +257,21 @@ impl AuditLog {
         });
     }
 
-    /// Seals `ids` (in id order) at the end of this transaction, as the next records of the chain.
+    /// Seals `ids`, in that order, now, as the next records of the chain (the caller holds the
+    /// flag); the server log hears of it once the transaction has committed.
     fn seal(&self, ids: &[i64]) {
+        if let Some(line) = self.seal_now(ids) {
+            register_callback();
+            SEALED.with(|s| *s.borrow_mut() = Some(line));
+        }
+    }
+
+    /// Seals `ids` (in id order) at the end of this transaction, as the next records of the chain.
+    fn seal_at_commit(&self, ids: &[i64]) {
         if ids.is_empty() {
             return;
         }
-        if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
-            // SAFETY: registers a static function once per backend, as extensions do.
-            unsafe { pg_sys::RegisterXactCallback(Some(at_xact_event), std::ptr::null_mut()) };
-        }
+        register_callback();
         PENDING.with(|p| {
             let mut p = p.borrow_mut();
             let pending = p.get_or_insert_with(|| Pending {
@@ -331,6 +336,30 @@ impl AuditLog {
     }
 }
 
+/// The flag the guard trigger requires, set while the writer writes (cleared however that ends).
+struct Writing;
+
+impl Writing {
+    fn start() -> Writing {
+        WRITING.with(|w| w.set(true));
+        Writing
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        let _ = WRITING.try_with(|w| w.set(false));
+    }
+}
+
+/// Registers [`at_xact_event`], once per backend.
+fn register_callback() {
+    if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
+        // SAFETY: registers a static function once per backend, as extensions do.
+        unsafe { pg_sys::RegisterXactCallback(Some(at_xact_event), std::ptr::null_mut()) };
+    }
+}
+
 /// Seals the records this transaction wrote (those still there: a rolled-back subtransaction
 /// takes its own away), just before it commits.
 fn seal_pending() {
@@ -374,7 +403,9 @@ fn seal_pending() {
     });
     // SAFETY: the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
-    SEALED.with(|s| *s.borrow_mut() = line);
+    if let Some(line) = line {
+        SEALED.with(|s| *s.borrow_mut() = Some(line));
+    }
 }
 
 /// Whether this transaction has records still to seal (psap_audit_verify does not report them).
@@ -411,9 +442,10 @@ unsafe extern "C-unwind" fn at_xact_event(
             error::cannot_prepare_audit();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE => {
-            PENDING.with(|p| p.borrow_mut().take());
-            SEALED.with(|s| s.borrow_mut().take());
-            WRITING.with(|w| w.set(false));
+            // try_with: an exit() mid-transaction may have destroyed them already.
+            let _ = PENDING.try_with(|p| p.borrow_mut().take());
+            let _ = SEALED.try_with(|s| s.borrow_mut().take());
+            let _ = WRITING.try_with(|w| w.set(false));
         }
         _ => {}
     }

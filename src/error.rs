@@ -497,6 +497,16 @@ pub fn context_needs_aead(relation: &str, column: &str, version: Version, cipher
     )
 }
 
+/// A batch procedure called by a table's code, or inside another security-restricted operation.
+pub fn in_restricted_operation(procedure: &str) -> ! {
+    raise(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("cannot run {procedure} within security-restricted operation"),
+        None,
+        None,
+    )
+}
+
 pub fn needs_read_committed(what: &str) -> ! {
     raise(
         ERRCODE_FEATURE_NOT_SUPPORTED,

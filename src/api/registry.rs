@@ -13,12 +13,22 @@ use crate::audit::AuditLog;
 use crate::names::ENCRYPTED_COLUMNS;
 use crate::{error, gucs, sandbox, spi};
 
+/// A registry change's audit record is sealed when its transaction commits, which takes the
+/// chain head's newest version: a transaction that sees one snapshot throughout would fail there
+/// (40001) whenever another session sealed since it began, losing the whole transaction.
+fn at_read_committed(function: &str) {
+    if spi::one_snapshot_per_transaction() {
+        error::needs_read_committed(function);
+    }
+}
+
 /// Registers a column: it exists, is text, and the caller can read and update it. Returns false
 /// if it was registered already.
 #[pg_extern(volatile, strict)]
 fn psap_register_column(tbl: Regclass, col: &str) -> bool {
     gucs::ensure_preloaded();
     let _call = sandbox::sql_call();
+    at_read_committed("psap_register_column");
     let tbl = tbl.open();
     sandbox::with_safe_search_path(|| {
         let t = target::resolve(&tbl, col, Access::Rotate);
@@ -56,6 +66,7 @@ fn psap_register_column(tbl: Regclass, col: &str) -> bool {
 fn psap_unregister_column(tbl: Regclass, col: &str) -> bool {
     gucs::ensure_preloaded();
     let _call = sandbox::sql_call();
+    at_read_committed("psap_unregister_column");
     let tbl = tbl.open();
     sandbox::with_safe_search_path(|| {
         let can_update = spi::one::<bool>(

@@ -65,6 +65,12 @@ fn _psap_run_begin(
 /// Refuses a batch job where it cannot commit its batches (inside a transaction block) or write
 /// (on a standby). Called by the entry points, before any subtransaction of their own.
 pub fn check_context(procedure: Procedure) {
+    // A table's code during another run (as its owner, in a security-restricted operation):
+    // starting a run there would close the running one's gate and record it as interrupted.
+    // SAFETY: plain reads of backend state.
+    if sandbox::running_table_code() || unsafe { pg_sys::InSecurityRestrictedOperation() } {
+        error::in_restricted_operation(procedure.name());
+    }
     // SAFETY: plain reads of backend state.
     if unsafe { pg_sys::IsTransactionBlock() } {
         error::in_transaction_block(procedure.name());

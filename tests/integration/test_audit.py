@@ -198,3 +198,48 @@ def test_a_tables_code_cannot_write_its_text_into_an_audit_record(cluster, db):
         assert status == "failed"
         assert "JOHN" not in error and error.startswith("42703: error raised by the table's code or the server"), error
         assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+
+
+def test_a_tables_code_cannot_start_a_run_inside_another(cluster, db):
+    """A run started by the table's code inside another (`_psap_run_begin`, which operators may
+    execute) would close the running one's gate and record it as interrupted. In a batch's
+    trigger it was refused before only because batches run in subtransactions (25001, "inside a
+    transaction block"); a batch job now refuses to start anywhere inside a security-restricted
+    operation, where psap_encrypt runs the table's code (42501)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE ROLE op_nest LOGIN")
+        c.execute("SELECT psap_grant_operator('op_nest')")
+        encrypted_table(c, "calls", 40)
+        c.execute("CREATE TABLE caught (state text)")
+        c.execute("ALTER TABLE calls OWNER TO op_nest")
+        c.execute("ALTER TABLE caught OWNER TO op_nest")
+        c.execute("""CREATE FUNCTION nest() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN
+                         BEGIN
+                             PERFORM public._psap_run_begin('public.calls'::regclass, 'title', 'psap_rotate', 10,
+                                                            NULL, false, NULL, NULL, 0, false, false, true);
+                         EXCEPTION WHEN OTHERS THEN INSERT INTO public.caught VALUES (SQLSTATE);
+                         END;
+                         RETURN NEW;
+                     END $$""")
+        c.execute("CREATE TRIGGER nest BEFORE UPDATE ON calls FOR EACH ROW EXECUTE FUNCTION nest()")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        c.execute("CALL psap_rotate('calls', 'title', 10)")
+        assert c.execute("SELECT status, rows_done FROM psap_audit WHERE operation = 'rotate'").fetchall() == [("done", 40)]
+        assert c.execute("SELECT DISTINCT state FROM caught").fetchall() == [("42501",)]
+        assert c.execute("SELECT count(*) FROM calls WHERE title LIKE 'v2:%'").fetchone()[0] == 40
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+
+
+def test_registry_changes_run_at_read_committed_only(cluster, db):
+    """Sealed at the commit, a registry change made in a REPEATABLE READ transaction failed there
+    (40001) whenever another session had sealed since the transaction began: refused up front."""
+    with cluster.connect(dbname=db) as c:
+        encrypted_table(c, "calls", 3)
+        for f in ("psap_register_column", "psap_unregister_column"):
+            c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            state, msg, _, _ = sqlstate_of(c, f"SELECT {f}('calls', 'title')")
+            assert (state, msg) == ("0A000", f"{f} cannot run in a REPEATABLE READ or SERIALIZABLE transaction")
+            c.execute("ROLLBACK")
+        assert c.execute("SELECT psap_register_column('calls', 'title')").fetchone()[0] is True
