@@ -86,6 +86,22 @@ def test_keys_come_from_the_command_at_start_and_reach_open_sessions_at_reload(k
         assert key not in log
 
 
+def test_the_commands_key_changes_reach_the_server_log_once(kc):
+    """SC-12: each key the command adds, replaces or removes is logged once, by the postmaster,
+    with its cipher and fingerprints; a reload that changes nothing logs no change."""
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}", name="emit-a.sh"), restart=True)
+    start = kc.log_size()
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 secretbox {KEY2}", name="emit-b.sh"))
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 aes-256-gcm {KEY3}", f"v3 secretbox {KEY2}", name="emit-c.sh"))
+    use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v3 secretbox {KEY2}", name="emit-d.sh"))
+    f2, f3 = fingerprint(KEY2), fingerprint(KEY3)
+    assert re.findall(r"LOG:  (psap_encrypt key .*)", kc.log_text_from(start)) == [
+        f"psap_encrypt key v2 from psap.key_command replaced: secretbox, fingerprint {f2}, by aes-256-gcm, fingerprint {f3}",
+        f"psap_encrypt key v3 from psap.key_command added: secretbox, fingerprint {f2}",
+        f"psap_encrypt key v2 from psap.key_command removed: was aes-256-gcm, fingerprint {f3}",
+    ]
+
+
 def test_the_target_key_withdrawn_during_a_run_stops_it_naming_that_key(kc):
     """The key command stops giving the key of the version a run encrypts with, between two
     batches: the next batch stops the run naming that key (before: with skip_undecryptable every
