@@ -129,9 +129,7 @@ fn psap_set_column_context(tbl: Option<Regclass>, col: Option<&str>, context: Op
         if current == context {
             return;
         }
-        if spi::one_snapshot_per_transaction() {
-            error::needs_read_committed("psap_set_column_context");
-        }
+        at_read_committed("psap_set_column_context");
         // Batches of a running rotation hold ROW EXCLUSIVE on the table while they write: wait
         // for them, and keep new ones out until this commits (they read the context after
         // taking that lock: see rotation::batch).
