@@ -33,6 +33,14 @@ CREATE TABLE @extschema@.psap_audit_log (
     backend_start     timestamptz,
     seal_seq          bigint,
     seal_hash         text,
+    -- The table (pg_class oid) and column (attnum) the record is about, as they were when it was
+    -- written: a rotation belongs to that table, whatever is later renamed to its name. NULL in
+    -- records written before 0.2.0.
+    relid             oid,
+    attnum            smallint,
+    -- The run's options other than their defaults (`verify => false, disable_triggers => true`),
+    -- or the context expression a registry change set.
+    details           text,
     CONSTRAINT psap_audit_log_status_check
         CHECK (status IN ('running', 'done', 'stopped', 'cancelled', 'failed', 'interrupted')),
     CONSTRAINT psap_audit_log_seal_seq_key UNIQUE (seal_seq)
@@ -90,7 +98,9 @@ BEGIN
           OR NEW.id <> OLD.id OR NEW.operation <> OLD.operation OR NEW.relation <> OLD.relation
           OR NEW.column_name <> OLD.column_name OR NEW.started_at <> OLD.started_at
           OR NEW.session_role <> OLD.session_role OR NEW.run_as_role <> OLD.run_as_role
-          OR NEW.pid <> OLD.pid OR NEW.backend_start IS DISTINCT FROM OLD.backend_start THEN
+          OR NEW.pid <> OLD.pid OR NEW.backend_start IS DISTINCT FROM OLD.backend_start
+          OR NEW.relid IS DISTINCT FROM OLD.relid OR NEW.attnum IS DISTINCT FROM OLD.attnum
+          OR NEW.details IS DISTINCT FROM OLD.details THEN
         RAISE EXCEPTION 'psap_audit_log is append-only'
             USING ERRCODE = '42501',
                   DETAIL = 'Finished records cannot change and no record can be deleted.';
@@ -137,7 +147,7 @@ SELECT l.id, l.operation, l.relation, l.column_name, l.from_version, l.to_versio
             THEN pg_catalog.round(100.0 OPERATOR(pg_catalog.*) l.rows_done
                                   OPERATOR(pg_catalog./) l.rows_planned, 1) END AS percent,
        l.started_at, l.updated_at, l.ended_at, l.error, l.from_fingerprints, l.to_fingerprint,
-       l.session_role, l.run_as_role, l.pid
+       l.session_role, l.run_as_role, l.pid, l.details, l.relid, l.attnum
   FROM @extschema@.psap_audit_log l;
 
 -- Rotations and column encryptions only, for watching progress: the average rate since the

@@ -234,6 +234,9 @@ AS 'MODULE_PATHNAME', 'psap_decrypt_bound_wrapper';
 ALTER TABLE @extschema@.psap_audit_log
     ADD COLUMN seal_seq bigint,
     ADD COLUMN seal_hash text,
+    ADD COLUMN relid oid,
+    ADD COLUMN attnum smallint,
+    ADD COLUMN details text,
     DROP CONSTRAINT psap_audit_log_status_check,
     ADD CONSTRAINT psap_audit_log_status_check
         CHECK (status IN ('running', 'done', 'stopped', 'cancelled', 'failed', 'interrupted')),
@@ -287,7 +290,9 @@ BEGIN
           OR NEW.id <> OLD.id OR NEW.operation <> OLD.operation OR NEW.relation <> OLD.relation
           OR NEW.column_name <> OLD.column_name OR NEW.started_at <> OLD.started_at
           OR NEW.session_role <> OLD.session_role OR NEW.run_as_role <> OLD.run_as_role
-          OR NEW.pid <> OLD.pid OR NEW.backend_start IS DISTINCT FROM OLD.backend_start THEN
+          OR NEW.pid <> OLD.pid OR NEW.backend_start IS DISTINCT FROM OLD.backend_start
+          OR NEW.relid IS DISTINCT FROM OLD.relid OR NEW.attnum IS DISTINCT FROM OLD.attnum
+          OR NEW.details IS DISTINCT FROM OLD.details THEN
         RAISE EXCEPTION 'psap_audit_log is append-only'
             USING ERRCODE = '42501',
                   DETAIL = 'Finished records cannot change and no record can be deleted.';
@@ -500,7 +505,7 @@ SELECT l.id, l.operation, l.relation, l.column_name, l.from_version, l.to_versio
             THEN pg_catalog.round(100.0 OPERATOR(pg_catalog.*) l.rows_done
                                   OPERATOR(pg_catalog./) l.rows_planned, 1) END AS percent,
        l.started_at, l.updated_at, l.ended_at, l.error, l.from_fingerprints, l.to_fingerprint,
-       l.session_role, l.run_as_role, l.pid
+       l.session_role, l.run_as_role, l.pid, l.details, l.relid, l.attnum
   FROM @extschema@.psap_audit_log l;
 
 -- Rotations and column encryptions only, for watching progress: the average rate since the
@@ -573,6 +578,9 @@ AS $$
              AND l.error IS NULL  -- a run done with rows left says so there: not a completed one
              AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
              AND l.column_name = r.column_name
+             -- The same table and column, not only the same names: a table renamed to this one's
+             -- name brings no rotation with it (records from before 0.2.0 name them only).
+             AND (l.relid IS NULL OR (l.relid = r.relid::oid AND l.attnum = r.attnum))
            ORDER BY l.ended_at DESC LIMIT 1) a ON true
      ORDER BY r.relid::text, r.column_name
 $$;

@@ -37,11 +37,37 @@ pub struct Counts {
     pub batches: i64,
 }
 
+/// The table and column a record is about: by name, as the record shows them, and by identity
+/// (pg_class oid, attnum), which a later rename of another table to this one's name does not take.
+pub struct Subject<'a> {
+    pub relation: &'a str,
+    pub column: &'a str,
+    pub relid: pg_sys::Oid,
+    /// None when the column is gone (a registration of a dropped column being removed).
+    pub attnum: Option<i16>,
+}
+
+impl<'a> Subject<'a> {
+    /// The column `column` (unquoted) of the table `relid`, named `relation` in the record.
+    pub fn of(relation: &'a str, relid: pg_sys::Oid, column: &'a str) -> Subject<'a> {
+        let name = std::ffi::CString::new(column).unwrap_or_default();
+        // SAFETY: a syscache lookup by oid and a NUL-terminated name; InvalidAttrNumber if none.
+        let attnum = unsafe { pg_sys::get_attnum(relid, name.as_ptr()) };
+        Subject {
+            relation,
+            column,
+            relid,
+            attnum: (attnum > 0).then_some(attnum),
+        }
+    }
+}
+
 /// What a batch job records when it starts.
 pub struct Start<'a> {
     pub operation: &'a str,
-    pub relation: &'a str,
-    pub column: &'a str,
+    pub subject: Subject<'a>,
+    /// The run's options other than their defaults.
+    pub details: Option<String>,
     pub from: Option<String>,
     pub to: String,
     pub from_fingerprints: Option<String>,
@@ -125,14 +151,15 @@ impl AuditLog {
         let sql = format!(
             "INSERT INTO {}.{AUDIT_LOG}
                  (operation, relation, column_name, from_version, to_version, from_fingerprints,
-                  to_fingerprint, batch_size, rows_planned, run_as_role)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::pg_catalog.int4, $9, $10) RETURNING id",
+                  to_fingerprint, batch_size, rows_planned, run_as_role, relid, attnum, details)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::pg_catalog.int4, $9, $10, $11,
+                     $12::pg_catalog.int2, $13) RETURNING id",
             self.ext
         );
         let args = [
             s.operation.into(),
-            s.relation.into(),
-            s.column.into(),
+            s.subject.relation.into(),
+            s.subject.column.into(),
             s.from.into(),
             s.to.into(),
             s.from_fingerprints.into(),
@@ -140,6 +167,9 @@ impl AuditLog {
             s.batch.into(),
             s.planned.into(),
             role.into(),
+            s.subject.relid.into(),
+            s.subject.attnum.map(i32::from).into(),
+            s.details.into(),
         ];
         self.write(|| spi::one_mut::<i64>(&sql, &args))
             .unwrap_or_else(|| error::extension_missing())
@@ -203,19 +233,24 @@ impl AuditLog {
         });
     }
 
-    /// A one-line, finished record of a change that is not a batch job (registry changes).
-    pub fn event(&self, operation: &str, relation: &str, column: &str) {
+    /// A one-line, finished record of a change that is not a batch job (registry changes);
+    /// `details`: what it set (a context expression).
+    pub fn event(&self, operation: &str, subject: Subject, details: Option<String>) {
         let role = current_role();
         let sql = format!(
-            "INSERT INTO {}.{AUDIT_LOG} (operation, relation, column_name, run_as_role)
-             VALUES ($1, $2, $3, $4) RETURNING id",
+            "INSERT INTO {}.{AUDIT_LOG}
+                 (operation, relation, column_name, run_as_role, relid, attnum, details)
+             VALUES ($1, $2, $3, $4, $5, $6::pg_catalog.int2, $7) RETURNING id",
             self.ext
         );
         let args = [
             operation.into(),
-            relation.into(),
-            column.into(),
+            subject.relation.into(),
+            subject.column.into(),
             role.into(),
+            subject.relid.into(),
+            subject.attnum.map(i32::from).into(),
+            details.into(),
         ];
         self.write(|| {
             let added = spi::rows_mut(&sql, &args, |r| Ok(r.get::<i64>(1)?.unwrap_or(0)));
@@ -496,6 +531,15 @@ fn canonical_sql(ext: &str) -> String {
         txt("l.pid"),
         ts("l.backend_start"),
         txt("l.seal_seq"),
+        // Columns added in 0.2.0, NULL in older records: those keep the text they were sealed
+        // with (concat_ws leaves out a NULL argument).
+        format!(
+            "CASE WHEN l.relid IS NOT NULL OR l.attnum IS NOT NULL OR l.details IS NOT NULL \
+             THEN pg_catalog.concat_ws('|', {}, {}, {}) END",
+            txt("l.relid"),
+            txt("l.attnum"),
+            txt("l.details")
+        ),
     ];
     format!(
         "SELECT pg_catalog.concat_ws('|', {}) FROM {ext}.{AUDIT_LOG} l WHERE l.id OPERATOR(pg_catalog.=) $1",

@@ -9,7 +9,7 @@ use psap_core::context::{self, ContextExpr};
 
 use crate::api::census;
 use crate::api::target::{self, Access, Regclass};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Subject};
 use crate::names::ENCRYPTED_COLUMNS;
 use crate::{error, gucs, sandbox, spi};
 
@@ -54,7 +54,7 @@ fn psap_register_column(tbl: Regclass, col: &str) -> bool {
         })
         .is_some();
         if added {
-            log.event("register", &t.relation, &t.column_name);
+            log.event("register", t.subject(), None);
         }
         added
     })
@@ -97,7 +97,7 @@ fn psap_unregister_column(tbl: Regclass, col: &str) -> bool {
         })
         .is_some();
         if removed {
-            log.event("unregister", &relation, col);
+            log.event("unregister", Subject::of(&relation, tbl.oid(), col), None);
         }
         removed
     })
@@ -166,7 +166,7 @@ fn psap_set_column_context(tbl: Option<Regclass>, col: Option<&str>, context: Op
         } else {
             "remove context"
         };
-        log.event(operation, &t.relation, &t.column_name);
+        log.event(operation, t.subject(), context);
     })
 }
 

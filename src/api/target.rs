@@ -105,6 +105,11 @@ pub struct Leaf {
 }
 
 impl Target {
+    /// The table and column, for an audit record.
+    pub fn subject(&self) -> crate::audit::Subject<'_> {
+        crate::audit::Subject::of(&self.relation, self.oid, &self.column_name)
+    }
+
     /// Refuses a caller that row-level security restricts on the table or one of its leaves:
     /// `what` (psap_census, psap_rotate) reads every row and applies no policy, and would
     /// otherwise tell the caller about rows its policies hide.

@@ -104,6 +104,10 @@ pub struct Options {
     pub skip_undecryptable: bool,
     pub disable_triggers: bool,
     pub verify: bool,
+    /// The options given other than their defaults, as the call's named arguments
+    /// (`max_batches => 10, verify => false`), for the audit record; None if all are defaults
+    /// (batch and from_version have columns of their own, a dry run its operation).
+    pub details: Option<String>,
 }
 
 impl Options {
@@ -160,6 +164,17 @@ impl Options {
                     .map(|f| Version::parse(f).unwrap_or_else(|| error::invalid_from_version(f))),
             },
         };
+        let details = [
+            a.max_batches.map(|m| format!("max_batches => {m}")),
+            a.max_seconds.map(|s| format!("max_seconds => {s}")),
+            (pause_ms != 0).then(|| format!("pause_ms => {pause_ms}")),
+            skip_undecryptable.then(|| "skip_undecryptable => true".to_string()),
+            disable_triggers.then(|| "disable_triggers => true".to_string()),
+            (!verify).then(|| "verify => false".to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
         Options {
             mode,
             batch: i64::from(batch),
@@ -172,6 +187,7 @@ impl Options {
             skip_undecryptable,
             disable_triggers,
             verify,
+            details: (!details.is_empty()).then(|| details.join(", ")),
         }
     }
 

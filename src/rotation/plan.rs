@@ -172,8 +172,8 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     };
     let audit_id = audit.begin(Start {
         operation: &operation,
-        relation: &target.relation,
-        column: &target.column_name,
+        subject: target.subject(),
+        details: opts.details.clone(),
         from: from_label.clone(),
         to: to.to_string(),
         from_fingerprints: from_fingerprints(&count.versions),

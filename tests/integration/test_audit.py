@@ -243,3 +243,73 @@ def test_registry_changes_run_at_read_committed_only(cluster, db):
             assert (state, msg) == ("0A000", f"{f} cannot run in a REPEATABLE READ or SERIALIZABLE transaction")
             c.execute("ROLLBACK")
         assert c.execute("SELECT psap_register_column('calls', 'title')").fetchone()[0] is True
+
+
+def test_a_rotation_belongs_to_its_table_not_to_whatever_takes_its_name(cluster, db):
+    """Records named their table and column by text only: a table owner who renamed a rotated
+    table away and an unrotated one to its name (or swapped two columns' names) had
+    psap_compliance() give the unrotated data the other's completed rotation. Records now carry
+    the table's oid and the column's attnum, and a rotation counts only for those."""
+    with cluster.connect(dbname=db) as c:
+        encrypted_table(c, "calls", 20)
+        encrypted_table(c, "calls_new", 20)
+        c.execute("ALTER TABLE calls ADD COLUMN notes text")
+        c.execute("UPDATE calls SET notes = psap_encrypt('Note ' || id)")
+        for table, column in [("calls", "title"), ("calls", "notes"), ("calls_new", "title")]:
+            c.execute("SELECT psap_register_column(%s, %s)", (table, column))
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        c.execute("CALL psap_rotate('calls', 'title', 50)")
+        rotated = c.execute("SELECT ended_at FROM psap_audit WHERE operation = 'rotate'").fetchone()[0]
+        relid, attnum = c.execute("SELECT relid, attnum FROM psap_audit WHERE operation = 'rotate'").fetchone()
+        assert (relid, attnum) == c.execute("SELECT 'calls'::regclass::oid, 2::smallint").fetchone()
+
+        def last(table, column):
+            return c.execute("SELECT last_rotation FROM psap_compliance() WHERE relation = %s::regclass AND column_name = %s",
+                             (table, column)).fetchone()[0]
+        assert (last("calls", "title"), last("calls", "notes")) == (rotated, None)
+        # The two columns' names swapped: the rotated values are now in "notes".
+        c.execute("ALTER TABLE calls RENAME COLUMN title TO tmp")
+        c.execute("ALTER TABLE calls RENAME COLUMN notes TO title")
+        c.execute("ALTER TABLE calls RENAME COLUMN tmp TO notes")
+        assert last("calls", "title") is None
+        # Another table given the rotated one's name brings no rotation with it.
+        c.execute("ALTER TABLE calls RENAME TO calls_old")
+        c.execute("ALTER TABLE calls_new RENAME TO calls")
+        assert last("calls", "title") is None
+        assert c.execute("SELECT count(*) FROM psap_compliance() WHERE last_rotation IS NOT NULL").fetchone()[0] == 0
+        # Put back under its own names, the rotated column has its rotation again.
+        c.execute("ALTER TABLE calls RENAME TO calls_new")
+        c.execute("ALTER TABLE calls_old RENAME TO calls")
+        c.execute("ALTER TABLE calls RENAME COLUMN notes TO tmp")
+        c.execute("ALTER TABLE calls RENAME COLUMN title TO notes")
+        c.execute("ALTER TABLE calls RENAME COLUMN tmp TO title")
+        assert last("calls", "title") == rotated
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+
+
+def test_records_say_how_a_run_was_run_and_what_a_context_was_set_to(cluster, db):
+    """Run options that change what a run checks or fires (verify => false, disable_triggers =>
+    true) and the context expression a registry change set were in no record. They are now in
+    `details`, sealed with the rest; records of runs with default options have none."""
+    with cluster.connect(dbname=db) as c:
+        encrypted_table(c, "calls", 30)
+        c.execute("SELECT psap_register_column('calls', 'title')")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        c.execute("CALL psap_rotate('calls', 'title', 10, max_batches => 1)")
+        c.execute("CALL psap_rotate('calls', 'title', 10, verify => false, disable_triggers => true, pause_ms => 1)")
+        c.execute("CALL psap_rotate('calls', 'title', 10)")
+        assert c.execute("SELECT details FROM psap_audit WHERE operation = 'rotate' ORDER BY id").fetchall() == [
+            ("max_batches => 1",), ("pause_ms => 1, disable_triggers => true, verify => false",), (None,)]
+        c.execute("SELECT psap_set_column_context('calls', 'title', $$'calls.title:' || id$$)")
+        c.execute("SELECT psap_set_column_context('calls', 'title', NULL)")
+        assert c.execute("SELECT operation, details FROM psap_audit WHERE operation LIKE '%context' ORDER BY id").fetchall() == [
+            ("set context", "'calls.title:' || \"id\""), ("remove context", None)]  # its canonical form
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+        # Sealed: a changed detail is found.
+        c.execute("ALTER TABLE psap_audit_log DISABLE TRIGGER USER")
+        c.execute("UPDATE psap_audit_log SET details = NULL WHERE details LIKE '%verify => false%'")
+        c.execute("ALTER TABLE psap_audit_log ENABLE TRIGGER USER")
+        problems = c.execute("SELECT problem FROM psap_audit_verify()").fetchall()
+        assert len(problems) == 1, problems
