@@ -217,6 +217,12 @@ pub fn fields(text: &str) -> Result<Vec<Field>> {
     Ok(out)
 }
 
+/// Whether `uid` is this process's effective user or root (who can write anything anyway).
+fn owned_by_us_or_root(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
 /// The store directory.
 pub struct Store {
     dir: PathBuf,
@@ -231,6 +237,12 @@ impl Store {
                 "store {} is writable by other users (mode {:o}): only its owner may write it (chmod 700)",
                 dir.display(),
                 m.mode() & 0o7777
+            )),
+            // Nor may another user own it: its owner can change its mode back and forth.
+            Ok(m) if m.is_dir() && !owned_by_us_or_root(m.uid()) => Err(format!(
+                "store {} is owned by another user (uid {}): run psap-keys as its owner",
+                dir.display(),
+                m.uid()
             )),
             Ok(m) if m.is_dir() => Ok(Store {
                 dir: dir.to_owned(),
@@ -514,7 +526,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_record_never_replaces_one_and_a_shared_store_is_refused() {
+    fn a_new_record_never_replaces_one_and_a_shared_or_foreign_store_is_refused() {
         let dir = std::env::temp_dir().join(format!("psap-keys-store-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let (store, created) = Store::create(&dir).unwrap();
@@ -530,6 +542,15 @@ mod tests {
             .err()
             .expect("a store others may write was opened");
         assert!(e.contains("writable by other users"), "{e}");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        // Another user's store (the tests run as root, who can give it away): refused, even to root.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+            let e = Store::open(&dir)
+                .err()
+                .expect("another user's store was opened");
+            assert!(e.contains("owned by another user (uid 65534)"), "{e}");
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 
