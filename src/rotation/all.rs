@@ -32,6 +32,8 @@ struct Job {
     /// Rows still to do in columns whose run ended done, and how many such columns.
     left: i64,
     columns_left: usize,
+    /// A column's run ended with partitions attached meanwhile not done.
+    attached: bool,
     done_columns: usize,
     failures: Vec<(String, Failure)>,
     stopped: bool,
@@ -121,6 +123,7 @@ fn _psap_all_begin(
             rows: 0,
             left: 0,
             columns_left: 0,
+            attached: false,
             done_columns: 0,
             failures: Vec::new(),
             stopped: false,
@@ -147,7 +150,8 @@ fn _psap_all_next(job: i64) -> Option<i64> {
                 job.batches_used += outcome.counts.batches;
                 job.rows += outcome.counts.done;
                 job.left += outcome.left;
-                job.columns_left += usize::from(outcome.left > 0);
+                job.columns_left += usize::from(outcome.left > 0 || outcome.attached);
+                job.attached |= outcome.attached;
                 match (outcome.status, outcome.failure) {
                     (Status::Stopped, _) => job.stopped = true,
                     (Status::Cancelled, failure) => {
@@ -271,11 +275,18 @@ fn _psap_all_end(job: i64) {
             "rotation paused after {} of {n} columns: {} rows rotated; call psap_rotate_all again to continue",
             job.done_columns, job.rows
         ));
-    } else if job.failures.is_empty() && job.left > 0 {
+    } else if job.failures.is_empty() && job.columns_left > 0 {
         warning(
             format!(
-                "rotation incomplete: {n} columns, {} rows rotated, {} rows of {} columns still to do",
-                job.rows, job.left, job.columns_left
+                "rotation incomplete: {n} columns, {} rows rotated, {} rows of {} columns still to do{}",
+                job.rows,
+                job.left,
+                job.columns_left,
+                if job.attached {
+                    ", and partitions attached during the call"
+                } else {
+                    ""
+                }
             ),
             "Each column's notice says why its rows were left: locked by other sessions, written \
              meanwhile, or hidden from the table's owner by row-level security. Call \

@@ -105,6 +105,7 @@ fn _psap_run_failed(
             counts: rec.counts,
             failure: Some(failure),
             left: 0,
+            attached: false,
         },
     );
 }
@@ -126,7 +127,7 @@ fn _psap_run_end(run: i64) {
 fn finish(run: Run, status: Status, failure: Option<Failure>) {
     let error = match &failure {
         Some(f) => Some(f.audit_text()),
-        None => left_text(&run, run.left),
+        None => left_text(&run),
     };
     run.audit
         .end(run.audit_id, status.as_str(), run.counts, error);
@@ -137,6 +138,7 @@ fn finish(run: Run, status: Status, failure: Option<Failure>) {
             counts: run.counts,
             failure,
             left: run.left,
+            attached: !run.attached.is_empty(),
         },
     );
 }
@@ -158,8 +160,7 @@ fn step(run: &mut Run) -> Option<Status> {
     if let Some(reason) = run.opts.limit_reached(run.counts.batches) {
         let left = remaining(run);
         if left == 0 {
-            done_notice(run, 0);
-            return Some(Status::Done);
+            return Some(ended_done(run, 0));
         }
         notice(format!(
             "stopping after {} batches ({reason}): {} {} rows, {left} left; call {} again to continue",
@@ -208,9 +209,7 @@ fn step(run: &mut Run) -> Option<Status> {
                 start_leaf(run);
                 continue;
             }
-            done_notice(run, left);
-            run.left = left;
-            return Some(Status::Done);
+            return Some(ended_done(run, left));
         }
         let want = run.opts.batch - locked_total;
         let Some(range) = run.walk.next_range() else {
@@ -352,7 +351,35 @@ fn skipped_still_there(run: &Run) -> i64 {
         .sum()
 }
 
-fn done_notice(run: &Run, left: i64) {
+/// Ends a run done, with `left` rows still to do: looks for partitions attached meanwhile and
+/// says what the run did.
+fn ended_done(run: &mut Run, left: i64) -> Status {
+    run.left = left;
+    run.attached = attached_leaves(run);
+    done_notice(run);
+    Status::Done
+}
+
+/// Tables with storage under the run's table that were not among its leaves at the start
+/// (partitions attached, child tables added, during the run).
+fn attached_leaves(run: &Run) -> Vec<String> {
+    let known: Vec<pg_sys::Oid> = run.target.leaves.iter().map(|l| l.oid).collect();
+    spi::rows(
+        "WITH RECURSIVE tree(relid) AS (
+             SELECT $1::pg_catalog.oid
+             UNION
+             SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)
+         SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+           FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE c.relkind OPERATOR(pg_catalog.=) 'r' AND c.oid OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.oid[])
+          ORDER BY 1",
+        &[run.target.oid.into(), known.into()],
+        |row| Ok(row.get::<String>(1)?.unwrap_or_default()),
+    )
+}
+
+fn done_notice(run: &Run) {
     let mut msg = format!(
         "[{}] done — {} {} rows to {} in {} {}{}",
         run.what(),
@@ -371,7 +398,7 @@ fn done_notice(run: &Run, left: i64) {
     if skipped > 0 {
         msg.push_str(&format!("; {skipped} undecryptable rows skipped"));
     }
-    if let Some(left) = left_text(run, left) {
+    if let Some(left) = left_text(run) {
         msg.push_str(&format!("; {left}"));
     }
     notice(msg);
@@ -379,16 +406,23 @@ fn done_notice(run: &Run, left: i64) {
 
 /// What a run that ended done left to do, and why (its notice, and its audit record's `error`:
 /// a run that left rows is no completed rotation for psap_compliance).
-fn left_text(run: &Run, left: i64) -> Option<String> {
-    if left <= 0 {
-        return None;
+fn left_text(run: &Run) -> Option<String> {
+    let mut parts = Vec::new();
+    if run.left > 0 {
+        let why = if run.target.leaves.iter().any(|l| l.forced_on_owner) {
+            "hidden from the table's owner by row-level security, locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
+        } else {
+            "locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
+        };
+        parts.push(format!("{} rows still to do ({why})", run.left));
     }
-    let why = if run.target.leaves.iter().any(|l| l.forced_on_owner) {
-        "hidden from the table's owner by row-level security, locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
-    } else {
-        "locked by other sessions, written meanwhile, or kept as they were by a trigger of the table"
-    };
-    Some(format!("{left} rows still to do ({why}): call again"))
+    if !run.attached.is_empty() {
+        parts.push(format!(
+            "partitions attached during the run not done: {}",
+            run.attached.join(", ")
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("{}: call again", parts.join("; ")))
 }
 
 /// Runs a batch over one block range, taking at most `limit` rows, as the leaf's owner: directly

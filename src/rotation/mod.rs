@@ -101,6 +101,9 @@ pub struct Run {
     pub stepped: bool,
     /// Rows still to do when the run ended done (see [`state::Outcome::left`]).
     pub left: i64,
+    /// Partitions attached under the table during the run, when it ended done: the run covered
+    /// the leaves it found at its start, not these.
+    pub attached: Vec<String>,
     /// What the progress lines say of time (rate, time left, elapsed).
     pub progress: progress::Progress,
 }

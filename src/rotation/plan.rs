@@ -207,6 +207,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         path: None,
         stepped: false,
         left: 0,
+        attached: Vec::new(),
         progress: Default::default(),
         opts,
     };
@@ -225,6 +226,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
                 counts,
                 failure: Some(failure),
                 left: 0,
+                attached: false,
             },
         );
         return token;
@@ -282,6 +284,7 @@ fn end_now(run: Run, status: Status) -> i64 {
             counts: run.counts,
             failure: None,
             left: 0,
+            attached: false,
         },
     );
     run.token

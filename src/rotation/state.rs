@@ -45,6 +45,8 @@ pub struct Outcome {
     /// Rows still to do when the run ended done (locked, written behind the walk, or hidden from
     /// the table's owner by row-level security).
     pub left: i64,
+    /// Partitions were attached under the table during the run: their rows were not done.
+    pub attached: bool,
 }
 
 /// What is left of a run while one of its steps runs: if the step fails, its batch is rolled

@@ -10,7 +10,7 @@ import time
 import psycopg
 import pytest
 
-from psap_cluster import KEY1, KEY2, in_background, sqlstate_of
+from psap_cluster import KEY1, KEY2, in_background, noting, sqlstate_of
 
 KEY3 = "33" * 32
 
@@ -313,3 +313,36 @@ def test_records_say_how_a_run_was_run_and_what_a_context_was_set_to(cluster, db
         c.execute("ALTER TABLE psap_audit_log ENABLE TRIGGER USER")
         problems = c.execute("SELECT problem FROM psap_audit_verify()").fetchall()
         assert len(problems) == 1, problems
+
+
+def test_a_partition_attached_during_a_run_leaves_it_incomplete(cluster, db):
+    """A run covers the partitions it found at its start. One attached meanwhile kept its rows on
+    the old key, yet the run was recorded as done and psap_compliance() gave it as the column's
+    last completed rotation. The record now names the partitions still to do."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
+        c.execute("CREATE TABLE calls_1 PARTITION OF calls FOR VALUES FROM (1) TO (1001)")
+        c.execute("CREATE TABLE calls_late (id int, title text)")
+        c.execute("INSERT INTO calls SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 300) g")
+        c.execute("INSERT INTO calls_late SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1001, 1010) g")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as ddl:
+        said = noting(c)
+        th, result = in_background(c, "CALL psap_rotate('calls', 'title', 20, pause_ms => 100)")
+        deadline = time.monotonic() + 30
+        while ddl.execute("SELECT coalesce(max(rows_done), 0) FROM psap_audit WHERE operation = 'rotate'").fetchone()[0] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ddl.execute("ALTER TABLE calls ATTACH PARTITION calls_late FOR VALUES FROM (1001) TO (2001)")
+        th.join(60)
+        assert result == {"ok": True}, result
+        status, done, error = c.execute("SELECT status, rows_done, error FROM psap_audit WHERE operation = 'rotate'").fetchone()
+        assert (status, done) == ("done", 300)
+        assert error == "partitions attached during the run not done: public.calls_late: call again", error
+        assert said[-1].endswith("; partitions attached during the run not done: public.calls_late: call again"), said[-1]
+        assert c.execute("SELECT last_rotation, versions FROM psap_compliance()").fetchone() == (None, ["v1", "v2"])
+        c.execute("CALL psap_rotate('calls', 'title', 20)")
+        last = c.execute("SELECT ended_at, rows_done, error FROM psap_audit WHERE operation = 'rotate' ORDER BY id DESC LIMIT 1").fetchone()
+        assert last[1:] == (10, None)
+        assert c.execute("SELECT last_rotation, versions FROM psap_compliance()").fetchone() == (last[0], ["v2"])
