@@ -309,6 +309,11 @@ impl AuditLog {
         register_callback();
         PENDING.with(|p| {
             let mut p = p.borrow_mut();
+            // Records kept for another schema's (or owner's) log belong to an extension this
+            // transaction dropped (there is one per database), and went with it.
+            if p.as_ref().is_some_and(|p| p.ext != self.ext || p.owner != self.owner) {
+                *p = None;
+            }
             let pending = p.get_or_insert_with(|| Pending {
                 ext: self.ext.clone(),
                 owner: self.owner,

@@ -346,3 +346,21 @@ def test_a_partition_attached_during_a_run_leaves_it_incomplete(cluster, db):
         last = c.execute("SELECT ended_at, rows_done, error FROM psap_audit WHERE operation = 'rotate' ORDER BY id DESC LIMIT 1").fetchone()
         assert last[1:] == (10, None)
         assert c.execute("SELECT last_rotation, versions FROM psap_compliance()").fetchone() == (last[0], ["v2"])
+
+
+def test_a_registration_after_the_extension_was_made_again_in_another_schema_is_sealed(cluster, db):
+    """A transaction that registered a column, dropped the extension, created it again in another
+    schema and registered a column there left the second record unsealed: the records to seal at
+    the commit were kept for the first schema's log, which was gone. psap_audit_verify() then
+    reported a record psap_encrypt had written as one it had not."""
+    with cluster.connect(dbname=db) as c:
+        encrypted_table(c, "calls", 3)
+        c.execute("CREATE SCHEMA crypt")
+        c.execute("BEGIN")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        c.execute("DROP EXTENSION psap_encrypt CASCADE")
+        c.execute("CREATE EXTENSION psap_encrypt SCHEMA crypt")
+        c.execute("SELECT crypt.psap_register_column('calls', 'title')")
+        c.execute("COMMIT")
+        assert c.execute("SELECT operation, seal_seq FROM crypt.psap_audit_log").fetchall() == [("register", 1)]
+        assert c.execute("SELECT * FROM crypt.psap_audit_verify()").fetchall() == []
