@@ -34,8 +34,8 @@ CREATE TABLE @extschema@.psap_audit_log (
     seal_seq          bigint,
     seal_hash         text,
     -- The table (pg_class oid) and column (attnum) the record is about, as they were when it was
-    -- written: a rotation belongs to that table, whatever is later renamed to its name. NULL in
-    -- records written before 0.2.0.
+    -- written: a rotation belongs to that table, whatever is later renamed to its name. Records
+    -- written by 0.1.0 got those of the names they gave at the update (NULL if gone).
     relid             oid,
     attnum            smallint,
     -- The run's options other than their defaults (`verify => false, disable_triggers => true`),

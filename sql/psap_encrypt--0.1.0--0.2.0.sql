@@ -310,6 +310,22 @@ CREATE TRIGGER psap_audit_chain_no_truncate BEFORE TRUNCATE ON @extschema@.psap_
 
 -- Seal the records 0.1.0 finished into the chain, once (a function for the library's sealer,
 -- dropped again: no 0.2.0 object calls it).
+-- The records 0.1.0 wrote name their table and column by text only: each gets the identity of
+-- the table and column that bear those names now, before it is sealed with it, so that no later
+-- rename brings a rotation with it (psap_compliance). Records of tables or columns that are gone
+-- get none, and count for no column.
+ALTER TABLE @extschema@.psap_audit_log DISABLE TRIGGER psap_audit_append_only;
+UPDATE @extschema@.psap_audit_log l
+   SET relid = c.oid, attnum = a.attnum
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+  JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
+                                AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+ WHERE l.relid IS NULL
+   AND l.relation OPERATOR(pg_catalog.=) pg_catalog.format('%I.%I', n.nspname, c.relname)
+   AND a.attname OPERATOR(pg_catalog.=) l.column_name;
+ALTER TABLE @extschema@.psap_audit_log ENABLE TRIGGER psap_audit_append_only;
+
 CREATE FUNCTION @extschema@._psap_audit_seal_legacy() RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', '_psap_audit_seal_legacy_wrapper';
 SELECT @extschema@._psap_audit_seal_legacy();
@@ -579,8 +595,8 @@ AS $$
              AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
              AND l.column_name = r.column_name
              -- The same table and column, not only the same names: a table renamed to this one's
-             -- name brings no rotation with it (records from before 0.2.0 name them only).
-             AND (l.relid IS NULL OR (l.relid = r.relid::oid AND l.attnum = r.attnum))
+             -- name brings no rotation with it.
+             AND l.relid = r.relid::oid AND l.attnum = r.attnum
            ORDER BY l.ended_at DESC LIMIT 1) a ON true
      ORDER BY r.relid::text, r.column_name
 $$;

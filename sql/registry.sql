@@ -217,8 +217,8 @@ AS $$
              AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
              AND l.column_name = r.column_name
              -- The same table and column, not only the same names: a table renamed to this one's
-             -- name brings no rotation with it (records from before 0.2.0 name them only).
-             AND (l.relid IS NULL OR (l.relid = r.relid::oid AND l.attnum = r.attnum))
+             -- name brings no rotation with it.
+             AND l.relid = r.relid::oid AND l.attnum = r.attnum
            ORDER BY l.ended_at DESC LIMIT 1) a ON true
      ORDER BY r.relid::text, r.column_name
 $$;

@@ -311,7 +311,9 @@ impl AuditLog {
             let mut p = p.borrow_mut();
             // Records kept for another schema's (or owner's) log belong to an extension this
             // transaction dropped (there is one per database), and went with it.
-            if p.as_ref().is_some_and(|p| p.ext != self.ext || p.owner != self.owner) {
+            if p.as_ref()
+                .is_some_and(|p| p.ext != self.ext || p.owner != self.owner)
+            {
                 *p = None;
             }
             let pending = p.get_or_insert_with(|| Pending {

@@ -162,6 +162,12 @@ def test_upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_data(cluster, db, 
         # The records 0.1.0 finished are sealed into the hash chain by the upgrade.
         assert c.execute("SELECT count(*) FROM psap_audit_log WHERE seal_hash IS NOT NULL").fetchone()[0] == 4
         assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+        # They name their table and column by identity too, from the names they gave, and 0.1.0's
+        # completed rotation is the column's last one.
+        assert c.execute("SELECT count(*) FROM psap_audit_log l WHERE l.relid = to_regclass(l.relation) "
+                         "AND l.attnum = 2").fetchone()[0] == 5
+        done_at = c.execute("SELECT ended_at FROM psap_audit_log WHERE operation = 'rotate' AND status = 'done'").fetchone()[0]
+        assert c.execute("SELECT last_rotation FROM psap_compliance() WHERE relation = 'incidents'::regclass").fetchone()[0] == done_at
         # (2) every registry and audit record survived, unchanged.
         assert c.execute(AUDIT_0_1_0).fetchall() == audit_before
         assert c.execute("SELECT relid::text, column_name, registered_at, registered_by FROM psap_encrypted_columns ORDER BY 1").fetchall() == registry_before
@@ -187,6 +193,22 @@ def test_upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_data(cluster, db, 
         assert after[4][14] == "interrupted" and after[4][17] >= after[4][16]
         assert after[4][:14] == audit_before[4][:14]
         assert c.execute("SELECT count(*) FROM psap_audit_log WHERE seal_hash IS NULL").fetchone()[0] == 0
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+
+
+def test_a_rotation_recorded_by_0_1_0_follows_no_rename_after_the_update(cluster, old_db):
+    """0.1.0's records name their table by text only: the update gives them the identity of the
+    table that bears that name, so a table renamed into the rotated one's name afterwards gets no
+    rotation from them (as for records 0.2.0 writes)."""
+    fill_as_0_1_0(cluster, old_db)
+    with cluster.connect(dbname=old_db) as c:
+        c.execute("CREATE TABLE incidents_new (id int PRIMARY KEY, title text)")
+        c.execute("SELECT psap_register_column('incidents_new', 'title')")
+        c.execute("ALTER EXTENSION psap_encrypt UPDATE")
+        assert c.execute("SELECT last_rotation IS NOT NULL FROM psap_compliance() WHERE relation = 'incidents'::regclass").fetchone()[0]
+        c.execute("ALTER TABLE incidents RENAME TO incidents_old")
+        c.execute("ALTER TABLE incidents_new RENAME TO incidents")
+        assert c.execute("SELECT count(*) FROM psap_compliance() WHERE last_rotation IS NOT NULL").fetchone()[0] == 0
         assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
 
 
