@@ -223,6 +223,32 @@ fn owned_by_us_or_root(uid: u32) -> bool {
     uid == 0 || uid == unsafe { libc::geteuid() }
 }
 
+/// Refuses a store whose parent directories another user could use to swap it for one of their
+/// own between two uses of its path: each must belong to this user or root, and others may not
+/// write it unless it is sticky (`/tmp`: there they cannot rename what is not theirs).
+fn check_ancestors(dir: &Path) -> Result<()> {
+    let real = fs::canonicalize(dir).map_err(|e| format!("store {}: {e}", dir.display()))?;
+    for parent in real.ancestors().skip(1) {
+        let m = fs::metadata(parent).map_err(|e| format!("store {}: {e}", dir.display()))?;
+        let shared = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+        if shared || !owned_by_us_or_root(m.uid()) {
+            return Err(format!(
+                "store {}: its parent directory {} is {} (mode {:o}, uid {}): another user could replace the store",
+                dir.display(),
+                parent.display(),
+                if shared {
+                    "writable by other users"
+                } else {
+                    "owned by another user"
+                },
+                m.mode() & 0o7777,
+                m.uid()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The store directory.
 pub struct Store {
     dir: PathBuf,
@@ -244,9 +270,12 @@ impl Store {
                 dir.display(),
                 m.uid()
             )),
-            Ok(m) if m.is_dir() => Ok(Store {
-                dir: dir.to_owned(),
-            }),
+            Ok(m) if m.is_dir() => {
+                check_ancestors(dir)?;
+                Ok(Store {
+                    dir: dir.to_owned(),
+                })
+            }
             Ok(_) => Err(format!("store {} is not a directory", dir.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
                 "store {} does not exist (run psap-keys init first)",
@@ -552,6 +581,36 @@ mod tests {
             assert!(e.contains("owned by another user (uid 65534)"), "{e}");
         }
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_under_a_directory_others_control_is_refused() {
+        let parent =
+            std::env::temp_dir().join(format!("psap-keys-parent-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&parent);
+        fs::create_dir(&parent).unwrap();
+        let dir = parent.join("store");
+        Store::create(&dir).unwrap();
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Store::open(&dir)
+            .err()
+            .expect("a store under a shared directory was opened");
+        assert!(e.contains("is writable by other users (mode 777"), "{e}");
+        // Sticky (as /tmp is): others cannot rename what is not theirs.
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o1777)).unwrap();
+        Store::open(&dir).unwrap();
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&parent, Some(65534), None).unwrap();
+            let e = Store::open(&dir)
+                .err()
+                .expect("a store under another user's directory was opened");
+            assert!(
+                e.contains("is owned by another user (mode 755, uid 65534)"),
+                "{e}"
+            );
+        }
+        fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]
