@@ -283,14 +283,14 @@ fn _psap_all_end(job: i64) {
                 job.left,
                 job.columns_left,
                 if job.attached {
-                    ", and partitions attached during the call"
+                    " (some in partitions attached meanwhile)"
                 } else {
                     ""
                 }
             ),
             "Each column's notice says why its rows were left: locked by other sessions, written \
-             meanwhile, or hidden from the table's owner by row-level security. Call \
-             psap_rotate_all again."
+             meanwhile, hidden from the table's owner by row-level security, or in partitions \
+             attached during the run. Call psap_rotate_all again."
                 .into(),
         );
     } else if job.failures.is_empty() {
@@ -313,8 +313,17 @@ fn _psap_all_end(job: i64) {
                 job.failures.len()
             ),
             Some(format!(
-                "{}. {} rows of the other columns were rotated.",
-                list, job.rows
+                "{}. {} rows of the other columns were rotated{}.",
+                list,
+                job.rows,
+                if job.columns_left > 0 {
+                    format!(
+                        "; {} rows of {} of them are still to do",
+                        job.left, job.columns_left
+                    )
+                } else {
+                    String::new()
+                }
             )),
             Some("Each failure is in the audit log (psap_audit) and was reported in a WARNING; fix it and call psap_rotate_all again.".into()),
         );

@@ -16,6 +16,7 @@ use super::state::{self, InStep, Outcome, Status};
 use super::walk::Walk;
 use super::{sql, Run};
 use crate::api::registry;
+use crate::api::target::Leaf;
 use crate::{error, gucs, sandbox, scan, spi};
 
 /// One batch of the run with this token. Returns whether the procedure should commit and call
@@ -137,7 +138,7 @@ fn finish(run: Run, status: Status, failure: Option<Failure>) {
             status,
             counts: run.counts,
             failure,
-            left: run.left,
+            left: run.left + run.attached_rows,
             attached: !run.attached.is_empty(),
         },
     );
@@ -355,28 +356,65 @@ fn skipped_still_there(run: &Run) -> i64 {
 /// says what the run did.
 fn ended_done(run: &mut Run, left: i64) -> Status {
     run.left = left;
-    run.attached = attached_leaves(run);
+    (run.attached, run.attached_rows) = attached_leaves(run);
     done_notice(run);
     Status::Done
 }
 
-/// Tables with storage under the run's table that were not among its leaves at the start
-/// (partitions attached, child tables added, during the run).
-fn attached_leaves(run: &Run) -> Vec<String> {
+/// Relations under the run's table that were not among its leaves at the start (partitions
+/// attached, child tables added, during the run) and hold rows still to do, each with how many;
+/// a foreign table, which cannot be counted (or rotated), is named all the same. Returns them, and
+/// the rows counted.
+fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
     let known: Vec<pg_sys::Oid> = run.target.leaves.iter().map(|l| l.oid).collect();
-    spi::rows(
+    let found = spi::rows(
         "WITH RECURSIVE tree(relid) AS (
              SELECT $1::pg_catalog.oid
              UNION
              SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)
-         SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+         SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname), c.relkind OPERATOR(pg_catalog.=) 'r', c.relowner
            FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-          WHERE c.relkind OPERATOR(pg_catalog.=) 'r' AND c.oid OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.oid[])
-          ORDER BY 1",
+          WHERE c.relkind OPERATOR(pg_catalog.<>) 'p' AND c.oid OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.oid[])
+          ORDER BY 2",
         &[run.target.oid.into(), known.into()],
-        |row| Ok(row.get::<String>(1)?.unwrap_or_default()),
-    )
+        |row| {
+            Ok((
+                Leaf {
+                    oid: row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::Oid::INVALID),
+                    relation: row.get::<String>(2)?.unwrap_or_default(),
+                    owner: row.get::<pg_sys::Oid>(4)?.unwrap_or(pg_sys::Oid::INVALID),
+                    forced_on_owner: false,
+                },
+                row.get::<bool>(3)?.unwrap_or(false),
+            ))
+        },
+    );
+    let (tables, others): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, table)| *table);
+    let tables: Vec<Leaf> = tables.into_iter().map(|(leaf, _)| leaf).collect();
+    let (mode, to) = (run.opts.mode, run.to);
+    let counted: Vec<(String, i64)> = scan::with_snapshot(&tables, |snapshot| {
+        tables
+            .iter()
+            .map(|leaf| {
+                let rows = scan::tally(leaf, &run.target.column_name, snapshot)
+                    .rows(|kind| mode.needs(kind, to));
+                (leaf.relation.clone(), rows)
+            })
+            .filter(|(_, rows)| *rows > 0)
+            .collect()
+    });
+    let rows = counted.iter().map(|(_, n)| n).sum();
+    let named = counted
+        .into_iter()
+        .map(|(relation, n)| format!("{relation} ({n} rows)"))
+        .chain(
+            others
+                .into_iter()
+                .map(|(leaf, _)| format!("{} (not a table)", leaf.relation)),
+        )
+        .collect();
+    (named, rows)
 }
 
 fn done_notice(run: &Run) {

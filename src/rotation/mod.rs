@@ -101,9 +101,10 @@ pub struct Run {
     pub stepped: bool,
     /// Rows still to do when the run ended done (see [`state::Outcome::left`]).
     pub left: i64,
-    /// Partitions attached under the table during the run, when it ended done: the run covered
-    /// the leaves it found at its start, not these.
+    /// Partitions attached under the table during the run that hold rows still to do, when it
+    /// ended done (the run covered the leaves it found at its start, not these), and those rows.
     pub attached: Vec<String>,
+    pub attached_rows: i64,
     /// What the progress lines say of time (rate, time left, elapsed).
     pub progress: progress::Progress,
 }

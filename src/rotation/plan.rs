@@ -173,7 +173,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     let audit_id = audit.begin(Start {
         operation: &operation,
         subject: target.subject(),
-        details: opts.details.clone(),
+        details: run_details(&opts),
         from: from_label.clone(),
         to: to.to_string(),
         from_fingerprints: from_fingerprints(&count.versions),
@@ -208,6 +208,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         stepped: false,
         left: 0,
         attached: Vec::new(),
+        attached_rows: 0,
         progress: Default::default(),
         opts,
     };
@@ -271,6 +272,20 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     super::batch::start_leaf(&mut run);
     state::set_running(Box::new(run));
     token
+}
+
+/// What the audit record says of how the run was run: its options other than their defaults,
+/// and a session_replication_role other than `origin` set by the caller (which, like
+/// `disable_triggers => true`, keeps the table's triggers from firing).
+fn run_details(opts: &Options) -> Option<String> {
+    let role = spi::one::<String>(
+        "SELECT pg_catalog.current_setting('session_replication_role')",
+        &[],
+    )
+    .filter(|r| r != "origin")
+    .map(|r| format!("session_replication_role = {r}"));
+    let parts: Vec<String> = opts.details.iter().cloned().chain(role).collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// Ends a run that has nothing (more) to do.
