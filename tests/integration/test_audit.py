@@ -321,6 +321,23 @@ def test_records_say_how_a_run_was_run_and_what_a_context_was_set_to(cluster, db
         assert len(problems) == 1, problems
 
 
+def rotate_while_attaching(cluster, db, *partitions):
+    """Rotates calls.title in batches of 20 with pauses, attaching `partitions` (`name FOR VALUES
+    ...`) from another session once the first batch is in; returns the run's notices."""
+    with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as ddl:
+        said = noting(c)
+        th, result = in_background(c, "CALL psap_rotate('calls', 'title', 20, pause_ms => 100)")
+        deadline = time.monotonic() + 30
+        while ddl.execute("SELECT coalesce(max(rows_done), 0) FROM psap_audit WHERE operation = 'rotate'").fetchone()[0] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for p in partitions:
+            ddl.execute(f"ALTER TABLE calls ATTACH PARTITION {p}")
+        th.join(60)
+        assert result == {"ok": True}, result
+    return said
+
+
 def test_a_partition_attached_during_a_run_leaves_it_incomplete(cluster, db):
     """A run covers the partitions it found at its start. One attached meanwhile kept its rows on
     the old key, yet the run was recorded as done and psap_compliance() gave it as the column's
@@ -335,17 +352,9 @@ def test_a_partition_attached_during_a_run_leaves_it_incomplete(cluster, db):
         c.execute("INSERT INTO calls_late SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1001, 1010) g")
         c.execute("SELECT psap_register_column('calls', 'title')")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-    with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as ddl:
-        said = noting(c)
-        th, result = in_background(c, "CALL psap_rotate('calls', 'title', 20, pause_ms => 100)")
-        deadline = time.monotonic() + 30
-        while ddl.execute("SELECT coalesce(max(rows_done), 0) FROM psap_audit WHERE operation = 'rotate'").fetchone()[0] == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        ddl.execute("ALTER TABLE calls ATTACH PARTITION calls_late FOR VALUES FROM (1001) TO (2001)")
-        ddl.execute("ALTER TABLE calls ATTACH PARTITION calls_empty FOR VALUES FROM (2001) TO (3001)")
-        th.join(60)
-        assert result == {"ok": True}, result
+    said = rotate_while_attaching(cluster, db, "calls_late FOR VALUES FROM (1001) TO (2001)",
+                                  "calls_empty FOR VALUES FROM (2001) TO (3001)")
+    with cluster.connect(dbname=db) as c:
         status, done, error = c.execute("SELECT status, rows_done, error FROM psap_audit WHERE operation = 'rotate'").fetchone()
         assert (status, done) == ("done", 300)
         assert error == "partitions attached during the run not done: public.calls_late (10 rows): call again", error
@@ -386,15 +395,8 @@ def test_a_foreign_table_attached_during_a_run_is_named(cluster, db):
         c.execute("CREATE SERVER files FOREIGN DATA WRAPPER file_fdw")
         c.execute("CREATE FOREIGN TABLE calls_remote (id int, title text) SERVER files OPTIONS (filename '/dev/null')")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-    with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as ddl:
-        th, result = in_background(c, "CALL psap_rotate('calls', 'title', 20, pause_ms => 100)")
-        deadline = time.monotonic() + 30
-        while ddl.execute("SELECT coalesce(max(rows_done), 0) FROM psap_audit WHERE operation = 'rotate'").fetchone()[0] == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        ddl.execute("ALTER TABLE calls ATTACH PARTITION calls_remote FOR VALUES FROM (1001) TO (2001)")
-        th.join(60)
-        assert result == {"ok": True}, result
+    rotate_while_attaching(cluster, db, "calls_remote FOR VALUES FROM (1001) TO (2001)")
+    with cluster.connect(dbname=db) as c:
         error = c.execute("SELECT error FROM psap_audit WHERE operation = 'rotate'").fetchone()[0]
         assert error == "partitions attached during the run not done: public.calls_remote (not a table): call again", error
         assert sqlstate_of(c, "CALL psap_rotate('calls', 'title', 20)")[0] == "42809"
