@@ -489,8 +489,11 @@ unsafe extern "C-unwind" fn assign_key<const N: usize>(_newval: *const c_char, e
             let slot = std::mem::take(&mut *PENDING.get().slot_mut(version));
             let new = key_id(version, &slot);
             if new.is_some() {
-                let old = with_settings(|ring| key_id(version, ring.slot(version)));
-                with_settings(|ring| ring.set(version, slot));
+                let old = with_settings(|ring| {
+                    let old = key_id(version, ring.slot(version));
+                    ring.set(version, slot);
+                    old
+                });
                 // A reload applies every key again: only a different key is a change.
                 if old != new {
                     keys().setting_loaded_at[version.get() as usize] = keysource::now_micros();

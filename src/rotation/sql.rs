@@ -22,7 +22,7 @@ pub fn needs(t: &Target, mode: Mode, to: Version) -> String {
 
 /// [`needs`] of the value `column` (an expression: the column, qualified).
 pub fn needs_of(t: &Target, mode: Mode, to: Version, column: &str) -> String {
-    let prefix = arg(&format!("pg_catalog.substr({column}, 1, 4)"), TEXT);
+    let prefix = prefix_arg(column);
     match mode {
         Mode::Rotate { from } => {
             let from = from.map_or("NULL".to_string(), |f| f.get().to_string());
@@ -39,8 +39,13 @@ pub fn needs_of(t: &Target, mode: Mode, to: Version, column: &str) -> String {
 
 /// SQL for "this row holds an envelope" (any version): what a dry run verifies.
 pub fn envelopes(t: &Target) -> String {
-    let prefix = arg(&format!("pg_catalog.substr({}, 1, 4)", t.column), TEXT);
-    format!("NOT {}.{IS_PLAINTEXT}({prefix})", t.ext)
+    format!("NOT {}.{IS_PLAINTEXT}({})", t.ext, prefix_arg(&t.column))
+}
+
+/// The first four characters of `column` (where an envelope's `vN:` prefix is), as the argument
+/// of the predicates above.
+fn prefix_arg(column: &str) -> String {
+    arg(&format!("pg_catalog.substr({column}, 1, 4)"), TEXT)
 }
 
 const TEXT: &str = "pg_catalog.text";
