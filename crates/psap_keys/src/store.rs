@@ -223,10 +223,11 @@ fn owned_by_us_or_root(uid: u32) -> bool {
     uid == 0 || uid == unsafe { libc::geteuid() }
 }
 
-/// Refuses a store whose parent directories another user could use to swap it for one of their
-/// own between two uses of its path: each must belong to this user or root, and others may not
-/// write it unless it is sticky (`/tmp`: there they cannot rename what is not theirs).
-fn check_ancestors(dir: &Path) -> Result<()> {
+/// The store's real path (no symbolic link in it, which another user could swap), once its parent
+/// directories are checked: none may let another user swap the store for one of their own
+/// between two uses of the path. Each must belong to this user or root, and others may not write
+/// it unless it is sticky (`/tmp`: there they cannot rename what is not theirs).
+fn checked_path(dir: &Path) -> Result<PathBuf> {
     let real = fs::canonicalize(dir).map_err(|e| format!("store {}: {e}", dir.display()))?;
     for parent in real.ancestors().skip(1) {
         let m = fs::metadata(parent).map_err(|e| format!("store {}: {e}", dir.display()))?;
@@ -246,7 +247,7 @@ fn check_ancestors(dir: &Path) -> Result<()> {
             ));
         }
     }
-    Ok(())
+    Ok(real)
 }
 
 /// The store directory.
@@ -270,12 +271,9 @@ impl Store {
                 dir.display(),
                 m.uid()
             )),
-            Ok(m) if m.is_dir() => {
-                check_ancestors(dir)?;
-                Ok(Store {
-                    dir: dir.to_owned(),
-                })
-            }
+            Ok(m) if m.is_dir() => Ok(Store {
+                dir: checked_path(dir)?,
+            }),
             Ok(_) => Err(format!("store {} is not a directory", dir.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
                 "store {} does not exist (run psap-keys init first)",
@@ -611,6 +609,23 @@ mod tests {
             );
         }
         fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
+    fn a_store_reached_through_a_symbolic_link_is_used_by_its_real_path() {
+        let base = std::env::temp_dir().join(format!("psap-keys-link-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir(&base).unwrap();
+        let real = base.join("store");
+        Store::create(&real).unwrap();
+        // The link sits where others may write: swapped after open, it must change nothing.
+        let shared = base.join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink(&real, shared.join("keys")).unwrap();
+        let store = Store::open(&shared.join("keys")).unwrap();
+        assert_eq!(store.dir(), fs::canonicalize(&real).unwrap());
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
