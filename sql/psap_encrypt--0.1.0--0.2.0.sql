@@ -313,7 +313,9 @@ CREATE TRIGGER psap_audit_chain_no_truncate BEFORE TRUNCATE ON @extschema@.psap_
 -- The records 0.1.0 wrote name their table and column by text only: each gets the identity of
 -- the table and column that bear those names now, before it is sealed with it, so that no later
 -- rename brings a rotation with it (psap_compliance). Records of tables or columns that are gone
--- get none, and count for no column.
+-- get none, and count for no column. Every one is marked as 0.1.0's in `details`: 0.1.0's
+-- writers were functions its operators could call.
+SET LOCAL quote_all_identifiers = off;
 ALTER TABLE @extschema@.psap_audit_log DISABLE TRIGGER psap_audit_append_only;
 UPDATE @extschema@.psap_audit_log l
    SET relid = c.oid, attnum = a.attnum
@@ -321,9 +323,10 @@ UPDATE @extschema@.psap_audit_log l
   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
   JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
                                 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
- WHERE l.relid IS NULL
+ WHERE l.relid IS NULL AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog."char"[])
    AND l.relation OPERATOR(pg_catalog.=) pg_catalog.format('%I.%I', n.nspname, c.relname)
    AND a.attname OPERATOR(pg_catalog.=) l.column_name;
+UPDATE @extschema@.psap_audit_log SET details = 'written by psap_encrypt 0.1.0';
 ALTER TABLE @extschema@.psap_audit_log ENABLE TRIGGER psap_audit_append_only;
 
 CREATE FUNCTION @extschema@._psap_audit_seal_legacy() RETURNS void
@@ -550,7 +553,7 @@ RETURNS TABLE (relation regclass, column_name name, versions text[], ciphers tex
                encrypted_rows bigint, non_fips_rows bigint, plaintext_rows bigint,
                key_sources text[], fips_module text, context text,
                last_rotation timestamptz, last_rotation_to text)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET quote_all_identifiers = off
 AS $$
     WITH s AS (
         SELECT st.relation, st.column_name, st.state, st.version, st.rows, st.cipher

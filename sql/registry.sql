@@ -172,7 +172,7 @@ RETURNS TABLE (relation regclass, column_name name, versions text[], ciphers tex
                encrypted_rows bigint, non_fips_rows bigint, plaintext_rows bigint,
                key_sources text[], fips_module text, context text,
                last_rotation timestamptz, last_rotation_to text)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET quote_all_identifiers = off
 AS $$
     WITH s AS (
         SELECT st.relation, st.column_name, st.state, st.version, st.rows, st.cipher

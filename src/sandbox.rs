@@ -22,28 +22,36 @@ use crate::nesting::{self, Inside};
 /// What `search_path` is while psap_encrypt's own statements and a table's code run.
 const SAFE_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
 
-/// A GUC nest level with `search_path` pinned; the caller closes it with `AtEOXact_GUC`.
+/// A GUC nest level with `search_path` pinned and `quote_all_identifiers` off; the caller closes
+/// it with `AtEOXact_GUC`.
 fn open_nest_level() -> i32 {
     // SAFETY: plain calls into PostgreSQL's GUC machinery from a backend in a transaction;
-    // GUC_ACTION_SAVE makes the setting revert when the nest level is closed.
+    // GUC_ACTION_SAVE makes the settings revert when the nest level is closed.
     unsafe {
         let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            SAFE_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        // Names are written as format('%I') writes them by default: with quote_all_identifiers
+        // on (any role may set it) the audit trail's names would match no table's.
+        for (name, value) in [
+            (c"search_path", SAFE_SEARCH_PATH),
+            (c"quote_all_identifiers", c"off"),
+        ] {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
         nest
     }
 }
 
-/// Runs `f` with `search_path = pg_catalog, pg_temp`. (On an error the enclosing (sub)transaction's
-/// abort closes the nest level.)
+/// Runs `f` with `search_path = pg_catalog, pg_temp` (and `quote_all_identifiers = off`). (On an
+/// error the enclosing (sub)transaction's abort closes the nest level.)
 pub fn with_safe_search_path<R>(f: impl FnOnce() -> R) -> R {
     let nest = open_nest_level();
     let result = f();

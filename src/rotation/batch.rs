@@ -363,8 +363,9 @@ fn ended_done(run: &mut Run, left: i64) -> Status {
 
 /// Relations under the run's table that were not among its leaves at the start (partitions
 /// attached, child tables added, during the run) and hold rows still to do, each with how many;
-/// a foreign table, which cannot be counted (or rotated), is named all the same. Returns them, and
-/// the rows counted.
+/// one that cannot be counted is named all the same: a foreign table (nor can it be rotated),
+/// another session's temporary child table, a table another session holds locked. Returns them,
+/// and the rows counted.
 fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
     let known: Vec<pg_sys::Oid> = run.target.leaves.iter().map(|l| l.oid).collect();
     let found = spi::rows(
@@ -372,7 +373,8 @@ fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
              SELECT $1::pg_catalog.oid
              UNION
              SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)
-         SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname), c.relkind OPERATOR(pg_catalog.=) 'r', c.relowner
+         SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname),
+                c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.<>) 't', c.relowner
            FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
           WHERE c.relkind OPERATOR(pg_catalog.<>) 'p' AND c.oid OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.oid[])
@@ -391,7 +393,27 @@ fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
         },
     );
     let (tables, others): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, table)| *table);
-    let tables: Vec<Leaf> = tables.into_iter().map(|(leaf, _)| leaf).collect();
+    // Counted only when no other session holds it (a wait here, holding the run's own locks,
+    // could deadlock with the session that attached it), and still there once locked.
+    let (tables, locked): (Vec<_>, Vec<_>) =
+        tables.into_iter().map(|(leaf, _)| leaf).partition(|leaf| {
+            // SAFETY: a lock on an existing or just-dropped relation, released at transaction end.
+            unsafe {
+                pg_sys::ConditionalLockRelationOid(
+                    leaf.oid,
+                    pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+                )
+            }
+        });
+    let tables: Vec<Leaf> = tables
+        .into_iter()
+        .filter(|leaf| {
+            spi::one::<bool>(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1)",
+                &[leaf.oid.into()],
+            ) == Some(true)
+        })
+        .collect();
     let (mode, to) = (run.opts.mode, run.to);
     let counted: Vec<(String, i64)> = scan::with_snapshot(&tables, |snapshot| {
         tables
@@ -411,7 +433,9 @@ fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
         .chain(
             others
                 .into_iter()
-                .map(|(leaf, _)| format!("{} (not a table)", leaf.relation)),
+                .map(|(leaf, _)| leaf)
+                .chain(locked)
+                .map(|leaf| format!("{} (not counted)", leaf.relation)),
         )
         .collect();
     (named, rows)

@@ -259,7 +259,10 @@ def test_a_rotation_belongs_to_its_table_not_to_whatever_takes_its_name(cluster,
             c.execute("SELECT psap_register_column(%s, %s)", (table, column))
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     with cluster.connect(dbname=db) as c:
+        # (any role may set it: the names recorded and compared must not depend on it)
+        c.execute("SET quote_all_identifiers = on")
         c.execute("CALL psap_rotate('calls', 'title', 50)")
+        assert c.execute("SELECT relation FROM psap_audit WHERE operation = 'rotate'").fetchone()[0] == "public.calls"
         rotated = c.execute("SELECT ended_at FROM psap_audit WHERE operation = 'rotate'").fetchone()[0]
         relid, attnum = c.execute("SELECT relid, attnum FROM psap_audit WHERE operation = 'rotate'").fetchone()
         assert (relid, attnum) == c.execute("SELECT 'calls'::regclass::oid, 2::smallint").fetchone()
@@ -324,6 +327,13 @@ def test_records_say_how_a_run_was_run_and_what_a_context_was_set_to(cluster, db
 def rotate_while_attaching(cluster, db, *partitions):
     """Rotates calls.title in batches of 20 with pauses, attaching `partitions` (`name FOR VALUES
     ...`) from another session once the first batch is in; returns the run's notices."""
+    return rotate_while(cluster, db, *[f"ALTER TABLE calls ATTACH PARTITION {p}" for p in partitions])
+
+
+def rotate_while(cluster, db, *statements):
+    """Rotates calls.title in batches of 20 with pauses, running `statements` in another session
+    once the first batch is in (a transaction they open stays open until the run has ended);
+    returns the run's notices."""
     with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as ddl:
         said = noting(c)
         th, result = in_background(c, "CALL psap_rotate('calls', 'title', 20, pause_ms => 100)")
@@ -331,8 +341,8 @@ def rotate_while_attaching(cluster, db, *partitions):
         while ddl.execute("SELECT coalesce(max(rows_done), 0) FROM psap_audit WHERE operation = 'rotate'").fetchone()[0] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        for p in partitions:
-            ddl.execute(f"ALTER TABLE calls ATTACH PARTITION {p}")
+        for statement in statements:
+            ddl.execute(statement)
         th.join(60)
         assert result == {"ok": True}, result
     return said
@@ -398,5 +408,32 @@ def test_a_foreign_table_attached_during_a_run_is_named(cluster, db):
     rotate_while_attaching(cluster, db, "calls_remote FOR VALUES FROM (1001) TO (2001)")
     with cluster.connect(dbname=db) as c:
         error = c.execute("SELECT error FROM psap_audit WHERE operation = 'rotate'").fetchone()[0]
-        assert error == "partitions attached during the run not done: public.calls_remote (not a table): call again", error
+        assert error == "partitions attached during the run not done: public.calls_remote (not counted): call again", error
         assert sqlstate_of(c, "CALL psap_rotate('calls', 'title', 20)")[0] == "42809"
+
+
+def test_a_table_attached_during_a_run_that_cannot_be_counted_is_named(cluster, db):
+    """The count of what an attached table holds must not wait for, or fail on, another
+    session's table (a wait holding the run's locks could deadlock with it; another session's
+    temporary table cannot be read): the run names it, not counted, and ends done."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
+        c.execute("CREATE TABLE calls_1 PARTITION OF calls FOR VALUES FROM (1) TO (1001)")
+        c.execute("CREATE TABLE calls_late (id int, title text)")
+        c.execute("INSERT INTO calls SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 200) g")
+        c.execute("CREATE TABLE notes (id int, title text)")
+        c.execute("INSERT INTO notes SELECT g, psap_encrypt('Note ' || g) FROM generate_series(1, 200) g")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    rotate_while(cluster, db, "ALTER TABLE calls ATTACH PARTITION calls_late FOR VALUES FROM (1001) TO (2001)",
+                 "BEGIN", "LOCK TABLE calls_late IN ACCESS EXCLUSIVE MODE")
+    with cluster.connect(dbname=db) as c:
+        error = c.execute("SELECT error FROM psap_audit WHERE operation = 'rotate'").fetchone()[0]
+        assert error == "partitions attached during the run not done: public.calls_late (not counted): call again", error
+        # Inheritance: another session's temporary child table.
+        c.execute("ALTER TABLE calls RENAME TO calls_old")
+        c.execute("ALTER TABLE notes RENAME TO calls")
+    rotate_while(cluster, db, "CREATE TEMP TABLE calls_tmp () INHERITS (calls)")
+    with cluster.connect(dbname=db) as c:
+        status, error = c.execute("SELECT status, error FROM psap_audit WHERE operation = 'rotate' ORDER BY id DESC LIMIT 1").fetchone()
+        assert status == "done"
+        assert re.fullmatch(r"partitions attached during the run not done: pg_temp_\d+\.calls_tmp \(not counted\): call again", error), error

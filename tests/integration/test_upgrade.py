@@ -166,6 +166,8 @@ def test_upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_data(cluster, db, 
         # completed rotation is the column's last one.
         assert c.execute("SELECT count(*) FROM psap_audit_log l WHERE l.relid = to_regclass(l.relation) "
                          "AND l.attnum = 2").fetchone()[0] == 5
+        # Marked as 0.1.0's: its writers were functions its operators could call.
+        assert c.execute("SELECT DISTINCT details FROM psap_audit_log").fetchall() == [("written by psap_encrypt 0.1.0",)]
         done_at = c.execute("SELECT ended_at FROM psap_audit_log WHERE operation = 'rotate' AND status = 'done'").fetchone()[0]
         assert c.execute("SELECT last_rotation FROM psap_compliance() WHERE relation = 'incidents'::regclass").fetchone()[0] == done_at
         # (2) every registry and audit record survived, unchanged.
@@ -204,6 +206,7 @@ def test_a_rotation_recorded_by_0_1_0_follows_no_rename_after_the_update(cluster
     with cluster.connect(dbname=old_db) as c:
         c.execute("CREATE TABLE incidents_new (id int PRIMARY KEY, title text)")
         c.execute("SELECT psap_register_column('incidents_new', 'title')")
+        c.execute("SET quote_all_identifiers = on")  # (names are matched as format('%I') writes them by default)
         c.execute("ALTER EXTENSION psap_encrypt UPDATE")
         assert c.execute("SELECT last_rotation IS NOT NULL FROM psap_compliance() WHERE relation = 'incidents'::regclass").fetchone()[0]
         c.execute("ALTER TABLE incidents RENAME TO incidents_old")
