@@ -314,19 +314,26 @@ CREATE TRIGGER psap_audit_chain_no_truncate BEFORE TRUNCATE ON @extschema@.psap_
 -- the table and column that bear those names now, before it is sealed with it, so that no later
 -- rename brings a rotation with it (psap_compliance). Records of tables or columns that are gone
 -- get none, and count for no column. Every one is marked as 0.1.0's in `details`: 0.1.0's
--- writers were functions its operators could call.
-SET LOCAL quote_all_identifiers = off;
+-- writers were functions its operators could call. (Names are compared as format('%I') writes
+-- them by default, as psap_compliance compares them: a record 0.1.0 wrote for a caller who had
+-- set quote_all_identifiers, every name quoted, matches no table.)
 ALTER TABLE @extschema@.psap_audit_log DISABLE TRIGGER psap_audit_append_only;
-UPDATE @extschema@.psap_audit_log l
-   SET relid = c.oid, attnum = a.attnum
-  FROM pg_catalog.pg_class c
-  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-  JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
-                                AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
- WHERE l.relid IS NULL AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog."char"[])
-   AND l.relation OPERATOR(pg_catalog.=) pg_catalog.format('%I.%I', n.nspname, c.relname)
-   AND a.attname OPERATOR(pg_catalog.=) l.column_name;
-UPDATE @extschema@.psap_audit_log SET details = 'written by psap_encrypt 0.1.0';
+CREATE FUNCTION @extschema@._psap_audit_identify_legacy() RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp SET quote_all_identifiers = off
+AS $$
+    UPDATE @extschema@.psap_audit_log l
+       SET relid = c.oid, attnum = a.attnum
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
+                                    AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+     WHERE l.relid IS NULL AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog."char"[])
+       AND l.relation OPERATOR(pg_catalog.=) pg_catalog.format('%I.%I', n.nspname, c.relname)
+       AND a.attname OPERATOR(pg_catalog.=) l.column_name;
+    UPDATE @extschema@.psap_audit_log SET details = 'written by psap_encrypt 0.1.0';
+$$;
+SELECT @extschema@._psap_audit_identify_legacy();
+DROP FUNCTION @extschema@._psap_audit_identify_legacy();
 ALTER TABLE @extschema@.psap_audit_log ENABLE TRIGGER psap_audit_append_only;
 
 CREATE FUNCTION @extschema@._psap_audit_seal_legacy() RETURNS void

@@ -367,34 +367,11 @@ fn ended_done(run: &mut Run, left: i64) -> Status {
 /// another session's temporary child table, a table another session holds locked. Returns them,
 /// and the rows counted.
 fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
-    let known: Vec<pg_sys::Oid> = run.target.leaves.iter().map(|l| l.oid).collect();
-    let found = spi::rows(
-        "WITH RECURSIVE tree(relid) AS (
-             SELECT $1::pg_catalog.oid
-             UNION
-             SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)
-         SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname),
-                c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.<>) 't', c.relowner
-           FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid
-           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-          WHERE c.relkind OPERATOR(pg_catalog.<>) 'p' AND c.oid OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.oid[])
-          ORDER BY 2",
-        &[run.target.oid.into(), known.into()],
-        |row| {
-            Ok((
-                Leaf {
-                    oid: row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::Oid::INVALID),
-                    relation: row.get::<String>(2)?.unwrap_or_default(),
-                    owner: row.get::<pg_sys::Oid>(4)?.unwrap_or(pg_sys::Oid::INVALID),
-                    forced_on_owner: false,
-                },
-                row.get::<bool>(3)?.unwrap_or(false),
-            ))
-        },
-    );
+    let found = not_among_leaves(run);
     let (tables, others): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, table)| *table);
     // Counted only when no other session holds it (a wait here, holding the run's own locks,
-    // could deadlock with the session that attached it), and still there once locked.
+    // could deadlock with the session that attached it), and only if, once locked, it is still
+    // a table under the run's (not dropped, detached or replaced meanwhile).
     let (tables, locked): (Vec<_>, Vec<_>) =
         tables.into_iter().map(|(leaf, _)| leaf).partition(|leaf| {
             // SAFETY: a lock on an existing or just-dropped relation, released at transaction end.
@@ -405,14 +382,14 @@ fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
                 )
             }
         });
+    let still: Vec<pg_sys::Oid> = not_among_leaves(run)
+        .into_iter()
+        .filter(|(_, table)| *table)
+        .map(|(leaf, _)| leaf.oid)
+        .collect();
     let tables: Vec<Leaf> = tables
         .into_iter()
-        .filter(|leaf| {
-            spi::one::<bool>(
-                "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1)",
-                &[leaf.oid.into()],
-            ) == Some(true)
-        })
+        .filter(|leaf| still.contains(&leaf.oid))
         .collect();
     let (mode, to) = (run.opts.mode, run.to);
     let counted: Vec<(String, i64)> = scan::with_snapshot(&tables, |snapshot| {
@@ -439,6 +416,36 @@ fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
         )
         .collect();
     (named, rows)
+}
+
+/// The relations under the run's table (partitioned tables aside) that are not among its
+/// leaves, each with whether it is a table this session can count (not temporary).
+fn not_among_leaves(run: &Run) -> Vec<(Leaf, bool)> {
+    let known: Vec<pg_sys::Oid> = run.target.leaves.iter().map(|l| l.oid).collect();
+    spi::rows(
+        "WITH RECURSIVE tree(relid) AS (
+             SELECT $1::pg_catalog.oid
+             UNION
+             SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)
+         SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname),
+                c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.<>) 't', c.relowner
+           FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE c.relkind OPERATOR(pg_catalog.<>) 'p' AND c.oid OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.oid[])
+          ORDER BY 2",
+        &[run.target.oid.into(), known.into()],
+        |row| {
+            Ok((
+                Leaf {
+                    oid: row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::Oid::INVALID),
+                    relation: row.get::<String>(2)?.unwrap_or_default(),
+                    owner: row.get::<pg_sys::Oid>(4)?.unwrap_or(pg_sys::Oid::INVALID),
+                    forced_on_owner: false,
+                },
+                row.get::<bool>(3)?.unwrap_or(false),
+            ))
+        },
+    )
 }
 
 fn done_notice(run: &Run) {

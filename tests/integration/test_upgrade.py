@@ -207,7 +207,11 @@ def test_a_rotation_recorded_by_0_1_0_follows_no_rename_after_the_update(cluster
         c.execute("CREATE TABLE incidents_new (id int PRIMARY KEY, title text)")
         c.execute("SELECT psap_register_column('incidents_new', 'title')")
         c.execute("SET quote_all_identifiers = on")  # (names are matched as format('%I') writes them by default)
+        c.execute("BEGIN")
         c.execute("ALTER EXTENSION psap_encrypt UPDATE")
+        # The update's own setting did not outlive it in the transaction.
+        assert c.execute("SHOW quote_all_identifiers").fetchone()[0] == "on"
+        c.execute("COMMIT")
         assert c.execute("SELECT last_rotation IS NOT NULL FROM psap_compliance() WHERE relation = 'incidents'::regclass").fetchone()[0]
         c.execute("ALTER TABLE incidents RENAME TO incidents_old")
         c.execute("ALTER TABLE incidents_new RENAME TO incidents")
