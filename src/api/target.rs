@@ -178,15 +178,19 @@ pub fn resolve(tbl: &PgRelation, col: &str, access: Access) -> Target {
     }
 }
 
+/// The relations under the table in parameter `$1`, itself included (partitions, inheritance
+/// children, at any depth), as the common table expression `tree(relid)` of a query.
+pub const TREE: &str = "WITH RECURSIVE tree(relid) AS (
+             SELECT $1::pg_catalog.oid
+             UNION
+             SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)";
+
 /// The tables with storage under `root` (itself included), each checked for the privileges
 /// needed, once each (a child of two parents is reached twice), and the first of them on which
 /// row-level security restricts the caller.
 fn leaves(root: pg_sys::Oid, col: &str, access: Access) -> (Vec<Leaf>, Option<String>) {
     let rows = spi::rows(
-        "WITH RECURSIVE tree(relid) AS (
-             SELECT $1::pg_catalog.oid
-             UNION
-             SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)
+        &format!("{TREE}
          SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname), c.relkind::pg_catalog.text, c.relowner,
                 pg_catalog.has_column_privilege(c.oid, $2, 'SELECT'),
                 pg_catalog.has_column_privilege(c.oid, $2, 'UPDATE'),
@@ -196,7 +200,7 @@ fn leaves(root: pg_sys::Oid, col: &str, access: Access) -> (Vec<Leaf>, Option<St
                      WHERE r.oid OPERATOR(pg_catalog.=) c.relowner AND (r.rolsuper OR r.rolbypassrls))
            FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-          ORDER BY c.oid OPERATOR(pg_catalog.=) $1 DESC, 2",
+          ORDER BY c.oid OPERATOR(pg_catalog.=) $1 DESC, 2"),
         &[root.into(), col.into()],
         |row| {
             Ok((

@@ -16,7 +16,7 @@ use super::state::{self, InStep, Outcome, Status};
 use super::walk::Walk;
 use super::{sql, Run};
 use crate::api::registry;
-use crate::api::target::Leaf;
+use crate::api::target::{Leaf, TREE};
 use crate::{error, gucs, sandbox, scan, spi};
 
 /// One batch of the run with this token. Returns whether the procedure should commit and call
@@ -423,16 +423,13 @@ fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
 fn not_among_leaves(run: &Run) -> Vec<(Leaf, bool)> {
     let known: Vec<pg_sys::Oid> = run.target.leaves.iter().map(|l| l.oid).collect();
     spi::rows(
-        "WITH RECURSIVE tree(relid) AS (
-             SELECT $1::pg_catalog.oid
-             UNION
-             SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)
+        &format!("{TREE}
          SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname),
                 c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.<>) 't', c.relowner
            FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
           WHERE c.relkind OPERATOR(pg_catalog.<>) 'p' AND c.oid OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.oid[])
-          ORDER BY 2",
+          ORDER BY 2"),
         &[run.target.oid.into(), known.into()],
         |row| {
             Ok((
