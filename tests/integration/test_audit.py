@@ -336,9 +336,12 @@ def rotate_while(cluster, db, *statements):
     returns the run's notices."""
     with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as ddl:
         said = noting(c)
+        # This run's record, not an earlier run's (the statements must come after its start).
+        before = ddl.execute("SELECT coalesce(max(id), 0) FROM psap_audit").fetchone()[0]
         th, result = in_background(c, "CALL psap_rotate('calls', 'title', 20, pause_ms => 100)")
         deadline = time.monotonic() + 30
-        while ddl.execute("SELECT coalesce(max(rows_done), 0) FROM psap_audit WHERE operation = 'rotate'").fetchone()[0] == 0:
+        while ddl.execute("SELECT coalesce(max(rows_done), 0) FROM psap_audit WHERE operation = 'rotate' AND id > %s",
+                          (before,)).fetchone()[0] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         for statement in statements:
