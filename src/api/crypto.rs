@@ -257,26 +257,24 @@ fn psap_encrypt_bound(plaintext: &str, context: &str) -> PallocText {
     PallocText(encrypt_to_varlena(context.as_bytes(), plaintext.as_bytes()))
 }
 
-/// Decrypts an envelope bound to `context`.
-#[pg_extern(name = "psap_decrypt", stable, strict, parallel_safe)]
-fn psap_decrypt_bound(ciphertext: &str, context: &str) -> PallocText {
-    decrypt_text(ciphertext, context.as_bytes())
+/// psap_decrypt(ciphertext, context): decrypts an envelope bound to `context`. Its entry point
+/// is in [`super::fmgr`].
+pub(crate) fn psap_decrypt_bound(ciphertext: &[u8], context: &[u8]) -> PallocText {
+    decrypt_text(ciphertext, context)
 }
 
-/// Decrypts an envelope, choosing the key from its version prefix. With
-/// `psap.decrypt_passthrough` on, a value without an envelope prefix is returned unchanged.
-#[pg_extern(stable, strict, parallel_safe)]
-fn psap_decrypt(ciphertext: &str) -> PallocText {
-    if gucs::decrypt_passthrough()
-        && psap_core::envelope::parse_prefix(ciphertext.as_bytes()).is_err()
-    {
-        return text_from(ciphertext.as_bytes());
+/// psap_decrypt(ciphertext): decrypts an envelope, choosing the key from its version prefix.
+/// With `psap.decrypt_passthrough` on, a value without an envelope prefix is returned unchanged.
+/// Its entry point is in [`super::fmgr`].
+pub(crate) fn psap_decrypt(ciphertext: &[u8]) -> PallocText {
+    if gucs::decrypt_passthrough() && psap_core::envelope::parse_prefix(ciphertext).is_err() {
+        return text_from(ciphertext);
     }
     decrypt_text(ciphertext, &[])
 }
 
-fn decrypt_text(ciphertext: &str, context: &[u8]) -> PallocText {
-    let v = decrypt_to_varlena(ciphertext.as_bytes(), context);
+fn decrypt_text(ciphertext: &[u8], context: &[u8]) -> PallocText {
+    let v = decrypt_to_varlena(ciphertext, context);
     let plain = v.data();
     if !cipher::is_text(plain) {
         v.discard();

@@ -4,5 +4,6 @@
 pub mod census;
 pub mod compat;
 pub mod crypto;
+pub mod fmgr;
 pub mod registry;
 pub mod target;

@@ -183,6 +183,44 @@ def test_decrypt_passthrough_passes_only_values_without_an_envelope_prefix(clust
         assert sqlstate_of(c, decrypt, (tamper(env, 30),))[:2] == ("39000", "wrong key or corrupt data")
 
 
+def test_psap_decrypt_reads_its_arguments_in_every_form_a_text_is_stored_in(cluster, db):
+    """psap_decrypt's entry points read an argument in place unless it is compressed or out of line
+    (src/api/fmgr.rs): each form PostgreSQL stores a text value in, as the ciphertext and as the
+    context, through a table and a view, and NULL in either place."""
+    cluster.set_keys({"v1": KEY1, "v3": "aes-256-gcm:" + KEY3}, "v3")
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE forms (id int, form text, v text, ctx text)")
+        c.execute("CREATE VIEW forms_plain AS SELECT id, psap_decrypt(v) AS plain FROM forms")
+        # (form, STORAGE, plaintext): a value under 127 bytes has a short header, a longer one a
+        # 4-byte header; MAIN compresses in the row, EXTERNAL moves out of line as is, EXTENDED
+        # (the default) compresses and moves out of line. An envelope (base64 of random bytes)
+        # does not compress: the compressed forms are the contexts' and the plaintexts' below.
+        forms = [("short", "PLAIN", "Fire"), ("plain", "PLAIN", "Smoke " * 20),
+                 ("main", "MAIN", "Caller " * 1000), ("external", "EXTERNAL", "Unit " * 1000),
+                 ("extended", "EXTENDED", "<cad/>" * 50000)]
+        for i, (form, storage, plain) in enumerate(forms):
+            c.execute(f"ALTER TABLE forms ALTER COLUMN v SET STORAGE {storage}, ALTER COLUMN ctx SET STORAGE {storage}")
+            ctx = form * max(1, len(plain) // len(form))
+            c.execute("INSERT INTO forms VALUES (%s, %s, psap_encrypt(%s), NULL), (%s, %s, psap_encrypt(%s, %s), %s)",
+                      (i, form, plain, 100 + i, form, plain, ctx, ctx))
+        compressed = dict(c.execute("SELECT form, pg_column_size(ctx) < octet_length(ctx) FROM forms WHERE id >= 100").fetchall())
+        assert compressed == {"short": False, "plain": False, "main": True, "external": False, "extended": True}
+        got = dict(c.execute("SELECT id, plain FROM forms_plain WHERE id < 100").fetchall())
+        assert got == {i: plain for i, (_, _, plain) in enumerate(forms)}
+        got = dict(c.execute("SELECT id - 100, psap_decrypt(v, ctx) FROM forms WHERE id >= 100").fetchall())
+        assert got == {i: plain for i, (_, _, plain) in enumerate(forms)}
+        # A context one character short, in each form, does not decrypt.
+        for (i,) in c.execute("SELECT id FROM forms WHERE id >= 100").fetchall():
+            query = "SELECT psap_decrypt(v, left(ctx, -1)) FROM forms WHERE id = %s"
+            assert sqlstate_of(c, query, (i,))[:2] == ("39000", "wrong key or corrupt data")
+        assert c.execute("SELECT psap_decrypt(NULL), psap_decrypt(NULL, 'x'), psap_decrypt(v, NULL) "
+                         "FROM forms WHERE id = 100").fetchone() == (None, None, None)
+        # Plaintext passed through, compressed in the row and out of line.
+        c.execute("SET psap.decrypt_passthrough = on")
+        c.execute("INSERT INTO forms VALUES (200, 'plaintext', repeat('Caller ', 1000)), (201, 'plaintext', repeat(md5('x'), 10000))")
+        assert c.execute("SELECT bool_and(psap_decrypt(v) = v) FROM forms WHERE id >= 200").fetchone()[0] is True
+
+
 def test_binary_plaintext_is_not_returned_as_text(cluster, db):
     with cluster.connect(dbname=db) as c:
         env = c.execute("SELECT psap_encrypt_bytea('\\x00ff'::bytea)").fetchone()[0]
