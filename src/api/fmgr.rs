@@ -2,12 +2,15 @@
 //!
 //! Application views call psap_decrypt once for every row they read, so its call costs what the
 //! cipher does not. pgrx's generated wrapper adds, per call, an iterator over the arguments, a
-//! switch to the memory context that is already current, a guarded call into PostgreSQL to
-//! detoast even a short inline value, and a UTF-8 check of the ciphertext that the envelope's
-//! parser makes anyway: about 30-50 ns of a decrypting scan's 400 or so per row on the benchmark's
-//! machine (BENCHMARKS.md). These entry points keep what matters of it, the guard that turns a
-//! Rust panic into a PostgreSQL ERROR, and do the rest inline: an argument is detoasted (by
-//! PostgreSQL) only when it is stored compressed or out of line, as `PG_GETARG_TEXT_PP` does.
+//! switch to the memory context that is already current, and a guarded call into PostgreSQL (a
+//! `sigsetjmp`) to detoast even a short inline value: about 30-50 ns of a decrypting scan's 400
+//! or so per row on the benchmark's machine (BENCHMARKS.md). These entry points keep what
+//! matters of it, the guard that turns a Rust panic into a PostgreSQL ERROR (pgrx's
+//! `pgrx_extern_c_guard`, the one its wrappers use: check this file on a pgrx upgrade), and do the
+//! rest inline: an argument is detoasted (by PostgreSQL) only when it is stored compressed or out
+//! of line, as `PG_GETARG_TEXT_PP` does. The ciphertext is read as bytes: the envelope parser
+//! admits only ASCII (pgrx did not check a text's UTF-8 in a UTF-8 database, the only kind the
+//! extension installs in), and a value passed through is returned byte for byte.
 //!
 //! Their symbols are the names pgrx gave these functions in 0.1.0, so the SQL declarations (below,
 //! in the install script; 0.1.0's, in an updated installation) are the same.
@@ -60,7 +63,8 @@ pub unsafe extern "C-unwind" fn psap_decrypt_bound_wrapper(
 }
 
 /// Calls `f` with the bytes of the first `N` text arguments, inside pgrx's panic guard; a NULL
-/// argument gives NULL (the functions are STRICT: PostgreSQL does not call them with one).
+/// argument gives NULL (the functions are STRICT: PostgreSQL does not call them with one; nor
+/// with a null pointer not marked NULL, which only a faulty C caller could pass).
 ///
 /// # Safety
 /// `fcinfo` must be the function manager's, with at least `N` arguments, all of type text.
@@ -74,7 +78,7 @@ unsafe fn call<const N: usize>(
             let mut args: [&[u8]; N] = [&[]; N];
             for (n, arg) in args.iter_mut().enumerate() {
                 let datum = pgrx::fcinfo::pg_get_nullable_datum(fcinfo, n);
-                if datum.isnull {
+                if datum.isnull || datum.value.is_null() {
                     (*fcinfo).isnull = true;
                     return pg_sys::Datum::from(0usize);
                 }

@@ -186,35 +186,38 @@ def test_decrypt_passthrough_passes_only_values_without_an_envelope_prefix(clust
 def test_psap_decrypt_reads_its_arguments_in_every_form_a_text_is_stored_in(cluster, db):
     """psap_decrypt's entry points read an argument in place unless it is compressed or out of line
     (src/api/fmgr.rs): each form PostgreSQL stores a text value in, as the ciphertext and as the
-    context, through a table and a view, and NULL in either place."""
+    context, read from a table and through a view."""
     cluster.set_keys({"v1": KEY1, "v3": "aes-256-gcm:" + KEY3}, "v3")
     with cluster.connect(dbname=db) as c:
         c.execute("CREATE TABLE forms (id int, form text, v text, ctx text)")
         c.execute("CREATE VIEW forms_plain AS SELECT id, psap_decrypt(v) AS plain FROM forms")
-        # (form, STORAGE, plaintext): a value under 127 bytes has a short header, a longer one a
-        # 4-byte header; MAIN compresses in the row, EXTERNAL moves out of line as is, EXTENDED
-        # (the default) compresses and moves out of line. An envelope (base64 of random bytes)
-        # does not compress: the compressed forms are the contexts' and the plaintexts' below.
-        forms = [("short", "PLAIN", "Fire"), ("plain", "PLAIN", "Smoke " * 20),
+        # (form, STORAGE, plaintext): a value under 127 bytes is stored with a 1-byte header, a
+        # longer one in the row uncompressed with a 4-byte one; MAIN compresses in the row,
+        # EXTERNAL moves out of line as is, EXTENDED (the default) compresses and moves out of
+        # line. An envelope (base64 of random bytes) does not compress: the compressed forms are
+        # the contexts' and the plaintexts' passed through, below.
+        forms = [("short", "PLAIN", "Fire"), ("four", "PLAIN", "Smoke " * 40),
                  ("main", "MAIN", "Caller " * 1000), ("external", "EXTERNAL", "Unit " * 1000),
                  ("extended", "EXTENDED", "<cad/>" * 50000)]
         for i, (form, storage, plain) in enumerate(forms):
             c.execute(f"ALTER TABLE forms ALTER COLUMN v SET STORAGE {storage}, ALTER COLUMN ctx SET STORAGE {storage}")
-            ctx = form * max(1, len(plain) // len(form))
+            ctx = form[0] if form == "short" else form * (len(plain) // len(form))
             c.execute("INSERT INTO forms VALUES (%s, %s, psap_encrypt(%s), NULL), (%s, %s, psap_encrypt(%s, %s), %s)",
                       (i, form, plain, 100 + i, form, plain, ctx, ctx))
+        # pg_column_size is the stored size: header and all, compressed if it is.
+        header = "SELECT form, pg_column_size({0}) - octet_length({0}) FROM forms WHERE id >= 100 AND form IN ('short', 'four')"
+        for column in ("v", "ctx"):
+            assert dict(c.execute(header.format(column)).fetchall()) == {"short": 1, "four": 4}, column
         compressed = dict(c.execute("SELECT form, pg_column_size(ctx) < octet_length(ctx) FROM forms WHERE id >= 100").fetchall())
-        assert compressed == {"short": False, "plain": False, "main": True, "external": False, "extended": True}
+        assert compressed == {"short": False, "four": False, "main": True, "external": False, "extended": True}
         got = dict(c.execute("SELECT id, plain FROM forms_plain WHERE id < 100").fetchall())
         assert got == {i: plain for i, (_, _, plain) in enumerate(forms)}
         got = dict(c.execute("SELECT id - 100, psap_decrypt(v, ctx) FROM forms WHERE id >= 100").fetchall())
         assert got == {i: plain for i, (_, _, plain) in enumerate(forms)}
-        # A context one character short, in each form, does not decrypt.
-        for (i,) in c.execute("SELECT id FROM forms WHERE id >= 100").fetchall():
-            query = "SELECT psap_decrypt(v, left(ctx, -1)) FROM forms WHERE id = %s"
-            assert sqlstate_of(c, query, (i,))[:2] == ("39000", "wrong key or corrupt data")
-        assert c.execute("SELECT psap_decrypt(NULL), psap_decrypt(NULL, 'x'), psap_decrypt(v, NULL) "
-                         "FROM forms WHERE id = 100").fetchone() == (None, None, None)
+        # Another row's stored context, in each form, does not decrypt.
+        for i in range(len(forms)):
+            query = "SELECT psap_decrypt(a.v, b.ctx) FROM forms a, forms b WHERE a.id = %s AND b.id = %s"
+            assert sqlstate_of(c, query, (100 + i, 100 + (i + 1) % len(forms)))[:2] == ("39000", "wrong key or corrupt data")
         # Plaintext passed through, compressed in the row and out of line.
         c.execute("SET psap.decrypt_passthrough = on")
         c.execute("INSERT INTO forms VALUES (200, 'plaintext', repeat('Caller ', 1000)), (201, 'plaintext', repeat(md5('x'), 10000))")
