@@ -364,8 +364,9 @@ fn ended_done(run: &mut Run, left: i64) -> Status {
 /// Relations under the run's table that were not among its leaves at the start (partitions
 /// attached, child tables added, during the run) and hold rows still to do, each with how many;
 /// one that cannot be counted is named all the same: a foreign table (nor can it be rotated),
-/// another session's temporary child table, a table another session holds locked. Returns them,
-/// and the rows counted.
+/// another session's temporary child table, a table another session holds locked, and any left
+/// when the run's max_seconds has passed (counting reads every row). Returns them, and the rows
+/// counted.
 fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
     let found = not_among_leaves(run);
     let (tables, others): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, table)| *table);
@@ -392,16 +393,21 @@ fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
         .filter(|leaf| still.contains(&leaf.oid))
         .collect();
     let (mode, to) = (run.opts.mode, run.to);
+    let mut late = Vec::new();
     let counted: Vec<(String, i64)> = scan::with_snapshot(&tables, |snapshot| {
-        tables
-            .iter()
-            .map(|leaf| {
-                let rows = scan::tally(leaf, &run.target.column_name, snapshot)
-                    .rows(|kind| mode.needs(kind, to));
-                (leaf.relation.clone(), rows)
-            })
-            .filter(|(_, rows)| *rows > 0)
-            .collect()
+        let mut counted = Vec::new();
+        for leaf in &tables {
+            if run.opts.out_of_time() {
+                late.push(leaf.relation.clone());
+                continue;
+            }
+            let rows = scan::tally(leaf, &run.target.column_name, snapshot)
+                .rows(|kind| mode.needs(kind, to));
+            if rows > 0 {
+                counted.push((leaf.relation.clone(), rows));
+            }
+        }
+        counted
     });
     let rows = counted.iter().map(|(_, n)| n).sum();
     let named = counted
@@ -412,7 +418,9 @@ fn attached_leaves(run: &Run) -> (Vec<String>, i64) {
                 .into_iter()
                 .map(|(leaf, _)| leaf)
                 .chain(locked)
-                .map(|leaf| format!("{} (not counted)", leaf.relation)),
+                .map(|leaf| leaf.relation)
+                .chain(late)
+                .map(|relation| format!("{relation} (not counted)")),
         )
         .collect();
     (named, rows)

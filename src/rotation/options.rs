@@ -196,9 +196,14 @@ impl Options {
         if self.max_batches.is_some_and(|m| batches >= m) {
             return Some("max_batches");
         }
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.out_of_time() {
             return Some("max_seconds");
         }
         None
+    }
+
+    /// Whether max_seconds has passed.
+    pub fn out_of_time(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 }

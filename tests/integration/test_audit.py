@@ -330,15 +330,15 @@ def rotate_while_attaching(cluster, db, *partitions):
     return rotate_while(cluster, db, *[f"ALTER TABLE calls ATTACH PARTITION {p}" for p in partitions])
 
 
-def rotate_while(cluster, db, *statements):
-    """Rotates calls.title in batches of 20 with pauses, running `statements` in another session
-    once the first batch is in (a transaction they open stays open until the run has ended);
-    returns the run's notices."""
+def rotate_while(cluster, db, *statements, call="CALL psap_rotate('calls', 'title', 20, pause_ms => 100)"):
+    """Rotates calls.title (`call`: in batches of 20 with pauses), running `statements` in another
+    session once the first batch is in (a transaction they open stays open until the run has
+    ended); returns the run's notices."""
     with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as ddl:
         said = noting(c)
         # This run's record, not an earlier run's (the statements must come after its start).
         before = ddl.execute("SELECT coalesce(max(id), 0) FROM psap_audit").fetchone()[0]
-        th, result = in_background(c, "CALL psap_rotate('calls', 'title', 20, pause_ms => 100)")
+        th, result = in_background(c, call)
         deadline = time.monotonic() + 30
         while ddl.execute("SELECT coalesce(max(rows_done), 0) FROM psap_audit WHERE operation = 'rotate' AND id > %s",
                           (before,)).fetchone()[0] == 0:
@@ -413,6 +413,27 @@ def test_a_foreign_table_attached_during_a_run_is_named(cluster, db):
         error = c.execute("SELECT error FROM psap_audit WHERE operation = 'rotate'").fetchone()[0]
         assert error == "partitions attached during the run not done: public.calls_remote (not counted): call again", error
         assert sqlstate_of(c, "CALL psap_rotate('calls', 'title', 20)")[0] == "42809"
+
+
+def test_a_table_attached_during_a_run_is_not_counted_once_max_seconds_has_passed(cluster, db):
+    """Counting what an attached table holds reads every row of it: a run whose max_seconds has
+    passed by its end names the table, not counted, rather than overrun its budget (a pg_cron
+    job's window) by a scan of a table of any size."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
+        c.execute("CREATE TABLE calls_1 PARTITION OF calls FOR VALUES FROM (1) TO (1001)")
+        c.execute("CREATE TABLE calls_late (id int, title text)")
+        c.execute("INSERT INTO calls SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 40) g")
+        c.execute("INSERT INTO calls_late SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1001, 1010) g")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    # Two batches of 20, a pause of 1 s before the second and before the end: the last check of
+    # max_seconds (1.5 s) comes at about 1 s, the end at about 2 s.
+    said = rotate_while(cluster, db, "ALTER TABLE calls ATTACH PARTITION calls_late FOR VALUES FROM (1001) TO (2001)",
+                        call="CALL psap_rotate('calls', 'title', 20, pause_ms => 1000, max_seconds => 1.5)")
+    with cluster.connect(dbname=db) as c:
+        status, error, done = c.execute("SELECT status, error, rows_done FROM psap_audit WHERE operation = 'rotate'").fetchone()
+        assert (status, done) == ("done", 40), said
+        assert error == "partitions attached during the run not done: public.calls_late (not counted): call again", error
 
 
 def test_a_table_attached_during_a_run_that_cannot_be_counted_is_named(cluster, db):
