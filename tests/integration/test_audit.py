@@ -324,6 +324,19 @@ def test_records_say_how_a_run_was_run_and_what_a_context_was_set_to(cluster, db
         assert len(problems) == 1, problems
 
 
+def partitioned_calls(c, rows, late_rows=None):
+    """calls, partitioned by id, with `rows` encrypted titles in calls_1 (ids 1 to 1000), and, unless
+    `late_rows` is None, calls_late: a table of `late_rows` encrypted titles from id 1001 on, to
+    attach for ids 1001 to 2000."""
+    c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
+    c.execute("CREATE TABLE calls_1 PARTITION OF calls FOR VALUES FROM (1) TO (1001)")
+    c.execute("INSERT INTO calls SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, %s) g", (rows,))
+    if late_rows is not None:
+        c.execute("CREATE TABLE calls_late (id int, title text)")
+        c.execute("INSERT INTO calls_late SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1001, 1000 + %s) g",
+                  (late_rows,))
+
+
 def rotate_while_attaching(cluster, db, *partitions):
     """Rotates calls.title in batches of 20 with pauses, attaching `partitions` (`name FOR VALUES
     ...`) from another session once the first batch is in; returns the run's notices."""
@@ -357,12 +370,8 @@ def test_a_partition_attached_during_a_run_leaves_it_incomplete(cluster, db):
     last completed rotation. The record now names the partitions attached with rows still to do
     (an empty one, or one already on the target version, leaves nothing to do: not named)."""
     with cluster.connect(dbname=db) as c:
-        c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
-        c.execute("CREATE TABLE calls_1 PARTITION OF calls FOR VALUES FROM (1) TO (1001)")
-        c.execute("CREATE TABLE calls_late (id int, title text)")
+        partitioned_calls(c, 300, late_rows=10)
         c.execute("CREATE TABLE calls_empty (id int, title text)")
-        c.execute("INSERT INTO calls SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 300) g")
-        c.execute("INSERT INTO calls_late SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1001, 1010) g")
         c.execute("SELECT psap_register_column('calls', 'title')")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     said = rotate_while_attaching(cluster, db, "calls_late FOR VALUES FROM (1001) TO (2001)",
@@ -401,9 +410,7 @@ def test_a_foreign_table_attached_during_a_run_is_named(cluster, db):
     """A foreign table attached as a partition meanwhile cannot be counted (nor rotated: a run
     that finds one at its start is refused, 42809); the run's record names it all the same."""
     with cluster.connect(dbname=db) as c:
-        c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
-        c.execute("CREATE TABLE calls_1 PARTITION OF calls FOR VALUES FROM (1) TO (1001)")
-        c.execute("INSERT INTO calls SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 200) g")
+        partitioned_calls(c, 200)
         c.execute("CREATE EXTENSION file_fdw")
         c.execute("CREATE SERVER files FOREIGN DATA WRAPPER file_fdw")
         c.execute("CREATE FOREIGN TABLE calls_remote (id int, title text) SERVER files OPTIONS (filename '/dev/null')")
@@ -420,11 +427,7 @@ def test_a_table_attached_during_a_run_is_not_counted_once_max_seconds_has_passe
     passed by its end names the table, not counted, rather than overrun its budget (a pg_cron
     job's window) by a scan of a table of any size."""
     with cluster.connect(dbname=db) as c:
-        c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
-        c.execute("CREATE TABLE calls_1 PARTITION OF calls FOR VALUES FROM (1) TO (1001)")
-        c.execute("CREATE TABLE calls_late (id int, title text)")
-        c.execute("INSERT INTO calls SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 40) g")
-        c.execute("INSERT INTO calls_late SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1001, 1010) g")
+        partitioned_calls(c, 40, late_rows=10)
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     # Two batches of 20, a pause of 1 s before the second and before the end: the last check of
     # max_seconds (1.5 s) comes at about 1 s, the end at about 2 s.
@@ -441,10 +444,7 @@ def test_a_table_attached_during_a_run_that_cannot_be_counted_is_named(cluster, 
     session's table (a wait holding the run's locks could deadlock with it; another session's
     temporary table cannot be read): the run names it, not counted, and ends done."""
     with cluster.connect(dbname=db) as c:
-        c.execute("CREATE TABLE calls (id int, title text) PARTITION BY RANGE (id)")
-        c.execute("CREATE TABLE calls_1 PARTITION OF calls FOR VALUES FROM (1) TO (1001)")
-        c.execute("CREATE TABLE calls_late (id int, title text)")
-        c.execute("INSERT INTO calls SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(1, 200) g")
+        partitioned_calls(c, 200, late_rows=0)
         c.execute("CREATE TABLE notes (id int, title text)")
         c.execute("INSERT INTO notes SELECT g, psap_encrypt('Note ' || g) FROM generate_series(1, 200) g")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
