@@ -183,27 +183,34 @@ def test_decrypt_passthrough_passes_only_values_without_an_envelope_prefix(clust
         assert sqlstate_of(c, decrypt, (tamper(env, 30),))[:2] == ("39000", "wrong key or corrupt data")
 
 
+# (form, STORAGE, plaintext): a value under 127 bytes is stored with a 1-byte header, a longer one
+# in the row uncompressed with a 4-byte one; MAIN compresses in the row, EXTERNAL moves out of line
+# as is, EXTENDED (the default) compresses and moves out of line. An envelope (base64 of random
+# bytes) does not compress: the compressed forms are the contexts' and the plaintexts' passed through.
+STORAGE_FORMS = [("short", "PLAIN", "Fire"), ("four", "PLAIN", "Smoke " * 40),
+                 ("main", "MAIN", "Caller " * 1000), ("external", "EXTERNAL", "Unit " * 1000),
+                 ("extended", "EXTENDED", "<cad/>" * 50000)]
+
+
+def stored_forms(cluster, c):
+    """Table `forms`: row i holds STORAGE_FORMS[i]'s plaintext unbound, row 100 + i bound to a
+    context stored in the same form beside it; view `forms_plain` decrypts the unbound ones."""
+    cluster.set_keys({"v1": KEY1, "v3": "aes-256-gcm:" + KEY3}, "v3")
+    c.execute("CREATE TABLE forms (id int, form text, v text, ctx text)")
+    c.execute("CREATE VIEW forms_plain AS SELECT id, psap_decrypt(v) AS plain FROM forms")
+    for i, (form, storage, plain) in enumerate(STORAGE_FORMS):
+        c.execute(f"ALTER TABLE forms ALTER COLUMN v SET STORAGE {storage}, ALTER COLUMN ctx SET STORAGE {storage}")
+        ctx = form[0] if form == "short" else form * (len(plain) // len(form))
+        c.execute("INSERT INTO forms VALUES (%s, %s, psap_encrypt(%s), NULL), (%s, %s, psap_encrypt(%s, %s), %s)",
+                  (i, form, plain, 100 + i, form, plain, ctx, ctx))
+
+
 def test_psap_decrypt_reads_its_arguments_in_every_form_a_text_is_stored_in(cluster, db):
     """psap_decrypt's entry points read an argument in place unless it is compressed or out of line
     (src/api/fmgr.rs): each form PostgreSQL stores a text value in, as the ciphertext and as the
     context, read from a table and through a view."""
-    cluster.set_keys({"v1": KEY1, "v3": "aes-256-gcm:" + KEY3}, "v3")
     with cluster.connect(dbname=db) as c:
-        c.execute("CREATE TABLE forms (id int, form text, v text, ctx text)")
-        c.execute("CREATE VIEW forms_plain AS SELECT id, psap_decrypt(v) AS plain FROM forms")
-        # (form, STORAGE, plaintext): a value under 127 bytes is stored with a 1-byte header, a
-        # longer one in the row uncompressed with a 4-byte one; MAIN compresses in the row,
-        # EXTERNAL moves out of line as is, EXTENDED (the default) compresses and moves out of
-        # line. An envelope (base64 of random bytes) does not compress: the compressed forms are
-        # the contexts' and the plaintexts' passed through, below.
-        forms = [("short", "PLAIN", "Fire"), ("four", "PLAIN", "Smoke " * 40),
-                 ("main", "MAIN", "Caller " * 1000), ("external", "EXTERNAL", "Unit " * 1000),
-                 ("extended", "EXTENDED", "<cad/>" * 50000)]
-        for i, (form, storage, plain) in enumerate(forms):
-            c.execute(f"ALTER TABLE forms ALTER COLUMN v SET STORAGE {storage}, ALTER COLUMN ctx SET STORAGE {storage}")
-            ctx = form[0] if form == "short" else form * (len(plain) // len(form))
-            c.execute("INSERT INTO forms VALUES (%s, %s, psap_encrypt(%s), NULL), (%s, %s, psap_encrypt(%s, %s), %s)",
-                      (i, form, plain, 100 + i, form, plain, ctx, ctx))
+        stored_forms(cluster, c)
         # pg_column_size is the stored size: header and all, compressed if it is.
         header = "SELECT form, pg_column_size({0}) - octet_length({0}) FROM forms WHERE id >= 100 AND form IN ('short', 'four')"
         for column in ("v", "ctx"):
@@ -211,17 +218,54 @@ def test_psap_decrypt_reads_its_arguments_in_every_form_a_text_is_stored_in(clus
         compressed = dict(c.execute("SELECT form, pg_column_size(ctx) < octet_length(ctx) FROM forms WHERE id >= 100").fetchall())
         assert compressed == {"short": False, "four": False, "main": True, "external": False, "extended": True}
         got = dict(c.execute("SELECT id, plain FROM forms_plain WHERE id < 100").fetchall())
-        assert got == {i: plain for i, (_, _, plain) in enumerate(forms)}
+        assert got == {i: plain for i, (_, _, plain) in enumerate(STORAGE_FORMS)}
         got = dict(c.execute("SELECT id - 100, psap_decrypt(v, ctx) FROM forms WHERE id >= 100").fetchall())
-        assert got == {i: plain for i, (_, _, plain) in enumerate(forms)}
+        assert got == {i: plain for i, (_, _, plain) in enumerate(STORAGE_FORMS)}
         # Another row's stored context, in each form, does not decrypt.
-        for i in range(len(forms)):
+        for i in range(len(STORAGE_FORMS)):
             query = "SELECT psap_decrypt(a.v, b.ctx) FROM forms a, forms b WHERE a.id = %s AND b.id = %s"
-            assert sqlstate_of(c, query, (100 + i, 100 + (i + 1) % len(forms)))[:2] == ("39000", "wrong key or corrupt data")
+            assert sqlstate_of(c, query, (100 + i, 100 + (i + 1) % len(STORAGE_FORMS)))[:2] == ("39000", "wrong key or corrupt data")
         # Plaintext passed through, compressed in the row and out of line.
         c.execute("SET psap.decrypt_passthrough = on")
         c.execute("INSERT INTO forms VALUES (200, 'plaintext', repeat('Caller ', 1000)), (201, 'plaintext', repeat(md5('x'), 10000))")
         assert c.execute("SELECT bool_and(psap_decrypt(v) = v) FROM forms WHERE id >= 200").fetchone()[0] is True
+
+
+def test_a_reader_decrypts_every_storage_form_and_no_value_reaches_a_message_or_the_log(cluster, db):
+    """The same entry points as a role granted only EXECUTE on psap_decrypt and SELECT on the
+    table and view, with its own look-alike function and operator first on its search_path: the
+    same plaintexts, wrong contexts refused with 39000, and no plaintext, context or envelope
+    body in an error's text or in the server log; no crash."""
+    with cluster.connect(dbname=db) as c:
+        stored_forms(cluster, c)
+        c.execute("DROP ROLE IF EXISTS forms_reader; CREATE ROLE forms_reader LOGIN")
+        c.execute("GRANT SELECT ON forms, forms_plain TO forms_reader")
+        c.execute("GRANT EXECUTE ON FUNCTION psap_decrypt(text), psap_decrypt(text, text) TO forms_reader")
+        c.execute("CREATE SCHEMA reader_own AUTHORIZATION forms_reader")
+        values = [v for row in c.execute("SELECT v, ctx FROM forms") for v in row if v]
+    # The middle of each stored value (envelope bodies, contexts) and the end of each plaintext
+    # (the one-letter context of the short form names nothing).
+    secrets = {v[len(v) // 2 - 8:len(v) // 2 + 8] for v in values if len(v) > 16} | {p[-24:] for _, _, p in STORAGE_FORMS}
+    start = cluster.log_size()
+    with cluster.no_crash(), cluster.connect(user="forms_reader", dbname=db) as r:
+        r.execute("CREATE FUNCTION reader_own.psap_decrypt(text) RETURNS text LANGUAGE sql AS $$SELECT 'forged'$$")
+        r.execute("CREATE FUNCTION reader_own.always(text, text) RETURNS boolean LANGUAGE sql AS $$SELECT true$$")
+        r.execute("CREATE OPERATOR reader_own.= (FUNCTION = reader_own.always, LEFTARG = text, RIGHTARG = text)")
+        r.execute("SET search_path = reader_own, public, pg_catalog")
+        got = dict(r.execute("SELECT id, plain FROM public.forms_plain WHERE id < 100").fetchall())
+        assert got == {i: plain for i, (_, _, plain) in enumerate(STORAGE_FORMS)}
+        got = dict(r.execute("SELECT id - 100, public.psap_decrypt(v, ctx) FROM public.forms WHERE id >= 100").fetchall())
+        assert got == {i: plain for i, (_, _, plain) in enumerate(STORAGE_FORMS)}
+        for i in range(len(STORAGE_FORMS)):
+            query = ("SELECT public.psap_decrypt(a.v, b.ctx) FROM public.forms a, public.forms b"
+                     " WHERE a.id OPERATOR(pg_catalog.=) %s AND b.id OPERATOR(pg_catalog.=) %s")
+            state, msg, detail, hint = sqlstate_of(r, query, (100 + i, 100 + (i + 1) % len(STORAGE_FORMS)))
+            assert (state, msg) == ("39000", "wrong key or corrupt data")
+            said = f"{msg} {detail} {hint}"
+            assert not [s for s in secrets if s in said]
+    log = cluster.log_text_from(start)
+    assert log.count("wrong key or corrupt data") >= len(STORAGE_FORMS)  # logged, without the values
+    assert not [s for s in secrets if s in log]
 
 
 def test_binary_plaintext_is_not_returned_as_text(cluster, db):
