@@ -87,7 +87,8 @@ BEGIN
         NEW.updated_at := NEW.started_at;
         NEW.seal_seq := NULL;
         NEW.seal_hash := NULL;
-        IF NEW.operation IN ('register', 'unregister', 'set context', 'remove context') THEN
+        IF NEW.operation IN ('register', 'unregister', 'set context', 'remove context',
+                             'grant operator', 'revoke operator') THEN
             NEW.status := 'done';
             NEW.ended_at := NEW.started_at;
         ELSE

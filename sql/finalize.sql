@@ -18,41 +18,17 @@ AS $$
       JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
 $$;
 
--- Grants a role what operating key rotation needs, by allow-list: the documented operator API
--- (psap_rotate, psap_encrypt_column, psap_rotate_all, the registry, psap_status, psap_census,
--- psap_verify, psap_keys, psap_audit_verify, reading the audit trail) and the internal routines
--- those procedures call as their caller (each checks everything itself and works only for a run
--- of the calling backend). Not psap_decrypt or psap_encrypt: an operator re-encrypts without ever
--- seeing plaintext. The role still needs SELECT and UPDATE on each table it works on.
+-- Give a role what operating key rotation needs, and take it back: the allow-list is
+-- OPERATOR_ROUTINES and OPERATOR_RELATIONS in src/names.rs (the documented operator API and the
+-- internal routines those procedures call as their caller; not psap_decrypt or psap_encrypt). Each
+-- call writes an audit record naming the role (src/api/operators.rs).
 CREATE FUNCTION @extschema@.psap_grant_operator(grantee regrole) RETURNS void
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    f regprocedure;
-BEGIN
-    IF grantee IS NULL THEN
-        RAISE EXCEPTION 'psap_grant_operator arguments must not be null' USING ERRCODE = '22004';
-    END IF;
-    IF grantee::pg_catalog.oid OPERATOR(pg_catalog.=) 0 THEN
-        RAISE EXCEPTION 'role "-" does not exist' USING ERRCODE = '42704';
-    END IF;
-    FOR f IN
-        SELECT routine FROM @extschema@._psap_routines()
-         WHERE name IN ('psap_rotate', 'psap_encrypt_column', 'psap_rotate_all',
-                        'psap_register_column', 'psap_unregister_column', 'psap_set_column_context',
-                        'psap_status',
-                        'psap_census', 'psap_verify', 'psap_keys', 'psap_audit_verify', 'psap_compliance',
-                        '_psap_run', '_psap_run_begin', '_psap_run_step', '_psap_run_failed',
-                        '_psap_run_end', '_psap_all_begin', '_psap_all_next', '_psap_all_failed',
-                        '_psap_all_end')
-    LOOP
-        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', f, grantee);
-    END LOOP;
-    EXECUTE format('GRANT SELECT ON @extschema@.psap_audit, @extschema@.psap_rotation_progress,
-                                     @extschema@.psap_encrypted_columns TO %s', grantee);
-END
-$$;
-REVOKE ALL ON FUNCTION @extschema@.psap_grant_operator(regrole) FROM PUBLIC;
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'psap_grant_operator_wrapper';
+CREATE FUNCTION @extschema@.psap_revoke_operator(grantee regrole) RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'psap_revoke_operator_wrapper';
+REVOKE ALL ON FUNCTION @extschema@.psap_grant_operator(regrole), @extschema@.psap_revoke_operator(regrole) FROM PUBLIC;
 
 -- Only the grants made here stay: the default privileges (ALTER DEFAULT PRIVILEGES) of the role
 -- running CREATE EXTENSION reach the extension's objects too, and could give another role the
@@ -129,6 +105,7 @@ COMMENT ON FUNCTION @extschema@.psap_unregister_column(regclass, text) IS 'take 
 COMMENT ON FUNCTION @extschema@.psap_set_column_context(regclass, text, text) IS 'bind a registered column''s values to a context computed from the row';
 COMMENT ON FUNCTION @extschema@.psap_audit_verify() IS 'check the audit log''s hash chain; no rows: intact';
 COMMENT ON FUNCTION @extschema@.psap_grant_operator(regrole) IS 'grant a role what operating key rotation needs (not decryption)';
+COMMENT ON FUNCTION @extschema@.psap_revoke_operator(regrole) IS 'take back from a role what psap_grant_operator gave it';
 COMMENT ON PROCEDURE @extschema@.psap_rotate(regclass, name, integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean) IS 're-encrypt a column''s envelopes with the current key, in committed batches';
 COMMENT ON PROCEDURE @extschema@.psap_encrypt_column(regclass, name, integer, boolean, integer, double precision, integer, boolean) IS 'encrypt a column''s plaintext values with the current key, in committed batches';
 COMMENT ON PROCEDURE @extschema@.psap_rotate_all(integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean) IS 'psap_rotate on every registered column, with one budget (what a pg_cron job runs)';

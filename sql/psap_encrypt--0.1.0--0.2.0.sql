@@ -279,7 +279,8 @@ BEGIN
         NEW.updated_at := NEW.started_at;
         NEW.seal_seq := NULL;
         NEW.seal_hash := NULL;
-        IF NEW.operation IN ('register', 'unregister', 'set context', 'remove context') THEN
+        IF NEW.operation IN ('register', 'unregister', 'set context', 'remove context',
+                             'grant operator', 'revoke operator') THEN
             NEW.status := 'done';
             NEW.ended_at := NEW.started_at;
         ELSE
@@ -733,34 +734,14 @@ AS $$
       JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
 $$;
 
+-- psap_grant_operator is psap_encrypt's own code from 0.2.0 on, to write its audit record.
 CREATE OR REPLACE FUNCTION @extschema@.psap_grant_operator(grantee regrole) RETURNS void
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    f regprocedure;
-BEGIN
-    IF grantee IS NULL THEN
-        RAISE EXCEPTION 'psap_grant_operator arguments must not be null' USING ERRCODE = '22004';
-    END IF;
-    IF grantee::pg_catalog.oid OPERATOR(pg_catalog.=) 0 THEN
-        RAISE EXCEPTION 'role "-" does not exist' USING ERRCODE = '42704';
-    END IF;
-    FOR f IN
-        SELECT routine FROM @extschema@._psap_routines()
-         WHERE name IN ('psap_rotate', 'psap_encrypt_column', 'psap_rotate_all',
-                        'psap_register_column', 'psap_unregister_column', 'psap_set_column_context',
-                        'psap_status',
-                        'psap_census', 'psap_verify', 'psap_keys', 'psap_audit_verify', 'psap_compliance',
-                        '_psap_run', '_psap_run_begin', '_psap_run_step', '_psap_run_failed',
-                        '_psap_run_end', '_psap_all_begin', '_psap_all_next', '_psap_all_failed',
-                        '_psap_all_end')
-    LOOP
-        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', f, grantee);
-    END LOOP;
-    EXECUTE format('GRANT SELECT ON @extschema@.psap_audit, @extschema@.psap_rotation_progress,
-                                     @extschema@.psap_encrypted_columns TO %s', grantee);
-END
-$$;
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'psap_grant_operator_wrapper';
+CREATE FUNCTION @extschema@.psap_revoke_operator(grantee regrole) RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'psap_revoke_operator_wrapper';
+REVOKE ALL ON FUNCTION @extschema@.psap_revoke_operator(regrole) FROM PUBLIC;
 
 -- PUBLIC keeps EXECUTE on the helpers only, granted explicitly (a default privilege may have
 -- taken it), and loses it on every other routine.
@@ -837,6 +818,7 @@ COMMENT ON FUNCTION @extschema@.psap_unregister_column(regclass, text) IS 'take 
 COMMENT ON FUNCTION @extschema@.psap_set_column_context(regclass, text, text) IS 'bind a registered column''s values to a context computed from the row';
 COMMENT ON FUNCTION @extschema@.psap_audit_verify() IS 'check the audit log''s hash chain; no rows: intact';
 COMMENT ON FUNCTION @extschema@.psap_grant_operator(regrole) IS 'grant a role what operating key rotation needs (not decryption)';
+COMMENT ON FUNCTION @extschema@.psap_revoke_operator(regrole) IS 'take back from a role what psap_grant_operator gave it';
 COMMENT ON PROCEDURE @extschema@.psap_rotate(regclass, name, integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean) IS 're-encrypt a column''s envelopes with the current key, in committed batches';
 COMMENT ON PROCEDURE @extschema@.psap_encrypt_column(regclass, name, integer, boolean, integer, double precision, integer, boolean) IS 'encrypt a column''s plaintext values with the current key, in committed batches';
 COMMENT ON PROCEDURE @extschema@.psap_rotate_all(integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean) IS 'psap_rotate on every registered column, with one budget (what a pg_cron job runs)';

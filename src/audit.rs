@@ -233,9 +233,10 @@ impl AuditLog {
         });
     }
 
-    /// A one-line, finished record of a change that is not a batch job (registry changes);
-    /// `details`: what it set (a context expression).
-    pub fn event(&self, operation: &str, subject: Subject, details: Option<String>) {
+    /// A one-line, finished record of a change that is not a batch job: a registry change, about
+    /// a column, or an operator's rights given or taken back, about no table (`subject` None: an
+    /// empty relation and column). `details`: what it set (a context expression, the role).
+    pub fn event(&self, operation: &str, subject: Option<Subject>, details: Option<String>) {
         let role = current_role();
         let sql = format!(
             "INSERT INTO {}.{AUDIT_LOG}
@@ -245,11 +246,11 @@ impl AuditLog {
         );
         let args = [
             operation.into(),
-            subject.relation.into(),
-            subject.column.into(),
+            subject.as_ref().map_or("", |s| s.relation).into(),
+            subject.as_ref().map_or("", |s| s.column).into(),
             role.into(),
-            subject.relid.into(),
-            subject.attnum.map(i32::from).into(),
+            subject.as_ref().map(|s| s.relid).into(),
+            subject.and_then(|s| s.attnum).map(i32::from).into(),
             details.into(),
         ];
         self.write(|| {

@@ -325,12 +325,36 @@ pub fn internal_function() -> ! {
     )
 }
 
-pub fn null_argument(procedure: &str) -> ! {
+/// A NULL argument `procedure` does not take; `nullable` names those it does.
+pub fn null_argument(procedure: &str, nullable: Option<&str>) -> ! {
     raise(
         ERRCODE_NULL_VALUE_NOT_ALLOWED,
         format!("{procedure} arguments must not be null"),
         None,
-        Some("Only from_version, max_batches and max_seconds may be null.".into()),
+        nullable.map(|n| format!("Only {n} may be null.")),
+    )
+}
+
+/// A regrole argument that names no role (`0::regrole`).
+pub fn no_such_role() -> ! {
+    raise(
+        ERRCODE_UNDEFINED_OBJECT,
+        "role \"-\" does not exist",
+        None,
+        None,
+    )
+}
+
+/// psap_grant_operator or psap_revoke_operator called by a role that cannot grant what it would
+/// change (`routine`): without the grant option, GRANT and REVOKE only warn and change nothing.
+pub fn cannot_change_operator(procedure: &str, verb: &str, routine: &str) -> ! {
+    raise(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("permission denied to {verb} operator rights"),
+        Some(format!(
+            "{procedure} needs the grant option on each routine and view it {verb}s, and the current role has none on {routine}."
+        )),
+        Some("Call it as the owner of the extension's objects or as a superuser.".into()),
     )
 }
 

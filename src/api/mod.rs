@@ -5,5 +5,6 @@ pub mod census;
 pub mod compat;
 pub mod crypto;
 pub mod fmgr;
+pub mod operators;
 pub mod registry;
 pub mod target;

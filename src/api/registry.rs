@@ -16,7 +16,7 @@ use crate::{error, gucs, sandbox, spi};
 /// A registry change's audit record is sealed when its transaction commits, which takes the
 /// chain head's newest version: a transaction that sees one snapshot throughout would fail there
 /// (40001) whenever another session sealed since it began, losing the whole transaction.
-fn at_read_committed(function: &str) {
+pub(crate) fn at_read_committed(function: &str) {
     if spi::one_snapshot_per_transaction() {
         error::needs_read_committed(function);
     }
@@ -54,7 +54,7 @@ fn psap_register_column(tbl: Regclass, col: &str) -> bool {
         })
         .is_some();
         if added {
-            log.event("register", t.subject(), None);
+            log.event("register", Some(t.subject()), None);
         }
         added
     })
@@ -97,7 +97,11 @@ fn psap_unregister_column(tbl: Regclass, col: &str) -> bool {
         })
         .is_some();
         if removed {
-            log.event("unregister", Subject::of(&relation, tbl.oid(), col), None);
+            log.event(
+                "unregister",
+                Some(Subject::of(&relation, tbl.oid(), col)),
+                None,
+            );
         }
         removed
     })
@@ -115,7 +119,7 @@ fn psap_set_column_context(tbl: Option<Regclass>, col: Option<&str>, context: Op
     gucs::ensure_preloaded();
     let _call = sandbox::sql_call();
     let (Some(tbl), Some(col)) = (tbl, col) else {
-        error::null_argument("psap_set_column_context");
+        error::null_argument("psap_set_column_context", Some("context"));
     };
     let tbl = tbl.open();
     sandbox::with_safe_search_path(|| {
@@ -166,7 +170,7 @@ fn psap_set_column_context(tbl: Option<Regclass>, col: Option<&str>, context: Op
         } else {
             "remove context"
         };
-        log.event(operation, t.subject(), context);
+        log.event(operation, Some(t.subject()), context);
     })
 }
 

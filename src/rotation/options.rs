@@ -11,6 +11,8 @@ use crate::scan::Kind;
 
 /// The largest max_seconds: about 31 years.
 const MAX_SECONDS: f64 = 1e9;
+/// The batch procedures' arguments that may be NULL (named in the error for another one).
+pub const ROTATION_NULLABLE: &str = "from_version, max_batches and max_seconds";
 
 /// What a run does to each row.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -130,7 +132,7 @@ impl Options {
             a.verify,
         )
         else {
-            error::null_argument(name);
+            error::null_argument(name, Some(ROTATION_NULLABLE));
         };
         if batch <= 0 {
             error::not_positive("batch");

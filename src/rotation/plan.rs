@@ -54,7 +54,7 @@ fn _psap_run_begin(
     sandbox::with_safe_search_path(|| {
         let opts = Options::parse(procedure, &args);
         let (Some(tbl), Some(col)) = (tbl, col) else {
-            error::null_argument(procedure.name());
+            error::null_argument(procedure.name(), Some(super::options::ROTATION_NULLABLE));
         };
         check_context(procedure);
         error::forget_raised();

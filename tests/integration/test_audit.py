@@ -47,8 +47,8 @@ def test_a_registry_change_in_an_open_transaction_does_not_stall_other_sessions(
         assert dba.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
         op.execute("COMMIT")
         ops = dba.execute("SELECT operation, relation, seal_seq IS NOT NULL FROM psap_audit_log ORDER BY seal_seq").fetchall()
-        assert ops == [("rotate", "public.calls", True), ("register", "public.calls", True),
-                       ("register", "public.notes", True)]
+        assert ops == [("grant operator", "", True), ("rotate", "public.calls", True),
+                       ("register", "public.calls", True), ("register", "public.notes", True)]
         assert dba.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
 
 

@@ -420,7 +420,8 @@ def test_audit_log_writes_only_through_psap_encrypt_and_tampering_is_detected(cl
         c.execute("CALL psap_rotate_all(100, dry_run => true)")
         c.execute("CALL psap_rotate_all(100)")
         c.execute("SELECT psap_unregister_column('mallory_s.calls', 'title')")
-        assert c.execute("SELECT count(*) FROM psap_audit_log WHERE seal_hash IS NOT NULL").fetchone()[0] == 4
+        # mallory made an operator, its column registered, two runs, the column taken out.
+        assert c.execute("SELECT count(*) FROM psap_audit_log WHERE seal_hash IS NOT NULL").fetchone()[0] == 5
         assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
         # Even the superuser who owns it cannot change or remove a record...
         for sql in ["UPDATE psap_audit_log SET rows_done = 1000000", "DELETE FROM psap_audit_log",
@@ -801,9 +802,92 @@ def test_a_table_dropped_while_psap_rotate_all_runs_is_skipped(cluster, db):
 
 def test_psap_grant_operator_refuses_no_role_clearly(cluster, db):
     with cluster.connect(dbname=db) as c:
-        assert sqlstate_of(c, "SELECT psap_grant_operator(NULL)")[:2] == \
-            ("22004", "psap_grant_operator arguments must not be null")
-        assert sqlstate_of(c, "SELECT psap_grant_operator(0::regrole)")[:2] == ("42704", 'role "-" does not exist')
+        for f in ("psap_grant_operator", "psap_revoke_operator"):
+            assert sqlstate_of(c, f"SELECT {f}(NULL)")[:2] == ("22004", f"{f} arguments must not be null")
+            assert sqlstate_of(c, f"SELECT {f}(0::regrole)")[:2] == ("42704", 'role "-" does not exist')
+            # Its record is sealed at commit, which needs the chain head's newest version.
+            c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            assert sqlstate_of(c, f"SELECT {f}('postgres')")[:2] == \
+                ("0A000", f"{f} cannot run in a REPEATABLE READ or SERIALIZABLE transaction")
+            c.execute("ROLLBACK")
+
+
+# Every privilege a role holds on one of the extension's objects, by a grant naming it.
+HELD_ON_EXTENSION = """
+    SELECT count(*) FROM pg_depend d
+      JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'psap_encrypt'
+      LEFT JOIN pg_proc p ON d.classid = 'pg_proc'::regclass AND p.oid = d.objid
+      LEFT JOIN pg_class k ON d.classid = 'pg_class'::regclass AND k.oid = d.objid,
+           aclexplode(coalesce(p.proacl, k.relacl)) a
+     WHERE d.deptype = 'e' AND a.grantee = %s::regrole"""
+
+
+def test_operator_rights_are_given_and_taken_back_each_with_a_sealed_audit_record(cluster, db):
+    """psap_grant_operator and psap_revoke_operator, for a role with a hostile name: the rights
+    are exactly given and exactly taken back, and each is a finished, sealed record naming the
+    role and who did it (CJIS AC-2: who was given the rotation's rights, by whom, when)."""
+    role = 'op "x"; DROP TABLE t; ü'
+    quoted = '"op ""x""; DROP TABLE t; ü"'
+    with cluster.connect(dbname=db) as c:
+        c.execute(f"DROP ROLE IF EXISTS {quoted}; CREATE ROLE {quoted}")
+        c.execute("SELECT psap_grant_operator(%s)", (quoted,))
+        assert c.execute("SELECT has_function_privilege(%s, 'psap_rotate_all(integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean)', 'EXECUTE'), "
+                         "has_function_privilege(%s, 'psap_decrypt(text)', 'EXECUTE'), has_table_privilege(%s, 'psap_audit', 'SELECT')",
+                         (role, role, role)).fetchone() == (True, False, True)
+        assert c.execute(HELD_ON_EXTENSION, (quoted,)).fetchone()[0] == 24  # 21 routines, 3 relations
+        c.execute("SELECT psap_revoke_operator(%s)", (quoted,))
+        assert c.execute(HELD_ON_EXTENSION, (quoted,)).fetchone()[0] == 0
+        rows = c.execute("SELECT operation, relation, column_name, details, status, session_role, run_as_role, "
+                         "relid, seal_seq IS NOT NULL FROM psap_audit_log WHERE operation LIKE '%% operator' ORDER BY id").fetchall()
+        assert rows == [("grant operator", "", "", quoted, "done", "postgres", "postgres", None, True),
+                        ("revoke operator", "", "", quoted, "done", "postgres", "postgres", None, True)]
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+        # Nothing of what it did happened: rolled back, no record.
+        c.execute("BEGIN")
+        c.execute("SELECT psap_grant_operator(%s)", (quoted,))
+        c.execute("ROLLBACK")
+        assert c.execute(HELD_ON_EXTENSION, (quoted,)).fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM psap_audit_log WHERE operation LIKE '%% operator'").fetchone()[0] == 2
+
+
+def test_revoking_operator_rights_warns_when_the_role_still_holds_them_another_way(cluster, db):
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS leaver; DROP ROLE IF EXISTS rotators; CREATE ROLE rotators; CREATE ROLE leaver")
+        c.execute("SELECT psap_grant_operator('rotators'), psap_grant_operator('leaver')")
+        c.execute("GRANT rotators TO leaver")
+        said = noting(c)
+        c.execute("SELECT psap_revoke_operator('leaver')")
+        assert said and said[-1].startswith("role leaver can still run psap_rotate, "), said
+        c.execute("REVOKE rotators FROM leaver")
+        said.clear()
+        c.execute("SELECT psap_revoke_operator('leaver')")
+        assert said == []
+
+
+def test_a_role_without_the_grant_option_cannot_give_or_take_operator_rights(cluster, db):
+    """A role granted EXECUTE on psap_grant_operator (and psap_revoke_operator) but not owning
+    the extension's objects: PostgreSQL's GRANT and REVOKE would only warn and change nothing,
+    so it is refused before, and no record says it happened. Its own look-alike _psap_routines
+    and has_function_privilege first on its search_path change nothing."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS delegate; DROP ROLE IF EXISTS victim; CREATE ROLE delegate LOGIN; CREATE ROLE victim")
+        c.execute("GRANT EXECUTE ON FUNCTION psap_grant_operator(regrole), psap_revoke_operator(regrole) TO delegate")
+        c.execute("SELECT psap_grant_operator('delegate')")  # an operator, even
+        c.execute("CREATE SCHEMA delegate_own AUTHORIZATION delegate")
+        before = c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0]
+    with cluster.no_crash(), cluster.connect(user="delegate", dbname=db) as d:
+        d.execute("CREATE FUNCTION delegate_own.has_function_privilege(regprocedure, text) RETURNS boolean LANGUAGE sql AS $$SELECT true$$")
+        d.execute("CREATE FUNCTION delegate_own._psap_routines(OUT routine regprocedure, OUT name name, OUT returns regtype) "
+                  "RETURNS SETOF record LANGUAGE sql AS $$SELECT NULL::regprocedure, NULL::name, NULL::regtype WHERE false$$")
+        d.execute("SET search_path = delegate_own, public, pg_catalog")
+        for f, verb in (("psap_grant_operator", "grant"), ("psap_revoke_operator", "revoke")):
+            state, msg, detail, hint = sqlstate_of(d, f"SELECT public.{f}('victim')")
+            assert (state, msg) == ("42501", f"permission denied to {verb} operator rights"), (state, msg)
+            assert detail.startswith(f"{f} needs the grant option on each routine and view it {verb}s")
+    with cluster.connect(dbname=db) as c:
+        assert c.execute(HELD_ON_EXTENSION, ("victim",)).fetchone()[0] == 0
+        assert c.execute(HELD_ON_EXTENSION, ("delegate",)).fetchone()[0] == 26  # its own rights, intact
+        assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == before
 
 
 OPERATOR_TRAPS = """

@@ -1,0 +1,149 @@
+//! Operator roles (README, "Roles"): `psap_grant_operator` gives a role what operating key
+//! rotation needs, by allow-list ([`OPERATOR_ROUTINES`], [`OPERATOR_RELATIONS`]), and
+//! `psap_revoke_operator` takes exactly that back. Each writes an audit record naming the role,
+//! so who was given a rotation's rights, by whom and when, is in the same hash-chained trail as
+//! the rotations (CJIS AC-2, AU-2; docs/compliance.md).
+//!
+//! The GRANT and REVOKE statements run as the caller, who must hold the grant option on each
+//! object (its owner or a superuser): without it PostgreSQL only warns and changes nothing, so
+//! the caller is refused first rather than recorded as having done what did not happen.
+
+use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
+
+use crate::api::{registry, target};
+use crate::audit::AuditLog;
+use crate::names::{OPERATOR_RELATIONS, OPERATOR_ROUTINES};
+use crate::{error, gucs, rotation, sandbox, spi};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Grant,
+    Revoke,
+}
+
+impl Change {
+    fn procedure(self) -> &'static str {
+        match self {
+            Change::Grant => "psap_grant_operator",
+            Change::Revoke => "psap_revoke_operator",
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Change::Grant => "grant",
+            Change::Revoke => "revoke",
+        }
+    }
+
+    /// The statement that gives or takes back `privilege` on `object` (`ROUTINE f(int)`).
+    fn statement(self, privilege: &str, object: &str, role: &str) -> String {
+        match self {
+            Change::Grant => format!("GRANT {privilege} ON {object} TO {role}"),
+            Change::Revoke => format!("REVOKE {privilege} ON {object} FROM {role}"),
+        }
+    }
+}
+
+/// psap_grant_operator(grantee regrole): declared in sql/finalize.sql (pgrx would declare the
+/// argument as an oid).
+#[pg_extern(volatile, sql = false)]
+fn psap_grant_operator(grantee: Option<pg_sys::Oid>) {
+    change(Change::Grant, grantee);
+}
+
+/// psap_revoke_operator(grantee regrole): declared in sql/finalize.sql.
+#[pg_extern(volatile, sql = false)]
+fn psap_revoke_operator(grantee: Option<pg_sys::Oid>) {
+    change(Change::Revoke, grantee);
+}
+
+fn change(change: Change, grantee: Option<pg_sys::Oid>) {
+    gucs::ensure_preloaded();
+    let _call = sandbox::sql_call();
+    let Some(grantee) = grantee else {
+        error::null_argument(change.procedure(), None);
+    };
+    // The record is sealed at commit, as a registry change's.
+    registry::at_read_committed(change.procedure());
+    sandbox::with_safe_search_path(|| {
+        let role = spi::one::<String>(
+            "SELECT r.rolname::pg_catalog.text FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) $1",
+            &[grantee.into()],
+        )
+        .unwrap_or_else(|| error::no_such_role());
+        let role = quote_identifier(role);
+        let log = AuditLog::open();
+        let ext = target::extension_schema();
+        // The extension's routines, by name (regprocedure's text: schema-qualified, quoted).
+        let routines: Vec<(String, String)> = sandbox::as_extension_owner(log.owner(), || {
+            spi::rows(
+                &format!("SELECT r.routine::pg_catalog.text, r.name::pg_catalog.text FROM {ext}._psap_routines() r"),
+                &[],
+                |r| Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default())),
+            )
+        });
+        let mut objects: Vec<(&str, String)> = routines
+            .iter()
+            .filter(|(_, name)| OPERATOR_ROUTINES.contains(&name.as_str()))
+            .map(|(routine, _)| ("EXECUTE", format!("ROUTINE {routine}")))
+            .collect();
+        objects.extend(
+            OPERATOR_RELATIONS
+                .iter()
+                .map(|rel| ("SELECT", format!("TABLE {ext}.{rel}"))),
+        );
+        for (privilege, object) in &objects {
+            let (kind, name) = object.split_once(' ').unwrap_or_default();
+            let check = if kind == "ROUTINE" {
+                "SELECT pg_catalog.has_function_privilege($1::pg_catalog.text::pg_catalog.regprocedure, $2)"
+            } else {
+                "SELECT pg_catalog.has_table_privilege($1::pg_catalog.text::pg_catalog.regclass, $2)"
+            };
+            let grantable = spi::one::<bool>(
+                check,
+                &[name.into(), format!("{privilege} WITH GRANT OPTION").into()],
+            );
+            if grantable != Some(true) {
+                error::cannot_change_operator(change.procedure(), change.verb(), name);
+            }
+        }
+        for (privilege, object) in &objects {
+            spi::run(&change.statement(privilege, object, &role), &[]);
+        }
+        log.event(
+            &format!("{} operator", change.verb()),
+            None,
+            Some(role.clone()),
+        );
+        if change == Change::Revoke {
+            warn_if_still_held(grantee, &role, &routines);
+        }
+    });
+}
+
+/// After a revoke: the routines of the API the role can still run, through a role it is a
+/// member of, grants other roles made, or as a superuser (a staff change is not done yet).
+fn warn_if_still_held(grantee: pg_sys::Oid, role: &str, routines: &[(String, String)]) {
+    let still: Vec<&str> = OPERATOR_ROUTINES
+        .iter()
+        .filter(|name| !name.starts_with('_'))
+        .filter(|&&name| {
+            routines.iter().any(|(routine, n)| {
+                n == name
+                    && spi::one::<bool>(
+                        "SELECT pg_catalog.has_function_privilege($1, $2::pg_catalog.text::pg_catalog.regprocedure, 'EXECUTE')",
+                        &[grantee.into(), routine.as_str().into()],
+                    ) == Some(true)
+            })
+        })
+        .copied()
+        .collect();
+    if !still.is_empty() {
+        rotation::plan::warning(
+            format!("role {role} can still run {}", still.join(", ")),
+            "It holds them as a superuser, through a role it is a member of, or by grants another role made.".into(),
+        );
+    }
+}
