@@ -851,17 +851,16 @@ fn define_key_command_settings() {
 /// would show it to pg_read_all_settings (pg_monitor). Superusers can read the file it is in.
 #[pg_guard]
 unsafe extern "C-unwind" fn show_key_command() -> *const c_char {
-    // SAFETY: a copy of the setting's own variable, a C string or null.
-    let value = unsafe { KEY_COMMAND_VAR };
-    match setting_text(value).is_some_and(|c| !c.trim().is_empty()) {
-        true => c"(set, hidden)".as_ptr(),
-        false => c"".as_ptr(),
+    match KEY_COMMAND.get().is_empty() {
+        false => c"(set, hidden)".as_ptr(),
+        true => c"".as_ptr(),
     }
 }
 
-/// The key command's text, out of GUC memory: what PostgreSQL stores is [`MASK`] (or empty), so
-/// the postmaster's reload message `parameter "psap.key_command" changed to "..."`, which prints
-/// the file's raw value, is never emitted for it (the command can hold a credential), and
+/// The key command's text, out of GUC memory: what PostgreSQL stores is always [`MASK`], set or
+/// not, so the postmaster's reload message `parameter "psap.key_command" changed to "..."`, which
+/// prints the file's raw value, is never emitted for it (the command can hold a credential: the
+/// stored value would change from empty to the mask when a command is first set), and
 /// `pg_settings.reset_val` shows none.
 static KEY_COMMAND: BackendCell<String> = BackendCell::new(String::new());
 
@@ -877,12 +876,11 @@ unsafe extern "C-unwind" fn check_key_command(
     // The mask is the stored value applied again (a parallel worker): the command stays.
     if text != MASK.to_str().unwrap_or_default() {
         let command = text.trim().to_string();
-        let empty = command.is_empty();
         // The text it replaces is wiped (it can hold a credential).
         let mut old = std::mem::replace(&mut *KEY_COMMAND.get(), command).into_bytes();
         psap_core::sodium::memzero(&mut old);
         // SAFETY: the check hook's own value.
-        unsafe { replace_value(newval, if empty { c"" } else { MASK }) };
+        unsafe { replace_value(newval, MASK) };
     }
     true
 }

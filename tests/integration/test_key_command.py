@@ -277,6 +277,29 @@ def test_the_commands_text_is_not_logged_at_reload(kc):
     assert "hvs.NotForTheLog" not in log and "hvs.Mistyped" not in log, log
 
 
+def test_the_commands_text_is_not_logged_when_a_command_is_first_set(kc):
+    """From no command to one at a reload (a host moved from a key file onto its HSM): the
+    stored value went from empty to the mask, a change, and the postmaster logged the file's
+    text with it (review finding)."""
+    kc.write_conf("psap_keys.conf", f"psap.key_v1 = '{KEY1}'\npsap.key_version = 'v1'\n")
+    kc.restart()
+    at = kc.log_size()
+    with kc.connect() as c:
+        assert c.execute("SHOW psap.key_command").fetchone()[0] == ""
+    use_command(kc, f"VAULT_TOKEN=hvs.FirstSetToken {emitting(f'v2 secretbox {KEY2}', name='emit_first.sh')}",
+                extra=f"psap.key_v1 = '{KEY1}'\n")
+    with kc.connect() as c:
+        assert c.execute("SHOW psap.key_command").fetchone()[0] == "(set, hidden)"
+        assert keys(c)["v2"][2:4] == ("ok", "command")
+    # And back to none: PostgreSQL's own message names no value.
+    kc.write_conf("psap_keys.conf", f"psap.key_v1 = '{KEY1}'\npsap.key_version = 'v1'\n")
+    kc.reload()
+    with kc.connect() as c:
+        assert c.execute("SHOW psap.key_command").fetchone()[0] == ""
+    log = kc.log_text_from(at)
+    assert "hvs.FirstSetToken" not in log and "emit_first" not in log, log
+
+
 def test_a_failing_statement_that_calls_psap_encrypt_is_not_logged(kc):
     """With log_min_error_statement = error (the default), PostgreSQL logs the statement of an
     error: the plaintext of psap_encrypt('...'), the ciphertext of psap_decrypt('v1:...'), when
