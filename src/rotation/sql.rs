@@ -59,21 +59,23 @@ fn arg(expr: &str, ty: &str) -> String {
 }
 
 /// The arguments of the per-row functions (`_psap_value_error`, `_psap_rotate_value`,
-/// `_psap_encrypt_value`: value, context, the run's secret in parameter `secret`).
-fn per_row_args(t: &Target, secret: &str) -> String {
+/// `_psap_encrypt_value`: value, context, the run's secret in parameter `secret`), for a statement
+/// that names the table `alias`.
+fn per_row_args(t: &Target, secret: &str, alias: &str) -> String {
     format!(
         "{}, {}, {}",
         arg(&t.column, TEXT),
-        arg(&context(t), TEXT),
+        arg(&context(t, alias), TEXT),
         arg(secret, INT8)
     )
 }
 
 /// The text each value of the row is bound to: the column's context expression, written out by
-/// psap_core::context from its parsed form (constants and quoted column names), or NULL.
-pub fn context(t: &Target) -> String {
+/// psap_core::context from its parsed form (constants and column names qualified with `alias`),
+/// or NULL.
+pub fn context(t: &Target, alias: &str) -> String {
     match &t.context {
-        Some(expr) => expr.to_sql(),
+        Some(expr) => expr.to_sql(alias),
         None => "NULL::pg_catalog.text".into(),
     }
 }
@@ -90,13 +92,13 @@ pub fn count_by_version(t: &Target, leaf: usize, needs: &str, mode: Mode, verify
         format!(
             "pg_catalog.count(*) FILTER (WHERE {}.{VALUE_ERROR}({}) IS NOT NULL)",
             t.ext,
-            per_row_args(t, "$1")
+            per_row_args(t, "$1", "r")
         )
     } else {
         "0::pg_catalog.int8".into()
     };
     format!(
-        "SELECT {group}, pg_catalog.count(*), {bad} FROM ONLY {rel} WHERE {needs} GROUP BY 1",
+        "SELECT {group}, pg_catalog.count(*), {bad} FROM ONLY {rel} AS r WHERE {needs} GROUP BY 1",
         rel = t.leaves[leaf].relation
     )
 }
@@ -155,10 +157,10 @@ pub fn still_needing(t: &Target, leaf: usize, needs: &str) -> String {
 pub fn undecryptable_rows(t: &Target, leaf: usize, filter: &str) -> String {
     format!(
         "SELECT ctid::pg_catalog.text, err FROM (
-             SELECT ctid, {ext}.{VALUE_ERROR}({args}) AS err FROM ONLY {rel} WHERE {filter}) s
+             SELECT ctid, {ext}.{VALUE_ERROR}({args}) AS err FROM ONLY {rel} AS r WHERE {filter}) s
           WHERE err IS NOT NULL ORDER BY ctid",
         ext = t.ext,
-        args = per_row_args(t, "$1"),
+        args = per_row_args(t, "$1", "r"),
         rel = t.leaves[leaf].relation,
     )
 }
@@ -194,15 +196,14 @@ pub fn batch(
         &t.leaves[leaf].relation,
         &t.column,
         &t.ext,
-        per_row_args(t, "$5"),
+        per_row_args(t, "$5", "t"),
     );
-    // The context expression names the table's columns unqualified: `fresh` reads the table
-    // alone, so they cannot resolve to anything else.
+    // The context expression's columns are qualified with `t`, the table's alias in both forms.
     let update = if skip {
         format!(
             "fresh AS (
                  SELECT ctid AS id, {ext}.{transform}({args}) AS val
-                   FROM ONLY {rel}
+                   FROM ONLY {rel} AS t
                   WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM locked))
              ), changed AS (
                  UPDATE ONLY {rel} AS t SET {col} = fresh.val FROM fresh

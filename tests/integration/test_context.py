@@ -4,7 +4,7 @@ data), so a value copied into another row no longer decrypts. What it may be and
 change, tried as an attacker would (who may set it: test_security.py)."""
 import pytest
 
-from psap_cluster import KEY1, KEY2, KEY3, in_background, sqlstate_of
+from psap_cluster import KEY1, KEY2, KEY3, in_background, sqlstate_of, wait_until
 from test_fips import php
 
 GCM3 = "aes-256-gcm:" + KEY3
@@ -216,3 +216,35 @@ def test_batches_and_context_changes_refuse_one_snapshot_per_transaction(cluster
                     "SELECT psap_set_column_context('incidents', 'title', NULL)"]:
             state, msg, _, hint = sqlstate_of(c, sql)
             assert state == "0A000" and "REPEATABLE READ" in msg and "read committed" in hint, sql
+
+
+@pytest.mark.parametrize("table, column, skip", [("wt", "t", False), ("cw", "cw", True)])
+def test_a_context_column_dropped_during_a_run_fails_it_rather_than_binding_another_text(cluster, db, table, column, skip):
+    """A context naming a column called `t` (the batch statement's alias of the table) or called
+    as its table (which the statement of skip_undecryptable reads unaliased): dropped between two
+    batches, the unqualified name resolved to the whole row, and the rest of the run bound each
+    value to the row's text, its plaintext included (review finding): nothing but that text
+    decrypted them. Columns are qualified now: the run fails, and every value written decrypts
+    with the context it was meant to have."""
+    cluster.set_keys({"v1": KEY1, "v3": "aes-256-gcm:" + KEY3}, "v3")
+    with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as r:
+        c.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, {column} text, title text)")
+        c.execute("SET psap.key_version = 'v1'")  # secretbox: unbound until the rotation binds it
+        c.execute(f"INSERT INTO {table} SELECT g, 'k' || g, psap_encrypt('plain-' || g) FROM generate_series(1, 4) g")
+        c.execute(f"SELECT psap_register_column('{table}', 'title')")
+        c.execute(f"SELECT psap_set_column_context('{table}', 'title', '''{table}:'' || {column}')")
+        r.execute("SET client_min_messages = warning")
+        th, result = in_background(r, f"CALL psap_rotate('{table}', 'title', 1, pause_ms => 1500, skip_undecryptable => {skip})")
+        wait_until(c, "SELECT EXISTS (SELECT FROM psap_audit_log WHERE operation = 'rotate' AND rows_done >= 1)",
+                   what="the first batch")
+        c.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        th.join(60)
+        assert "error" in result, result
+        rows = c.execute(f"SELECT id, title FROM {table} ORDER BY id").fetchall()
+        encrypted = [(i, v) for i, v in rows if v.startswith("v3:")]
+        assert 1 <= len(encrypted) < 4, rows
+        for i, v in encrypted:
+            assert c.execute("SELECT psap_decrypt(%s, %s)", (v, f"{table}:k{i}")).fetchone()[0] == f"plain-{i}"
+        for i, v in rows:
+            if not v.startswith("v3:"):  # left as it was
+                assert v.startswith("v1:") and c.execute("SELECT psap_decrypt(%s)", (v,)).fetchone()[0] == f"plain-{i}"

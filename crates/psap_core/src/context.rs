@@ -210,17 +210,19 @@ impl ContextExpr {
             .join(" || ")
     }
 
-    /// The SQL expression that computes the context of a row, for statements whose only
-    /// relation in scope is the table: each column's text (a NULL column makes it NULL), every
-    /// operator and type schema-qualified. A literal's text is the same under any setting
-    /// (it holds no backslash).
-    pub fn to_sql(&self) -> String {
+    /// The SQL expression that computes the context of a row of the table named `alias` in the
+    /// statement (a plain identifier): each column's text (a NULL column makes it NULL), every
+    /// operator and type schema-qualified. Columns are qualified (`r."id"`): a column dropped or
+    /// renamed since the expression was set fails the statement, where an unqualified name
+    /// would resolve to the whole row of a table or alias of that name and bind values to it.
+    /// A literal's text is the same under any setting (it holds no backslash).
+    pub fn to_sql(&self, alias: &str) -> String {
         let parts: Vec<String> = self
             .terms
             .iter()
             .map(|t| match t {
                 Term::Constant(c) => format!("{}::pg_catalog.text", quote(c, '\'')),
-                Term::Column(c) => format!("{}::pg_catalog.text", quote(c, '"')),
+                Term::Column(c) => format!("{alias}.{}::pg_catalog.text", quote(c, '"')),
             })
             .collect();
         format!("({})", parts.join(" OPERATOR(pg_catalog.||) "))

@@ -24,8 +24,8 @@ fn accepts_constants_and_columns_joined_by_concatenation() {
     );
     assert_eq!(e.canonical(), r#"'incidents.title:' || "id""#);
     assert_eq!(
-        e.to_sql(),
-        r#"('incidents.title:'::pg_catalog.text OPERATOR(pg_catalog.||) "id"::pg_catalog.text)"#
+        e.to_sql("r"),
+        r#"('incidents.title:'::pg_catalog.text OPERATOR(pg_catalog.||) r."id"::pg_catalog.text)"#
     );
     // Names fold to lower case unless quoted; quotes double inside quotes; spacing is free.
     assert_eq!(cols("ID||'x'"), ["id"]);

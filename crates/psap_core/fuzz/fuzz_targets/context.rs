@@ -15,6 +15,6 @@ fuzz_target!(|data: &[u8]| {
             .terms
             .iter()
             .any(|t| matches!(t, Term::Constant(c) if c.contains('\\'))));
-        assert!(e.to_sql().starts_with('(') && e.to_sql().ends_with(')'));
+        assert!(e.to_sql("r").starts_with('(') && e.to_sql("r").ends_with(')'));
     }
 });
