@@ -187,7 +187,10 @@ pub const TREE: &str = "WITH RECURSIVE tree(relid) AS (
 
 /// The tables with storage under `root` (itself included), each checked for the privileges
 /// needed, once each (a child of two parents is reached twice), and the first of them on which
-/// row-level security restricts the caller.
+/// row-level security restricts the caller. Another session's temporary child is left out, as
+/// PostgreSQL's own queries of the parent leave it out: no other session can read it (it would
+/// fail every census of the column, psap_status and psap_compliance included, for as long as
+/// its owner kept the session), and it goes with its session.
 fn leaves(root: pg_sys::Oid, col: &str, access: Access) -> (Vec<Leaf>, Option<String>) {
     let rows = spi::rows(
         &format!("{TREE}
@@ -200,6 +203,8 @@ fn leaves(root: pg_sys::Oid, col: &str, access: Access) -> (Vec<Leaf>, Option<St
                      WHERE r.oid OPERATOR(pg_catalog.=) c.relowner AND (r.rolsuper OR r.rolbypassrls))
            FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE c.relpersistence OPERATOR(pg_catalog.<>) 't'
+             OR c.relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()
           ORDER BY c.oid OPERATOR(pg_catalog.=) $1 DESC, 2"),
         &[root.into(), col.into()],
         |row| {

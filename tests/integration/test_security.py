@@ -722,6 +722,28 @@ def test_a_real_cancel_still_stops_the_whole_job(cluster, db):
         assert other.execute("SELECT count(*) FROM b_notes WHERE v LIKE 'v2:%'").fetchone()[0] == 0
 
 
+def test_another_sessions_temporary_child_fails_no_census_or_rotation(cluster, db, mallory):
+    """A registered table's owner gives it a temporary child in a session it keeps open: every
+    census of the column failed (cannot access temporary tables of other sessions), so
+    psap_status and psap_compliance failed for every caller, superusers included, for as long as
+    the session lasted (review finding). It is left out now, as PostgreSQL's own queries of the
+    parent leave it out."""
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(user="mallory", dbname=db) as m, cluster.connect(dbname=db) as c:
+        m.execute("CREATE TEMP TABLE hidden_child () INHERITS (mallory_s.calls)")
+        m.execute("GRANT SELECT, UPDATE ON hidden_child TO PUBLIC")
+        m.execute("INSERT INTO hidden_child (id, title) VALUES (100000, 'not encrypted')")
+        assert c.execute("SELECT count(*) FROM mallory_s.calls").fetchone()[0] == 300  # PostgreSQL's own view
+        rows = c.execute("SELECT state, version, rows FROM psap_status() WHERE relation = 'mallory_s.calls'::regclass").fetchall()
+        assert rows == [("encrypted", "v1", 300)], rows
+        assert c.execute("SELECT encrypted_rows, plaintext_rows FROM psap_compliance() "
+                         "WHERE relation = 'mallory_s.calls'::regclass").fetchone() == (300, 0)
+        c.execute("SET client_min_messages = warning")
+        c.execute("CALL psap_rotate('mallory_s.calls', 'title', 100)")
+        assert c.execute("SELECT status, rows_done FROM psap_audit WHERE operation = 'rotate' ORDER BY id DESC LIMIT 1").fetchone() == ("done", 300)
+        assert m.execute("SELECT title FROM hidden_child").fetchone()[0] == "not encrypted"
+
+
 def test_a_temporary_table_cannot_be_registered(cluster, db, mallory):
     """A temporary table goes at the end of its session or transaction without the DROP that
     takes it out of the registry; registered (0.2.0 let an operator), it made psap_status,
