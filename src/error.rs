@@ -187,6 +187,12 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
             // No apostrophe after the setting's name: the log hook hides what follows a quote there.
             Some(format!("Remove psap.key_v{n} from the server configuration, or the version from the output of the key command, and reload it.")),
         ),
+        CoreError::KeyReused(n, of) => (
+            ERRCODE_CONFIG_FILE_ERROR,
+            format!("version v{n} has the same key as v{of}"),
+            Some(format!("A key serves one version: v{n}'s is not used (v{of} keeps it). A rotation to v{n} would leave the data under the same key, and one key would serve two versions' ciphers.")),
+            Some(format!("Give version v{n} a key of its own (psap-keys generate, or openssl rand -hex 32) and reload the configuration.")),
+        ),
         CoreError::Authentication => (
             ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
             "wrong key or corrupt data".into(),

@@ -367,6 +367,16 @@ fn key_table() -> TableIterator<
                     "psap.key_v{i} and psap.key_command both configure {v}; neither key is used"
                 )),
             ),
+            Slot::Reused(of) => (
+                None,
+                None,
+                "reused".into(),
+                None,
+                None,
+                Some(format!(
+                    "the same key as v{of}, which keeps it; not used for {v}"
+                )),
+            ),
             Slot::Unset if v == current => (None, None, "missing".into(), None, None, None),
             Slot::Unset => continue,
         };

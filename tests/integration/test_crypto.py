@@ -284,6 +284,25 @@ def test_current_version_without_key(cluster, db):
         assert ("v3", None, True, "missing", None, None) in rows  # no source: neither a setting nor the command
 
 
+def test_a_key_configured_for_two_versions_is_refused_for_the_later_one(cluster, db):
+    """The same key bytes under two versions (a copy-paste, or a command's output): a rotation
+    to the later one would leave the data under the same (possibly compromised) key, and one key
+    would serve secretbox and the FIPS cipher at once (review finding). The later version is
+    refused; the earlier keeps the key and its data stays readable."""
+    with cluster.connect(dbname=db) as c:
+        old = c.execute("SELECT psap_encrypt('before')").fetchone()[0]
+    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY1}, "v3")
+    with cluster.connect(dbname=db) as c:
+        rows = {r[0]: r[1:] for r in c.execute("SELECT version, cipher, fingerprint, status, note FROM psap_keys()")}
+        assert rows["v3"] == (None, None, "reused", "the same key as v1, which keeps it; not used for v3")
+        assert rows["v1"][2] == "ok"
+        state, msg, detail, hint = sqlstate_of(c, "SELECT psap_encrypt('after')")
+        assert (state, msg) == ("F0000", "version v3 has the same key as v1")
+        assert "v1 keeps it" in detail and hint.startswith("Give version v3 a key of its own")
+        assert c.execute("SELECT psap_decrypt(%s)", (old,)).fetchone()[0] == "before"
+        assert KEY1 not in f"{msg} {detail} {hint}"
+
+
 def test_psap_keys_reports_fingerprints_never_keys(cluster, db):
     import hashlib
 

@@ -277,6 +277,17 @@ def test_the_commands_text_is_not_logged_at_reload(kc):
     assert "hvs.NotForTheLog" not in log and "hvs.Mistyped" not in log, log
 
 
+def test_a_commands_key_that_a_setting_already_has_is_refused(kc):
+    """Across sources: a key the settings give v1 and the command gives v4 (the helper's repro:
+    rotating from a compromised v1 to v4 would have changed nothing)."""
+    use_command(kc, emitting(f"v4 aes-256-gcm {KEY1}", f"v5 aes-256-gcm {KEY3}"), extra=f"psap.key_v1 = '{KEY1}'\n",
+                version="v4", restart=True)
+    with kc.connect() as c:
+        k = keys(c)
+        assert k["v4"][2:4] == ("reused", "command") and k["v5"][2:4] == ("ok", "command")
+        assert sqlstate_of(c, "SELECT psap_encrypt('x')")[:2] == ("F0000", "version v4 has the same key as v1")
+
+
 def test_the_commands_text_is_not_logged_when_a_command_is_first_set(kc):
     """From no command to one at a reload (a host moved from a key file onto its HSM): the
     stored value went from empty to the mask, a change, and the postmaster logged the file's

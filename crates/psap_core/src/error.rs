@@ -41,6 +41,8 @@ pub enum CoreError {
     KeyMalformed(u32, KeyError),
     /// Two sources configure a key for this version; neither is used.
     KeyConflict(u32),
+    /// This version's key is the key of a lower version (the second number), which keeps it.
+    KeyReused(u32, u32),
     /// Authentication failed: wrong key or modified ciphertext (deliberately one case).
     Authentication,
     /// The result would exceed what a PostgreSQL value can hold.
@@ -100,6 +102,7 @@ impl fmt::Display for CoreError {
             CoreError::KeyNotConfigured(v) => write!(f, "no key is configured for version v{v}"),
             CoreError::KeyMalformed(v, e) => write!(f, "the key of version v{v} is malformed: {e}"),
             CoreError::KeyConflict(v) => write!(f, "version v{v} has a key from two sources"),
+            CoreError::KeyReused(v, of) => write!(f, "version v{v} has the same key as v{of}"),
             CoreError::Authentication => write!(f, "wrong key or corrupt data"),
             CoreError::TooLarge { bytes } => write!(f, "result of {bytes} bytes is too large"),
             CoreError::OutOfMemory { bytes } => write!(f, "out of memory allocating {bytes} bytes"),

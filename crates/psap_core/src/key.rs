@@ -105,6 +105,11 @@ impl Key {
     /// the first 8 bytes of BLAKE2b-256("psap_encrypt key fingerprint:" || key).
     /// Reproducible outside the database, e.g. in Python:
     /// `hashlib.blake2b(b"psap_encrypt key fingerprint:" + bytes.fromhex(k), digest_size=32).hexdigest()[:16]`.
+    /// Whether two keys are the same bytes (in constant time), whatever their ciphers.
+    pub fn same_bytes(&self, other: &Key) -> bool {
+        sodium::equal(self.bytes(), other.bytes())
+    }
+
     pub fn fingerprint(&self) -> String {
         fingerprint_of(self.bytes())
     }
@@ -136,6 +141,9 @@ pub enum Slot {
     /// Two sources configure this version (a key setting and the key command): it is refused
     /// rather than one of them picked.
     Conflict,
+    /// This version's key is the key of the (lower) version named: it is refused, and that
+    /// version keeps it ([`KeyRing::refuse_reused_keys`]).
+    Reused(u32),
     Key(Key),
 }
 
@@ -191,6 +199,24 @@ impl KeyRing {
             Slot::Unset => Err(CoreError::KeyNotConfigured(version.get())),
             Slot::Rejected(e) => Err(CoreError::KeyMalformed(version.get(), *e)),
             Slot::Conflict => Err(CoreError::KeyConflict(version.get())),
+            Slot::Reused(of) => Err(CoreError::KeyReused(version.get(), *of)),
+        }
+    }
+
+    /// Refuses every key that a lower version already has, whatever the cipher of either: a
+    /// key serves one version. Rotating "to" a version with the same key would change nothing
+    /// (after a compromise, the data would stay under the compromised key), and one key would
+    /// serve two ciphers, one of them outside the FIPS module. The lowest version keeps it, so
+    /// data already under it stays readable.
+    pub fn refuse_reused_keys(&mut self) {
+        for v in Version::all() {
+            let Slot::Key(k) = self.slot(v) else { continue };
+            let first = Version::all()
+                .take_while(|&u| u != v)
+                .find(|&u| matches!(self.slot(u), Slot::Key(o) if o.same_bytes(k)));
+            if let Some(u) = first {
+                self.set(v, Slot::Reused(u.get()));
+            }
         }
     }
 

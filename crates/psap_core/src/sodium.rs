@@ -117,6 +117,13 @@ pub fn blake2b_256(parts: &[&[u8]]) -> [u8; 32] {
     digest
 }
 
+/// Whether two buffers of the same length hold the same bytes, in time that does not depend on
+/// where they differ (`sodium_memcmp`).
+pub fn equal<const N: usize>(a: &[u8; N], b: &[u8; N]) -> bool {
+    // SAFETY: both pointers are valid for N bytes.
+    unsafe { ffi::sodium_memcmp(a.as_ptr().cast(), b.as_ptr().cast(), N) == 0 }
+}
+
 /// Zeroes `buf` in a way the compiler cannot optimize away.
 pub fn memzero(buf: &mut [u8]) {
     // SAFETY: writes exactly buf.len() bytes into buf.

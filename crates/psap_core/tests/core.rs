@@ -266,6 +266,29 @@ fn key_ring_slots() {
 }
 
 #[test]
+fn a_key_serves_one_version_whatever_the_cipher() {
+    let mut ring = ring();
+    ring.set(
+        v(3),
+        Slot::from_setting(Some(&format!("aes-256-gcm:{KEY_HEX}"))),
+    );
+    ring.set(v(4), Slot::from_setting(Some(OTHER_HEX)));
+    ring.set(v(5), Slot::from_setting(Some(KEY_HEX)));
+    ring.refuse_reused_keys();
+    assert!(ring.key(v(1)).is_ok() && ring.key(v(2)).is_ok());
+    assert_eq!(ring.key(v(3)).unwrap_err(), CoreError::KeyReused(3, 1));
+    assert_eq!(ring.key(v(4)).unwrap_err(), CoreError::KeyReused(4, 2));
+    assert_eq!(ring.key(v(5)).unwrap_err(), CoreError::KeyReused(5, 1));
+    // Data under the version that keeps the key still decrypts.
+    let mut out = Vec::new();
+    encrypt(&ring, v(1), &fixed_nonce(), &[], b"kept", &mut out).unwrap();
+    assert_eq!(
+        dec(&ring, std::str::from_utf8(&out).unwrap()).unwrap(),
+        "kept"
+    );
+}
+
+#[test]
 fn version_spelling() {
     assert_eq!(Version::parse("v2"), Some(v(2)));
     assert_eq!(Version::parse("v99"), Some(v(99)));
