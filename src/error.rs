@@ -549,6 +549,17 @@ pub fn needs_read_committed(what: &str) -> ! {
     )
 }
 
+/// A run of a table under which a leaf is bound to another context than the table (a
+/// partition registered with a context of its own).
+pub fn leaf_context_differs(leaf: &str, relation: &str, column: &str) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("column \"{column}\" of {leaf} is bound to another context than in {relation}"),
+        Some("A run binds every value it writes to one context: the values of one of them would be bound to the other's.".into()),
+        Some(format!("Run the procedure on {leaf} on its own, or give both the same context with psap_set_column_context.")),
+    )
+}
+
 pub fn context_changed(relation: &str, column: &str) -> ! {
     raise(
         ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -107,6 +107,21 @@ pub fn prepare(sql: &str, types: &[PgOid]) -> OwnedPreparedStatement {
         .unwrap_or_else(|e| error::spi(e))
 }
 
+/// [`rows`] for a statement from [`prepare`].
+pub fn rows_prepared<T>(
+    plan: &OwnedPreparedStatement,
+    args: &[DatumWithOid],
+    f: impl Fn(SpiHeapTupleData) -> Result<T, pgrx::spi::Error>,
+) -> Vec<T> {
+    Spi::connect(|client| {
+        client
+            .select(plan, None, args)?
+            .map(f)
+            .collect::<Result<Vec<T>, _>>()
+    })
+    .unwrap_or_else(|e| error::spi(e))
+}
+
 /// [`one`] for a statement from [`prepare`].
 pub fn one_prepared<T: FromDatum + IntoDatum>(
     plan: &OwnedPreparedStatement,

@@ -191,33 +191,46 @@ fn registered_context(rel: pg_sys::Oid, col: &str) -> Option<Option<String>> {
     .next()
 }
 
-/// The context the values of `col` of table `rel` are bound to: the one set for the table, or
-/// else for its nearest registered ancestor (a partition rotated on its own is bound as its
-/// parent is). Checked again as it was when set (a restored or hand-edited registry, a dropped
-/// or retyped column): invalid, it stops the run.
-pub fn context_for(t: &target::Target, rel: pg_sys::Oid, col: &str) -> Option<ContextExpr> {
-    context_text(rel, col).map(|text| validate(t, &text))
+/// The context the values of `col` of the run's table `t` are bound to: the one set for the
+/// table, or else for its nearest registered ancestor (a partition or inheritance child rotated
+/// on its own is bound as its parent is). Every leaf under the table must be bound to the same
+/// one (a run writes one context): a partition registered with a context of its own refuses the
+/// run of its parent. Checked again as it was when set (a restored or hand-edited registry, a
+/// dropped or retyped column): invalid, it stops the run.
+pub fn context_for(t: &target::Target, col: &str) -> Option<ContextExpr> {
+    let rels: Vec<pg_sys::Oid> = std::iter::once(t.oid)
+        .chain(t.leaves.iter().map(|l| l.oid))
+        .collect();
+    let contexts = spi::rows(&contexts_query(&t.ext), &[rels.into(), col.into()], |r| {
+        r.get::<String>(1)
+    });
+    let (root, leaves) = contexts.split_first().unwrap_or((&None, &[]));
+    if let Some((leaf, _)) = t.leaves.iter().zip(leaves).find(|(_, c)| *c != root) {
+        error::leaf_context_differs(&leaf.relation, &t.relation, &t.column_name);
+    }
+    root.as_deref().map(|text| validate(t, text))
 }
 
-/// The stored text of that context (what a running batch compares with its own).
-pub fn context_text(rel: pg_sys::Oid, col: &str) -> Option<String> {
-    spi::one::<String>(
-        &context_query(&target::extension_schema()),
-        &[rel.into(), col.into()],
-    )
-}
-
-/// The query behind [`context_text`], for the registry in schema `ext` (quoted): `$1` the
-/// table's OID, `$2` the column's name (text). A run prepares it once and reads it every batch.
-pub fn context_query(ext: &str) -> String {
+/// The query behind [`context_for`], for the registry in schema `ext` (quoted): `$1` the
+/// relations (oid[]), `$2` the column's name (text); one row per relation, in order: its
+/// context, that of its own registration or else of its nearest registered ancestor up
+/// pg_inherits (partitions and inheritance children alike), or NULL. A run prepares it once
+/// and reads it every batch.
+pub fn contexts_query(ext: &str) -> String {
     format!(
-        "SELECT r.context FROM {ext}.{ENCRYPTED_COLUMNS} r
-           JOIN (SELECT $1 AS relid, 0::pg_catalog.int8 AS depth
-                 UNION ALL   -- a partition's ancestors, itself first (none for other tables)
-                 SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS a(relid, depth)
-             ON a.relid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
-          WHERE r.column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name AND r.context IS NOT NULL
-          ORDER BY a.depth LIMIT 1"
+        "WITH RECURSIVE up(rel, relid, depth) AS (
+             SELECT r, r, 0 FROM pg_catalog.unnest($1::pg_catalog.oid[]) AS r
+             UNION ALL
+             SELECT up.rel, i.inhparent, up.depth OPERATOR(pg_catalog.+) 1
+               FROM up JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) up.relid)
+         SELECT (SELECT c.context FROM up JOIN {ext}.{ENCRYPTED_COLUMNS} c
+                     ON c.relid::pg_catalog.oid OPERATOR(pg_catalog.=) up.relid
+                  WHERE up.rel OPERATOR(pg_catalog.=) l.r
+                    AND c.column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name
+                    AND c.context IS NOT NULL
+                  ORDER BY up.depth, up.relid LIMIT 1)
+           FROM pg_catalog.unnest($1::pg_catalog.oid[]) WITH ORDINALITY AS l(r, n)
+          ORDER BY l.n"
     )
 }
 

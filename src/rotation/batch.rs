@@ -272,13 +272,19 @@ fn check_table_unchanged(run: &mut Run) {
         }
     }
     let plan = run.context_plan.get_or_insert_with(|| {
-        let types = [pg_sys::OIDOID, pg_sys::TEXTOID].map(PgOid::from);
-        spi::prepare(&registry::context_query(&t.ext), &types)
+        let types = [pg_sys::OIDARRAYOID, pg_sys::TEXTOID].map(PgOid::from);
+        spi::prepare(&registry::contexts_query(&t.ext), &types)
     });
+    let rels: Vec<pg_sys::Oid> = std::iter::once(t.oid)
+        .chain(t.leaves.iter().map(|l| l.oid))
+        .collect();
     let now = spi::with_fresh_snapshot(|| {
-        spi::one_prepared::<String>(plan, &[t.oid.into(), t.column_name.as_str().into()])
+        spi::rows_prepared(plan, &[rels.into(), t.column_name.as_str().into()], |r| {
+            r.get::<String>(1)
+        })
     });
-    if now != t.context.as_ref().map(|c| c.canonical()) {
+    let set = t.context.as_ref().map(|c| c.canonical());
+    if now.iter().any(|c| *c != set) {
         error::context_changed(&t.relation, &t.column_name);
     }
 }

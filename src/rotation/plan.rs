@@ -108,7 +108,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
                 .into(),
         );
     }
-    target.context = registry::context_for(&target, tbl.oid(), col);
+    target.context = registry::context_for(&target, col);
     if target.context.is_some() && to_cipher == Cipher::Secretbox {
         error::context_needs_aead(&target.relation, &target.column_name, to, to_cipher);
     }

@@ -189,6 +189,56 @@ def test_a_partition_rotated_alone_is_bound_as_its_parent(cluster, db):
         cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
 
 
+def test_an_inheritance_child_encrypted_alone_is_bound_as_its_parent(cluster, db):
+    """As a partition: the nearest registered ancestor's context, found up pg_inherits. Through
+    pg_partition_ancestors, which knows no inheritance, the child's values were written unbound,
+    and the application's read with the context failed on them (review finding)."""
+    cluster.set_keys({"v1": KEY1, "v3": GCM3}, "v3")
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.execute("SET client_min_messages = warning")
+            c.execute("CREATE TABLE hcalls (id int, title text)")
+            c.execute("CREATE TABLE hcalls_2023 () INHERITS (hcalls)")
+            c.execute("INSERT INTO hcalls_2023 SELECT g, 'Call ' || g FROM generate_series(1, 50) g")
+            c.execute("SELECT psap_register_column('hcalls', 'title')")
+            c.execute("SELECT psap_set_column_context('hcalls', 'title', %s)", ("'hcalls.title:' || id",))
+            c.execute("CALL psap_encrypt_column('hcalls_2023', 'title', 20)")
+            got = c.execute("SELECT count(*) FROM hcalls WHERE psap_decrypt(title, 'hcalls.title:' || id) = 'Call ' || id").fetchone()[0]
+            assert got == 50
+    finally:
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+
+
+@pytest.mark.parametrize("parent_context", [None, "'pcalls.title:' || id"])
+def test_a_run_whose_leaves_are_bound_to_other_contexts_is_refused(cluster, db, parent_context):
+    """A partition registered with a context of its own, under a parent with none or another:
+    the parent's run bound every leaf's values to the parent's (or to none), while
+    psap_compliance showed the partition bound (review finding). Refused, nothing written."""
+    cluster.set_keys({"v1": KEY1, "v3": GCM3}, "v3")
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.execute("CREATE TABLE pcalls (id int, title text) PARTITION BY RANGE (id)")
+            c.execute("CREATE TABLE pcalls_1 PARTITION OF pcalls FOR VALUES FROM (0) TO (100)")
+            c.execute("CREATE TABLE pcalls_2 PARTITION OF pcalls FOR VALUES FROM (100) TO (200)")
+            c.execute("INSERT INTO pcalls SELECT g, 'Call ' || g FROM generate_series(1, 199) g")
+            c.execute("SELECT psap_register_column('pcalls_1', 'title')")
+            c.execute("SELECT psap_set_column_context('pcalls_1', 'title', %s)", ("'p:' || id",))
+            if parent_context:
+                c.execute("SELECT psap_register_column('pcalls', 'title')")
+                c.execute("SELECT psap_set_column_context('pcalls', 'title', %s)", (parent_context,))
+            for call in ("CALL psap_encrypt_column('pcalls', 'title', 50)", "CALL psap_rotate('pcalls', 'title', 50)"):
+                state, msg, _, hint = sqlstate_of(c, call)
+                assert (state, msg) == ("55000", 'column "title" of public.pcalls_1 is bound to another context than in public.pcalls'), (state, msg)
+                assert hint.startswith("Run the procedure on public.pcalls_1 on its own")
+            assert c.execute("SELECT count(*) FROM pcalls WHERE title LIKE 'Call %'").fetchone()[0] == 199
+            # Each on its own: bound to its own context.
+            c.execute("SET client_min_messages = warning")
+            c.execute("CALL psap_encrypt_column('pcalls_1', 'title', 50)")
+            assert c.execute("SELECT count(*) FROM pcalls_1 WHERE psap_decrypt(title, 'p:' || id) = 'Call ' || id").fetchone()[0] == 99
+    finally:
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+
+
 def test_a_context_set_while_a_rotation_runs_stops_it(cluster, bound):
     """A batch cannot write under a context that a concurrent psap_set_column_context replaces."""
     with cluster.connect(dbname=bound) as setter, cluster.connect(dbname=bound) as rotator:
