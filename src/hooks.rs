@@ -99,21 +99,38 @@ unsafe extern "C-unwind" fn scrub_log_line(edata: *mut pg_sys::ErrorData) {
 }
 
 /// Refuses ALTER SYSTEM SET of a key setting (raising its ERROR from here, a guarded function).
+/// The text of a statement that sets a key or the key command, refused here or by PostgreSQL (a
+/// SET of a setting only the configuration file sets), is replaced in pg_stat_activity first:
+/// it stays there after the error for as long as the session is idle, where pg_monitor's
+/// members read it.
 #[pg_guard]
 unsafe extern "C-unwind" fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
     // SAFETY: utilityStmt of a utility PlannedStmt is a valid node; an AlterSystemStmt always has
     // its setstmt.
     unsafe {
         let node = (*pstmt).utilityStmt;
-        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_AlterSystemStmt {
-            return;
-        }
-        let set = (*node.cast::<pg_sys::AlterSystemStmt>()).setstmt;
+        let set = match node.as_ref().map(|n| n.type_) {
+            Some(pg_sys::NodeTag::T_AlterSystemStmt) => {
+                (*node.cast::<pg_sys::AlterSystemStmt>()).setstmt
+            }
+            Some(pg_sys::NodeTag::T_VariableSetStmt) => node.cast::<pg_sys::VariableSetStmt>(),
+            _ => return,
+        };
         if set.is_null() || (*set).name.is_null() {
             return;
         }
         let name = CStr::from_ptr((*set).name).to_bytes();
-        if (*set).kind == pg_sys::VariableSetKind::VAR_SET_VALUE && gucs::is_secret_setting(name) {
+        let setting_value = (*set).kind == pg_sys::VariableSetKind::VAR_SET_VALUE;
+        if setting_value && gucs::is_secret_setting(name) {
+            pg_sys::pgstat_report_activity(
+                pg_sys::BackendState::STATE_RUNNING,
+                c"-- a statement setting a psap_encrypt key or key command (text hidden)".as_ptr(),
+            );
+        }
+        if (*node).type_ != pg_sys::NodeTag::T_AlterSystemStmt {
+            return;
+        }
+        if setting_value && gucs::is_secret_setting(name) {
             let (what, hint) = if gucs::is_key_setting(name) {
                 ("keys", "Use psap.key_command, or a key file outside the data directory that postgresql.conf includes.")
             } else {

@@ -77,6 +77,29 @@ def test_malformed_key_at_reload_keeps_the_old_key_and_hides_the_value(cluster, 
     assert "psap.key_v3" not in (cluster.dir / "postgresql.auto.conf").read_text()
 
 
+def test_a_refused_statement_setting_a_key_leaves_no_key_in_pg_stat_activity(cluster, db):
+    """A superuser's refused ALTER SYSTEM SET psap.key_vN (or SET of it, or of the key command)
+    stayed in pg_stat_activity.query while the session sat idle, where a pg_monitor member read
+    the key (review finding)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS key_watcher; CREATE ROLE key_watcher LOGIN IN ROLE pg_monitor")
+    statements = [f"ALTER SYSTEM SET psap.key_v3 = '{KEY1}'", f"SET psap.key_v2 = '{KEY1}'",
+                  f"ALTER SYSTEM SET psap.key_command = 'TOKEN={KEY1} /bin/true'",
+                  f"SET psap.key_command = 'TOKEN={KEY1} /bin/true'"]
+    try:
+        with cluster.connect(dbname=db) as c, cluster.connect(user="key_watcher", dbname=db) as w:
+            pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+            for sql in statements:
+                assert sqlstate_of(c, sql)[0] in ("42501", "55P02"), sql
+                shown = w.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
+                assert KEY1 not in shown and "TOKEN" not in shown, (sql, shown)
+            c.execute("SELECT 1")  # and the next statement shows as itself
+            assert w.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == "SELECT 1"
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP ROLE key_watcher")
+
+
 def test_malformed_key_at_startup_is_reported_at_use(cluster, db):
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1", reload=False, extra="psap.key_v4 = 'short'\n")
     cluster.restart()
