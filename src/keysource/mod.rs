@@ -310,6 +310,10 @@ pub fn log_key_changes(source: &str, before: &[KeyId], after: &[KeyId]) {
 /// output).
 fn run(command: &str, timeout: Duration) -> Result<Vec<(Version, Key)>, String> {
     let mut out = Secret::<MAX_OUTPUT>::zeroed().ok_or("no locked memory for its output")?;
+    // sodium_malloc does not say whether its mlock succeeded: locking again does.
+    if !out.relock() {
+        crate::error::keys_not_locked("the postmaster");
+    }
     // SAFETY: DataDir is set in the postmaster before libraries are loaded.
     let data_dir = unsafe { pg_sys::DataDir };
     let data_dir = (!data_dir.is_null()).then(|| {

@@ -14,8 +14,10 @@ use std::fmt;
 use crate::error::KeyError;
 use crate::key::{Cipher, Key, Version};
 
-/// The most output the server reads from the command.
-pub const MAX_OUTPUT: usize = 64 * 1024;
+/// The most output the server reads from the command: 99 key lines take under 9 KiB. It is
+/// read into locked memory, which must fit beside the keys under a container's default
+/// locked-memory limit (64 KiB).
+pub const MAX_OUTPUT: usize = 16 * 1024;
 
 /// What is wrong with a line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
