@@ -190,8 +190,8 @@ pub fn describe(e: &CoreError) -> (PgSqlErrorCode, String, Option<String>, Optio
         CoreError::KeyReused(n, of) => (
             ERRCODE_CONFIG_FILE_ERROR,
             format!("version v{n} has the same key as v{of}"),
-            Some(format!("A key serves one version: v{n}'s is not used (v{of} keeps it). A rotation to v{n} would leave the data under the same key, and one key would serve two versions' ciphers.")),
-            Some(format!("Give version v{n} a key of its own (psap-keys generate, or openssl rand -hex 32) and reload the configuration.")),
+            Some(format!("A key serves one version: nothing is encrypted with v{n} or v{of} while both have it (a rotation from one to the other would change no key); data under either still decrypts.")),
+            Some("Remove the version that repeats the other's key from the configuration (keep the one the data is under) and reload it; do not replace the key of a version that data is under.".into()),
         ),
         CoreError::Authentication => (
             ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,

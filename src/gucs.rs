@@ -405,7 +405,7 @@ unsafe extern "C-unwind" fn check_key<const N: usize>(
                 };
                 return false;
             }
-            Slot::Unset | Slot::Conflict | Slot::Reused(_) => KeyChange::Unset,
+            Slot::Unset | Slot::Conflict => KeyChange::Unset,
             slot @ Slot::Key(_) => {
                 PENDING.get().set(version, slot);
                 KeyChange::Set
@@ -713,8 +713,8 @@ impl Keys {
         }
     }
 
-    /// A version configured by both sources is refused rather than one of them picked, and so
-    /// is a version whose key a lower version has (whichever source each came from).
+    /// A version configured by both sources is refused rather than one of them picked; versions
+    /// that share a key (whichever source each came from) encrypt nothing.
     fn merge(&mut self) {
         let mut ring = KeyRing::default();
         let mut sources = vec![Source::None; MAX_VERSION as usize + 1];
@@ -728,7 +728,7 @@ impl Keys {
             ring.set(v, slot);
             sources[v.get() as usize] = source;
         }
-        ring.refuse_reused_keys();
+        ring.mark_shared_keys();
         self.effective = Arc::new(ring);
         self.sources = sources;
         self.dirty = false;
@@ -740,7 +740,6 @@ fn copy(slot: &Slot) -> Slot {
         Slot::Key(k) => k.try_clone().map_or_else(Slot::Rejected, Slot::Key),
         Slot::Rejected(e) => Slot::Rejected(*e),
         Slot::Conflict => Slot::Conflict,
-        Slot::Reused(of) => Slot::Reused(*of),
         Slot::Unset => Slot::Unset,
     }
 }

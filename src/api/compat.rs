@@ -100,9 +100,9 @@ fn psap_keys() -> TableIterator<
     for v in psap_core::Version::all() {
         let (fingerprint, status) = match ring.slot(v) {
             psap_core::key::Slot::Key(k) => (Some(k.fingerprint()), "ok"),
-            psap_core::key::Slot::Rejected(_)
-            | psap_core::key::Slot::Conflict
-            | psap_core::key::Slot::Reused(_) => (None, "malformed"),
+            psap_core::key::Slot::Rejected(_) | psap_core::key::Slot::Conflict => {
+                (None, "malformed")
+            }
             psap_core::key::Slot::Unset if v == current => (None, "missing"),
             psap_core::key::Slot::Unset => continue,
         };

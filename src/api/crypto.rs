@@ -120,7 +120,7 @@ pub(crate) fn encrypt_as(
 ) -> Result<Varlena, CoreError> {
     gucs::ensure_preloaded();
     let ring = gucs::keyring();
-    gucs::allow_encrypt(version, ring.key(version)?.cipher());
+    gucs::allow_encrypt(version, ring.key_to_encrypt(version)?.cipher());
     let out = Varlena::alloc(cipher::envelope_len_for(&ring, version, plaintext.len())?);
     // SAFETY: `out` is ours until returned.
     let data = unsafe { out.data_mut() };
@@ -333,7 +333,10 @@ fn key_table() -> TableIterator<
         let row = match ring.slot(v) {
             Slot::Key(k) => {
                 let (module, fips) = module_of(k.cipher());
-                let (status, note) = if gucs::is_revoked(v) {
+                let (status, note) = if let Some(other) = ring.shared_with(v) {
+                    let note = format!("the same key as {other}: decrypts only, encrypts nothing");
+                    ("reused", Some(note))
+                } else if gucs::is_revoked(v) {
                     let note = "decrypts only, until psap_rotate has moved its rows away";
                     ("revoked", Some(note.to_string()))
                 } else {
@@ -365,16 +368,6 @@ fn key_table() -> TableIterator<
                 None,
                 Some(format!(
                     "psap.key_v{i} and psap.key_command both configure {v}; neither key is used"
-                )),
-            ),
-            Slot::Reused(of) => (
-                None,
-                None,
-                "reused".into(),
-                None,
-                None,
-                Some(format!(
-                    "the same key as v{of}, which keeps it; not used for {v}"
                 )),
             ),
             Slot::Unset if v == current => (None, None, "missing".into(), None, None, None),

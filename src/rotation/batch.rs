@@ -153,9 +153,10 @@ fn step(run: &mut Run) -> Option<Status> {
         // Revoked by a reload during the run: no further batch toward it.
         error::revoked(run.to);
     }
-    if let Err(e) = gucs::keyring().key(run.to) {
+    if let Err(e) = gucs::keyring().key_to_encrypt(run.to) {
         // The target's key went with a reload during the run (the key command no longer
-        // gives it): every value would fail, and be mistaken for an undecryptable one.
+        // gives it), or another version got the same key: every value would fail, and be
+        // mistaken for an undecryptable one.
         error::core(e);
     }
     if let Some(reason) = run.opts.limit_reached(run.counts.batches) {

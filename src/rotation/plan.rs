@@ -93,7 +93,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     state::reset();
     let to = gucs::encryption_version();
     let (to_fingerprint, to_cipher) = gucs::keyring()
-        .key(to)
+        .key_to_encrypt(to)
         .map(|k| (k.fingerprint(), k.cipher()))
         .unwrap_or_else(|e| error::core(e));
     gucs::allow_encrypt(to, to_cipher);

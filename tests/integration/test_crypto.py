@@ -284,23 +284,33 @@ def test_current_version_without_key(cluster, db):
         assert ("v3", None, True, "missing", None, None) in rows  # no source: neither a setting nor the command
 
 
-def test_a_key_configured_for_two_versions_is_refused_for_the_later_one(cluster, db):
+def test_a_key_configured_for_two_versions_encrypts_under_neither_and_decrypts_under_both(cluster, db):
     """The same key bytes under two versions (a copy-paste, or a command's output): a rotation
-    to the later one would leave the data under the same (possibly compromised) key, and one key
-    would serve secretbox and the FIPS cipher at once (review finding). The later version is
-    refused; the earlier keeps the key and its data stays readable."""
+    from one to the other would leave the data under the same (possibly compromised) key, and
+    one key would serve secretbox and the FIPS cipher at once (review finding). Neither encrypts;
+    data under either, whichever is the mistake, still decrypts (review of the first fix, which
+    refused the higher version: the current version's data went dark)."""
+    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY3}, "v3")
     with cluster.connect(dbname=db) as c:
-        old = c.execute("SELECT psap_encrypt('before')").fetchone()[0]
-    cluster.set_keys({"v1": KEY1, "v2": KEY2, "v3": "aes-256-gcm:" + KEY1}, "v3")
+        under_v3 = c.execute("SELECT psap_encrypt('current')").fetchone()[0]
+        c.execute("SET psap.key_version = 'v1'")
+        under_v1 = c.execute("SELECT psap_encrypt('older')").fetchone()[0]
+    # v2 given v3's key by mistake; v4 given v1's (the intended "new" key of a rotation).
+    cluster.set_keys({"v1": KEY1, "v2": KEY3, "v3": "aes-256-gcm:" + KEY3, "v4": "aes-256-gcm:" + KEY1}, "v4")
     with cluster.connect(dbname=db) as c:
-        rows = {r[0]: r[1:] for r in c.execute("SELECT version, cipher, fingerprint, status, note FROM psap_keys()")}
-        assert rows["v3"] == (None, None, "reused", "the same key as v1, which keeps it; not used for v3")
-        assert rows["v1"][2] == "ok"
+        rows = {r[0]: r[1:] for r in c.execute("SELECT version, status, note FROM psap_keys()")}
+        assert rows["v4"] == ("reused", "the same key as v1: decrypts only, encrypts nothing")
+        assert rows["v1"][0] == rows["v2"][0] == rows["v3"][0] == "reused"
         state, msg, detail, hint = sqlstate_of(c, "SELECT psap_encrypt('after')")
-        assert (state, msg) == ("F0000", "version v3 has the same key as v1")
-        assert "v1 keeps it" in detail and hint.startswith("Give version v3 a key of its own")
-        assert c.execute("SELECT psap_decrypt(%s)", (old,)).fetchone()[0] == "before"
+        assert (state, msg) == ("F0000", "version v4 has the same key as v1")
+        assert "still decrypts" in detail and hint.startswith("Remove the version that repeats")
         assert KEY1 not in f"{msg} {detail} {hint}"
+        c.execute("CREATE TABLE t (id int, title text)")
+        c.execute("INSERT INTO t VALUES (1, %s), (3, %s)", (under_v1, under_v3))
+        assert sqlstate_of(c, "CALL psap_rotate('t', 'title', 10)")[:2] == ("F0000", "version v4 has the same key as v1")
+        assert c.execute("SELECT psap_decrypt(%s), psap_decrypt(%s)", (under_v3, under_v1)).fetchone() == ("current", "older")
+        c.execute("SET psap.key_version = 'v2'")
+        assert sqlstate_of(c, "SELECT psap_encrypt('x')")[:2] == ("F0000", "version v2 has the same key as v3")
 
 
 def test_psap_keys_reports_fingerprints_never_keys(cluster, db):

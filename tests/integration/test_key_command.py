@@ -285,6 +285,7 @@ def test_a_commands_key_that_a_setting_already_has_is_refused(kc):
     with kc.connect() as c:
         k = keys(c)
         assert k["v4"][2:4] == ("reused", "command") and k["v5"][2:4] == ("ok", "command")
+        assert keys(c)["v1"][2:4] == ("reused", "setting")
         assert sqlstate_of(c, "SELECT psap_encrypt('x')")[:2] == ("F0000", "version v4 has the same key as v1")
 
 

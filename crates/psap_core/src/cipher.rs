@@ -51,7 +51,11 @@ pub fn envelope_len_for(
     version: Version,
     plaintext_len: usize,
 ) -> Result<usize, CoreError> {
-    envelope_len(version, ring.key(version)?.cipher(), plaintext_len)
+    envelope_len(
+        version,
+        ring.key_to_encrypt(version)?.cipher(),
+        plaintext_len,
+    )
 }
 
 fn no_context(key: &Key, context: &[u8]) -> Result<(), CoreError> {
@@ -74,7 +78,7 @@ pub fn encrypt_into(
     plaintext: &[u8],
     out: &mut [u8],
 ) -> Result<(), CoreError> {
-    let key = ring.key(version)?;
+    let key = ring.key_to_encrypt(version)?;
     no_context(key, context)?;
     let total = envelope_len(version, key.cipher(), plaintext.len())?;
     assert_eq!(out.len(), total, "buffer sized by envelope_len");

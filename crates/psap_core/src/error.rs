@@ -41,7 +41,8 @@ pub enum CoreError {
     KeyMalformed(u32, KeyError),
     /// Two sources configure a key for this version; neither is used.
     KeyConflict(u32),
-    /// This version's key is the key of a lower version (the second number), which keeps it.
+    /// This version's key is also another version's (the second number): nothing is encrypted
+    /// with either.
     KeyReused(u32, u32),
     /// Authentication failed: wrong key or modified ciphertext (deliberately one case).
     Authentication,

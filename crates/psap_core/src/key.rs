@@ -141,9 +141,6 @@ pub enum Slot {
     /// Two sources configure this version (a key setting and the key command): it is refused
     /// rather than one of them picked.
     Conflict,
-    /// This version's key is the key of the (lower) version named: it is refused, and that
-    /// version keeps it ([`KeyRing::refuse_reused_keys`]).
-    Reused(u32),
     Key(Key),
 }
 
@@ -163,12 +160,15 @@ impl Slot {
 /// One slot per version; index 0 is unused.
 pub struct KeyRing {
     slots: Vec<Slot>,
+    /// Per version, the lowest other version with the same key (0: none).
+    shared: Vec<u32>,
 }
 
 impl Default for KeyRing {
     fn default() -> Self {
         KeyRing {
             slots: (0..=MAX_VERSION).map(|_| Slot::Unset).collect(),
+            shared: vec![0; MAX_VERSION as usize + 1],
         }
     }
 }
@@ -199,24 +199,37 @@ impl KeyRing {
             Slot::Unset => Err(CoreError::KeyNotConfigured(version.get())),
             Slot::Rejected(e) => Err(CoreError::KeyMalformed(version.get(), *e)),
             Slot::Conflict => Err(CoreError::KeyConflict(version.get())),
-            Slot::Reused(of) => Err(CoreError::KeyReused(version.get(), *of)),
         }
     }
 
-    /// Refuses every key that a lower version already has, whatever the cipher of either: a
-    /// key serves one version. Rotating "to" a version with the same key would change nothing
-    /// (after a compromise, the data would stay under the compromised key), and one key would
-    /// serve two ciphers, one of them outside the FIPS module. The lowest version keeps it, so
-    /// data already under it stays readable.
-    pub fn refuse_reused_keys(&mut self) {
+    /// The key to encrypt with under a version: as [`KeyRing::key`], but refused while another
+    /// version has the same key ([`KeyRing::mark_shared_keys`]).
+    pub fn key_to_encrypt(&self, version: Version) -> Result<&Key, CoreError> {
+        let key = self.key(version)?;
+        match self.shared[version.get() as usize] {
+            0 => Ok(key),
+            other => Err(CoreError::KeyReused(version.get(), other)),
+        }
+    }
+
+    /// The other version (the lowest) that has this version's key, if any.
+    pub fn shared_with(&self, version: Version) -> Option<Version> {
+        Version::new(self.shared[version.get() as usize])
+    }
+
+    /// Marks every version whose key another version also has, whatever the cipher of either:
+    /// a key serves one version. Nothing is encrypted with such a version (a rotation to it
+    /// from the other would change no key: after a compromise the data would stay under the
+    /// compromised key, and one key would serve two ciphers, one of them outside the FIPS
+    /// module); both still decrypt, so no data becomes unreadable whichever of them it is
+    /// under. Call it after the last [`KeyRing::set`].
+    pub fn mark_shared_keys(&mut self) {
         for v in Version::all() {
             let Slot::Key(k) = self.slot(v) else { continue };
-            let first = Version::all()
-                .take_while(|&u| u != v)
+            let other = Version::all()
+                .filter(|&u| u != v)
                 .find(|&u| matches!(self.slot(u), Slot::Key(o) if o.same_bytes(k)));
-            if let Some(u) = first {
-                self.set(v, Slot::Reused(u.get()));
-            }
+            self.shared[v.get() as usize] = other.map_or(0, |u| u.get());
         }
     }
 

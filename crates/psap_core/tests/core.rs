@@ -266,26 +266,51 @@ fn key_ring_slots() {
 }
 
 #[test]
-fn a_key_serves_one_version_whatever_the_cipher() {
+fn a_key_shared_by_two_versions_decrypts_under_both_and_encrypts_under_neither() {
     let mut ring = ring();
+    let mut old = Vec::new();
+    encrypt(&ring, v(1), &fixed_nonce(), &[], b"kept", &mut old).unwrap();
     ring.set(
         v(3),
         Slot::from_setting(Some(&format!("aes-256-gcm:{KEY_HEX}"))),
     );
-    ring.set(v(4), Slot::from_setting(Some(OTHER_HEX)));
-    ring.set(v(5), Slot::from_setting(Some(KEY_HEX)));
-    ring.refuse_reused_keys();
-    assert!(ring.key(v(1)).is_ok() && ring.key(v(2)).is_ok());
-    assert_eq!(ring.key(v(3)).unwrap_err(), CoreError::KeyReused(3, 1));
-    assert_eq!(ring.key(v(4)).unwrap_err(), CoreError::KeyReused(4, 2));
-    assert_eq!(ring.key(v(5)).unwrap_err(), CoreError::KeyReused(5, 1));
-    // Data under the version that keeps the key still decrypts.
+    ring.mark_shared_keys();
+    assert_eq!(ring.shared_with(v(1)), Some(v(3)));
+    assert_eq!(ring.shared_with(v(3)), Some(v(1)));
+    assert_eq!(ring.shared_with(v(2)), None);
     let mut out = Vec::new();
-    encrypt(&ring, v(1), &fixed_nonce(), &[], b"kept", &mut out).unwrap();
+    for (n, other) in [(1, 3), (3, 1)] {
+        let e = encrypt(&ring, v(n), &fixed_nonce(), &[], b"new", &mut out).unwrap_err();
+        assert_eq!(e, CoreError::KeyReused(n, other));
+        assert!(out.is_empty());
+    }
+    encrypt(&ring, v(2), &fixed_nonce(), &[], b"other", &mut out).unwrap();
+    // Data under either version still decrypts: v1's here, and v3's written before.
     assert_eq!(
-        dec(&ring, std::str::from_utf8(&out).unwrap()).unwrap(),
+        dec(&ring, std::str::from_utf8(&old).unwrap()).unwrap(),
         "kept"
     );
+    let mut gcm = ring_without_v1();
+    let mut under_v3 = Vec::new();
+    encrypt(&gcm, v(3), &fixed_nonce(), &[], b"gcm", &mut under_v3).unwrap();
+    gcm.set(v(1), Slot::from_setting(Some(KEY_HEX)));
+    gcm.mark_shared_keys();
+    assert_eq!(
+        dec(&gcm, std::str::from_utf8(&under_v3).unwrap()).unwrap(),
+        "gcm"
+    );
+    // A reencryption to a shared version is refused as well.
+    let e = reencrypt(&ring, v(3), &fixed_nonce(), &old, &mut Vec::new()).unwrap_err();
+    assert_eq!(e, CoreError::KeyReused(3, 1));
+}
+
+fn ring_without_v1() -> KeyRing {
+    let mut ring = KeyRing::default();
+    ring.set(
+        v(3),
+        Slot::from_setting(Some(&format!("aes-256-gcm:{KEY_HEX}"))),
+    );
+    ring
 }
 
 #[test]
