@@ -16,7 +16,7 @@ use super::state::{self, InStep, Outcome, Status};
 use super::walk::Walk;
 use super::{sql, Run};
 use crate::api::registry;
-use crate::api::target::{Leaf, TREE};
+use crate::api::target::{Leaf, Target, TREE};
 use crate::{error, gucs, sandbox, scan, spi};
 
 /// One batch of the run with this token. Returns whether the procedure should commit and call
@@ -288,6 +288,39 @@ fn check_table_unchanged(run: &mut Run) {
     if now.iter().any(|c| *c != set) {
         error::context_changed(&t.relation, &t.column_name);
     }
+    // A column the context reads, dropped, renamed or retyped since the start (the leaves are
+    // locked now: it cannot change during the batch). Dropped, `t."x"` would call a function
+    // x(t) of the whole row (pg_catalog's concat, to_json) instead of failing.
+    if context_columns(t) != run.context_columns {
+        error::context_changed(&t.relation, &t.column_name);
+    }
+}
+
+/// (leaf, attnum, type) of each column the target's context reads, in every leaf (attnum 0: no
+/// such column).
+pub fn context_columns(t: &Target) -> Vec<(pg_sys::Oid, i16, pg_sys::Oid)> {
+    let Some(context) = &t.context else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for leaf in &t.leaves {
+        for column in context.columns() {
+            let name = std::ffi::CString::new(column).unwrap_or_default();
+            // SAFETY: syscache lookups by oid and a NUL-terminated name (InvalidAttrNumber and
+            // InvalidOid when there is none; a dropped column is not found by name).
+            let (attnum, typ) = unsafe {
+                let attnum = pg_sys::get_attnum(leaf.oid, name.as_ptr());
+                let typ = if attnum > 0 {
+                    pg_sys::get_atttype(leaf.oid, attnum)
+                } else {
+                    pg_sys::InvalidOid
+                };
+                (attnum, typ)
+            };
+            out.push((leaf.oid, attnum, typ));
+        }
+    }
+    out
 }
 
 /// The owner of relation `oid` as the catalog says now, or None if it is gone (the batch then

@@ -95,6 +95,9 @@ pub struct Run {
     /// The registry query of the column's context, which every batch reads again (prepared
     /// once per run).
     pub context_plan: Option<OwnedPreparedStatement>,
+    /// The columns the context reads, as they were when the run started: (leaf, attnum, type)
+    /// of each, in every leaf; each batch checks them again ([`batch::context_columns`]).
+    pub context_columns: Vec<(pgrx::pg_sys::Oid, i16, pgrx::pg_sys::Oid)>,
     /// Rows to do per leaf as counted at the start, used (once) to size the first pass's ranges.
     pub counted: Vec<Option<i64>>,
     /// Whether a step has run (the pause comes between batches, not before the first).

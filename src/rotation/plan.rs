@@ -9,7 +9,7 @@ use super::failure::{self, Failure};
 use super::options::{Args, Mode, Options, Procedure};
 use super::state::{self, Outcome, Status};
 use super::walk::Walk;
-use super::{sql, Run};
+use super::{batch, sql, Run};
 use crate::api::registry;
 use crate::api::target::{self, Access, Regclass, Target};
 use crate::audit::{AuditLog, Counts, Start};
@@ -182,6 +182,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         planned: total,
     });
     let what = format!("{}.{}", target.relation, target.column_name);
+    let context_columns = batch::context_columns(&target);
     let mut run = Run {
         token,
         secret,
@@ -204,6 +205,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         batch_plan: None,
         batch_lock: None,
         context_plan: None,
+        context_columns,
         path: None,
         stepped: false,
         left: 0,

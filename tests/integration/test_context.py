@@ -268,14 +268,16 @@ def test_batches_and_context_changes_refuse_one_snapshot_per_transaction(cluster
             assert state == "0A000" and "REPEATABLE READ" in msg and "read committed" in hint, sql
 
 
-@pytest.mark.parametrize("table, column, skip", [("wt", "t", False), ("cw", "cw", True)])
+@pytest.mark.parametrize("table, column, skip", [("wt", "t", False), ("cw", "cw", True), ("inc", "concat", False)])
 def test_a_context_column_dropped_during_a_run_fails_it_rather_than_binding_another_text(cluster, db, table, column, skip):
     """A context naming a column called `t` (the batch statement's alias of the table) or called
     as its table (which the statement of skip_undecryptable reads unaliased): dropped between two
     batches, the unqualified name resolved to the whole row, and the rest of the run bound each
     value to the row's text, its plaintext included (review finding): nothing but that text
-    decrypted them. Columns are qualified now: the run fails, and every value written decrypts
-    with the context it was meant to have."""
+    decrypted them. Qualified (`t."concat"`), a dropped column named as a function of a row
+    called that function on the whole row (review of the first fix). Each batch checks the
+    context's columns now: the run fails, and every value written decrypts with the context it
+    was meant to have."""
     cluster.set_keys({"v1": KEY1, "v3": "aes-256-gcm:" + KEY3}, "v3")
     with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as r:
         c.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, {column} text, title text)")
