@@ -341,6 +341,16 @@ pub fn null_argument(procedure: &str, nullable: Option<&str>) -> ! {
     )
 }
 
+/// psap_revoke_operator left grants that other roles made (REVOKE takes back only the caller's).
+pub fn operator_rights_granted_by_others(role: &str, grantors: &str) -> ! {
+    raise(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("role {role} keeps operator rights granted by {grantors}"),
+        Some("REVOKE takes back only the grants the current role made (a superuser's, as the objects' owner); nothing was revoked.".into()),
+        Some(format!("Call psap_revoke_operator as a superuser or as {grantors}.")),
+    )
+}
+
 /// A regrole argument that names no role (`0::regrole`).
 pub fn no_such_role() -> ! {
     raise(

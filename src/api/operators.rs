@@ -112,6 +112,9 @@ fn change(change: Change, grantee: Option<pg_sys::Oid>) {
         for (privilege, object) in &objects {
             spi::run(&change.statement(privilege, object, &role), &[]);
         }
+        if change == Change::Revoke {
+            refuse_if_granted_by_others(grantee, &role, &objects);
+        }
         log.event(
             &format!("{} operator", change.verb()),
             None,
@@ -121,6 +124,32 @@ fn change(change: Change, grantee: Option<pg_sys::Oid>) {
             warn_if_still_held(grantee, &role, &routines);
         }
     });
+}
+
+/// After a revoke: REVOKE takes back only the grants the current role made (a superuser's, as
+/// the objects' owner), and says nothing of others': any grant of the allow-list left to the
+/// role fails the call, so that no record says it was taken back.
+fn refuse_if_granted_by_others(grantee: pg_sys::Oid, role: &str, objects: &[(&str, String)]) {
+    let names = |kind: &str| -> Vec<String> {
+        objects
+            .iter()
+            .filter_map(|(_, o)| o.strip_prefix(kind).map(str::to_string))
+            .collect()
+    };
+    let grantors = spi::one::<String>(
+        "SELECT pg_catalog.string_agg(DISTINCT a.grantor::pg_catalog.regrole::pg_catalog.text, ', ')
+           FROM (SELECT p.proacl FROM pg_catalog.pg_proc p
+                  WHERE p.oid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.regprocedure[]::pg_catalog.oid[])
+                 UNION ALL
+                 SELECT c.relacl FROM pg_catalog.pg_class c
+                  WHERE c.oid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.regclass[]::pg_catalog.oid[])) o(acl),
+                pg_catalog.aclexplode(o.acl) a
+          WHERE a.grantee OPERATOR(pg_catalog.=) $3",
+        &[names("ROUTINE ").into(), names("TABLE ").into(), grantee.into()],
+    );
+    if let Some(grantors) = grantors {
+        error::operator_rights_granted_by_others(role, &grantors);
+    }
 }
 
 /// After a revoke: the routines of the API the role can still run, through a role it is a

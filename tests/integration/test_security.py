@@ -912,6 +912,42 @@ def test_a_role_without_the_grant_option_cannot_give_or_take_operator_rights(clu
         assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == before
 
 
+def test_a_revoke_that_leaves_grants_other_roles_made_is_refused_and_not_recorded(cluster, db):
+    """REVOKE takes back only the current role's grants (a superuser's, as the owner's) and
+    says nothing of others': a delegate holding the grant option revoked nothing of what the
+    superuser granted, and the audit trail recorded the rights as taken back (review finding)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS alice; DROP ROLE IF EXISTS carol; DROP ROLE IF EXISTS deleg2")
+        c.execute("CREATE ROLE alice; CREATE ROLE carol; CREATE ROLE deleg2 LOGIN")
+        c.execute("GRANT EXECUTE ON FUNCTION psap_grant_operator(regrole), psap_revoke_operator(regrole) TO deleg2")
+        c.execute("""DO $$ DECLARE f regprocedure; BEGIN
+                       FOR f IN SELECT routine FROM _psap_routines() LOOP
+                           EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO deleg2 WITH GRANT OPTION', f);
+                       END LOOP;
+                       GRANT SELECT ON psap_audit, psap_rotation_progress, psap_encrypted_columns TO deleg2 WITH GRANT OPTION;
+                     END $$""")
+        c.execute("SELECT psap_grant_operator('alice')")
+        before = c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0]
+    with cluster.connect(user="deleg2", dbname=db) as d:
+        state, msg, detail, hint = sqlstate_of(d, "SELECT psap_revoke_operator('alice')")
+        assert (state, msg) == ("42501", "role alice keeps operator rights granted by postgres"), (state, msg)
+        assert hint == "Call psap_revoke_operator as a superuser or as postgres."
+        d.execute("SELECT psap_grant_operator('carol')")  # granted by deleg2
+    with cluster.connect(dbname=db) as c:
+        assert c.execute(HELD_ON_EXTENSION, ("alice",)).fetchone()[0] == 24
+        assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == before + 1  # carol's grant
+        assert sqlstate_of(c, "SELECT psap_revoke_operator('carol')")[:2] == ("42501", "role carol keeps operator rights granted by deleg2")
+    with cluster.connect(user="deleg2", dbname=db) as d:
+        d.execute("SELECT psap_revoke_operator('carol')")
+    with cluster.connect(dbname=db) as c:
+        assert c.execute(HELD_ON_EXTENSION, ("carol",)).fetchone()[0] == 0
+        assert c.execute("SELECT operation, details, session_role FROM psap_audit_log ORDER BY id DESC LIMIT 1").fetchone() == \
+            ("revoke operator", "carol", "deleg2")
+        c.execute("SELECT psap_revoke_operator('alice')")
+        c.execute("REVOKE ALL ON SCHEMA public FROM deleg2")
+        c.execute("DROP OWNED BY deleg2")
+
+
 OPERATOR_TRAPS = """
 CREATE TABLE public.sprung (op text, as_role name);
 GRANT INSERT ON public.sprung TO PUBLIC;
