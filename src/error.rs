@@ -559,6 +559,16 @@ pub fn needs_read_committed(what: &str) -> ! {
     )
 }
 
+/// A child of two parents whose contexts differ: which one binds it is not defined.
+pub fn contexts_inherited_differ(relation: &str, column: &str) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("column \"{column}\" of {relation} inherits two contexts"),
+        Some("Its parents bind the column to different contexts; which one its values are bound to would depend on the order of their oids.".into()),
+        Some(format!("Register the column of {relation} and give it a context of its own with psap_set_column_context.")),
+    )
+}
+
 /// A run of a table under which a leaf is bound to another context than the table (a
 /// partition registered with a context of its own).
 pub fn leaf_context_differs(leaf: &str, relation: &str, column: &str) -> ! {

@@ -202,35 +202,46 @@ pub fn context_for(t: &target::Target, col: &str) -> Option<ContextExpr> {
         .chain(t.leaves.iter().map(|l| l.oid))
         .collect();
     let contexts = spi::rows(&contexts_query(&t.ext), &[rels.into(), col.into()], |r| {
-        r.get::<String>(1)
+        Ok((r.get::<String>(1)?, r.get::<bool>(2)?.unwrap_or(false)))
     });
-    let (root, leaves) = contexts.split_first().unwrap_or((&None, &[]));
-    if let Some((leaf, _)) = t.leaves.iter().zip(leaves).find(|(_, c)| *c != root) {
-        error::leaf_context_differs(&leaf.relation, &t.relation, &t.column_name);
+    let names = std::iter::once(&t.relation).chain(t.leaves.iter().map(|l| &l.relation));
+    if let Some((name, _)) = names.clone().zip(&contexts).find(|(_, (_, two))| *two) {
+        error::contexts_inherited_differ(name, &t.column_name);
+    }
+    let root = contexts.first().and_then(|(c, _)| c.clone());
+    if let Some((leaf, _)) = names.zip(&contexts).find(|(_, (c, _))| *c != root) {
+        error::leaf_context_differs(leaf, &t.relation, &t.column_name);
     }
     root.as_deref().map(|text| validate(t, text))
 }
 
 /// The query behind [`context_for`], for the registry in schema `ext` (quoted): `$1` the
 /// relations (oid[]), `$2` the column's name (text); one row per relation, in order: its
-/// context, that of its own registration or else of its nearest registered ancestor up
-/// pg_inherits (partitions and inheritance children alike), or NULL. A run prepares it once
-/// and reads it every batch.
+/// context, that of its own registration or else of its nearest registered ancestors up
+/// pg_inherits (partitions and inheritance children alike), or NULL; and whether those nearest
+/// ancestors (a child of two parents) have different ones. One pass over the ancestors of all
+/// the relations (a run prepares it once and reads it every batch).
 pub fn contexts_query(ext: &str) -> String {
     format!(
         "WITH RECURSIVE up(rel, relid, depth) AS (
              SELECT r, r, 0 FROM pg_catalog.unnest($1::pg_catalog.oid[]) AS r
              UNION ALL
              SELECT up.rel, i.inhparent, up.depth OPERATOR(pg_catalog.+) 1
-               FROM up JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) up.relid)
-         SELECT (SELECT c.context FROM up JOIN {ext}.{ENCRYPTED_COLUMNS} c
-                     ON c.relid::pg_catalog.oid OPERATOR(pg_catalog.=) up.relid
-                  WHERE up.rel OPERATOR(pg_catalog.=) l.r
-                    AND c.column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name
-                    AND c.context IS NOT NULL
-                  ORDER BY up.depth, up.relid LIMIT 1)
-           FROM pg_catalog.unnest($1::pg_catalog.oid[]) WITH ORDINALITY AS l(r, n)
-          ORDER BY l.n"
+               FROM up JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) up.relid),
+         found AS (
+             SELECT up.rel, c.context,
+                    pg_catalog.rank() OVER (PARTITION BY up.rel ORDER BY up.depth) AS nearness
+               FROM up JOIN {ext}.{ENCRYPTED_COLUMNS} c
+                 ON c.relid::pg_catalog.oid OPERATOR(pg_catalog.=) up.relid
+              WHERE c.column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name AND c.context IS NOT NULL),
+         nearest AS (
+             SELECT rel, pg_catalog.min(context) AS context,
+                    pg_catalog.count(DISTINCT context) OPERATOR(pg_catalog.>) 1 AS two
+               FROM found WHERE nearness OPERATOR(pg_catalog.=) 1 GROUP BY rel)
+         SELECT n.context, COALESCE(n.two, false)
+           FROM pg_catalog.unnest($1::pg_catalog.oid[]) WITH ORDINALITY AS l(r, o)
+           LEFT JOIN nearest n ON n.rel OPERATOR(pg_catalog.=) l.r
+          ORDER BY l.o"
     )
 }
 

@@ -281,11 +281,11 @@ fn check_table_unchanged(run: &mut Run) {
         .collect();
     let now = spi::with_fresh_snapshot(|| {
         spi::rows_prepared(plan, &[rels.into(), t.column_name.as_str().into()], |r| {
-            r.get::<String>(1)
+            Ok((r.get::<String>(1)?, r.get::<bool>(2)?.unwrap_or(false)))
         })
     });
     let set = t.context.as_ref().map(|c| c.canonical());
-    if now.iter().any(|c| *c != set) {
+    if now.iter().any(|(c, two)| *two || *c != set) {
         error::context_changed(&t.relation, &t.column_name);
     }
     // A column the context reads, dropped, renamed or retyped since the start (the leaves are

@@ -239,6 +239,31 @@ def test_a_run_whose_leaves_are_bound_to_other_contexts_is_refused(cluster, db, 
         cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
 
 
+def test_a_child_of_two_parents_bound_to_different_contexts_is_refused(cluster, db):
+    """Multiple inheritance: the parent with the lower oid won, so a dump restored (tables made
+    in name order) could flip which context a child's values were bound to (review finding)."""
+    cluster.set_keys({"v1": KEY1, "v3": GCM3}, "v3")
+    try:
+        with cluster.connect(dbname=db) as c:
+            c.execute("SET client_min_messages = warning")
+            c.execute("CREATE TABLE zb (id int, title text); CREATE TABLE za (id int, title text)")
+            c.execute("CREATE TABLE zc () INHERITS (za, zb)")
+            c.execute("INSERT INTO zc SELECT g, 'Call ' || g FROM generate_series(1, 10) g")
+            for parent in ("za", "zb"):
+                c.execute(f"SELECT psap_register_column('{parent}', 'title')")
+                c.execute(f"SELECT psap_set_column_context('{parent}', 'title', %s)", (f"'{parent}:' || id",))
+            state, msg, _, hint = sqlstate_of(c, "CALL psap_encrypt_column('zc', 'title', 5)")
+            assert (state, msg) == ("55000", 'column "title" of public.zc inherits two contexts'), (state, msg)
+            assert c.execute("SELECT count(*) FROM zc WHERE title LIKE 'Call %'").fetchone()[0] == 10
+            # A context of its own settles it.
+            c.execute("SELECT psap_register_column('zc', 'title')")
+            c.execute("SELECT psap_set_column_context('zc', 'title', %s)", ("'zc:' || id",))
+            c.execute("CALL psap_encrypt_column('zc', 'title', 5)")
+            assert c.execute("SELECT count(*) FROM zc WHERE psap_decrypt(title, 'zc:' || id) = 'Call ' || id").fetchone()[0] == 10
+    finally:
+        cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v1")
+
+
 def test_a_context_set_while_a_rotation_runs_stops_it(cluster, bound):
     """A batch cannot write under a context that a concurrent psap_set_column_context replaces."""
     with cluster.connect(dbname=bound) as setter, cluster.connect(dbname=bound) as rotator:
