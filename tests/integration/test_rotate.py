@@ -1296,13 +1296,20 @@ def test_a_timeout_while_the_crypto_thread_works_rolls_its_batch_back(cluster, d
         assert "psap crypto" in seen
         assert crypto_threads(pid) == ["psap crypto"]
         c.execute("RESET statement_timeout")
-        assert c.execute("SELECT status FROM psap_rotation_progress").fetchall() == [("cancelled",)]
+        # The timeout lands in a batch, which is rolled back and recorded as cancelled; or, seldom
+        # (once in CI), in the procedure's COMMIT between two batches, outside its error handling:
+        # then the record stays 'running' (shown 'interrupted' once the session is idle) until the
+        # next run closes it as interrupted (README, Interruptions).
+        status = c.execute("SELECT status FROM psap_rotation_progress").fetchone()[0]
+        assert status in ("cancelled", "running"), status
         assert plaintext_digest(c, "incidents") == before
         left = census(c)
         assert left[("encrypted", "v1")] > 0 and sum(left.values()) == 1000
         c.execute("CALL psap_rotate('incidents', 'title', 100)")
         assert crypto_threads(pid) == ["psap crypto"]
         assert census(c) == {("encrypted", "v2"): 1000}
+        first = c.execute("SELECT status FROM psap_rotation_progress ORDER BY id LIMIT 1").fetchone()[0]
+        assert first == ("cancelled" if status == "cancelled" else "interrupted"), (status, first)
         assert plaintext_digest(c, "incidents") == before
 
 
