@@ -59,6 +59,44 @@ fn psap_revoke_operator(grantee: Option<pg_sys::Oid>) {
     change(Change::Revoke, grantee);
 }
 
+/// What psap_grant_operator gives: EXECUTE on the allow-listed routines (each by its
+/// regprocedure text, schema-qualified and quoted) and SELECT on the allow-listed relations.
+struct Objects {
+    routines: Vec<String>,
+    relations: Vec<String>,
+}
+
+impl Objects {
+    /// The statements that give or take back all of them.
+    fn statements(&self, change: Change, role: &str) -> Vec<String> {
+        let routines = self
+            .routines
+            .iter()
+            .map(|r| ("EXECUTE", format!("ROUTINE {r}")));
+        let relations = self
+            .relations
+            .iter()
+            .map(|r| ("SELECT", format!("TABLE {r}")));
+        routines
+            .chain(relations)
+            .map(|(privilege, object)| change.statement(privilege, &object, role))
+            .collect()
+    }
+
+    /// The first of them the current role cannot grant (it lacks the grant option), if any.
+    fn first_not_grantable(&self) -> Option<String> {
+        spi::one::<String>(
+            "SELECT o FROM pg_catalog.unnest($1::pg_catalog.text[]) o
+              WHERE NOT pg_catalog.has_function_privilege(o::pg_catalog.regprocedure, 'EXECUTE WITH GRANT OPTION')
+             UNION ALL
+             SELECT o FROM pg_catalog.unnest($2::pg_catalog.text[]) o
+              WHERE NOT pg_catalog.has_table_privilege(o::pg_catalog.regclass, 'SELECT WITH GRANT OPTION')
+             LIMIT 1",
+            &[self.routines.clone().into(), self.relations.clone().into()],
+        )
+    }
+}
+
 fn change(change: Change, grantee: Option<pg_sys::Oid>) {
     gucs::ensure_preloaded();
     let _call = sandbox::sql_call();
@@ -84,33 +122,22 @@ fn change(change: Change, grantee: Option<pg_sys::Oid>) {
                 |r| Ok((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default())),
             )
         });
-        let mut objects: Vec<(&str, String)> = routines
-            .iter()
-            .filter(|(_, name)| OPERATOR_ROUTINES.contains(&name.as_str()))
-            .map(|(routine, _)| ("EXECUTE", format!("ROUTINE {routine}")))
-            .collect();
-        objects.extend(
-            OPERATOR_RELATIONS
+        let objects = Objects {
+            routines: routines
                 .iter()
-                .map(|rel| ("SELECT", format!("TABLE {ext}.{rel}"))),
-        );
-        for (privilege, object) in &objects {
-            let (kind, name) = object.split_once(' ').unwrap_or_default();
-            let check = if kind == "ROUTINE" {
-                "SELECT pg_catalog.has_function_privilege($1::pg_catalog.text::pg_catalog.regprocedure, $2)"
-            } else {
-                "SELECT pg_catalog.has_table_privilege($1::pg_catalog.text::pg_catalog.regclass, $2)"
-            };
-            let grantable = spi::one::<bool>(
-                check,
-                &[name.into(), format!("{privilege} WITH GRANT OPTION").into()],
-            );
-            if grantable != Some(true) {
-                error::cannot_change_operator(change.procedure(), change.verb(), name);
-            }
+                .filter(|(_, name)| OPERATOR_ROUTINES.contains(&name.as_str()))
+                .map(|(routine, _)| routine.clone())
+                .collect(),
+            relations: OPERATOR_RELATIONS
+                .iter()
+                .map(|rel| format!("{ext}.{rel}"))
+                .collect(),
+        };
+        if let Some(object) = objects.first_not_grantable() {
+            error::cannot_change_operator(change.procedure(), change.verb(), &object);
         }
-        for (privilege, object) in &objects {
-            spi::run(&change.statement(privilege, object, &role), &[]);
+        for statement in objects.statements(change, &role) {
+            spi::run(&statement, &[]);
         }
         if change == Change::Revoke {
             refuse_if_granted_by_others(grantee, &role, &objects);
@@ -129,13 +156,7 @@ fn change(change: Change, grantee: Option<pg_sys::Oid>) {
 /// After a revoke: REVOKE takes back only the grants the current role made (a superuser's, as
 /// the objects' owner), and says nothing of others': any grant of the allow-list left to the
 /// role fails the call, so that no record says it was taken back.
-fn refuse_if_granted_by_others(grantee: pg_sys::Oid, role: &str, objects: &[(&str, String)]) {
-    let names = |kind: &str| -> Vec<String> {
-        objects
-            .iter()
-            .filter_map(|(_, o)| o.strip_prefix(kind).map(str::to_string))
-            .collect()
-    };
+fn refuse_if_granted_by_others(grantee: pg_sys::Oid, role: &str, objects: &Objects) {
     let grantors = spi::one::<String>(
         "SELECT pg_catalog.string_agg(DISTINCT a.grantor::pg_catalog.regrole::pg_catalog.text, ', ')
            FROM (SELECT p.proacl FROM pg_catalog.pg_proc p
@@ -145,7 +166,11 @@ fn refuse_if_granted_by_others(grantee: pg_sys::Oid, role: &str, objects: &[(&st
                   WHERE c.oid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.regclass[]::pg_catalog.oid[])) o(acl),
                 pg_catalog.aclexplode(o.acl) a
           WHERE a.grantee OPERATOR(pg_catalog.=) $3",
-        &[names("ROUTINE ").into(), names("TABLE ").into(), grantee.into()],
+        &[
+            objects.routines.clone().into(),
+            objects.relations.clone().into(),
+            grantee.into(),
+        ],
     );
     if let Some(grantors) = grantors {
         error::operator_rights_granted_by_others(role, &grantors);
@@ -155,18 +180,17 @@ fn refuse_if_granted_by_others(grantee: pg_sys::Oid, role: &str, objects: &[(&st
 /// After a revoke: the routines of the API the role can still run, through a role it is a
 /// member of, grants other roles made, or as a superuser (a staff change is not done yet).
 fn warn_if_still_held(grantee: pg_sys::Oid, role: &str, routines: &[(String, String)]) {
+    let (routines, names): (Vec<String>, Vec<String>) = routines.iter().cloned().unzip();
+    let held = spi::one::<Vec<String>>(
+        "SELECT pg_catalog.array_agg(DISTINCT n)
+           FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) AS a(r, n)
+          WHERE pg_catalog.has_function_privilege($1, r::pg_catalog.regprocedure, 'EXECUTE')",
+        &[grantee.into(), routines.into(), names.into()],
+    )
+    .unwrap_or_default();
     let still: Vec<&str> = OPERATOR_ROUTINES
         .iter()
-        .filter(|name| !name.starts_with('_'))
-        .filter(|&&name| {
-            routines.iter().any(|(routine, n)| {
-                n == name
-                    && spi::one::<bool>(
-                        "SELECT pg_catalog.has_function_privilege($1, $2::pg_catalog.text::pg_catalog.regprocedure, 'EXECUTE')",
-                        &[grantee.into(), routine.as_str().into()],
-                    ) == Some(true)
-            })
-        })
+        .filter(|name| !name.starts_with('_') && held.iter().any(|h| h == *name))
         .copied()
         .collect();
     if !still.is_empty() {

@@ -198,13 +198,11 @@ fn registered_context(rel: pg_sys::Oid, col: &str) -> Option<Option<String>> {
 /// run of its parent. Checked again as it was when set (a restored or hand-edited registry, a
 /// dropped or retyped column): invalid, it stops the run.
 pub fn context_for(t: &target::Target, col: &str) -> Option<ContextExpr> {
-    let rels: Vec<pg_sys::Oid> = std::iter::once(t.oid)
-        .chain(t.leaves.iter().map(|l| l.oid))
-        .collect();
+    let rels: Vec<pg_sys::Oid> = t.relations().map(|(oid, _)| oid).collect();
     let contexts = spi::rows(&contexts_query(&t.ext), &[rels.into(), col.into()], |r| {
         Ok((r.get::<String>(1)?, r.get::<bool>(2)?.unwrap_or(false)))
     });
-    let names = std::iter::once(&t.relation).chain(t.leaves.iter().map(|l| &l.relation));
+    let names = t.relations().map(|(_, name)| name);
     if let Some((name, _)) = names.clone().zip(&contexts).find(|(_, (_, two))| *two) {
         error::contexts_inherited_differ(name, &t.column_name);
     }

@@ -110,6 +110,13 @@ impl Target {
         crate::audit::Subject::of(&self.relation, self.oid, &self.column_name)
     }
 
+    /// The table and then each leaf, as (oid, quoted name): the relations a context is looked
+    /// up for, in the order [`crate::api::registry::contexts_query`] answers them.
+    pub fn relations(&self) -> impl Iterator<Item = (pg_sys::Oid, &str)> + Clone {
+        std::iter::once((self.oid, self.relation.as_str()))
+            .chain(self.leaves.iter().map(|l| (l.oid, l.relation.as_str())))
+    }
+
     /// Refuses a caller that row-level security restricts on the table or one of its leaves:
     /// `what` (psap_census, psap_rotate) reads every row and applies no policy, and would
     /// otherwise tell the caller about rows its policies hide.

@@ -276,9 +276,7 @@ fn check_table_unchanged(run: &mut Run) {
         let types = [pg_sys::OIDARRAYOID, pg_sys::TEXTOID].map(PgOid::from);
         spi::prepare(&registry::contexts_query(&t.ext), &types)
     });
-    let rels: Vec<pg_sys::Oid> = std::iter::once(t.oid)
-        .chain(t.leaves.iter().map(|l| l.oid))
-        .collect();
+    let rels: Vec<pg_sys::Oid> = t.relations().map(|(oid, _)| oid).collect();
     let now = spi::with_fresh_snapshot(|| {
         spi::rows_prepared(plan, &[rels.into(), t.column_name.as_str().into()], |r| {
             Ok((r.get::<String>(1)?, r.get::<bool>(2)?.unwrap_or(false)))
