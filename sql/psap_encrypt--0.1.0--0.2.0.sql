@@ -393,18 +393,11 @@ EXCEPTION WHEN OTHERS THEN
 END
 $$;
 
+-- Forgets the registered columns a DROP takes away, each with an 'unregister' audit record
+-- (src/api/registry.rs): psap_encrypt's own code, as only it writes the audit log.
 CREATE OR REPLACE FUNCTION @extschema@._psap_registry_follow_drop() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    DELETE FROM @extschema@.psap_encrypted_columns r
-     USING pg_catalog.pg_event_trigger_dropped_objects() d
-     WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = r.relid::oid
-       AND (d.objsubid = 0 OR d.address_names[3] = r.column_name);
-EXCEPTION WHEN OTHERS THEN
-    RAISE WARNING 'psap_encrypt could not update its column registry: %', SQLERRM;
-END
-$$;
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_psap_registry_follow_drop';
 
 -- A row's attnum is always that of the column it names, whoever writes it: pg_restore copies the
 -- rows back after the tables were created anew, without their dropped columns, so the stored

@@ -758,6 +758,17 @@ pub fn cannot_prepare_audit() -> ! {
     )
 }
 
+/// A function written for an event trigger, called some other way (as PostgreSQL's own
+/// pg_event_trigger_dropped_objects() says it).
+pub fn not_in_event_trigger(function: &str, event: &str) -> ! {
+    raise(
+        ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED,
+        format!("{function} can only be called in a {event} event trigger function"),
+        None,
+        None,
+    )
+}
+
 pub fn extension_missing() -> ! {
     raise(
         ERRCODE_UNDEFINED_OBJECT,

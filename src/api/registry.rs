@@ -107,6 +107,95 @@ fn psap_unregister_column(tbl: Regclass, col: &str) -> bool {
     })
 }
 
+static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+
+/// `_psap_registry_follow_drop()` RETURNS event_trigger (sql/registry.sql), for the `sql_drop`
+/// event trigger of the same name.
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo__psap_registry_follow_drop() -> &'static pg_sys::Pg_finfo_record {
+    &V1
+}
+
+/// Forgets the registered columns a DROP took away (the table, a column, a schema or an owner's
+/// objects with them), each with an `unregister` record whose details say what dropped it: an
+/// encrypted column of CJI does not leave the registry, psap_status and psap_compliance without
+/// a trace in the audit trail. Runs as the role that dropped them (PostgreSQL runs event
+/// triggers so), writing as the extension's owner. A failure fails the DROP: a column is not
+/// dropped unrecorded.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager; refuses any call but an event trigger's.
+#[pg_guard]
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub unsafe extern "C-unwind" fn _psap_registry_follow_drop(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    const FUNCTION: &str = "_psap_registry_follow_drop()";
+    // SAFETY: fcinfo is the function manager's; its context, when it is an EventTriggerData
+    // node, is the event trigger manager's for this call (commands/event_trigger.h's
+    // CALLED_AS_EVENT_TRIGGER).
+    let tag = unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_EventTriggerData {
+            error::not_in_event_trigger(FUNCTION, "sql_drop");
+        }
+        let data = context.cast::<pg_sys::EventTriggerData>();
+        if std::ffi::CStr::from_ptr((*data).event).to_bytes() != b"sql_drop" {
+            error::not_in_event_trigger(FUNCTION, "sql_drop");
+        }
+        std::ffi::CStr::from_ptr(pg_sys::GetCommandTagName((*data).tag))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let _call = sandbox::sql_call();
+    sandbox::with_safe_search_path(|| {
+        let log = AuditLog::open();
+        let ext = target::extension_schema();
+        let dropped = sandbox::as_extension_owner(log.owner(), || {
+            spi::rows_mut(
+                &format!(
+                    "DELETE FROM {ext}.{ENCRYPTED_COLUMNS} r
+                      USING pg_catalog.pg_event_trigger_dropped_objects() d
+                      WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                        AND d.objid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
+                        AND (d.objsubid OPERATOR(pg_catalog.=) 0
+                             OR d.address_names[3] OPERATOR(pg_catalog.=) r.column_name)
+                  RETURNING pg_catalog.format('%I.%I', d.address_names[1], d.address_names[2]),
+                            r.relid::pg_catalog.oid, r.column_name::pg_catalog.text,
+                            r.attnum, d.objsubid OPERATOR(pg_catalog.=) 0"
+                ),
+                &[],
+                |r| {
+                    Ok((
+                        r.get::<String>(1)?.unwrap_or_default(),
+                        r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                        r.get::<String>(3)?.unwrap_or_default(),
+                        r.get::<i16>(4)?,
+                        r.get::<bool>(5)?.unwrap_or(false),
+                    ))
+                },
+            )
+        });
+        for (relation, relid, column, attnum, whole_table) in &dropped {
+            let what = if *whole_table { "table" } else { "column" };
+            let subject = Subject {
+                relation,
+                column,
+                relid: *relid,
+                attnum: *attnum,
+            };
+            log.event(
+                "unregister",
+                Some(subject),
+                Some(format!("{what} dropped ({tag})")),
+            );
+        }
+    });
+    pg_sys::Datum::from(0)
+}
+
 /// Binds a registered column's values to a context: `context` is an expression over the row, in
 /// the small language of `psap_core::context` (`'incidents.title:' || id`), whose text
 /// AES-256-GCM authenticates with each value, so a value copied into another row or column no

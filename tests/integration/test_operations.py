@@ -123,6 +123,56 @@ def test_registry_follows_renames_and_drops_and_survives_dump_restore(cluster, d
             assert status(c) == {("calls", "summary", "v2"): 1200}
 
 
+def test_a_drop_that_takes_a_column_out_of_the_registry_is_recorded(cluster, db):
+    """A registered column dropped (its table, the column, its schema) leaves the registry, so
+    psap_status and psap_compliance no longer show it: each such DROP writes an 'unregister'
+    record, sealed at commit, naming who dropped what (before, nothing was written). The
+    table's owner, no superuser and with a hostile search_path, does it."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS dropper")
+        c.execute("CREATE ROLE dropper LOGIN")
+        c.execute("CREATE SCHEMA dispatch AUTHORIZATION dropper")
+        c.execute("SELECT psap_grant_operator('dropper')")
+    try:
+        with cluster.connect(user="dropper", dbname=db) as c:
+            c.execute("CREATE TABLE dispatch.calls (id int PRIMARY KEY, title text, note text)")
+            c.execute("CREATE TABLE dispatch.units (id int PRIMARY KEY, name text)")
+            c.execute("CREATE TABLE dispatch.plain (id int)")
+            # Look-alikes of what the event trigger reads, first on the dropper's search_path.
+            c.execute("CREATE TABLE dispatch.psap_encrypted_columns (relid regclass, column_name name)")
+            c.execute("""CREATE FUNCTION dispatch.pg_event_trigger_dropped_objects() RETURNS SETOF record
+                         LANGUAGE sql AS 'SELECT NULL::record WHERE false'""")
+            for col in ("title", "note"):
+                c.execute("SELECT public.psap_register_column('dispatch.calls', %s)", (col,))
+            c.execute("SELECT public.psap_register_column('dispatch.units', 'name')")
+            c.execute("SET search_path = dispatch, pg_catalog, public")
+            c.execute("ALTER TABLE dispatch.calls DROP COLUMN note")
+            c.execute("BEGIN")
+            c.execute("DROP TABLE dispatch.units")
+            c.execute("ROLLBACK")
+            c.execute("DROP TABLE dispatch.plain")
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP SCHEMA dispatch CASCADE")
+            records = c.execute(
+                """SELECT relation, column_name, details, run_as_role, session_role, status,
+                          relid IS NOT NULL, attnum, seal_hash IS NOT NULL
+                     FROM psap_audit_log WHERE operation = 'unregister' ORDER BY id""").fetchall()
+            assert records == [
+                ("dispatch.calls", "note", "column dropped (ALTER TABLE)", "dropper", "dropper", "done", True, 3, True),
+                ("dispatch.calls", "title", "table dropped (DROP SCHEMA)", "postgres", "postgres", "done", True, 2, True),
+                ("dispatch.units", "name", "table dropped (DROP SCHEMA)", "postgres", "postgres", "done", True, 2, True),
+            ]
+            assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 0
+            assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+            # Called any other way, it refuses (and PUBLIC may not call it).
+            state, msg, _, _ = sqlstate_of(c, "SELECT _psap_registry_follow_drop()")
+            assert (state, msg) == ("39P03", "_psap_registry_follow_drop() can only be called in a sql_drop event trigger function")
+            assert c.execute("SELECT has_function_privilege('dropper', '_psap_registry_follow_drop()', 'EXECUTE')").fetchone()[0] is False
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP SCHEMA IF EXISTS dispatch CASCADE")
+            c.execute("DROP OWNED BY dropper; DROP ROLE dropper")
+
 @contextlib.contextmanager
 def restored_copy(cluster, db):
     """Database `db` dumped with pg_dump -Fc and restored with pg_restore into a new database,
