@@ -654,6 +654,15 @@ pub fn renamed(relation: &str) -> ! {
     )
 }
 
+pub fn column_changed(relation: &str, column: &str) -> ! {
+    raise(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("column \"{column}\" of {relation} was renamed or dropped during the rotation"),
+        Some("The run finds its column by name, which no longer names the column it started on (another column may have taken it). The rows of earlier batches stay rotated.".into()),
+        Some("Call the procedure again with the column's name as it is now.".into()),
+    )
+}
+
 pub fn owner_changed(relation: &str) -> ! {
     raise(
         ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -259,7 +259,7 @@ fn step(run: &mut Run) -> Option<Status> {
     None
 }
 
-/// Stops the run if the column's context changed since it started (psap_set_column_context
+/// Stops the run if the column (by name) is no longer the one it started on, or its context changed since it started (psap_set_column_context
 /// commits only when no batch is writing: this takes the lock that waits for it, then reads), or
 /// a leaf's owner did (the batches run the table's code with the rights of the owner the run
 /// resolved).
@@ -292,20 +292,45 @@ fn check_table_unchanged(run: &mut Run) {
     if context_columns(t) != run.context_columns {
         error::context_changed(&t.relation, &t.column_name);
     }
+    // The rotated column itself, renamed or dropped (and another column renamed to its name, a
+    // usual migration): the batches and counts would go on with that other column, writing
+    // envelopes into a column the registry does not know and reporting the run done.
+    if rotated_column(t) != run.rotated_column {
+        error::column_changed(&t.relation, &t.column_name);
+    }
 }
 
 /// (leaf, attnum, type) of each column the target's context reads, in every leaf (attnum 0: no
 /// such column).
 pub fn context_columns(t: &Target) -> Vec<(pg_sys::Oid, i16, pg_sys::Oid)> {
-    let Some(context) = &t.context else {
-        return Vec::new();
-    };
+    match &t.context {
+        Some(context) => columns_in_leaves(t, context.columns()),
+        None => Vec::new(),
+    }
+}
+
+/// (leaf, attnum) of the rotated column in every leaf: batches and counts find it by name,
+/// which a rename or a drop and re-add gives to another column. (Its type is checked where it
+/// is used: a change is the 42804 of a column that changed under the run.)
+pub fn rotated_column(t: &Target) -> Vec<(pg_sys::Oid, i16)> {
+    columns_in_leaves(t, [t.column_name.as_str()])
+        .into_iter()
+        .map(|(leaf, attnum, _)| (leaf, attnum))
+        .collect()
+}
+
+/// (leaf, attnum, type) of each of `columns` (by name) in every leaf, as the catalog says now
+/// (attnum 0: no such column; a dropped column is not found by name).
+fn columns_in_leaves<'a>(
+    t: &Target,
+    columns: impl IntoIterator<Item = &'a str> + Clone,
+) -> Vec<(pg_sys::Oid, i16, pg_sys::Oid)> {
     let mut out = Vec::new();
     for leaf in &t.leaves {
-        for column in context.columns() {
+        for column in columns.clone() {
             let name = std::ffi::CString::new(column).unwrap_or_default();
             // SAFETY: syscache lookups by oid and a NUL-terminated name (InvalidAttrNumber and
-            // InvalidOid when there is none; a dropped column is not found by name).
+            // InvalidOid when there is none).
             let (attnum, typ) = unsafe {
                 let attnum = pg_sys::get_attnum(leaf.oid, name.as_ptr());
                 let typ = if attnum > 0 {

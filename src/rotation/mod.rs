@@ -98,6 +98,9 @@ pub struct Run {
     /// The columns the context reads, as they were when the run started: (leaf, attnum, type)
     /// of each, in every leaf; each batch checks them again ([`batch::context_columns`]).
     pub context_columns: Vec<(pgrx::pg_sys::Oid, i16, pgrx::pg_sys::Oid)>,
+    /// The rotated column as it was when the run started, (leaf, attnum) in every leaf; each
+    /// batch checks it again ([`batch::rotated_column`]).
+    pub rotated_column: Vec<(pgrx::pg_sys::Oid, i16)>,
     /// Rows to do per leaf as counted at the start, used (once) to size the first pass's ranges.
     pub counted: Vec<Option<i64>>,
     /// Whether a step has run (the pause comes between batches, not before the first).

@@ -183,6 +183,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     });
     let what = format!("{}.{}", target.relation, target.column_name);
     let context_columns = batch::context_columns(&target);
+    let rotated_column = batch::rotated_column(&target);
     let mut run = Run {
         token,
         secret,
@@ -206,6 +207,7 @@ pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
         batch_lock: None,
         context_plan: None,
         context_columns,
+        rotated_column,
         path: None,
         stepped: false,
         left: 0,

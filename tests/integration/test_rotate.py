@@ -1449,6 +1449,84 @@ def test_a_table_renamed_into_the_runs_place_between_batches_is_not_touched(clus
         assert census(other, "incidents_old") == {("encrypted", "v1"): 1500, ("encrypted", "v2"): 500}
 
 
+@pytest.mark.parametrize("path", ["direct", "statement"])
+@pytest.mark.parametrize("change", ["swap", "replace"])
+def test_a_column_renamed_into_the_runs_column_between_batches_is_not_touched(cluster, db, path, change):
+    """Batches find the column by name. Another column renamed into the rotated column's name
+    between two batches (the names swapped, or the column dropped and a cleaned copy renamed in,
+    a usual migration) made the run go on with that column: psap_encrypt_column encrypted a
+    column the registry does not know and ended "done", psap_rotate ended "done" with the
+    registered column's rows still on v1 (helper-40). The run stops instead."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE incidents (id bigint PRIMARY KEY, title text, draft text)")
+        c.execute("INSERT INTO incidents SELECT g, 'Incident ' || g, 'Draft ' || g FROM generate_series(1, 2000) g")
+        assert c.execute("SELECT psap_register_column('incidents', 'title')").fetchone()[0] is True
+        if path == "statement":
+            c.execute("CREATE TRIGGER t BEFORE UPDATE ON incidents FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()")
+    with cluster.no_crash(), cluster.connect(dbname=db) as runner, cluster.connect(dbname=db) as other:
+        th, result = psap_cluster.in_background(runner, "CALL psap_encrypt_column('incidents', 'title', 500, pause_ms => 3000)")
+        psap_cluster.paused(other, runner.info.backend_pid)
+        if change == "swap":
+            other.execute("BEGIN; ALTER TABLE incidents RENAME title TO t; ALTER TABLE incidents RENAME draft TO title;"
+                          " ALTER TABLE incidents RENAME t TO draft; COMMIT")
+        else:
+            other.execute("BEGIN; ALTER TABLE incidents DROP COLUMN title; ALTER TABLE incidents RENAME draft TO title; COMMIT")
+        th.join(60)
+        assert result.get("error", (None, ""))[0] == "55000", result
+        assert 'column "title" of public.incidents was renamed or dropped during the rotation' in result["error"][1], result
+        assert other.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v_:%'").fetchone()[0] == 0, \
+            "the column renamed in was encrypted"
+        record = other.execute("SELECT status, rows_done FROM psap_audit WHERE operation = 'encrypt'").fetchone()
+        assert record == ("failed", 500), record
+        if change == "swap":
+            # The registry followed its column; the rotation runs on it, and a rename during
+            # that run stops it too.
+            assert other.execute("SELECT column_name FROM psap_encrypted_columns").fetchall() == [("draft",)]
+            runner.execute("CALL psap_encrypt_column('incidents', 'draft', 500)")
+            cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+            th, result = psap_cluster.in_background(runner, "CALL psap_rotate('incidents', 'draft', 500, pause_ms => 3000)")
+            psap_cluster.paused(other, runner.info.backend_pid)
+            other.execute("BEGIN; ALTER TABLE incidents RENAME title TO t; ALTER TABLE incidents RENAME draft TO title;"
+                          " ALTER TABLE incidents RENAME t TO draft; COMMIT")
+            th.join(60)
+            assert result.get("error", (None, ""))[0] == "55000", result
+            assert other.execute("SELECT count(*) FROM incidents WHERE draft LIKE 'v_:%'").fetchone()[0] == 0
+            assert other.execute(
+                "SELECT count(*) FROM incidents WHERE psap_decrypt(title) = 'Incident ' || id").fetchone()[0] == 2000
+
+
+def test_a_deferred_constraint_trigger_fails_the_run_and_never_fires_as_the_caller(cluster, db):
+    """A deferred constraint trigger would fire at the procedure's COMMIT, outside the batch's
+    security-restricted operation, with the caller's rights: PostgreSQL refuses to queue it
+    (README, Triggers). The run fails at its first batch, rolled back; disable_triggers gets
+    past it (helper-40)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP ROLE IF EXISTS deferrer")
+        c.execute("CREATE ROLE deferrer")
+        fill(c, 1000)
+        c.execute("CREATE TABLE fired (as_role name, superuser boolean)")
+        c.execute("GRANT INSERT ON fired TO deferrer")
+        c.execute("""CREATE FUNCTION public.note_fired() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN INSERT INTO public.fired SELECT current_user, usesuper FROM pg_catalog.pg_user
+                            WHERE usename = current_user; RETURN NULL; END $$""")
+        c.execute("""CREATE CONSTRAINT TRIGGER late AFTER UPDATE ON incidents DEFERRABLE INITIALLY DEFERRED
+                     FOR EACH ROW EXECUTE FUNCTION public.note_fired()""")
+        c.execute("ALTER TABLE incidents OWNER TO deferrer")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    try:
+        with cluster.no_crash(), cluster.connect(dbname=db) as c:
+            state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 100)")
+            assert (state, msg) == ("42501", "cannot fire deferred trigger within security-restricted operation")
+            assert census(c) == {("encrypted", "v1"): 1000}
+            assert c.execute("SELECT status, rows_done FROM psap_audit WHERE operation = 'rotate'").fetchone() == ("failed", 0)
+            c.execute("CALL psap_rotate('incidents', 'title', 100, disable_triggers => true)")
+            assert census(c) == {("encrypted", "v2"): 1000}
+            assert c.execute("SELECT count(*) FROM fired").fetchone()[0] == 0
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP TABLE incidents; DROP OWNED BY deferrer; DROP ROLE deferrer")
+
+
 def test_a_run_of_a_session_with_track_activities_off_is_not_taken_for_interrupted(cluster, db):
     """A session with track_activities off reports no state: its run in progress was shown as
     interrupted, and closed so by the next run started elsewhere, its later progress lost."""
