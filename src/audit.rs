@@ -111,9 +111,14 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 impl AuditLog {
     pub fn open() -> AuditLog {
         let ext = target::extension_schema();
+        // From the catalogs, not a regclass input (which needs USAGE on the extension's schema):
+        // the registry's event trigger opens the log as whichever role ran a DROP.
         let owner = spi::one::<pg_sys::Oid>(
-            &format!("SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) '{ext}.{AUDIT_LOG}'::pg_catalog.regclass"),
-            &[],
+            "SELECT c.relowner FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_extension e ON e.extnamespace OPERATOR(pg_catalog.=) c.relnamespace
+              WHERE e.extname OPERATOR(pg_catalog.=) 'psap_encrypt'
+                AND c.relname OPERATOR(pg_catalog.=) $1::pg_catalog.name",
+            &[AUDIT_LOG.into()],
         )
         .unwrap_or_else(|| error::extension_missing());
         AuditLog {

@@ -761,7 +761,7 @@ pub fn cannot_prepare_audit() -> ! {
         "cannot PREPARE a transaction that wrote psap_encrypt's audit log",
         None,
         Some(
-            "Register columns, change contexts and run rotations outside two-phase transactions."
+            "Register columns, change contexts, run rotations and drop registered columns outside two-phase transactions."
                 .into(),
         ),
     )

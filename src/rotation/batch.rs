@@ -268,8 +268,10 @@ fn check_table_unchanged(run: &mut Run) {
     for leaf in &t.leaves {
         // SAFETY: the lock this batch's UPDATE takes anyway, on an existing relation.
         unsafe { pg_sys::LockRelationOid(leaf.oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
-        if owner_of(leaf.oid).is_some_and(|owner| owner != leaf.owner) {
-            error::owner_changed(&leaf.relation);
+        match owner_of(leaf.oid) {
+            None => error::table_gone(&leaf.relation),
+            Some(owner) if owner != leaf.owner => error::owner_changed(&leaf.relation),
+            Some(_) => {}
         }
     }
     let plan = run.context_plan.get_or_insert_with(|| {
@@ -346,8 +348,7 @@ fn columns_in_leaves<'a>(
     out
 }
 
-/// The owner of relation `oid` as the catalog says now, or None if it is gone (the batch then
-/// reports it).
+/// The owner of relation `oid` as the catalog says now, or None if it is gone.
 fn owner_of(oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     // SAFETY: a syscache lookup, released at once; the pg_class row is read while pinned.
     unsafe {

@@ -173,6 +173,29 @@ def test_a_drop_that_takes_a_column_out_of_the_registry_is_recorded(cluster, db)
             c.execute("DROP SCHEMA IF EXISTS dispatch CASCADE")
             c.execute("DROP OWNED BY dropper; DROP ROLE dropper")
 
+def test_roles_without_usage_on_the_extensions_schema_can_still_drop_their_objects(cluster, db):
+    """The registry's sql_drop event trigger runs on every DROP in the database as the role that
+    ran it. Its first version looked up the audit log with a regclass input, which needs USAGE on
+    the extension's schema: with that schema closed to PUBLIC (a dedicated schema, or public
+    revoked), no such role could drop anything, a temporary table included (helper-41)."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        c.execute("DROP ROLE IF EXISTS nobody")
+        c.execute("CREATE ROLE nobody LOGIN")
+        c.execute("CREATE SCHEMA own AUTHORIZATION nobody")
+    try:
+        with cluster.connect(user="nobody", dbname=db) as c:
+            c.execute("SET search_path = own")
+            for sql in ["CREATE TEMP TABLE scratch (x int)", "DROP TABLE scratch",
+                        "CREATE TABLE mine (x int, y int)", "CREATE INDEX ON mine (x)", "DROP INDEX mine_x_idx",
+                        "ALTER TABLE mine DROP COLUMN y", "CREATE VIEW v AS SELECT x FROM mine", "DROP VIEW v",
+                        "DROP TABLE mine"]:
+                c.execute(sql)
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute("DROP SCHEMA own CASCADE; DROP OWNED BY nobody; DROP ROLE nobody")
+
+
 @contextlib.contextmanager
 def restored_copy(cluster, db):
     """Database `db` dumped with pg_dump -Fc and restored with pg_restore into a new database,
