@@ -191,6 +191,9 @@ fn step(run: &mut Run) -> Option<Status> {
     // Deferred to the commit, PostgreSQL refuses to queue it there (42501), as it would then run
     // with the caller's rights, and no run of such a table could go.
     spi::run("SET CONSTRAINTS ALL IMMEDIATE", &[]);
+    // The batch's own statements are short, but over thousands of partitions their plans cost
+    // enough to be compiled, which costs more than it saves (the catalog queries over the leaves).
+    spi::run("SET LOCAL jit = off", &[]);
     // A batch takes `batch` rows, walking as many block ranges (and leaves) as that needs.
     let (mut locked_total, mut done, mut failed) = (0i64, 0i64, 0u64);
     while locked_total < run.opts.batch {
