@@ -178,7 +178,8 @@ fn refuse_if_granted_by_others(grantee: pg_sys::Oid, role: &str, objects: &Objec
 }
 
 /// After a revoke: the routines of the API the role can still run, through a role it is a
-/// member of, grants other roles made, or as a superuser (a staff change is not done yet).
+/// member of or as a superuser (a staff change is not done yet; its own grants by other roles
+/// failed the revoke already).
 fn warn_if_still_held(grantee: pg_sys::Oid, role: &str, routines: &[(String, String)]) {
     let (routines, names): (Vec<String>, Vec<String>) = routines.iter().cloned().unzip();
     let held = spi::one::<Vec<String>>(
@@ -196,7 +197,7 @@ fn warn_if_still_held(grantee: pg_sys::Oid, role: &str, routines: &[(String, Str
     if !still.is_empty() {
         rotation::plan::warning(
             format!("role {role} can still run {}", still.join(", ")),
-            "It holds them as a superuser, through a role it is a member of, or by grants another role made.".into(),
+            "It holds them as a superuser or through a role it is a member of.".into(),
         );
     }
 }

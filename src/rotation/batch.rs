@@ -181,19 +181,12 @@ fn step(run: &mut Run) -> Option<Status> {
     }
     run.stepped = true;
     run.name_checked = None;
+    jit_off();
     check_table_unchanged(run);
     if run.opts.disable_triggers {
         spi::run("SET LOCAL session_replication_role = replica", &[]);
     }
-    // A deferred constraint trigger (or a deferrable unique constraint's check) fires at the end
-    // of the batch statement instead of at the commit: the commit follows the batch at once,
-    // and it so runs inside the batch's security-restricted operation, as the table's owner.
-    // Deferred to the commit, PostgreSQL refuses to queue it there (42501), as it would then run
-    // with the caller's rights, and no run of such a table could go.
-    spi::run("SET CONSTRAINTS ALL IMMEDIATE", &[]);
-    // The batch's own statements are short, but over thousands of partitions their plans cost
-    // enough to be compiled, which costs more than it saves (the catalog queries over the leaves).
-    spi::run("SET LOCAL jit = off", &[]);
+    constraints_immediate();
     // A batch takes `batch` rows, walking as many block ranges (and leaves) as that needs.
     let (mut locked_total, mut done, mut failed) = (0i64, 0i64, 0u64);
     while locked_total < run.opts.batch {
@@ -266,6 +259,46 @@ fn step(run: &mut Run) -> Option<Status> {
     }
     run.audit.progress(run.audit_id, run.counts);
     None
+}
+
+/// `SET CONSTRAINTS ALL IMMEDIATE` for the batch's transaction, without a statement's parse and
+/// plan: a deferred constraint trigger (or a deferrable unique constraint's check) fires at the
+/// end of the batch statement instead of at the commit, which follows the batch at once, and so
+/// runs inside the batch's security-restricted operation, as the table's owner. Deferred to the
+/// commit, PostgreSQL refuses to queue it there (42501), as it would then run with the caller's
+/// rights, and no run of such a table could go.
+fn constraints_immediate() {
+    // SAFETY: a node made in the current memory context, as the SET CONSTRAINTS statement's
+    // parse makes it (no constraint names: ALL), given to the function that statement calls,
+    // in a transaction.
+    unsafe {
+        let stmt = pg_sys::palloc0(std::mem::size_of::<pg_sys::ConstraintsSetStmt>())
+            .cast::<pg_sys::ConstraintsSetStmt>();
+        (*stmt).type_ = pg_sys::NodeTag::T_ConstraintsSetStmt;
+        (*stmt).constraints = std::ptr::null_mut();
+        (*stmt).deferred = false;
+        pg_sys::AfterTriggerSetState(stmt);
+    }
+}
+
+/// `SET LOCAL jit = off`, without a statement: a run's own statements are short, but over
+/// thousands of partitions their plans cost enough to be compiled, which costs more than it
+/// saves (the catalog queries over the leaves). For the transaction (a run's start, a batch).
+pub fn jit_off() {
+    // SAFETY: PostgreSQL's GUC machinery from a backend in a transaction; GUC_ACTION_LOCAL
+    // reverts the setting at the transaction's end, as SET LOCAL does.
+    unsafe {
+        pg_sys::set_config_option(
+            c"jit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
 }
 
 /// Stops the run if the column (by name) is no longer the one it started on, or its context changed since it started (psap_set_column_context

@@ -91,8 +91,7 @@ pub fn check_context(procedure: Procedure) {
 /// failure raised by `_psap_run_end` once the record is committed.
 pub fn begin(tbl: &PgRelation, col: &str, opts: Options) -> i64 {
     state::reset();
-    // As each batch does (batch::step): no JIT compilation of the catalog queries over the leaves.
-    spi::run("SET LOCAL jit = off", &[]);
+    batch::jit_off();
     let to = gucs::encryption_version();
     let (to_fingerprint, to_cipher) = gucs::keyring()
         .key_to_encrypt(to)

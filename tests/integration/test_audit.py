@@ -87,6 +87,13 @@ def test_records_are_sealed_and_logged_only_when_their_transaction_commits(clust
         state, msg, _, hint = sqlstate_of(c, "PREPARE TRANSACTION 'psap_t'")
         assert (state, msg) == ("0A000", "cannot PREPARE a transaction that wrote psap_encrypt's audit log"), msg
         c.execute("ROLLBACK")
+        # So is the record of a registered column's DROP, and of operator rights.
+        for change in ["DROP TABLE other", "ALTER TABLE other DROP COLUMN note", "SELECT psap_grant_operator('pg_monitor')"]:
+            c.execute("BEGIN")
+            c.execute(change)
+            state, msg, _, _ = sqlstate_of(c, "PREPARE TRANSACTION 'psap_t'")
+            assert (state, msg) == ("0A000", "cannot PREPARE a transaction that wrote psap_encrypt's audit log"), change
+            c.execute("ROLLBACK")
         assert c.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()[0] == 0
         assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == 1
         assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
@@ -243,6 +250,24 @@ def test_registry_changes_run_at_read_committed_only(cluster, db):
             assert (state, msg) == ("0A000", f"{f} cannot run in a REPEATABLE READ or SERIALIZABLE transaction")
             c.execute("ROLLBACK")
         assert c.execute("SELECT psap_register_column('calls', 'title')").fetchone()[0] is True
+        encrypted_table(c, "calls_2", 3)
+        assert c.execute("SELECT psap_register_column('calls_2', 'title')").fetchone()[0] is True
+    # A DROP is not refused (DDL must not depend on the registry): its record is sealed at the
+    # commit, which fails with 40001, as a serialization failure does, if another session sealed
+    # records since the transaction began (README); retried, it commits.
+    with cluster.connect(dbname=db) as c, cluster.connect(dbname=db) as other:
+        c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        c.execute("SELECT 1")
+        other.execute("SELECT psap_unregister_column('calls_2', 'title')")
+        c.execute("DROP TABLE calls")
+        state, _, _, _ = sqlstate_of(c, "COMMIT")
+        assert state == "40001"
+        c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        c.execute("DROP TABLE calls")
+        c.execute("COMMIT")
+        records = c.execute("SELECT operation, relation, seal_hash IS NOT NULL FROM psap_audit_log ORDER BY id").fetchall()
+        assert records[-2:] == [("unregister", "public.calls_2", True), ("unregister", "public.calls", True)], records
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
 
 
 def test_a_rotation_belongs_to_its_table_not_to_whatever_takes_its_name(cluster, db):
