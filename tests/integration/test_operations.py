@@ -123,17 +123,28 @@ def test_registry_follows_renames_and_drops_and_survives_dump_restore(cluster, d
             assert status(c) == {("calls", "summary", "v2"): 1200}
 
 
+@contextlib.contextmanager
+def role_with_schema(cluster, db, role, schema):
+    """A login role owning a schema of its own, dropped with everything it owns afterwards."""
+    with cluster.connect(dbname=db) as c:
+        c.execute(f"DROP ROLE IF EXISTS {role}")
+        c.execute(f"CREATE ROLE {role} LOGIN")
+        c.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {role}")
+    try:
+        yield role
+    finally:
+        with cluster.connect(dbname=db) as c:
+            c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE; DROP OWNED BY {role}; DROP ROLE {role}")
+
+
 def test_a_drop_that_takes_a_column_out_of_the_registry_is_recorded(cluster, db):
     """A registered column dropped (its table, the column, its schema) leaves the registry, so
     psap_status and psap_compliance no longer show it: each such DROP writes an 'unregister'
     record, sealed at commit, naming who dropped what (before, nothing was written). The
     table's owner, no superuser and with a hostile search_path, does it."""
-    with cluster.connect(dbname=db) as c:
-        c.execute("DROP ROLE IF EXISTS dropper")
-        c.execute("CREATE ROLE dropper LOGIN")
-        c.execute("CREATE SCHEMA dispatch AUTHORIZATION dropper")
-        c.execute("SELECT psap_grant_operator('dropper')")
-    try:
+    with role_with_schema(cluster, db, "dropper", "dispatch"):
+        with cluster.connect(dbname=db) as c:
+            c.execute("SELECT psap_grant_operator('dropper')")
         with cluster.connect(user="dropper", dbname=db) as c:
             c.execute("CREATE TABLE dispatch.calls (id int PRIMARY KEY, title text, note text)")
             c.execute("CREATE TABLE dispatch.units (id int PRIMARY KEY, name text)")
@@ -168,10 +179,7 @@ def test_a_drop_that_takes_a_column_out_of_the_registry_is_recorded(cluster, db)
             state, msg, _, _ = sqlstate_of(c, "SELECT _psap_registry_follow_drop()")
             assert (state, msg) == ("39P03", "_psap_registry_follow_drop() can only be called in a sql_drop event trigger function")
             assert c.execute("SELECT has_function_privilege('dropper', '_psap_registry_follow_drop()', 'EXECUTE')").fetchone()[0] is False
-    finally:
-        with cluster.connect(dbname=db) as c:
-            c.execute("DROP SCHEMA IF EXISTS dispatch CASCADE")
-            c.execute("DROP OWNED BY dropper; DROP ROLE dropper")
+
 
 def test_roles_without_usage_on_the_extensions_schema_can_still_drop_their_objects(cluster, db):
     """The registry's sql_drop event trigger runs on every DROP in the database as the role that
@@ -180,10 +188,7 @@ def test_roles_without_usage_on_the_extensions_schema_can_still_drop_their_objec
     revoked), no such role could drop anything, a temporary table included (helper-41)."""
     with cluster.connect(dbname=db) as c:
         c.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
-        c.execute("DROP ROLE IF EXISTS nobody")
-        c.execute("CREATE ROLE nobody LOGIN")
-        c.execute("CREATE SCHEMA own AUTHORIZATION nobody")
-    try:
+    with role_with_schema(cluster, db, "nobody", "own"):
         with cluster.connect(user="nobody", dbname=db) as c:
             c.execute("SET search_path = own")
             for sql in ["CREATE TEMP TABLE scratch (x int)", "DROP TABLE scratch",
@@ -191,9 +196,6 @@ def test_roles_without_usage_on_the_extensions_schema_can_still_drop_their_objec
                         "ALTER TABLE mine DROP COLUMN y", "CREATE VIEW v AS SELECT x FROM mine", "DROP VIEW v",
                         "DROP TABLE mine"]:
                 c.execute(sql)
-    finally:
-        with cluster.connect(dbname=db) as c:
-            c.execute("DROP SCHEMA own CASCADE; DROP OWNED BY nobody; DROP ROLE nobody")
 
 
 @contextlib.contextmanager

@@ -28,6 +28,16 @@ def census(c, table="incidents", col="title"):
     return {(s, v): n for s, v, n, *_ in c.execute(f"SELECT * FROM psap_census('{table}', '{col}')")}
 
 
+def changed_between_batches(runner, other, call, change):
+    """Runs `call` (with a pause between batches) in session `runner`, and `change` in session
+    `other` during its first pause; returns how the call ended (in_background's result)."""
+    th, result = psap_cluster.in_background(runner, call)
+    psap_cluster.paused(other, runner.info.backend_pid)
+    other.execute(change)
+    th.join(60)
+    return result
+
+
 def check_all(c, table="incidents", prefix="Incident "):
     bad = c.execute(
         f"SELECT count(*) FROM {table} WHERE title IS NOT NULL AND psap_decrypt(title) <> '{prefix}' || id"
@@ -1439,10 +1449,9 @@ def test_a_table_renamed_into_the_runs_place_between_batches_is_not_touched(clus
             c.execute(f"CREATE TRIGGER t_{t} BEFORE UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     with cluster.no_crash(), cluster.connect(dbname=db) as rotator, cluster.connect(dbname=db) as other:
-        th, result = psap_cluster.in_background(rotator, "CALL psap_rotate('incidents', 'title', 500, pause_ms => 3000)")
-        psap_cluster.paused(other, rotator.info.backend_pid)
-        other.execute("BEGIN; ALTER TABLE incidents RENAME TO incidents_old; ALTER TABLE incidents_new RENAME TO incidents; COMMIT")
-        th.join(60)
+        result = changed_between_batches(
+            rotator, other, "CALL psap_rotate('incidents', 'title', 500, pause_ms => 3000)",
+            "BEGIN; ALTER TABLE incidents RENAME TO incidents_old; ALTER TABLE incidents_new RENAME TO incidents; COMMIT")
         assert result.get("error", (None, ""))[0] == "55000", result
         assert "was renamed during the rotation" in result["error"][1], result
         assert census(other, "incidents") == {("encrypted", "v1"): 2000}, "the other table was rotated"
@@ -1463,15 +1472,13 @@ def test_a_column_renamed_into_the_runs_column_between_batches_is_not_touched(cl
         assert c.execute("SELECT psap_register_column('incidents', 'title')").fetchone()[0] is True
         if path == "statement":
             c.execute("CREATE TRIGGER t BEFORE UPDATE ON incidents FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()")
+    swap = ("BEGIN; ALTER TABLE incidents RENAME title TO t; ALTER TABLE incidents RENAME draft TO title;"
+            " ALTER TABLE incidents RENAME t TO draft; COMMIT")
+    replace = "BEGIN; ALTER TABLE incidents DROP COLUMN title; ALTER TABLE incidents RENAME draft TO title; COMMIT"
     with cluster.no_crash(), cluster.connect(dbname=db) as runner, cluster.connect(dbname=db) as other:
-        th, result = psap_cluster.in_background(runner, "CALL psap_encrypt_column('incidents', 'title', 500, pause_ms => 3000)")
-        psap_cluster.paused(other, runner.info.backend_pid)
-        if change == "swap":
-            other.execute("BEGIN; ALTER TABLE incidents RENAME title TO t; ALTER TABLE incidents RENAME draft TO title;"
-                          " ALTER TABLE incidents RENAME t TO draft; COMMIT")
-        else:
-            other.execute("BEGIN; ALTER TABLE incidents DROP COLUMN title; ALTER TABLE incidents RENAME draft TO title; COMMIT")
-        th.join(60)
+        result = changed_between_batches(
+            runner, other, "CALL psap_encrypt_column('incidents', 'title', 500, pause_ms => 3000)",
+            swap if change == "swap" else replace)
         assert result.get("error", (None, ""))[0] == "55000", result
         assert 'column "title" of public.incidents was renamed or dropped during the rotation' in result["error"][1], result
         assert other.execute("SELECT count(*) FROM incidents WHERE title LIKE 'v_:%'").fetchone()[0] == 0, \
@@ -1484,11 +1491,8 @@ def test_a_column_renamed_into_the_runs_column_between_batches_is_not_touched(cl
             assert other.execute("SELECT column_name FROM psap_encrypted_columns").fetchall() == [("draft",)]
             runner.execute("CALL psap_encrypt_column('incidents', 'draft', 500)")
             cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
-            th, result = psap_cluster.in_background(runner, "CALL psap_rotate('incidents', 'draft', 500, pause_ms => 3000)")
-            psap_cluster.paused(other, runner.info.backend_pid)
-            other.execute("BEGIN; ALTER TABLE incidents RENAME title TO t; ALTER TABLE incidents RENAME draft TO title;"
-                          " ALTER TABLE incidents RENAME t TO draft; COMMIT")
-            th.join(60)
+            result = changed_between_batches(
+                runner, other, "CALL psap_rotate('incidents', 'draft', 500, pause_ms => 3000)", swap)
             assert result.get("error", (None, ""))[0] == "55000", result
             assert other.execute("SELECT count(*) FROM incidents WHERE draft LIKE 'v_:%'").fetchone()[0] == 0
             assert other.execute(
@@ -1521,10 +1525,9 @@ def test_a_partition_dropped_during_a_run_is_named_as_gone(cluster, db):
         c.execute("INSERT INTO calls SELECT g, psap_encrypt('Incident ' || g) FROM generate_series(0, 2999) g")
     cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
     with cluster.no_crash(), cluster.connect(dbname=db) as runner, cluster.connect(dbname=db) as other:
-        th, result = psap_cluster.in_background(runner, "CALL psap_rotate('calls', 'title', 500, pause_ms => 3000)")
-        psap_cluster.paused(other, runner.info.backend_pid)
-        other.execute("BEGIN; ALTER TABLE calls DETACH PARTITION calls_2; DROP TABLE calls_2; COMMIT")
-        th.join(60)
+        result = changed_between_batches(
+            runner, other, "CALL psap_rotate('calls', 'title', 500, pause_ms => 3000)",
+            "BEGIN; ALTER TABLE calls DETACH PARTITION calls_2; DROP TABLE calls_2; COMMIT")
         assert result.get("error", (None, ""))[0] == "42P01", result
         assert 'relation "public.calls_2" does not exist' in result["error"][1], result
         error = other.execute("SELECT status, error FROM psap_audit WHERE operation = 'rotate'").fetchone()
