@@ -129,7 +129,10 @@ BEGIN
                        sum(c.rows) FILTER (WHERE c.state = 'encrypted') AS encrypted
                   FROM c
             )
-            SELECT r.relid::regclass, r.column_name::name, c.state, c.version, c.rows, c.key_configured,
+            -- An empty table is one row too ('no rows'): a registered column never vanishes from
+            -- the census.
+            SELECT r.relid::regclass, r.column_name::name, coalesce(c.state, 'no rows'), c.version,
+                   coalesce(c.rows, 0), c.key_configured,
                    c.is_current, c.cipher,
                    concat_ws('; ',
                        CASE WHEN v.keyless > 0 THEN v.keyless || CASE WHEN v.keyless = 1 THEN ' row needs' ELSE ' rows need' END
@@ -141,8 +144,9 @@ BEGIN
                                                || ' not encrypted' END,
                        CASE WHEN v.encrypted > 0 AND v.keyless IS NULL AND v.behind IS NULL AND v.plain IS NULL
                             THEN 'all on ' || current_setting('psap.key_version') END,
-                       CASE WHEN v.encrypted IS NULL AND v.plain IS NULL THEN 'no encrypted rows' END)
-              FROM c, v
+                       CASE WHEN v.encrypted IS NULL AND v.plain IS NULL
+                            THEN CASE WHEN c.state IS NULL THEN 'no rows' ELSE 'no encrypted rows' END END)
+              FROM v LEFT JOIN c ON true
              ORDER BY c.state, length(c.version), c.version;
         -- Only what makes a column uncountable for this role; a lock timeout, a deadlock or
         -- running out of memory fail the call as before.

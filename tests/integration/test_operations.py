@@ -89,6 +89,24 @@ def test_rotate_all_status_and_audit(cluster, db):
         assert rows == [("incidents", "v1", 1, False)]
 
 
+def test_status_keeps_an_empty_or_all_null_column(cluster, db):
+    """A registered column is never missing from psap_status: an empty table is one row
+    ('no rows', 0), a column of NULLs its census row; psap_compliance counts both as 0."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE dispatch_log (id int PRIMARY KEY, note text)")
+        c.execute("SELECT psap_register_column('dispatch_log', 'note')")
+        assert c.execute("SELECT relation::text, column_name, state, version, rows, verdict FROM psap_status()").fetchall() == [
+            ("dispatch_log", "note", "no rows", None, 0, "no rows")]
+        c.execute("INSERT INTO dispatch_log VALUES (1, NULL)")
+        assert c.execute("SELECT state, rows, verdict FROM psap_status()").fetchall() == [("null", 1, "no encrypted rows")]
+        c.execute("INSERT INTO dispatch_log VALUES (2, psap_encrypt('Unit 12 en route'))")
+        assert c.execute("SELECT state, version, rows, verdict FROM psap_status()").fetchall() == [
+            ("encrypted", "v1", 1, "all on v1"), ("null", None, 1, "all on v1")]
+        c.execute("TRUNCATE dispatch_log")
+        assert c.execute("SELECT encrypted_rows, non_fips_rows, plaintext_rows FROM psap_compliance()").fetchall() == [(0, 0, 0)]
+        assert c.execute("SELECT state, rows FROM psap_status()").fetchall() == [("no rows", 0)]
+
+
 def test_audit_log_is_append_only(cluster, db):
     with cluster.connect(dbname=db) as c:
         setup_tables(c)
