@@ -368,11 +368,12 @@ DROP FUNCTION @extschema@.psap_register_column(regclass, name);
 DROP FUNCTION @extschema@.psap_unregister_column(regclass, name);
 ALTER TABLE @extschema@.psap_encrypted_columns ADD COLUMN context text;
 -- Registry rows of temporary tables (which 0.2.0 no longer registers: they go without the DROP
--- that removes a registered table) and of tables gone that way.
-DELETE FROM @extschema@.psap_encrypted_columns r
- WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_class c
-                    WHERE c.oid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
-                      AND c.relpersistence OPERATOR(pg_catalog.<>) 't');
+-- that removes a registered table) and of tables gone that way, each with an 'unregister'
+-- record (src/api/registry.rs; a function for the library's code, dropped again).
+CREATE FUNCTION @extschema@._psap_registry_forget_legacy() RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', '_psap_registry_forget_legacy_wrapper';
+SELECT @extschema@._psap_registry_forget_legacy();
+DROP FUNCTION @extschema@._psap_registry_forget_legacy();
 
 -- Keeps column names in step with renames, and forgets dropped tables and columns. A row's
 -- attnum follows a rename; its name, the registry's key, decides what a drop removes and is

@@ -196,6 +196,61 @@ pub unsafe extern "C-unwind" fn _psap_registry_follow_drop(
     pg_sys::Datum::from(0)
 }
 
+/// Forgets, once, the registry rows 0.1.0 kept of temporary tables (0.2.0 does not register
+/// them: they go without the DROP that takes a table out of the registry) and of tables gone that
+/// way, each with an `unregister` record, as a DROP's: no registered column leaves psap_status
+/// and psap_compliance unrecorded, not even in the update. The 0.1.0 -> 0.2.0 update creates,
+/// calls and drops a function for this symbol; no SQL object keeps it.
+#[pg_extern(volatile, sql = false)]
+fn _psap_registry_forget_legacy() {
+    gucs::ensure_preloaded();
+    let _call = sandbox::sql_call();
+    sandbox::with_safe_search_path(|| {
+        let log = AuditLog::open();
+        let ext = target::extension_schema();
+        let forgotten = sandbox::as_extension_owner(log.owner(), || {
+            spi::rows_mut(
+                &format!(
+                    "DELETE FROM {ext}.{ENCRYPTED_COLUMNS} r
+                      WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_class c
+                                         WHERE c.oid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid
+                                           AND c.relpersistence OPERATOR(pg_catalog.<>) 't')
+                  RETURNING (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+                               FROM pg_catalog.pg_class c
+                               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                              WHERE c.oid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid),
+                            r.relid::pg_catalog.oid, r.column_name::pg_catalog.text, r.attnum"
+                ),
+                &[],
+                |r| {
+                    Ok((
+                        r.get::<String>(1)?,
+                        r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                        r.get::<String>(3)?.unwrap_or_default(),
+                        r.get::<i16>(4)?,
+                    ))
+                },
+            )
+        });
+        for (relation, relid, column, attnum) in &forgotten {
+            let details = match relation {
+                Some(_) => "temporary table (the 0.2.0 update: temporary tables are not registered)".to_string(),
+                None => format!(
+                    "table gone before the 0.2.0 update (OID {}): a temporary table, or dropped unrecorded",
+                    relid.to_u32()
+                ),
+            };
+            let subject = Subject {
+                relation: relation.as_deref().unwrap_or(""),
+                column,
+                relid: *relid,
+                attnum: *attnum,
+            };
+            log.event("unregister", Some(subject), Some(details));
+        }
+    });
+}
+
 /// Binds a registered column's values to a context: `context` is an expression over the row, in
 /// the small language of `psap_core::context` (`'incidents.title:' || id`), whose text
 /// AES-256-GCM authenticates with each value, so a value copied into another row or column no

@@ -251,13 +251,25 @@ def test_the_update_binds_the_audit_views_again_and_forgets_dead_registry_rows(c
         with cluster.connect(dbname=name) as c:
             c.execute("CREATE TEMP TABLE gone (id int, title text)")
             c.execute("SELECT psap_register_column('gone', 'title')")
-        with cluster.connect(dbname=name) as c:
-            assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 2
+            gone = c.execute("SELECT 'gone'::regclass::oid").fetchone()[0]
+        # A temporary table still there during the update (its session is open).
+        with cluster.connect(dbname=name) as other, cluster.connect(dbname=name) as c:
+            other.execute("CREATE TEMP TABLE scratch (id int, title text)")
+            other.execute("SELECT psap_register_column('scratch', 'title')")
+            scratch = other.execute("SELECT format('%I.%I', pg_my_temp_schema()::regnamespace, 'scratch')").fetchone()[0]
+            assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 3
             c.execute("ALTER EXTENSION psap_encrypt UPDATE")
             assert c.execute(PLANTED).fetchone()[0] == 0
             assert c.execute("SELECT relid::text FROM psap_encrypted_columns").fetchall() == [("kept",)]
             c.execute("SELECT * FROM psap_status()").fetchall()
-            c.execute("SELECT * FROM psap_audit").fetchall()
+            # Each row forgotten is recorded, sealed, like a DROP's.
+            assert c.execute(
+                "SELECT relation, column_name, details, session_role, status FROM psap_audit "
+                "WHERE operation = 'unregister' ORDER BY relation DESC").fetchall() == [
+                (scratch, "title", "temporary table (the 0.2.0 update: temporary tables are not registered)", "postgres", "done"),
+                ("", "title", f"table gone before the 0.2.0 update (OID {gone}): a temporary table, or dropped unrecorded", "postgres", "done"),
+            ]
+            assert c.execute("SELECT count(*) FROM psap_audit_verify()").fetchone()[0] == 0
             assert c.execute("SELECT count(*) FROM public.sprung").fetchone()[0] == 0
 
 
