@@ -351,6 +351,18 @@ pub fn operator_rights_granted_by_others(role: &str, grantors: &str) -> ! {
     )
 }
 
+/// psap_grant_operator or psap_revoke_operator of the role that owns the extension's objects.
+pub fn operator_is_owner(procedure: &str, role: &str, object: &str) -> ! {
+    raise(
+        ERRCODE_INVALID_GRANT_OPERATION,
+        format!("role {role} owns psap_encrypt's objects"),
+        Some(format!(
+            "It owns {object}: an owner's rights are its own, not operator rights, and {procedure} does not change them."
+        )),
+        None,
+    )
+}
+
 /// A regrole argument that names no role (`0::regrole`).
 pub fn no_such_role() -> ! {
     raise(

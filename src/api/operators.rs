@@ -83,6 +83,26 @@ impl Objects {
             .collect()
     }
 
+    /// The first of them `role` owns, if any: an owner's rights are its own, not operator
+    /// rights (PostgreSQL's REVOKE would strip them from the owner's ACL entry).
+    fn first_owned_by(&self, role: pg_sys::Oid) -> Option<String> {
+        spi::one::<String>(
+            "SELECT o FROM pg_catalog.unnest($1::pg_catalog.text[]) o
+               JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) o::pg_catalog.regprocedure::pg_catalog.oid
+              WHERE p.proowner OPERATOR(pg_catalog.=) $3
+             UNION ALL
+             SELECT o FROM pg_catalog.unnest($2::pg_catalog.text[]) o
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) o::pg_catalog.regclass::pg_catalog.oid
+              WHERE c.relowner OPERATOR(pg_catalog.=) $3
+             LIMIT 1",
+            &[
+                self.routines.clone().into(),
+                self.relations.clone().into(),
+                role.into(),
+            ],
+        )
+    }
+
     /// The first of them the current role cannot grant (it lacks the grant option), if any.
     fn first_not_grantable(&self) -> Option<String> {
         spi::one::<String>(
@@ -133,6 +153,9 @@ fn change(change: Change, grantee: Option<pg_sys::Oid>) {
                 .map(|rel| format!("{ext}.{rel}"))
                 .collect(),
         };
+        if let Some(object) = objects.first_owned_by(grantee) {
+            error::operator_is_owner(change.procedure(), &role, &object);
+        }
         if let Some(object) = objects.first_not_grantable() {
             error::cannot_change_operator(change.procedure(), change.verb(), &object);
         }

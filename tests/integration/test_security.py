@@ -913,6 +913,20 @@ def test_a_role_without_the_grant_option_cannot_give_or_take_operator_rights(clu
         assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == before
 
 
+def test_the_owner_of_the_extensions_objects_is_no_operator_to_grant_or_revoke(cluster, db):
+    """REVOKE from the objects' owner takes the owner's own privileges out of their ACLs (a
+    superuser owner runs on, a non-superuser owner's rotations would fail): the owner is refused,
+    nothing changes and nothing is recorded."""
+    with cluster.connect(dbname=db) as c:
+        acls = "SELECT array_agg(coalesce(proacl::text, '') ORDER BY oid) FROM pg_proc WHERE proname LIKE '%%psap%%'"
+        before = (c.execute(acls).fetchone()[0], c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0])
+        for f, verb in (("psap_grant_operator", "grant"), ("psap_revoke_operator", "revoke")):
+            state, msg, detail, _ = sqlstate_of(c, f"SELECT {f}('postgres')")
+            assert (state, msg) == ("0LP01", "role postgres owns psap_encrypt's objects"), (state, msg)
+            assert detail.startswith("It owns public.") and detail.endswith(f"{f} does not change them."), detail
+        assert (c.execute(acls).fetchone()[0], c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0]) == before
+
+
 def test_a_revoke_that_leaves_grants_other_roles_made_is_refused_and_not_recorded(cluster, db):
     """REVOKE takes back only the current role's grants (a superuser's, as the owner's) and
     says nothing of others': a delegate holding the grant option revoked nothing of what the
