@@ -199,6 +199,28 @@ def test_a_drop_that_takes_a_column_out_of_the_registry_is_recorded(cluster, db)
             assert c.execute("SELECT has_function_privilege('dropper', '_psap_registry_follow_drop()', 'EXECUTE')").fetchone()[0] is False
 
 
+def test_a_drop_whose_record_cannot_be_written_fails(cluster, db):
+    """The record is the DROP's condition: when it cannot be written (here a superuser's
+    constraint on the audit log refuses it), the DROP fails with the write's error and the
+    table, its rows and its registry row stay; once the log takes records again it goes, recorded."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE calls (id int PRIMARY KEY, title text)")
+        c.execute("INSERT INTO calls SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 5) g")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        c.execute("ALTER TABLE psap_audit_log ADD CONSTRAINT no_unregister CHECK (operation <> 'unregister') NOT VALID")
+        try:
+            for drop in ("DROP TABLE calls", "ALTER TABLE calls DROP COLUMN title"):
+                state, msg, _, _ = sqlstate_of(c, drop)
+                assert (state, msg) == ("23514", 'new row for relation "psap_audit_log" violates check constraint "no_unregister"'), drop
+                assert c.execute("SELECT count(psap_decrypt(title)) FROM calls").fetchone()[0] == 5
+                assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 1
+        finally:
+            c.execute("ALTER TABLE psap_audit_log DROP CONSTRAINT no_unregister")
+        c.execute("DROP TABLE calls")
+        assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 0
+        assert c.execute("SELECT details FROM psap_audit_log WHERE operation = 'unregister'").fetchall() == [("table dropped (DROP TABLE)",)]
+
+
 def test_roles_without_usage_on_the_extensions_schema_can_still_drop_their_objects(cluster, db):
     """The registry's sql_drop event trigger runs on every DROP in the database as the role that
     ran it. Its first version looked up the audit log with a regclass input, which needs USAGE on
