@@ -80,8 +80,10 @@ thread_local! {
     static WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Records written in this transaction and still to seal at its commit.
     static PENDING: std::cell::RefCell<Option<Pending>> = const { std::cell::RefCell::new(None) };
-    /// The LOG line of this transaction's sealing, written once the commit is done.
-    static SEALED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    /// The LOG lines of this transaction's sealings, each with the subtransaction that sealed;
+    /// the last one left is written once the commit is done (it covers the others).
+    static SEALED: std::cell::RefCell<Vec<(String, pg_sys::SubTransactionId)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
     static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -89,7 +91,8 @@ thread_local! {
 struct Pending {
     ext: String,
     owner: pg_sys::Oid,
-    ids: Vec<i64>,
+    /// Each record with the subtransaction that wrote it (its parent's once that committed).
+    ids: Vec<(i64, pg_sys::SubTransactionId)>,
 }
 
 /// For the guard trigger: whether this backend's audit writer is writing now.
@@ -303,7 +306,7 @@ impl AuditLog {
     fn seal(&self, ids: &[i64]) {
         if let Some(line) = self.seal_now(ids) {
             register_callback();
-            SEALED.with(|s| *s.borrow_mut() = Some(line));
+            note_sealed(line);
         }
     }
 
@@ -327,7 +330,9 @@ impl AuditLog {
                 owner: self.owner,
                 ids: Vec::new(),
             });
-            pending.ids.extend_from_slice(ids);
+            // SAFETY: in a transaction (a record was just written).
+            let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
+            pending.ids.extend(ids.iter().map(|&id| (id, sub)));
         });
     }
 
@@ -400,12 +405,70 @@ impl Drop for Writing {
     }
 }
 
-/// Registers [`at_xact_event`], once per backend.
+/// Keeps the LOG line of a sealing for the commit.
+fn note_sealed(line: String) {
+    // SAFETY: in a transaction (records were just sealed).
+    let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    SEALED.with(|s| s.borrow_mut().push((line, sub)));
+}
+
+/// Registers [`at_xact_event`] and [`at_subxact_event`], once per backend.
 fn register_callback() {
     if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
-        // SAFETY: registers a static function once per backend, as extensions do.
-        unsafe { pg_sys::RegisterXactCallback(Some(at_xact_event), std::ptr::null_mut()) };
+        // SAFETY: registers static functions once per backend, as extensions do.
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(at_xact_event), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(at_subxact_event), std::ptr::null_mut());
+        }
     }
+}
+
+/// The subtransaction callback: the records (and sealings) of a subtransaction that commits
+/// become its parent's; those of one rolled back are forgotten (the rows went with it), so that
+/// the commit seals nothing of them and the server log names no chain head that was rolled back. Sealing them was harmless while the log had the shape that sealing
+/// writes, and failed the whole transaction's COMMIT where a rolled-back `ALTER EXTENSION
+/// UPDATE` had taken that shape away with it (helper-43).
+#[pg_guard]
+unsafe extern "C-unwind" fn at_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    parent_subid: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    // try_with: never an error in a callback, an abort's least of all.
+    let _ = SEALED.try_with(|s| {
+        let mut s = s.borrow_mut();
+        match event {
+            SUBXACT_EVENT_COMMIT_SUB => {
+                for (_, sub) in s.iter_mut().filter(|(_, sub)| *sub == my_subid) {
+                    *sub = parent_subid;
+                }
+            }
+            SUBXACT_EVENT_ABORT_SUB => s.retain(|&(_, sub)| sub != my_subid),
+            _ => {}
+        }
+    });
+    let _ = PENDING.try_with(|p| {
+        let mut p = p.borrow_mut();
+        let Some(pending) = p.as_mut() else {
+            return;
+        };
+        match event {
+            SUBXACT_EVENT_COMMIT_SUB => {
+                for (_, sub) in pending.ids.iter_mut().filter(|(_, sub)| *sub == my_subid) {
+                    *sub = parent_subid;
+                }
+            }
+            SUBXACT_EVENT_ABORT_SUB => {
+                pending.ids.retain(|&(_, sub)| sub != my_subid);
+                if pending.ids.is_empty() {
+                    *p = None;
+                }
+            }
+            _ => {}
+        }
+    });
 }
 
 /// Seals the records this transaction wrote (those still there: a rolled-back subtransaction
@@ -443,7 +506,7 @@ fn seal_pending() {
                       ORDER BY id",
                     log.ext
                 ),
-                &[p.ids.into()],
+                &[p.ids.iter().map(|&(id, _)| id).collect::<Vec<i64>>().into()],
                 |r| Ok(r.get::<i64>(1)?.unwrap_or(0)),
             );
             log.seal_now(&ids)
@@ -452,7 +515,7 @@ fn seal_pending() {
     // SAFETY: the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
     if let Some(line) = line {
-        SEALED.with(|s| *s.borrow_mut() = Some(line));
+        note_sealed(line);
     }
 }
 
@@ -461,7 +524,7 @@ fn pending_ids() -> Vec<i64> {
     PENDING.with(|p| {
         p.borrow()
             .as_ref()
-            .map(|p| p.ids.clone())
+            .map(|p| p.ids.iter().map(|&(id, _)| id).collect())
             .unwrap_or_default()
     })
 }
@@ -477,7 +540,7 @@ unsafe extern "C-unwind" fn at_xact_event(
     match event {
         XACT_EVENT_PRE_COMMIT => seal_pending(),
         XACT_EVENT_COMMIT => {
-            if let Some(line) = SEALED.with(|s| s.borrow_mut().take()) {
+            if let Some((line, _)) = SEALED.with(|s| std::mem::take(&mut *s.borrow_mut()).pop()) {
                 ereport!(
                     PgLogLevel::LOG,
                     PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
@@ -492,7 +555,7 @@ unsafe extern "C-unwind" fn at_xact_event(
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE => {
             // try_with: an exit() mid-transaction may have destroyed them already.
             let _ = PENDING.try_with(|p| p.borrow_mut().take());
-            let _ = SEALED.try_with(|s| s.borrow_mut().take());
+            let _ = SEALED.try_with(|s| s.borrow_mut().clear());
             let _ = WRITING.try_with(|w| w.set(false));
         }
         _ => {}

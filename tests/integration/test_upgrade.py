@@ -6,6 +6,8 @@ The catalog comparison is also the check that no SQL object changed without an u
 a fresh install of the current version (the script pgrx generates) and 0.1.0 + every upgrade
 script must describe the same objects, attribute by attribute."""
 import difflib
+import re
+import time
 
 import pytest
 
@@ -221,6 +223,36 @@ def test_a_rotation_recorded_by_0_1_0_follows_no_rename_after_the_update(cluster
         c.execute("ALTER TABLE incidents_new RENAME TO incidents")
         assert c.execute("SELECT count(*) FROM psap_compliance() WHERE last_rotation IS NOT NULL").fetchone()[0] == 0
         assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+
+
+def test_an_update_rolled_back_to_a_savepoint_leaves_nothing_to_seal(cluster, old_db):
+    """The update writes and seals audit records (0.1.0's, those of registry rows it forgets).
+    Rolled back to a savepoint (psql's ON_ERROR_ROLLBACK does that to a failed one), they went
+    with it, and so did the log's 0.2.0 shape: the COMMIT then failed trying to seal them, taking
+    the transaction's other work with it, and the server log could name a chain head that was
+    rolled back (helper-43)."""
+    fill_as_0_1_0(cluster, old_db)
+    with cluster.connect(dbname=old_db) as c:
+        c.execute("CREATE TEMP TABLE scratch (id int, title text)")
+        c.execute("SELECT psap_register_column('scratch', 'title')")
+    with cluster.connect(dbname=old_db) as c:
+        start = cluster.log_size()
+        c.execute("BEGIN")
+        c.execute("CREATE TABLE work_done (x int)")
+        c.execute("INSERT INTO work_done VALUES (1)")
+        c.execute("SAVEPOINT before_update")
+        c.execute("ALTER EXTENSION psap_encrypt UPDATE")
+        c.execute("ROLLBACK TO SAVEPOINT before_update")
+        c.execute("COMMIT")
+        assert c.execute("SELECT count(*) FROM work_done").fetchone()[0] == 1
+        assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'psap_encrypt'").fetchone()[0] == OLD
+        c.execute("ALTER EXTENSION psap_encrypt UPDATE")
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+        head = c.execute("SELECT left(hash, 32) FROM psap_audit_chain").fetchone()[0]
+    time.sleep(0.3)
+    heads = re.findall(r"psap_encrypt sealed audit records up to id \d+ \(number \d+\) in database \"[^\"]+\"; chain ([0-9a-f]{32})",
+                       cluster.log_text_from(start))
+    assert heads == [head], heads
 
 
 def test_the_new_library_serves_a_database_not_yet_updated(cluster, old_db):
