@@ -359,7 +359,7 @@ pub fn operator_is_owner(procedure: &str, role: &str, object: &str) -> ! {
         Some(format!(
             "It owns {object}: an owner's rights are its own, not operator rights, and {procedure} does not change them."
         )),
-        None,
+        Some("To take back the rights of a role given ownership of some of them, give that ownership back to the extension's owner (ALTER ... OWNER TO) first.".into()),
     )
 }
 

@@ -153,11 +153,11 @@ fn change(change: Change, grantee: Option<pg_sys::Oid>) {
                 .map(|rel| format!("{ext}.{rel}"))
                 .collect(),
         };
-        if let Some(object) = objects.first_owned_by(grantee) {
-            error::operator_is_owner(change.procedure(), &role, &object);
-        }
         if let Some(object) = objects.first_not_grantable() {
             error::cannot_change_operator(change.procedure(), change.verb(), &object);
+        }
+        if let Some(object) = objects.first_owned_by(grantee) {
+            error::operator_is_owner(change.procedure(), &role, &object);
         }
         for statement in objects.statements(change, &role) {
             spi::run(&statement, &[]);

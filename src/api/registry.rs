@@ -219,7 +219,8 @@ fn _psap_registry_forget_legacy() {
                                FROM pg_catalog.pg_class c
                                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
                               WHERE c.oid OPERATOR(pg_catalog.=) r.relid::pg_catalog.oid),
-                            r.relid::pg_catalog.oid, r.column_name::pg_catalog.text, r.attnum"
+                            r.relid::pg_catalog.oid, r.column_name::pg_catalog.text, r.attnum,
+                            pg_catalog.format('registered by %s at %s', r.registered_by, r.registered_at)"
                 ),
                 &[],
                 |r| {
@@ -228,15 +229,18 @@ fn _psap_registry_forget_legacy() {
                         r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                         r.get::<String>(3)?.unwrap_or_default(),
                         r.get::<i16>(4)?,
+                        r.get::<String>(5)?.unwrap_or_default(),
                     ))
                 },
             )
         });
-        for (relation, relid, column, attnum) in &forgotten {
+        for (relation, relid, column, attnum, registered) in &forgotten {
+            // When and by whom it was registered: what pairs the record with 0.1.0's register
+            // record of a table that is gone (that one names it; this one cannot).
             let details = match relation {
-                Some(_) => "temporary table (the 0.2.0 update: temporary tables are not registered)".to_string(),
+                Some(_) => format!("temporary table, {registered} (the 0.2.0 update: temporary tables are not registered)"),
                 None => format!(
-                    "table gone before the 0.2.0 update (OID {}): a temporary table, or dropped unrecorded",
+                    "table gone before the 0.2.0 update (OID {}, {registered}): a temporary table, or dropped unrecorded",
                     relid.to_u32()
                 ),
             };

@@ -921,10 +921,18 @@ def test_the_owner_of_the_extensions_objects_is_no_operator_to_grant_or_revoke(c
         acls = "SELECT array_agg(coalesce(proacl::text, '') ORDER BY oid) FROM pg_proc WHERE proname LIKE '%%psap%%'"
         before = (c.execute(acls).fetchone()[0], c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0])
         for f, verb in (("psap_grant_operator", "grant"), ("psap_revoke_operator", "revoke")):
-            state, msg, detail, _ = sqlstate_of(c, f"SELECT {f}('postgres')")
+            state, msg, detail, hint = sqlstate_of(c, f"SELECT {f}('postgres')")
             assert (state, msg) == ("0LP01", "role postgres owns psap_encrypt's objects"), (state, msg)
             assert detail.startswith("It owns public.") and detail.endswith(f"{f} does not change them."), detail
+            assert hint.startswith("To take back the rights of a role given ownership of some of them"), hint
         assert (c.execute(acls).fetchone()[0], c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0]) == before
+        # A caller without the grant option is refused as such first, whoever it names.
+        c.execute("DROP ROLE IF EXISTS deleg3; CREATE ROLE deleg3 LOGIN")
+        c.execute("GRANT EXECUTE ON FUNCTION psap_grant_operator(regrole), psap_revoke_operator(regrole) TO deleg3")
+    with cluster.connect(user="deleg3", dbname=db) as d:
+        assert sqlstate_of(d, "SELECT psap_grant_operator('postgres')")[:2] == ("42501", "permission denied to grant operator rights")
+    with cluster.connect(dbname=db) as c:
+        c.execute("DROP OWNED BY deleg3; DROP ROLE deleg3")
 
 
 def test_a_revoke_that_leaves_grants_other_roles_made_is_refused_and_not_recorded(cluster, db):

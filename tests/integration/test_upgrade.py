@@ -290,6 +290,8 @@ def test_the_update_binds_the_audit_views_again_and_forgets_dead_registry_rows(c
             other.execute("SELECT psap_register_column('scratch', 'title')")
             scratch = other.execute("SELECT format('%I.%I', pg_my_temp_schema()::regnamespace, 'scratch')").fetchone()[0]
             assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 3
+            at = dict(c.execute("SELECT CASE WHEN relid::oid = %s THEN 'gone' ELSE 'scratch' END, registered_at::text "
+                                "FROM psap_encrypted_columns WHERE relid::oid <> 'kept'::regclass::oid", (gone,)).fetchall())
             c.execute("ALTER EXTENSION psap_encrypt UPDATE")
             assert c.execute(PLANTED).fetchone()[0] == 0
             assert c.execute("SELECT relid::text FROM psap_encrypted_columns").fetchall() == [("kept",)]
@@ -298,8 +300,8 @@ def test_the_update_binds_the_audit_views_again_and_forgets_dead_registry_rows(c
             assert c.execute(
                 "SELECT relation, column_name, details, session_role, status FROM psap_audit "
                 "WHERE operation = 'unregister' ORDER BY relation DESC").fetchall() == [
-                (scratch, "title", "temporary table (the 0.2.0 update: temporary tables are not registered)", "postgres", "done"),
-                ("", "title", f"table gone before the 0.2.0 update (OID {gone}): a temporary table, or dropped unrecorded", "postgres", "done"),
+                (scratch, "title", f"temporary table, registered by postgres at {at['scratch']} (the 0.2.0 update: temporary tables are not registered)", "postgres", "done"),
+                ("", "title", f"table gone before the 0.2.0 update (OID {gone}, registered by postgres at {at['gone']}): a temporary table, or dropped unrecorded", "postgres", "done"),
             ]
             assert c.execute("SELECT count(*) FROM psap_audit_verify()").fetchone()[0] == 0
             assert c.execute("SELECT count(*) FROM public.sprung").fetchone()[0] == 0
