@@ -69,6 +69,14 @@ BEGIN
         -- A superuser restoring a dump (pg_restore) inserts records as they were, seals included;
         -- psap_audit_verify() checks them. Nothing else is written by hand.
         IF TG_OP = 'INSERT' AND (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+            IF TG_TABLE_NAME = 'psap_audit_log' THEN
+                -- A record without a seal is none psap_encrypt finished: one running when the
+                -- dump was taken, or one made up. It says so, in what its seal will cover.
+                IF NEW.seal_hash IS NULL THEN
+                    NEW.details := concat_ws('; ', NEW.details,
+                                             format('inserted by %s outside psap_encrypt', session_user));
+                END IF;
+            END IF;
             RETURN NEW;
         END IF;
         RAISE EXCEPTION '% is append-only', TG_TABLE_NAME

@@ -132,6 +132,7 @@ COMMENT ON FUNCTION @extschema@._psap_routines() IS 'internal: the extension''s 
 COMMENT ON FUNCTION @extschema@._psap_registry_follow_ddl() IS 'internal: keeps the registry''s column names in step with renames';
 COMMENT ON FUNCTION @extschema@._psap_registry_follow_drop() IS 'internal: forgets dropped tables and columns in the registry';
 COMMENT ON FUNCTION @extschema@._psap_registry_attnum() IS 'internal: keeps a registry row''s column number that of the column it names';
+COMMENT ON FUNCTION @extschema@._psap_registry_guard() IS 'internal: refuses changes of the registry that psap_encrypt does not make';
 COMMENT ON FUNCTION @extschema@._psap_schema_guard() IS 'internal: refuses renaming the extension''s schema';
 
 COMMENT ON TABLE @extschema@.psap_encrypted_columns IS 'registry of encrypted columns, with each one''s context';

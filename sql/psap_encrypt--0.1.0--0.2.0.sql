@@ -261,6 +261,14 @@ BEGIN
         -- A superuser restoring a dump (pg_restore) inserts records as they were, seals included;
         -- psap_audit_verify() checks them. Nothing else is written by hand.
         IF TG_OP = 'INSERT' AND (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+            IF TG_TABLE_NAME = 'psap_audit_log' THEN
+                -- A record without a seal is none psap_encrypt finished: one running when the
+                -- dump was taken, or one made up. It says so, in what its seal will cover.
+                IF NEW.seal_hash IS NULL THEN
+                    NEW.details := concat_ws('; ', NEW.details,
+                                             format('inserted by %s outside psap_encrypt', session_user));
+                END IF;
+            END IF;
             RETURN NEW;
         END IF;
         RAISE EXCEPTION '% is append-only', TG_TABLE_NAME
@@ -418,6 +426,40 @@ END
 $$;
 CREATE TRIGGER psap_registry_attnum BEFORE INSERT OR UPDATE ON @extschema@.psap_encrypted_columns
     FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_registry_attnum();
+
+-- Only psap_encrypt's own code changes the registry (each change with its audit record), as only
+-- it writes the audit log: a superuser may INSERT (pg_restore copies the rows back), and the rename
+-- event trigger above may set a row's column name to that of its column; anything else is
+-- refused, the superuser who owns it included (DISABLE TRIGGER is the way around, and DDL).
+CREATE FUNCTION @extschema@._psap_registry_guard() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        NULL;
+    ELSIF @extschema@._psap_audit_writing() THEN
+        RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    ELSIF TG_OP = 'INSERT' THEN
+        IF (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+            RETURN NEW;
+        END IF;
+    ELSIF TG_OP = 'UPDATE' THEN
+        IF NEW.relid = OLD.relid AND NEW.attnum = OLD.attnum AND NEW.context IS NOT DISTINCT FROM OLD.context
+           AND NEW.registered_at = OLD.registered_at AND NEW.registered_by = OLD.registered_by
+           AND NEW.column_name = (SELECT a.attname FROM pg_attribute a
+                                   WHERE a.attrelid = NEW.relid AND a.attnum = NEW.attnum AND NOT a.attisdropped) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'only psap_encrypt changes %', TG_TABLE_NAME
+        USING ERRCODE = '42501',
+              DETAIL = 'psap_register_column, psap_unregister_column and psap_set_column_context change it, each with an audit record; a DROP takes its columns out, recorded.';
+END
+$$;
+CREATE TRIGGER psap_registry_guard BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.psap_encrypted_columns
+    FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_registry_guard();
+CREATE TRIGGER psap_registry_no_truncate BEFORE TRUNCATE ON @extschema@.psap_encrypted_columns
+    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._psap_registry_guard();
 -- Rows restored before this update with another column's number get their own.
 UPDATE @extschema@.psap_encrypted_columns r SET attnum = a.attnum
   FROM pg_catalog.pg_attribute a
@@ -843,6 +885,7 @@ COMMENT ON FUNCTION @extschema@._psap_routines() IS 'internal: the extension''s 
 COMMENT ON FUNCTION @extschema@._psap_registry_follow_ddl() IS 'internal: keeps the registry''s column names in step with renames';
 COMMENT ON FUNCTION @extschema@._psap_registry_follow_drop() IS 'internal: forgets dropped tables and columns in the registry';
 COMMENT ON FUNCTION @extschema@._psap_registry_attnum() IS 'internal: keeps a registry row''s column number that of the column it names';
+COMMENT ON FUNCTION @extschema@._psap_registry_guard() IS 'internal: refuses changes of the registry that psap_encrypt does not make';
 COMMENT ON FUNCTION @extschema@._psap_schema_guard() IS 'internal: refuses renaming the extension''s schema';
 
 COMMENT ON TABLE @extschema@.psap_encrypted_columns IS 'registry of encrypted columns, with each one''s context';

@@ -69,6 +69,40 @@ $$;
 CREATE TRIGGER psap_registry_attnum BEFORE INSERT OR UPDATE ON @extschema@.psap_encrypted_columns
     FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_registry_attnum();
 
+-- Only psap_encrypt's own code changes the registry (each change with its audit record), as only
+-- it writes the audit log: a superuser may INSERT (pg_restore copies the rows back), and the rename
+-- event trigger above may set a row's column name to that of its column; anything else is
+-- refused, the superuser who owns it included (DISABLE TRIGGER is the way around, and DDL).
+CREATE FUNCTION @extschema@._psap_registry_guard() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        NULL;
+    ELSIF @extschema@._psap_audit_writing() THEN
+        RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    ELSIF TG_OP = 'INSERT' THEN
+        IF (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+            RETURN NEW;
+        END IF;
+    ELSIF TG_OP = 'UPDATE' THEN
+        IF NEW.relid = OLD.relid AND NEW.attnum = OLD.attnum AND NEW.context IS NOT DISTINCT FROM OLD.context
+           AND NEW.registered_at = OLD.registered_at AND NEW.registered_by = OLD.registered_by
+           AND NEW.column_name = (SELECT a.attname FROM pg_attribute a
+                                   WHERE a.attrelid = NEW.relid AND a.attnum = NEW.attnum AND NOT a.attisdropped) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'only psap_encrypt changes %', TG_TABLE_NAME
+        USING ERRCODE = '42501',
+              DETAIL = 'psap_register_column, psap_unregister_column and psap_set_column_context change it, each with an audit record; a DROP takes its columns out, recorded.';
+END
+$$;
+CREATE TRIGGER psap_registry_guard BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.psap_encrypted_columns
+    FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_registry_guard();
+CREATE TRIGGER psap_registry_no_truncate BEFORE TRUNCATE ON @extschema@.psap_encrypted_columns
+    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._psap_registry_guard();
+
 -- The extension's schema keeps the name its objects were created with. SQL bodies name it
 -- (`@extschema@.psap_encrypted_columns`) and look the name up when they run: renamed, a schema
 -- made under the old name would supply those objects to the event triggers above, which run as

@@ -39,7 +39,7 @@ fn psap_register_column(tbl: Regclass, col: &str) -> bool {
         let role =
             spi::one::<String>("SELECT current_user::pg_catalog.text", &[]).unwrap_or_default();
         let log = AuditLog::open();
-        let added = sandbox::as_extension_owner(log.owner(), || {
+        let added = log.write_registry(|| {
             spi::one_mut::<i64>(
                 &format!(
                     "INSERT INTO {}.{ENCRYPTED_COLUMNS} (relid, column_name, attnum, registered_by)
@@ -84,18 +84,19 @@ fn psap_unregister_column(tbl: Regclass, col: &str) -> bool {
         }
         let log = AuditLog::open();
         let ext = target::extension_schema();
-        let removed = sandbox::as_extension_owner(log.owner(), || {
-            spi::one_mut::<i64>(
-                &format!(
-                    "DELETE FROM {ext}.{ENCRYPTED_COLUMNS}
+        let removed = log
+            .write_registry(|| {
+                spi::one_mut::<i64>(
+                    &format!(
+                        "DELETE FROM {ext}.{ENCRYPTED_COLUMNS}
                       WHERE relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1
                         AND column_name OPERATOR(pg_catalog.=) $2::pg_catalog.name
                      RETURNING 1::pg_catalog.int8"
-                ),
-                &[tbl.oid().into(), col.into()],
-            )
-        })
-        .is_some();
+                    ),
+                    &[tbl.oid().into(), col.into()],
+                )
+            })
+            .is_some();
         if removed {
             log.event(
                 "unregister",
@@ -153,7 +154,7 @@ pub unsafe extern "C-unwind" fn _psap_registry_follow_drop(
     sandbox::with_safe_search_path(|| {
         let log = AuditLog::open();
         let ext = target::extension_schema();
-        let dropped = sandbox::as_extension_owner(log.owner(), || {
+        let dropped = log.write_registry(|| {
             spi::rows_mut(
                 &format!(
                     "DELETE FROM {ext}.{ENCRYPTED_COLUMNS} r
@@ -208,7 +209,7 @@ fn _psap_registry_forget_legacy() {
     sandbox::with_safe_search_path(|| {
         let log = AuditLog::open();
         let ext = target::extension_schema();
-        let forgotten = sandbox::as_extension_owner(log.owner(), || {
+        let forgotten = log.write_registry(|| {
             spi::rows_mut(
                 &format!(
                     "DELETE FROM {ext}.{ENCRYPTED_COLUMNS} r
@@ -301,7 +302,7 @@ fn psap_set_column_context(tbl: Option<Regclass>, col: Option<&str>, context: Op
             error::context_in_use(&t.relation, &t.column_name, bound);
         }
         let log = AuditLog::open();
-        sandbox::as_extension_owner(log.owner(), || {
+        log.write_registry(|| {
             spi::one_mut::<i64>(
                 &format!(
                     "UPDATE {}.{ENCRYPTED_COLUMNS} SET context = $3

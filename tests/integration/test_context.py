@@ -163,7 +163,9 @@ def test_the_stored_context_is_psap_encrypts_own_writing(cluster, bound):
         c.execute("SELECT psap_set_column_context('incidents', 'title', %s)", ("'It''s:'||ID",))
         assert c.execute("SELECT context FROM psap_encrypted_columns").fetchone()[0] == "'It''s:' || \"id\""
         # A registry edited by hand (or restored) is checked again when a run starts.
+        c.execute("ALTER TABLE psap_encrypted_columns DISABLE TRIGGER psap_registry_guard")
         c.execute("UPDATE psap_encrypted_columns SET context = 'pg_catalog.now()::text || id'")
+        c.execute("ALTER TABLE psap_encrypted_columns ENABLE TRIGGER psap_registry_guard")
         c.execute("SET psap.key_version = 'v3'")
         state, msg, _, _ = sqlstate_of(c, "CALL psap_rotate('incidents', 'title', 50)")
         assert (state, msg) == ("42601", "invalid context expression")

@@ -221,6 +221,32 @@ def test_a_drop_whose_record_cannot_be_written_fails(cluster, db):
         assert c.execute("SELECT details FROM psap_audit_log WHERE operation = 'unregister'").fetchall() == [("table dropped (DROP TABLE)",)]
 
 
+def test_only_psap_encrypt_changes_the_registry(cluster, db):
+    """A superuser deleted a registered column's row by hand: it left psap_status,
+    psap_compliance and psap_rotate_all without a record (helper-44). The registry now refuses
+    what psap_encrypt does not do, as the audit log does; pg_restore's INSERT and the renames the
+    event trigger follows still work."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE calls (id int PRIMARY KEY, title text, note text)")
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        row = c.execute("SELECT relid, column_name, attnum, registered_at, registered_by FROM psap_encrypted_columns").fetchone()
+        for sql in ["DELETE FROM psap_encrypted_columns", "TRUNCATE psap_encrypted_columns",
+                    "UPDATE psap_encrypted_columns SET column_name = 'note'",
+                    "UPDATE psap_encrypted_columns SET context = 'x'",
+                    "UPDATE psap_encrypted_columns SET registered_by = 'someone'"]:
+            state, msg, _, _ = sqlstate_of(c, sql)
+            assert (state, msg) == ("42501", "only psap_encrypt changes psap_encrypted_columns"), sql
+        assert c.execute("SELECT relid, column_name, attnum, registered_at, registered_by FROM psap_encrypted_columns").fetchone() == row
+        # A rename is followed; what pg_restore does (INSERT) is allowed to a superuser.
+        c.execute("ALTER TABLE calls RENAME COLUMN title TO headline")
+        assert c.execute("SELECT column_name FROM psap_encrypted_columns").fetchone()[0] == "headline"
+        c.execute("INSERT INTO psap_encrypted_columns (relid, column_name, attnum, registered_by) VALUES ('calls', 'note', 0, 'postgres')")
+        assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 2
+        # psap_encrypt's own changes go through, each recorded.
+        assert c.execute("SELECT psap_unregister_column('calls', 'note'), psap_unregister_column('calls', 'headline')").fetchone() == (True, True)
+        assert c.execute("SELECT count(*) FROM psap_encrypted_columns").fetchone()[0] == 0
+
+
 def test_roles_without_usage_on_the_extensions_schema_can_still_drop_their_objects(cluster, db):
     """The registry's sql_drop event trigger runs on every DROP in the database as the role that
     ran it. Its first version looked up the audit log with a regclass input, which needs USAGE on

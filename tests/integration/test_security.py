@@ -429,6 +429,14 @@ def test_audit_log_writes_only_through_psap_encrypt_and_tampering_is_detected(cl
                     "TRUNCATE psap_audit_log", "UPDATE psap_audit_chain SET seq = 0", "DELETE FROM psap_audit_chain"]:
             state, msg, _, _ = sqlstate_of(c, sql)
             assert state == "42501" and msg.endswith("is append-only"), sql
+        # It may insert (pg_restore must): a record without a seal says it was inserted so, and
+        # keeps saying it once psap_encrypt seals it as interrupted (helper-44 made one up).
+        forged = c.execute("INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role, session_role, "
+                           "status, pid, rows_done) VALUES ('rotate', 'mallory_s.calls', 'title', 'op', 'op', 'running', 999999, 33) "
+                           "RETURNING id").fetchone()[0]
+        c.execute("CALL psap_rotate('mallory_s.calls', 'title')")  # a run starting closes what is left running
+        assert c.execute("SELECT status, details, seal_hash IS NOT NULL FROM psap_audit_log WHERE id = %s", (forged,)).fetchone() == \
+            ("interrupted", "inserted by postgres outside psap_encrypt", True)
         # ... and what one does after disabling the guard shows in the chain.
         ids = [r[0] for r in c.execute("SELECT id FROM psap_audit_log ORDER BY seal_seq")]
         c.execute("ALTER TABLE psap_audit_log DISABLE TRIGGER USER")
