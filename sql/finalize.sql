@@ -96,6 +96,7 @@ COMMENT ON FUNCTION @extschema@.psap_decrypt(text, text) IS 'decrypt an envelope
 COMMENT ON FUNCTION @extschema@.psap_encrypt_bytea(bytea) IS 'encrypt binary data with the current key version';
 COMMENT ON FUNCTION @extschema@.psap_decrypt_bytea(text) IS 'decrypt an envelope of binary data';
 COMMENT ON FUNCTION @extschema@.psap_verify(text) IS 'why an envelope cannot be decrypted, or NULL if it can';
+COMMENT ON FUNCTION @extschema@.psap_verify(text, text) IS 'why an envelope bound to a context cannot be decrypted, or NULL if it can';
 COMMENT ON FUNCTION @extschema@.psap_keys() IS 'configured key versions: cipher, fingerprint, status, source, module (never a key)';
 COMMENT ON FUNCTION @extschema@.psap_census(regclass, text) IS 'rows of a column per envelope version and cipher, NULLs and plaintext';
 COMMENT ON FUNCTION @extschema@.psap_status() IS 'census of every registered column, with a verdict per column';

@@ -229,6 +229,14 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'psap_decrypt_bound_wrapper';
 
+CREATE  FUNCTION "psap_verify"(
+	"value" TEXT, /* & str */
+	"context" TEXT /* & str */
+) RETURNS TEXT /* Option < String > */
+STRICT STABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'psap_verify_bound_wrapper';
+
 -- The audit log: a guard that admits only the library's writer, a hash chain over finished
 -- records, and 'interrupted' as a status psap_encrypt records.
 ALTER TABLE @extschema@.psap_audit_log
@@ -631,7 +639,10 @@ AS $$
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'not encrypted') END,
            (SELECT array_agg(DISTINCT coalesce(k.source, 'none')) FROM s LEFT JOIN k ON k.version = s.version
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
-           (SELECT min(k.module) FROM k WHERE k.fips_validated),
+           -- The module behind this column's own FIPS rows: NULL when it has none.
+           (SELECT min(k.module) FROM s JOIN k ON k.version = s.version
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'encrypted'
+               AND k.fips_validated),
            r.context,
            a.ended_at,
            a.to_version
@@ -643,6 +654,8 @@ AS $$
           SELECT l.ended_at, l.to_version FROM @extschema@.psap_audit l
            WHERE l.operation IN ('rotate', 'encrypt') AND l.status = 'done' AND l.rows_done > 0
              AND l.error IS NULL  -- a run done with rows left says so there: not a completed one
+             -- nor one that left undecryptable rows as they were (skip_undecryptable)
+             AND l.rows_skipped = 0 AND l.rows_failed = 0
              AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
              AND l.column_name = r.column_name
              -- The same table and column, not only the same names: a table renamed to this one's
@@ -849,6 +862,7 @@ COMMENT ON FUNCTION @extschema@.psap_decrypt(text, text) IS 'decrypt an envelope
 COMMENT ON FUNCTION @extschema@.psap_encrypt_bytea(bytea) IS 'encrypt binary data with the current key version';
 COMMENT ON FUNCTION @extschema@.psap_decrypt_bytea(text) IS 'decrypt an envelope of binary data';
 COMMENT ON FUNCTION @extschema@.psap_verify(text) IS 'why an envelope cannot be decrypted, or NULL if it can';
+COMMENT ON FUNCTION @extschema@.psap_verify(text, text) IS 'why an envelope bound to a context cannot be decrypted, or NULL if it can';
 COMMENT ON FUNCTION @extschema@.psap_keys() IS 'configured key versions: cipher, fingerprint, status, source, module (never a key)';
 COMMENT ON FUNCTION @extschema@.psap_census(regclass, text) IS 'rows of a column per envelope version and cipher, NULLs and plaintext';
 COMMENT ON FUNCTION @extschema@.psap_status() IS 'census of every registered column, with a verdict per column';

@@ -233,7 +233,10 @@ AS $$
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'not encrypted') END,
            (SELECT array_agg(DISTINCT coalesce(k.source, 'none')) FROM s LEFT JOIN k ON k.version = s.version
              WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.version IS NOT NULL),
-           (SELECT min(k.module) FROM k WHERE k.fips_validated),
+           -- The module behind this column's own FIPS rows: NULL when it has none.
+           (SELECT min(k.module) FROM s JOIN k ON k.version = s.version
+             WHERE s.relation = r.relid AND s.column_name = r.column_name AND s.state = 'encrypted'
+               AND k.fips_validated),
            r.context,
            a.ended_at,
            a.to_version
@@ -245,6 +248,8 @@ AS $$
           SELECT l.ended_at, l.to_version FROM @extschema@.psap_audit l
            WHERE l.operation IN ('rotate', 'encrypt') AND l.status = 'done' AND l.rows_done > 0
              AND l.error IS NULL  -- a run done with rows left says so there: not a completed one
+             -- nor one that left undecryptable rows as they were (skip_undecryptable)
+             AND l.rows_skipped = 0 AND l.rows_failed = 0
              AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
              AND l.column_name = r.column_name
              -- The same table and column, not only the same names: a table renamed to this one's

@@ -44,6 +44,14 @@ fn psap_verify(value: &str) -> Option<String> {
     decrypt_error(value.as_bytes(), &[])
 }
 
+/// Why a value of a column bound to `context` (`psap_set_column_context`) cannot be decrypted,
+/// or NULL if it can: psap_verify(value) of such a value says it cannot.
+#[pg_extern(name = "psap_verify", stable, strict, parallel_safe)]
+fn psap_verify_bound(value: &str, context: &str) -> Option<String> {
+    gucs::ensure_preloaded();
+    decrypt_error(value.as_bytes(), context.as_bytes())
+}
+
 /// Why `value` (of a column bound to `context`, or to nothing) cannot be decrypted with this
 /// backend's keys, or None. The plaintext is decrypted into a scratch buffer and wiped; running
 /// out of memory is an error, not a reason.

@@ -129,6 +129,28 @@ def test_a_run_that_left_rows_is_no_completed_rotation(cluster, db):
         assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
 
 
+def test_a_run_that_skipped_undecryptable_rows_is_no_completed_rotation(cluster, db):
+    """With skip_undecryptable, a run leaves the rows it cannot decrypt on their version and
+    ends `done`, counting them in `rows_skipped`: psap_compliance() gave it as the column's last
+    completed rotation (helper-44). It is not one."""
+    with cluster.connect(dbname=db) as c:
+        encrypted_table(c, "calls", 20)
+        c.execute("SELECT psap_register_column('calls', 'title')")
+        other = c.execute("SELECT psap_encrypt('x')").fetchone()[0]
+        # An envelope of v1 that v1's key does not open (the body of another encryption, cut).
+        c.execute("UPDATE calls SET title = left(%s, 20) || right(title, -20) WHERE id = 7", (other,))
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(dbname=db) as c:
+        c.execute("CALL psap_rotate('calls', 'title', 5, skip_undecryptable => true)")
+        assert c.execute("SELECT status, rows_done, rows_skipped FROM psap_audit WHERE operation = 'rotate'").fetchone() == ("done", 19, 1)
+        assert c.execute("SELECT last_rotation, versions FROM psap_compliance()").fetchone() == (None, ["v1", "v2"])
+        c.execute("SET psap.key_version = 'v1'")
+        c.execute("UPDATE calls SET title = psap_encrypt('Call 7') WHERE id = 7")
+        c.execute("RESET psap.key_version")
+        c.execute("CALL psap_rotate('calls', 'title', 5)")
+        assert c.execute("SELECT last_rotation IS NOT NULL, last_rotation_to, versions FROM psap_compliance()").fetchone() == (True, "v2", ["v2"])
+
+
 def test_a_dry_run_verifies_every_envelope_and_records_what_it_found(cluster, db):
     """The dry run decrypted only the rows it would rotate and recorded `rows_failed = 0`: a
     plaintext written with the current version's prefix (by the application role) passed it, and

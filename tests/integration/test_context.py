@@ -42,6 +42,10 @@ def test_rotation_binds_a_column_and_a_swapped_value_no_longer_decrypts(cluster,
         # Read without its context, or as another row's, it is refused.
         assert sqlstate_of(c, "SELECT psap_decrypt(title) FROM incidents WHERE id = 7")[0] == "39000"
         assert sqlstate_of(c, "SELECT psap_decrypt(title, 'incidents.title:8') FROM incidents WHERE id = 7")[0] == "39000"
+        # psap_verify checks a bound value with its context (without, it cannot decrypt it).
+        assert c.execute(f"SELECT count(*) FROM incidents WHERE psap_verify(title, {CTX}) IS NULL").fetchone()[0] == 200
+        assert c.execute("SELECT psap_verify(title), psap_verify(title, 'incidents.title:8') FROM incidents WHERE id = 7").fetchone() == \
+            ("wrong key or corrupt data", "wrong key or corrupt data")
         # The application (PHP, openssl's aad) reads it with the same context.
         env = c.execute("SELECT title FROM incidents WHERE id = 7").fetchone()[0]
         assert php("decrypt", [env], context="incidents.title:7")[0] == ["Incident 7"]

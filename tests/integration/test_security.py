@@ -865,7 +865,7 @@ def test_operator_rights_are_given_and_taken_back_each_with_a_sealed_audit_recor
         assert c.execute("SELECT has_function_privilege(%s, 'psap_rotate_all(integer, text, boolean, integer, double precision, integer, boolean, boolean, boolean)', 'EXECUTE'), "
                          "has_function_privilege(%s, 'psap_decrypt(text)', 'EXECUTE'), has_table_privilege(%s, 'psap_audit', 'SELECT')",
                          (role, role, role)).fetchone() == (True, False, True)
-        assert c.execute(HELD_ON_EXTENSION, (quoted,)).fetchone()[0] == 24  # 21 routines, 3 relations
+        assert c.execute(HELD_ON_EXTENSION, (quoted,)).fetchone()[0] == 25  # 22 routines, 3 relations
         c.execute("SELECT psap_revoke_operator(%s)", (quoted,))
         assert c.execute(HELD_ON_EXTENSION, (quoted,)).fetchone()[0] == 0
         rows = c.execute("SELECT operation, relation, column_name, details, status, session_role, run_as_role, "
@@ -917,7 +917,7 @@ def test_a_role_without_the_grant_option_cannot_give_or_take_operator_rights(clu
             assert detail.startswith(f"{f} needs the grant option on each routine and view it {verb}s")
     with cluster.connect(dbname=db) as c:
         assert c.execute(HELD_ON_EXTENSION, ("victim",)).fetchone()[0] == 0
-        assert c.execute(HELD_ON_EXTENSION, ("delegate",)).fetchone()[0] == 26  # its own rights, intact
+        assert c.execute(HELD_ON_EXTENSION, ("delegate",)).fetchone()[0] == 27  # its own rights, intact
         assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == before
 
 
@@ -965,7 +965,7 @@ def test_a_revoke_that_leaves_grants_other_roles_made_is_refused_and_not_recorde
         assert hint == "Call psap_revoke_operator as a superuser or as postgres."
         d.execute("SELECT psap_grant_operator('carol')")  # granted by deleg2
     with cluster.connect(dbname=db) as c:
-        assert c.execute(HELD_ON_EXTENSION, ("alice",)).fetchone()[0] == 24
+        assert c.execute(HELD_ON_EXTENSION, ("alice",)).fetchone()[0] == 25
         assert c.execute("SELECT count(*) FROM psap_audit_log").fetchone()[0] == before + 1  # carol's grant
         assert sqlstate_of(c, "SELECT psap_revoke_operator('carol')")[:2] == ("42501", "role carol keeps operator rights granted by deleg2")
     with cluster.connect(user="deleg2", dbname=db) as d:
