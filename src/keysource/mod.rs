@@ -286,23 +286,34 @@ fn published_keys() -> Vec<KeyId> {
 
 /// Logs each key `source` added, replaced or removed (SC-12: a key change is on record with its
 /// time, version, cipher and fingerprints; the postmaster logs it once per change, at start and
-/// at each reload).
+/// at each reload). A replacement is a WARNING: the envelope names its version, not its key or
+/// cipher, so the version's rows written before no longer decrypt, and count under the new
+/// cipher in psap_compliance.
 pub fn log_key_changes(source: &str, before: &[KeyId], after: &[KeyId]) {
     let find = |ids: &[KeyId], v: Version| ids.iter().find(|(w, _, _)| *w == v).cloned();
     for v in Version::all() {
-        let line = match (find(before, v), find(after, v)) {
-            (None, Some((_, c, f))) => format!("added: {c}, fingerprint {f}"),
-            (Some((_, c, f)), None) => format!("removed: was {c}, fingerprint {f}"),
-            (Some((_, c0, f0)), Some((_, c1, f1))) if (c0, &f0) != (c1, &f1) => {
-                format!("replaced: {c0}, fingerprint {f0}, by {c1}, fingerprint {f1}")
-            }
+        let (line, replaced) = match (find(before, v), find(after, v)) {
+            (None, Some((_, c, f))) => (format!("added: {c}, fingerprint {f}"), false),
+            (Some((_, c, f)), None) => (format!("removed: was {c}, fingerprint {f}"), false),
+            (Some((_, c0, f0)), Some((_, c1, f1))) if (c0, &f0) != (c1, &f1) => (
+                format!("replaced: {c0}, fingerprint {f0}, by {c1}, fingerprint {f1}"),
+                true,
+            ),
             _ => continue,
         };
-        ereport!(
-            PgLogLevel::LOG,
-            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-            format!("psap_encrypt key {v} from {source} {line}")
-        );
+        let message = format!("psap_encrypt key {v} from {source} {line}");
+        if replaced {
+            pgrx::pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_WARNING, message, crate::error::ORIGIN)
+                .set_detail(format!("Values of {v} written with its previous key no longer decrypt, and psap_compliance() counts them under its new cipher."))
+                .set_hint("A new key is a new version: give the previous key back to this version, and the new one a version of its own.")
+                .report(PgLogLevel::WARNING);
+        } else {
+            ereport!(
+                PgLogLevel::LOG,
+                PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+                message
+            );
+        }
     }
 }
 

@@ -176,7 +176,7 @@ def test_a_dry_run_verifies_every_envelope_and_records_what_it_found(cluster, db
 
 
 def key_lines(cluster, start):
-    return re.findall(r"LOG:  (psap_encrypt key .*)", cluster.log_text_from(start))
+    return re.findall(r"(?:LOG|WARNING):  (psap_encrypt key .*)", cluster.log_text_from(start))
 
 
 def fingerprint(c, version):
@@ -205,6 +205,11 @@ def test_key_changes_reach_the_server_log_once_with_their_fingerprints(cluster, 
         f"psap_encrypt key v3 from the key settings added: secretbox, fingerprint {fp2}",
         f"psap_encrypt key v2 from the key settings removed: was aes-256-gcm, fingerprint {fp3}",
     ]
+    # A replacement is a warning: the version's rows written before no longer decrypt.
+    log = cluster.log_text_from(start)
+    assert re.search(r"WARNING:  psap_encrypt key v2 from the key settings replaced: .*\n.*DETAIL:  Values of v2 written with "
+                     r"its previous key no longer decrypt, and psap_compliance\(\) counts them under its new cipher\.", log), log
+    assert "LOG:  psap_encrypt key v3 from the key settings added" in log
     assert fp1 not in cluster.log_text_from(start)
     assert KEY2 not in cluster.log_text_from(start) and KEY3 not in cluster.log_text_from(start)
 

@@ -95,7 +95,7 @@ def test_the_commands_key_changes_reach_the_server_log_once(kc):
     use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v2 aes-256-gcm {KEY3}", f"v3 secretbox {KEY2}", name="emit-c.sh"))
     use_command(kc, emitting(f"v1 secretbox {KEY1}", f"v3 secretbox {KEY2}", name="emit-d.sh"))
     f2, f3 = fingerprint(KEY2), fingerprint(KEY3)
-    assert re.findall(r"LOG:  (psap_encrypt key .*)", kc.log_text_from(start)) == [
+    assert re.findall(r"(?:LOG|WARNING):  (psap_encrypt key .*)", kc.log_text_from(start)) == [
         f"psap_encrypt key v2 from psap.key_command replaced: secretbox, fingerprint {f2}, by aes-256-gcm, fingerprint {f3}",
         f"psap_encrypt key v3 from psap.key_command added: secretbox, fingerprint {f2}",
         f"psap_encrypt key v2 from psap.key_command removed: was aes-256-gcm, fingerprint {f3}",
