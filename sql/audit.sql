@@ -70,9 +70,12 @@ BEGIN
         -- psap_audit_verify() checks them. Nothing else is written by hand.
         IF TG_OP = 'INSERT' AND (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
             IF TG_TABLE_NAME = 'psap_audit_log' THEN
-                -- A record without a seal is none psap_encrypt finished: one running when the
-                -- dump was taken, or one made up. It says so, in what its seal will cover.
-                IF NEW.seal_hash IS NULL THEN
+                -- A record without a seal (its number and its hash) is none psap_encrypt
+                -- finished: one running when the dump was taken, or one made up. It keeps
+                -- neither half, and says so, in what its seal will cover.
+                IF NEW.seal_hash IS NULL OR NEW.seal_seq IS NULL THEN
+                    NEW.seal_seq := NULL;
+                    NEW.seal_hash := NULL;
                     NEW.details := concat_ws('; ', NEW.details,
                                              format('inserted by %s outside psap_encrypt', session_user));
                 END IF;
@@ -125,6 +128,12 @@ CREATE TRIGGER psap_audit_chain_guard BEFORE INSERT OR UPDATE OR DELETE ON @exts
     FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_audit_guard();
 CREATE TRIGGER psap_audit_chain_no_truncate BEFORE TRUNCATE ON @extschema@.psap_audit_chain
     FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._psap_audit_guard();
+-- ALWAYS: session_replication_role = replica, which a superuser may set without DDL, leaves
+-- them on (helper-45).
+ALTER TABLE @extschema@.psap_audit_log ENABLE ALWAYS TRIGGER psap_audit_append_only,
+    ENABLE ALWAYS TRIGGER psap_audit_no_truncate;
+ALTER TABLE @extschema@.psap_audit_chain ENABLE ALWAYS TRIGGER psap_audit_chain_guard,
+    ENABLE ALWAYS TRIGGER psap_audit_chain_no_truncate;
 
 -- Whether the session that started a run is still there and executing a statement. A run that
 -- was cancelled or failed outside the procedure's own error handling leaves an idle session;
@@ -156,7 +165,8 @@ SELECT l.id, l.operation, l.relation, l.column_name, l.from_version, l.to_versio
             THEN pg_catalog.round(100.0 OPERATOR(pg_catalog.*) l.rows_done
                                   OPERATOR(pg_catalog./) l.rows_planned, 1) END AS percent,
        l.started_at, l.updated_at, l.ended_at, l.error, l.from_fingerprints, l.to_fingerprint,
-       l.session_role, l.run_as_role, l.pid, l.details, l.relid, l.attnum
+       l.session_role, l.run_as_role, l.pid, l.details, l.relid, l.attnum,
+       l.seal_seq  -- NULL until the record is sealed into the hash chain
   FROM @extschema@.psap_audit_log l;
 
 -- Rotations and column encryptions only, for watching progress: the average rate since the

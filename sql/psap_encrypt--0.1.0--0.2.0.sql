@@ -230,10 +230,10 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'psap_decrypt_bound_wrapper';
 
 CREATE  FUNCTION "psap_verify"(
-	"value" TEXT, /* & str */
-	"context" TEXT /* & str */
+	"value" TEXT, /* Option < & str > */
+	"context" TEXT /* Option < & str > */
 ) RETURNS TEXT /* Option < String > */
-STRICT STABLE PARALLEL SAFE 
+STABLE PARALLEL SAFE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'psap_verify_bound_wrapper';
 
@@ -270,9 +270,12 @@ BEGIN
         -- psap_audit_verify() checks them. Nothing else is written by hand.
         IF TG_OP = 'INSERT' AND (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
             IF TG_TABLE_NAME = 'psap_audit_log' THEN
-                -- A record without a seal is none psap_encrypt finished: one running when the
-                -- dump was taken, or one made up. It says so, in what its seal will cover.
-                IF NEW.seal_hash IS NULL THEN
+                -- A record without a seal (its number and its hash) is none psap_encrypt
+                -- finished: one running when the dump was taken, or one made up. It keeps
+                -- neither half, and says so, in what its seal will cover.
+                IF NEW.seal_hash IS NULL OR NEW.seal_seq IS NULL THEN
+                    NEW.seal_seq := NULL;
+                    NEW.seal_hash := NULL;
                     NEW.details := concat_ws('; ', NEW.details,
                                              format('inserted by %s outside psap_encrypt', session_user));
                 END IF;
@@ -468,6 +471,15 @@ CREATE TRIGGER psap_registry_guard BEFORE INSERT OR UPDATE OR DELETE ON @extsche
     FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_registry_guard();
 CREATE TRIGGER psap_registry_no_truncate BEFORE TRUNCATE ON @extschema@.psap_encrypted_columns
     FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._psap_registry_guard();
+-- ALWAYS: session_replication_role = replica, which a superuser may set without DDL, leaves
+-- them on (helper-45).
+ALTER TABLE @extschema@.psap_audit_log ENABLE ALWAYS TRIGGER psap_audit_append_only,
+    ENABLE ALWAYS TRIGGER psap_audit_no_truncate;
+ALTER TABLE @extschema@.psap_audit_chain ENABLE ALWAYS TRIGGER psap_audit_chain_guard,
+    ENABLE ALWAYS TRIGGER psap_audit_chain_no_truncate;
+-- ALWAYS, as the audit log's guards.
+ALTER TABLE @extschema@.psap_encrypted_columns ENABLE ALWAYS TRIGGER psap_registry_attnum,
+    ENABLE ALWAYS TRIGGER psap_registry_guard, ENABLE ALWAYS TRIGGER psap_registry_no_truncate;
 -- Rows restored before this update with another column's number get their own.
 UPDATE @extschema@.psap_encrypted_columns r SET attnum = a.attnum
   FROM pg_catalog.pg_attribute a
@@ -580,7 +592,8 @@ SELECT l.id, l.operation, l.relation, l.column_name, l.from_version, l.to_versio
             THEN pg_catalog.round(100.0 OPERATOR(pg_catalog.*) l.rows_done
                                   OPERATOR(pg_catalog./) l.rows_planned, 1) END AS percent,
        l.started_at, l.updated_at, l.ended_at, l.error, l.from_fingerprints, l.to_fingerprint,
-       l.session_role, l.run_as_role, l.pid, l.details, l.relid, l.attnum
+       l.session_role, l.run_as_role, l.pid, l.details, l.relid, l.attnum,
+       l.seal_seq  -- NULL until the record is sealed into the hash chain
   FROM @extschema@.psap_audit_log l;
 
 -- Rotations and column encryptions only, for watching progress: the average rate since the
@@ -656,6 +669,9 @@ AS $$
              AND l.error IS NULL  -- a run done with rows left says so there: not a completed one
              -- nor one that left undecryptable rows as they were (skip_undecryptable)
              AND l.rows_skipped = 0 AND l.rows_failed = 0
+             -- and sealed: psap_encrypt seals every run it ends (a record inserted by hand
+             -- with a status of 'done' is not one)
+             AND l.seal_seq IS NOT NULL
              AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
              AND l.column_name = r.column_name
              -- The same table and column, not only the same names: a table renamed to this one's

@@ -102,6 +102,9 @@ CREATE TRIGGER psap_registry_guard BEFORE INSERT OR UPDATE OR DELETE ON @extsche
     FOR EACH ROW EXECUTE FUNCTION @extschema@._psap_registry_guard();
 CREATE TRIGGER psap_registry_no_truncate BEFORE TRUNCATE ON @extschema@.psap_encrypted_columns
     FOR EACH STATEMENT EXECUTE FUNCTION @extschema@._psap_registry_guard();
+-- ALWAYS, as the audit log's guards.
+ALTER TABLE @extschema@.psap_encrypted_columns ENABLE ALWAYS TRIGGER psap_registry_attnum,
+    ENABLE ALWAYS TRIGGER psap_registry_guard, ENABLE ALWAYS TRIGGER psap_registry_no_truncate;
 
 -- The extension's schema keeps the name its objects were created with. SQL bodies name it
 -- (`@extschema@.psap_encrypted_columns`) and look the name up when they run: renamed, a schema
@@ -250,6 +253,9 @@ AS $$
              AND l.error IS NULL  -- a run done with rows left says so there: not a completed one
              -- nor one that left undecryptable rows as they were (skip_undecryptable)
              AND l.rows_skipped = 0 AND l.rows_failed = 0
+             -- and sealed: psap_encrypt seals every run it ends (a record inserted by hand
+             -- with a status of 'done' is not one)
+             AND l.seal_seq IS NOT NULL
              AND l.relation = pg_catalog.format('%I.%I', n.nspname, c.relname)
              AND l.column_name = r.column_name
              -- The same table and column, not only the same names: a table renamed to this one's

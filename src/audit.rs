@@ -84,6 +84,10 @@ thread_local! {
     /// the last one left is written once the commit is done (it covers the others).
     static SEALED: std::cell::RefCell<Vec<(String, pg_sys::SubTransactionId)>> =
         const { std::cell::RefCell::new(Vec::new()) };
+    /// The subtransactions of this transaction that wrote the log (a record, its progress, its
+    /// end or a seal: each holds a row lock until the transaction ends).
+    static WROTE: std::cell::RefCell<Vec<pg_sys::SubTransactionId>> =
+        const { std::cell::RefCell::new(Vec::new()) };
     static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -400,7 +404,17 @@ impl AuditLog {
 struct Writing;
 
 impl Writing {
+    /// Sets the flag, and notes that this (sub)transaction writes the log.
     fn start() -> Writing {
+        register_callback();
+        // SAFETY: in a transaction (the writer writes a table).
+        let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        WROTE.with(|w| {
+            let mut w = w.borrow_mut();
+            if !w.contains(&sub) {
+                w.push(sub);
+            }
+        });
         WRITING.with(|w| w.set(true));
         Writing
     }
@@ -444,6 +458,19 @@ unsafe extern "C-unwind" fn at_subxact_event(
 ) {
     use pg_sys::SubXactEvent::*;
     // try_with: never an error in a callback, an abort's least of all.
+    let _ = WROTE.try_with(|w| {
+        let mut w = w.borrow_mut();
+        match event {
+            SUBXACT_EVENT_COMMIT_SUB if w.contains(&my_subid) => {
+                w.retain(|&sub| sub != my_subid);
+                if !w.contains(&parent_subid) {
+                    w.push(parent_subid);
+                }
+            }
+            SUBXACT_EVENT_ABORT_SUB => w.retain(|&sub| sub != my_subid),
+            _ => {}
+        }
+    });
     let _ = SEALED.try_with(|s| {
         let mut s = s.borrow_mut();
         match event {
@@ -547,6 +574,7 @@ unsafe extern "C-unwind" fn at_xact_event(
     match event {
         XACT_EVENT_PRE_COMMIT => seal_pending(),
         XACT_EVENT_COMMIT => {
+            WROTE.with(|w| w.borrow_mut().clear());
             if let Some((line, _)) = SEALED.with(|s| std::mem::take(&mut *s.borrow_mut()).pop()) {
                 ereport!(
                     PgLogLevel::LOG,
@@ -555,14 +583,20 @@ unsafe extern "C-unwind" fn at_xact_event(
                 );
             }
         }
-        // Sealed at PREPARE, the chain head would stay locked until COMMIT PREPARED.
-        XACT_EVENT_PRE_PREPARE if PENDING.with(|p| p.borrow().is_some()) => {
+        // Sealed at PREPARE, the chain head would stay locked until COMMIT PREPARED; so would
+        // the chain head a sealing already took, and the row of a record written or updated
+        // (a run's, which the next run's start waits for): every sealing and run of the
+        // database would wait for whoever ends the prepared transaction (helper-45).
+        XACT_EVENT_PRE_PREPARE
+            if PENDING.with(|p| p.borrow().is_some()) || WROTE.with(|w| !w.borrow().is_empty()) =>
+        {
             error::cannot_prepare_audit();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE => {
             // try_with: an exit() mid-transaction may have destroyed them already.
             let _ = PENDING.try_with(|p| p.borrow_mut().take());
             let _ = SEALED.try_with(|s| s.borrow_mut().clear());
+            let _ = WROTE.try_with(|w| w.borrow_mut().clear());
             let _ = WRITING.try_with(|w| w.set(false));
         }
         _ => {}

@@ -45,11 +45,17 @@ fn psap_verify(value: &str) -> Option<String> {
 }
 
 /// Why a value of a column bound to `context` (`psap_set_column_context`) cannot be decrypted,
-/// or NULL if it can: psap_verify(value) of such a value says it cannot.
-#[pg_extern(name = "psap_verify", stable, strict, parallel_safe)]
-fn psap_verify_bound(value: &str, context: &str) -> Option<String> {
+/// or NULL if it can: psap_verify(value) of such a value says it cannot. Not STRICT: a NULL
+/// context (the row's context expression gives NULL) is a reason, as for psap_rotate, not a
+/// value that decrypts; a NULL value has nothing to verify.
+#[pg_extern(name = "psap_verify", stable, parallel_safe)]
+fn psap_verify_bound(value: Option<&str>, context: Option<&str>) -> Option<String> {
     gucs::ensure_preloaded();
-    decrypt_error(value.as_bytes(), context.as_bytes())
+    let value = value?;
+    match context {
+        Some(context) => decrypt_error(value.as_bytes(), context.as_bytes()),
+        None => Some(crate::error::context_null()),
+    }
 }
 
 /// Why `value` (of a column bound to `context`, or to nothing) cannot be decrypted with this

@@ -46,6 +46,9 @@ def test_rotation_binds_a_column_and_a_swapped_value_no_longer_decrypts(cluster,
         assert c.execute(f"SELECT count(*) FROM incidents WHERE psap_verify(title, {CTX}) IS NULL").fetchone()[0] == 200
         assert c.execute("SELECT psap_verify(title), psap_verify(title, 'incidents.title:8') FROM incidents WHERE id = 7").fetchone() == \
             ("wrong key or corrupt data", "wrong key or corrupt data")
+        # A row whose context is NULL does not decrypt (helper-45: STRICT made that NULL, "decrypts").
+        assert c.execute("SELECT psap_verify(title, NULL), psap_verify(NULL, 'x') FROM incidents WHERE id = 7").fetchone() == \
+            ("its context expression is NULL for this row", None)
         # The application (PHP, openssl's aad) reads it with the same context.
         env = c.execute("SELECT title FROM incidents WHERE id = 7").fetchone()[0]
         assert php("decrypt", [env], context="incidents.title:7")[0] == ["Incident 7"]

@@ -390,6 +390,38 @@ def test_an_operator_who_starts_a_run_by_hand_still_cannot_use_the_per_row_funct
         assert c.execute("SELECT count(*) FROM mallory_s.enc WHERE title LIKE 'v2:%'").fetchone()[0] == 0
 
 
+def test_an_operator_cannot_prepare_a_transaction_that_holds_the_audit_trail(cluster, db, mallory):
+    """An operator ran a run's steps and end by hand in a transaction block and PREPAREd it: the
+    prepared transaction kept the chain head (sealed at the end) or its running record locked,
+    and every sealing and run of the database waited for whoever ended it (helper-45). A
+    transaction that wrote the audit log cannot be PREPAREd; one whose writes were rolled back to
+    a savepoint can."""
+    with cluster.connect(dbname=db) as c:
+        c.execute("CREATE TABLE mallory_s.held (id int PRIMARY KEY, title text)")
+        c.execute("INSERT INTO mallory_s.held SELECT g, psap_encrypt('Call ' || g) FROM generate_series(1, 300) g")
+        c.execute("ALTER TABLE mallory_s.held OWNER TO mallory")
+    cluster.set_keys({"v1": KEY1, "v2": KEY2}, "v2")
+    with cluster.connect(user="mallory", dbname=db) as c:
+        begin = "SELECT _psap_run_begin('mallory_s.held', 'title', 'psap_rotate', 100, NULL, false, NULL, NULL, 0, false, false, true)"
+        for steps in (["SELECT _psap_run_step(%(run)s)"], ["SELECT _psap_run_step(%(run)s)", "SELECT _psap_run_end(%(run)s)"]):
+            run = c.execute(begin).fetchone()[0]
+            c.execute("BEGIN")
+            for step in steps:
+                c.execute(step, {"run": run})
+            state, msg, _, _ = sqlstate_of(c, "PREPARE TRANSACTION 'h45'")
+            assert (state, msg) == ("0A000", "cannot PREPARE a transaction that wrote psap_encrypt's audit log"), steps
+            c.execute("ROLLBACK")
+        c.execute("BEGIN")
+        c.execute("SAVEPOINT s")
+        c.execute("SELECT psap_unregister_column('mallory_s.calls', 'title')")
+        c.execute("ROLLBACK TO SAVEPOINT s")
+        # Not refused by psap_encrypt: by this server, which allows no prepared transaction.
+        assert sqlstate_of(c, "PREPARE TRANSACTION 'h45b'")[:2] == ("55000", "prepared transactions are disabled")
+    with cluster.connect(dbname=db) as c:
+        assert c.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()[0] == 0
+        assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
+
+
 def test_every_routine_an_operator_may_call_takes_nulls_without_an_internal_error(cluster, db, mallory):
     """NULL in every argument of every routine an operator (and so PUBLIC) may execute: a
     deliberate SQLSTATE or a result, never XX000 (pgrx's "argument N must not be null" was one,
@@ -427,16 +459,32 @@ def test_audit_log_writes_only_through_psap_encrypt_and_tampering_is_detected(cl
         # Even the superuser who owns it cannot change or remove a record...
         for sql in ["UPDATE psap_audit_log SET rows_done = 1000000", "DELETE FROM psap_audit_log",
                     "TRUNCATE psap_audit_log", "UPDATE psap_audit_chain SET seq = 0", "DELETE FROM psap_audit_chain"]:
-            state, msg, _, _ = sqlstate_of(c, sql)
-            assert state == "42501" and msg.endswith("is append-only"), sql
+            for role in ("origin", "replica"):  # replica turns off triggers that are not ALWAYS (helper-45)
+                c.execute(f"SET session_replication_role = {role}")
+                state, msg, _, _ = sqlstate_of(c, sql)
+                assert state == "42501" and msg.endswith("is append-only"), (sql, role)
+        c.execute("RESET session_replication_role")
         # It may insert (pg_restore must): a record without a seal says it was inserted so, and
         # keeps saying it once psap_encrypt seals it as interrupted (helper-44 made one up).
-        forged = c.execute("INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role, session_role, "
-                           "status, pid, rows_done) VALUES ('rotate', 'mallory_s.calls', 'title', 'op', 'op', 'running', 999999, 33) "
-                           "RETURNING id").fetchone()[0]
+        # Half a seal (a hash without its number: helper-45's made the record look sealed to
+        # the guard, so that no run could close it, and to nothing else) is no seal.
+        forged = [c.execute("INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role, session_role, "
+                            "status, pid, rows_done, seal_hash) VALUES ('rotate', 'mallory_s.calls', 'title', 'op', 'op', "
+                            "'running', 999999, 33, %s) RETURNING id", (half,)).fetchone()[0] for half in (None, "")]
         c.execute("CALL psap_rotate('mallory_s.calls', 'title')")  # a run starting closes what is left running
-        assert c.execute("SELECT status, details, seal_hash IS NOT NULL FROM psap_audit_log WHERE id = %s", (forged,)).fetchone() == \
-            ("interrupted", "inserted by postgres outside psap_encrypt", True)
+        for f in forged:
+            assert c.execute("SELECT status, details, seal_hash IS NOT NULL FROM psap_audit_log WHERE id = %s", (f,)).fetchone() == \
+                ("interrupted", "inserted by postgres outside psap_encrypt", True)
+        # Made up as done, it is not sealed, and so neither a completed rotation nor unnoticed.
+        c.execute("SELECT psap_register_column('mallory_s.calls', 'title')")
+        last = "SELECT last_rotation FROM psap_compliance() WHERE relation = 'mallory_s.calls'::regclass"
+        before = c.execute(last).fetchone()[0]
+        assert before is not None  # psap_rotate_all's, above
+        done = c.execute("INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role, status, rows_done, "
+                         "ended_at, relid, attnum, seal_hash) VALUES ('rotate', 'mallory_s.calls', 'title', 'op', 'done', 5, now(), "
+                         "'mallory_s.calls'::regclass, 2, 'x') RETURNING id").fetchone()[0]
+        assert c.execute(last).fetchone()[0] == before
+        assert c.execute("SELECT problem FROM psap_audit_verify() WHERE id = %s", (done,)).fetchone()[0].startswith("finished but never sealed")
         # ... and what one does after disabling the guard shows in the chain.
         ids = [r[0] for r in c.execute("SELECT id FROM psap_audit_log ORDER BY seal_seq")]
         c.execute("ALTER TABLE psap_audit_log DISABLE TRIGGER USER")
