@@ -139,7 +139,9 @@ HOSTILE = [
     # with it on, as a call handing the run's token to the caller's function.
     ("'\\' || app.steal($5) || ' -- '\n|| ''", "42601"),
     ("'only a constant'", "42601"),
-    ("no_such_column", "42703"),
+    ("id", "42601"),                  # no constant: a row whose id text is '' would be bound to nothing
+    ("'' || id", "42601"),
+    ("'x:' || no_such_column", "42703"),
     ("'x:' || ctid", "42P10"),        # changes when the row is updated
     ("'x:' || title", "42P10"),       # the encrypted column itself
     ("'x:' || reported_at", "42804"), # timestamptz: its text follows TimeZone and DateStyle

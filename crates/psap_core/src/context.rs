@@ -45,6 +45,9 @@ pub enum ContextError {
     EmptyName,
     /// Only constants: the context would not tell one row from another.
     NoColumn,
+    /// No constant with text in it: a row whose columns are empty text would have the empty
+    /// context, which is an unbound value's (AES-256-GCM authenticates no associated data alike).
+    NoConstant,
 }
 
 impl fmt::Display for ContextError {
@@ -63,6 +66,10 @@ impl fmt::Display for ContextError {
             ContextError::NameTooLong => write!(f, "a column name is longer than {MAX_NAME} bytes"),
             ContextError::EmptyName => write!(f, "a quoted column name is empty"),
             ContextError::NoColumn => write!(f, "the expression names no column of the row"),
+            ContextError::NoConstant => write!(
+                f,
+                "the expression has no 'constant' with text in it: a row whose columns are empty would be bound to nothing"
+            ),
         }
     }
 }
@@ -95,6 +102,12 @@ pub fn parse(s: &str) -> Result<ContextExpr, ContextError> {
     }
     if !terms.iter().any(|t| matches!(t, Term::Column(_))) {
         return Err(ContextError::NoColumn);
+    }
+    if !terms
+        .iter()
+        .any(|t| matches!(t, Term::Constant(c) if !c.is_empty()))
+    {
+        return Err(ContextError::NoConstant);
     }
     let expr = ContextExpr { terms };
     // What is stored (every name quoted) must parse again, so it is held to the limit too.
