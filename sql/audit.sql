@@ -72,8 +72,12 @@ BEGIN
             IF TG_TABLE_NAME = 'psap_audit_log' THEN
                 -- A record without a seal (its number and its hash) is none psap_encrypt
                 -- finished: one running when the dump was taken, or one made up. It keeps
-                -- neither half, and says so, in what its seal will cover.
-                IF NEW.seal_hash IS NULL OR NEW.seal_seq IS NULL THEN
+                -- neither half, and says so, in what its seal will cover. So does one whose
+                -- number is past the chain's head (pg_restore restores the head first), which
+                -- would take the next sealing's number and stop every sealing (helper-46).
+                IF NEW.seal_hash IS NULL OR NEW.seal_seq IS NULL OR NEW.seal_seq < 1
+                   OR NEW.seal_seq > coalesce((SELECT c.seq FROM @extschema@.psap_audit_chain c),
+                                              NEW.seal_seq) THEN
                     NEW.seal_seq := NULL;
                     NEW.seal_hash := NULL;
                     NEW.details := concat_ws('; ', NEW.details,

@@ -99,10 +99,30 @@ struct Pending {
     ids: Vec<(i64, pg_sys::SubTransactionId)>,
 }
 
-/// For the guard trigger: whether this backend's audit writer is writing now.
+/// For the guard triggers: whether this backend's audit writer is writing now. The guards call
+/// it for each row the writer writes, so it is also where a (sub)transaction learns that it
+/// wrote the log or the registry (a row written holds a lock until it ends: see WROTE); a DROP
+/// whose event trigger finds no registered column writes no row and is not marked.
 #[pg_extern(volatile, parallel_restricted)]
 fn _psap_audit_writing() -> bool {
-    WRITING.with(|w| w.get())
+    let writing = WRITING.with(|w| w.get());
+    if writing {
+        note_wrote();
+    }
+    writing
+}
+
+/// Notes that this (sub)transaction wrote a row of the log, its chain or the registry.
+fn note_wrote() {
+    register_callback();
+    // SAFETY: in a transaction (a trigger of a row being written calls this).
+    let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    WROTE.with(|w| {
+        let mut w = w.borrow_mut();
+        if !w.contains(&sub) {
+            w.push(sub);
+        }
+    });
 }
 
 /// The audit log of this database: where it is and who owns it.
@@ -404,17 +424,7 @@ impl AuditLog {
 struct Writing;
 
 impl Writing {
-    /// Sets the flag, and notes that this (sub)transaction writes the log.
     fn start() -> Writing {
-        register_callback();
-        // SAFETY: in a transaction (the writer writes a table).
-        let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
-        WROTE.with(|w| {
-            let mut w = w.borrow_mut();
-            if !w.contains(&sub) {
-                w.push(sub);
-            }
-        });
         WRITING.with(|w| w.set(true));
         Writing
     }

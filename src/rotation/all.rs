@@ -325,7 +325,7 @@ fn _psap_all_end(job: i64) {
                     String::new()
                 }
             )),
-            Some("Each failure is in the audit log (psap_audit) and was reported in a WARNING; fix it and call psap_rotate_all again.".into()),
+            Some("Each failure was reported in a WARNING, and is in the audit log (psap_audit) when its run had started; fix it and call psap_rotate_all again.".into()),
         );
     }
 }

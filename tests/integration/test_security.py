@@ -417,6 +417,13 @@ def test_an_operator_cannot_prepare_a_transaction_that_holds_the_audit_trail(clu
         c.execute("ROLLBACK TO SAVEPOINT s")
         # Not refused by psap_encrypt: by this server, which allows no prepared transaction.
         assert sqlstate_of(c, "PREPARE TRANSACTION 'h45b'")[:2] == ("55000", "prepared transactions are disabled")
+        c.execute("ROLLBACK")
+        # Nor is a DROP that takes no registered column (the event trigger writes nothing; helper-46).
+        c.execute("CREATE TABLE mallory_s.scratch2 (a int, b int)")
+        for drop in ("ALTER TABLE mallory_s.scratch2 DROP COLUMN b", "DROP TABLE mallory_s.scratch2"):
+            c.execute("BEGIN")
+            c.execute(drop)
+            assert sqlstate_of(c, "PREPARE TRANSACTION 'h46'")[:2] == ("55000", "prepared transactions are disabled"), drop
     with cluster.connect(dbname=db) as c:
         assert c.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()[0] == 0
         assert c.execute("SELECT * FROM psap_audit_verify()").fetchall() == []
@@ -475,6 +482,15 @@ def test_audit_log_writes_only_through_psap_encrypt_and_tampering_is_detected(cl
         for f in forged:
             assert c.execute("SELECT status, details, seal_hash IS NOT NULL FROM psap_audit_log WHERE id = %s", (f,)).fetchone() == \
                 ("interrupted", "inserted by postgres outside psap_encrypt", True)
+        # A whole seal whose number is past the chain's head (it took the next sealing's number:
+        # every sealing failed, helper-46) or below 1 is no seal either.
+        head = c.execute("SELECT seq FROM psap_audit_chain").fetchone()[0]
+        for seq in (head + 1, 0):
+            rid = c.execute("INSERT INTO psap_audit_log (operation, relation, column_name, run_as_role, status, seal_seq, seal_hash) "
+                            "VALUES ('register', 'x', 'y', 'postgres', 'done', %s, 'forged') RETURNING id", (seq,)).fetchone()[0]
+            assert c.execute("SELECT seal_seq, seal_hash, details FROM psap_audit_log WHERE id = %s", (rid,)).fetchone() == \
+                (None, None, "inserted by postgres outside psap_encrypt")
+        c.execute("SELECT psap_grant_operator('pg_monitor'), psap_revoke_operator('pg_monitor')")  # sealing still works
         # Made up as done, it is not sealed, and so neither a completed rotation nor unnoticed.
         c.execute("SELECT psap_register_column('mallory_s.calls', 'title')")
         last = "SELECT last_rotation FROM psap_compliance() WHERE relation = 'mallory_s.calls'::regclass"
