@@ -456,9 +456,10 @@ fn register_callback() {
 
 /// The subtransaction callback: the records (and sealings) of a subtransaction that commits
 /// become its parent's; those of one rolled back are forgotten (the rows went with it), so that
-/// the commit seals nothing of them and the server log names no chain head that was rolled back. Sealing them was harmless while the log had the shape that sealing
-/// writes, and failed the whole transaction's COMMIT where a rolled-back `ALTER EXTENSION
-/// UPDATE` had taken that shape away with it (helper-43).
+/// the commit seals nothing of them and the server log names no chain head that was rolled
+/// back. Sealing them was harmless while the log had the shape that sealing writes, and failed
+/// the whole transaction's COMMIT where a rolled-back `ALTER EXTENSION UPDATE` had taken that
+/// shape away with it (helper-43).
 #[pg_guard]
 unsafe extern "C-unwind" fn at_subxact_event(
     event: pg_sys::SubXactEvent::Type,
@@ -466,51 +467,25 @@ unsafe extern "C-unwind" fn at_subxact_event(
     parent_subid: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    use pg_sys::SubXactEvent::*;
+    let end = |sub: &mut pg_sys::SubTransactionId| -> bool {
+        use pg_sys::SubXactEvent::*;
+        match event {
+            SUBXACT_EVENT_COMMIT_SUB if *sub == my_subid => *sub = parent_subid,
+            SUBXACT_EVENT_ABORT_SUB if *sub == my_subid => return false,
+            _ => {}
+        }
+        true
+    };
     // try_with: never an error in a callback, an abort's least of all.
-    let _ = WROTE.try_with(|w| {
-        let mut w = w.borrow_mut();
-        match event {
-            SUBXACT_EVENT_COMMIT_SUB if w.contains(&my_subid) => {
-                w.retain(|&sub| sub != my_subid);
-                if !w.contains(&parent_subid) {
-                    w.push(parent_subid);
-                }
-            }
-            SUBXACT_EVENT_ABORT_SUB => w.retain(|&sub| sub != my_subid),
-            _ => {}
-        }
-    });
-    let _ = SEALED.try_with(|s| {
-        let mut s = s.borrow_mut();
-        match event {
-            SUBXACT_EVENT_COMMIT_SUB => {
-                for (_, sub) in s.iter_mut().filter(|(_, sub)| *sub == my_subid) {
-                    *sub = parent_subid;
-                }
-            }
-            SUBXACT_EVENT_ABORT_SUB => s.retain(|&(_, sub)| sub != my_subid),
-            _ => {}
-        }
-    });
+    let _ = WROTE.try_with(|w| w.borrow_mut().retain_mut(|sub| end(sub)));
+    let _ = SEALED.try_with(|s| s.borrow_mut().retain_mut(|(_, sub)| end(sub)));
     let _ = PENDING.try_with(|p| {
         let mut p = p.borrow_mut();
-        let Some(pending) = p.as_mut() else {
-            return;
-        };
-        match event {
-            SUBXACT_EVENT_COMMIT_SUB => {
-                for (_, sub) in pending.ids.iter_mut().filter(|(_, sub)| *sub == my_subid) {
-                    *sub = parent_subid;
-                }
+        if let Some(pending) = p.as_mut() {
+            pending.ids.retain_mut(|(_, sub)| end(sub));
+            if pending.ids.is_empty() {
+                *p = None;
             }
-            SUBXACT_EVENT_ABORT_SUB => {
-                pending.ids.retain(|&(_, sub)| sub != my_subid);
-                if pending.ids.is_empty() {
-                    *p = None;
-                }
-            }
-            _ => {}
         }
     });
 }
